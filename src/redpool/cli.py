@@ -1,0 +1,190 @@
+"""The `redpool` command: worker, dev, demo, enqueue."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from . import __version__, config, logs
+from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except RedpoolError as e:
+        logs.get("redpool").error("fatal", error=str(e), exit_code=e.exit_code)
+        print(f"redpool: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="redpool", description="A multiprocessing.Pool that spans hosts, fed by Redis lists.")
+    parser.add_argument("--version", action="version", version=f"redpool {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    w = sub.add_parser("worker", help="run a supervisor and its pool of processes")
+    config.add_worker_arguments(w)
+    w.set_defaults(run=cmd_worker)
+
+    d = sub.add_parser("dev", help="run a worker; without a Redis URL, on a private "
+                                   "embedded server whose URL is printed")
+    config.add_worker_arguments(d)
+    d.set_defaults(run=cmd_dev)
+
+    demo = sub.add_parser("demo", help="show what redpool does, on a private server")
+    demo.add_argument("--redis-url", default=None, help="use this server instead of a private one")
+    demo.add_argument("--jobs", type=int, default=12, help="how many sleeping jobs (default 12)")
+    demo.set_defaults(run=cmd_demo)
+
+    e = sub.add_parser("enqueue", help="enqueue one job and print its id (or, with --wait, "
+                                       "its result envelope)")
+    e.add_argument("task", help="the registered task name, e.g. examples.tasks.add")
+    e.add_argument("args", nargs="*", metavar="ARG",
+                   help="arguments as JSON values (2, 2.5, true, null, [1,2], '\"text\"'); "
+                        "anything that is not JSON is taken as a string")
+    e.add_argument("--kwargs", default=None, help="keyword arguments as a JSON object")
+    e.add_argument("--queue", default="default")
+    e.add_argument("--id", default=None, help="the job id (default: a new UUID)")
+    e.add_argument("--result-ttl", type=int, default=None)
+    e.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    e.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds (default 60)")
+    e.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
+    e.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
+    e.set_defaults(run=cmd_enqueue)
+    return parser
+
+
+# -- worker ------------------------------------------------------------------------------------
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    cfg = config.resolve(args)
+    logs.configure(cfg.log_level, cfg.log_format)
+    return run_worker(cfg)
+
+
+def run_worker(cfg: config.WorkerConfig) -> int:
+    import redis
+
+    from .hooks import Hooks
+    from .pool import ProcessPool
+    from .protocol import Keys
+    from .queue import RedisQueue, connect
+    from .signals import SignalInbox
+    from .supervisor import Supervisor
+    from .urls import redact_url
+    from .waiter import Waiter
+
+    if not cfg.modules:
+        raise ConfigError("name the modules that define your tasks, e.g. "
+                          "`redpool worker myapp.tasks` (or set REDPOOL_MODULES)")
+    # Like `python -m`, task modules are found relative to the working directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    log = logs.get("redpool")
+    where = redact_url(cfg.redis_url)
+    r = connect(cfg.redis_url)
+    try:
+        r.ping()
+    except redis.AuthenticationError as e:
+        raise RedisUnavailable(f"Redis at {where} refused our credentials: {e}") from None
+    except redis.RedisError as e:
+        raise RedisUnavailable(f"cannot reach Redis at {where}: {e}; is it running, "
+                               "and is --redis-url (REDPOOL_REDIS_URL) right?") from None
+    log.info("starting", version=__version__, redis=where, queues=cfg.queues,
+             concurrency=cfg.concurrency, name=cfg.name, namespace=cfg.namespace,
+             modules=cfg.modules, burst=cfg.burst)
+    rq = RedisQueue(r, Keys(cfg.namespace), cfg.name, cfg.queues, dead_max=cfg.dead_max)
+    pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload)
+    waiter = None if cfg.burst else Waiter(
+        rq, lambda: connect(cfg.redis_url, blocking_timeout=1.0), timeout=1.0)
+    hooks = Hooks()
+    hooks.subscribe(logs.event_logger())
+    inbox = SignalInbox()
+    try:
+        Supervisor(cfg, rq, pool, waiter=waiter, inbox=inbox, hooks=hooks).run()
+    finally:
+        inbox.close()
+        r.close()
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def private_server(url: str | None, *, announce: bool = True):
+    """Yield ``url``, or the URL of an embedded server started (and stopped) here."""
+    if url:
+        yield url
+        return
+    from .server import EmbeddedServer
+
+    with EmbeddedServer() as srv:
+        if announce:
+            print(f"redpool: started a private server at {srv.url}\n"
+                  f"redpool: producers in other terminals: export REDPOOL_REDIS_URL={srv.url}",
+                  file=sys.stderr, flush=True)
+        yield srv.url
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL")
+    with private_server(url) as url:
+        args.redis_url = url
+        cfg = config.resolve(args)
+        logs.configure(cfg.log_level, cfg.log_format)
+        return run_worker(cfg)
+
+
+# -- producer commands -------------------------------------------------------------------------
+
+def _parse_arg(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    kwargs = None
+    if args.kwargs:
+        try:
+            kwargs = json.loads(args.kwargs)
+        except ValueError as e:
+            raise ConfigError(f"--kwargs is not JSON: {e}") from None
+        if not isinstance(kwargs, dict):
+            raise ConfigError("--kwargs must be a JSON object, e.g. '{\"size\": 3}'")
+    with Client(args.redis_url, namespace=args.namespace) as client:
+        try:
+            res = client.enqueue(args.task, *[_parse_arg(a) for a in args.args], queue=args.queue,
+                                 kwargs=kwargs, id=args.id, result_ttl=args.result_ttl)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not args.wait:
+            print(res.id)
+            return EXIT_OK
+        if not res.wait(args.timeout):
+            print(f"redpool: no result for job {res.id} within {args.timeout:g} s "
+                  "(is a worker running on that queue?)", file=sys.stderr)
+            return 1
+        print(json.dumps(res.envelope, indent=2))
+        return EXIT_OK if res.successful() else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    logs.configure("warning", "console" if sys.stderr.isatty() else "json")
+    with private_server(args.redis_url) as url:
+        return run_demo(url, jobs=args.jobs)

@@ -1,0 +1,178 @@
+"""Each worker setting declared once: flag, environment variable, default, help.
+
+The command line is built from this table, so a flag and its REDPOOL_* variable can
+never drift apart.  Precedence: flag, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError
+from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, NAME_RE
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_name() -> str:
+    """Stable across restarts on one host, so a restarted supervisor finds the jobs
+    its killed predecessor left in its processing lists."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
+    return host[:128]
+
+
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {v!r}")
+
+
+def _list(v: str) -> list[str]:
+    return [x for x in re.split(r"[,\s]+", v) if x]
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(v: str) -> Any:
+        x = kind(v)
+        if x <= 0:
+            raise ValueError(f"must be greater than 0, got {v}")
+        return x
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError(f"{v!r}: use 1-128 of letters, digits and . _ - (no ':')")
+    return v
+
+
+@dataclass(frozen=True)
+class Setting:
+    dest: str
+    flag: str
+    env: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    repeat: bool = False     # --queue a --queue b; env: comma or space separated
+    switch: bool = False     # a flag without value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", "redis://localhost:6379/0",
+            "Redis URL (redis://, rediss://, unix://; user and password allowed)"),
+    Setting("queues", "--queue", "REDPOOL_QUEUE", ["default"],
+            "queue to take jobs from; repeat for several, highest priority first", repeat=True),
+    Setting("concurrency", "--concurrency", "REDPOOL_CONCURRENCY", None,
+            "pool processes (default: the usable cores)", _positive(int)),
+    Setting("namespace", "--namespace", "REDPOOL_NAMESPACE", DEFAULT_NAMESPACE,
+            "prefix of every Redis key"),
+    Setting("grace", "--grace", "REDPOOL_GRACE", 30.0,
+            "seconds running jobs may take to finish on SIGTERM before they are requeued",
+            float),
+    Setting("burst", "--burst", "REDPOOL_BURST", False,
+            "exit once the queues are empty and nothing is running", _bool, switch=True),
+    Setting("name", "--name", "REDPOOL_NAME", None,
+            "this supervisor's name, unique in the cluster (default: the host name)", _name),
+    Setting("prefetch", "--prefetch", "REDPOOL_PREFETCH", None,
+            "jobs reserved ahead of free processes (default: the concurrency)", int),
+    Setting("max_payload", "--max-payload", "REDPOOL_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD,
+            "largest job accepted, in bytes; larger ones are dead-lettered", _positive(int)),
+    Setting("dead_max", "--dead-max", "REDPOOL_DEAD_MAX", 10_000,
+            "length cap of the dead-letter list (oldest entries are dropped)", _positive(int)),
+    Setting("lease", "--lease", "REDPOOL_LEASE", 15.0,
+            "heartbeat lease in seconds: how long this supervisor counts as alive "
+            "without renewing it", _positive(float)),
+    Setting("log_level", "--log-level", "REDPOOL_LOG_LEVEL", "info",
+            "debug, info (shows every job), warning, error"),
+    Setting("log_format", "--log-format", "REDPOOL_LOG_FORMAT", "auto",
+            "json, console, or auto (console on a terminal, JSON lines otherwise)"),
+)
+
+
+@dataclass
+class WorkerConfig:
+    modules: list[str] = field(default_factory=list)
+    redis_url: str = "redis://localhost:6379/0"
+    queues: list[str] = field(default_factory=lambda: ["default"])
+    concurrency: int = 1
+    namespace: str = DEFAULT_NAMESPACE
+    grace: float = 30.0
+    burst: bool = False
+    name: str = ""
+    prefetch: int = 1
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    dead_max: int = 10_000
+    lease: float = 15.0
+    log_level: str = "info"
+    log_format: str = "auto"
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("modules", nargs="*", metavar="MODULE",
+                        help="modules that define the tasks (env REDPOOL_MODULES)")
+    for s in SETTINGS:
+        help_text = f"{s.help} [env {s.env}]"
+        if s.switch:
+            parser.add_argument(s.flag, dest=s.dest, action="store_const", const=True,
+                                default=None, help=help_text)
+        elif s.repeat:
+            parser.add_argument(s.flag, dest=s.dest, action="append", default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(s.flag, dest=s.dest, default=None, help=help_text)
+
+
+def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> WorkerConfig:
+    """Flags win over the environment, which wins over defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw = getattr(args, s.dest, None)
+        source = s.flag
+        if raw is None and env.get(s.env) not in (None, ""):
+            raw, source = env[s.env], s.env
+        if raw is None:
+            values[s.dest] = s.default
+            continue
+        try:
+            if s.repeat:
+                items = raw if isinstance(raw, list) else _list(raw)
+                values[s.dest] = [s.parse(x) for x in items]
+            elif s.switch and raw is True:
+                values[s.dest] = True
+            else:
+                values[s.dest] = s.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    modules = list(args.modules or []) or _list(env.get("REDPOOL_MODULES", ""))
+    cfg = WorkerConfig(modules=modules, **values)
+    cfg.concurrency = cfg.concurrency or usable_cores()
+    cfg.prefetch = cfg.concurrency if cfg.prefetch is None else max(0, cfg.prefetch)
+    cfg.name = cfg.name or default_name()
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level: expected debug, info, warning or error, got {cfg.log_level!r}")
+    if cfg.log_format not in ("auto", "json", "console"):
+        raise ConfigError(f"--log-format: expected auto, json or console, got {cfg.log_format!r}")
+    if not cfg.queues:
+        raise ConfigError("--queue: at least one queue is needed")
+    for q in cfg.queues:
+        if not q or any(c.isspace() for c in q):
+            raise ConfigError(f"--queue: invalid queue name {q!r}")
+    if len(set(cfg.queues)) != len(cfg.queues):
+        raise ConfigError(f"--queue: a queue is listed twice: {cfg.queues}")
+    return cfg

@@ -1,0 +1,52 @@
+"""One error base class and the daemon's named exit codes."""
+
+from __future__ import annotations
+
+# Exit codes of `redpool worker` (documented in the README; systemd units and
+# Procfile runners see them).
+EXIT_OK = 0
+EXIT_ERROR = 1          # an unexpected error; the log says what
+EXIT_USAGE = 2          # bad command line or environment (argparse uses 2 too)
+EXIT_BOOT = 3           # a child could not import the task modules or run its init hook
+EXIT_REDIS = 4          # Redis unreachable at start-up, or refused our credentials
+EXIT_NAME_IN_USE = 5    # another live supervisor already uses this --name
+
+
+class RedpoolError(Exception):
+    """Base class of redpool's own errors.  Messages say what was wrong and what to do."""
+
+    exit_code = EXIT_ERROR
+
+
+class ConfigError(RedpoolError):
+    exit_code = EXIT_USAGE
+
+
+class BootError(RedpoolError):
+    """A pool child failed to start: its task modules or init hook raised."""
+
+    exit_code = EXIT_BOOT
+
+
+class RedisUnavailable(RedpoolError):
+    exit_code = EXIT_REDIS
+
+
+class NameInUse(RedpoolError):
+    exit_code = EXIT_NAME_IN_USE
+
+
+class JobFailed(RedpoolError):
+    """Raised by AsyncResult.get() when the job failed; carries the remote error."""
+
+    def __init__(self, envelope: dict) -> None:
+        err = envelope.get("error") or {}
+        self.envelope = envelope
+        self.job_id = envelope.get("id")
+        self.type = err.get("type") or "Error"
+        self.message = err.get("message") or ""
+        self.traceback = err.get("traceback")
+        text = f"{self.type}: {self.message}"
+        if self.traceback:
+            text += f"\n\nRemote traceback (job {self.job_id}, worker {envelope.get('worker')}):\n{self.traceback}"
+        super().__init__(text)

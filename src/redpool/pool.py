@@ -1,0 +1,231 @@
+"""The process side only: spawn, feed, collect, reap, kill.  Never touches Redis.
+
+Each child has its own duplex pipe and runs one job at a time, so the supervisor
+always knows which job a child holds: when a child dies, exactly that job fails and
+nothing else is disturbed.  This is what multiprocessing.Pool cannot do (its shared
+task queue loses track of a dead worker's task and hangs forever, CPython gh-66587).
+
+Children are started with the "spawn" method: a fresh interpreter imports the task
+modules itself, so nothing (Redis sockets, threads, locks held by other threads) is
+inherited from the supervisor by fork.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from . import child as child_mod
+from .errors import BootError
+
+
+@dataclass(eq=False)
+class Child:
+    proc: multiprocessing.process.BaseProcess
+    conn: Connection
+    ready: bool = False
+    token: int | None = None        # the job it runs now
+    job_started: float = 0.0
+    jobs_done: int = 0
+    stopping: bool = False          # asked to exit after its current job
+    boot_error: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid or 0
+
+
+# Events the supervisor receives from poll().
+@dataclass
+class Done:
+    token: int
+    msg: bytes
+    pid: int
+
+
+@dataclass
+class Died:
+    token: int | None
+    pid: int
+    exitcode: int | None
+    description: str
+
+
+@dataclass
+class BootFailed:
+    pid: int
+    message: str
+
+
+@dataclass
+class Ready:
+    pid: int
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say honestly how a child ended (gunicorn's reap_workers does the same)."""
+    if exitcode is None:
+        return "vanished (exit status unknown)"
+    if exitcode < 0:
+        sig = -exitcode
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        text = f"killed by {name} (signal {sig})"
+        if sig == signal.SIGKILL:
+            text += "; if nobody sent it, the kernel's out-of-memory killer probably did"
+        elif sig == signal.SIGSEGV:
+            text += " (a segmentation fault, usually in a C extension)"
+        return text
+    return f"exited with code {exitcode}"
+
+
+@dataclass
+class ProcessPool:
+    size: int
+    modules: list[str]
+    worker: str
+    max_payload: int
+    children: list[Child] = field(default_factory=list)
+    respawn_backoff: float = 0.0
+    next_spawn_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.ctx = multiprocessing.get_context("spawn")
+        self._sys_path = [os.getcwd(), *sys.path]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def spawn(self) -> Child:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        proc = self.ctx.Process(
+            target=child_mod.main, name="redpool-child", daemon=True,
+            args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload, self._sys_path))
+        proc.start()
+        child_conn.close()
+        c = Child(proc=proc, conn=parent_conn)
+        self.children.append(c)
+        return c
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Boot ``size`` children and wait until every one is ready.  A child that
+        cannot import the task modules stops the start-up: BootError, never a
+        respawn loop."""
+        for _ in range(self.size):
+            self.spawn()
+        deadline = time.monotonic() + timeout
+        while not all(c.ready for c in self.children):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill_all()
+                raise BootError(f"pool children did not boot within {timeout:.0f} s")
+            ready = multiprocessing.connection.wait(self.waitables(), timeout=left)
+            for ev in self.poll(ready):
+                if isinstance(ev, BootFailed):
+                    self.kill_all()
+                    raise BootError(f"a pool child could not load the task modules "
+                                    f"{self.modules}:\n{ev.message}")
+
+    def reconcile(self, now: float) -> list[Child]:
+        """Bring the pool back to ``size`` live children (replacing the dead)."""
+        spawned = []
+        live = [c for c in self.children if not c.stopping]
+        if len(live) < self.size and now >= self.next_spawn_at:
+            for _ in range(self.size - len(live)):
+                spawned.append(self.spawn())
+        return spawned
+
+    # -- feeding -----------------------------------------------------------------------------
+
+    def idle(self) -> list[Child]:
+        return [c for c in self.children if c.ready and c.token is None and not c.stopping]
+
+    def busy(self) -> list[Child]:
+        return [c for c in self.children if c.token is not None]
+
+    def send(self, c: Child, token: int, queue: str, raw: bytes) -> None:
+        c.token = token
+        c.job_started = time.monotonic()
+        try:
+            c.conn.send_bytes(child_mod.encode_job_msg(token, queue, raw))
+        except OSError:
+            pass  # it died under us; poll() reports the death with this token
+
+    def waitables(self) -> list:
+        out: list = []
+        for c in self.children:
+            out.append(c.conn)
+            out.append(c.proc.sentinel)
+        return out
+
+    # -- collecting --------------------------------------------------------------------------
+
+    def poll(self, ready: list) -> list:
+        """Turn ready pipes and process sentinels into events.  Every message a child
+        sent before it died is read before its death is reported."""
+        ready_conns = {id(x) for x in ready if not isinstance(x, int)}
+        ready_fds = {x for x in ready if isinstance(x, int)}
+        events: list = []
+        for c in list(self.children):
+            dead = c.proc.sentinel in ready_fds
+            if not dead and id(c.conn) not in ready_conns:
+                continue
+            try:
+                while c.conn.poll():
+                    self._read(c, c.conn.recv_bytes(), events)
+            except (EOFError, OSError):
+                dead = True
+            if dead:
+                c.proc.join(timeout=5)
+                self.children.remove(c)
+                c.conn.close()
+                if c.boot_error is not None or not c.ready:
+                    # a replacement that cannot boot is retried with backoff, not in a loop
+                    self.respawn_backoff = min(30.0, max(1.0, self.respawn_backoff * 2))
+                    self.next_spawn_at = time.monotonic() + self.respawn_backoff
+                    events.append(BootFailed(c.pid, c.boot_error or describe_exit(c.proc.exitcode)))
+                elif c.stopping and c.token is None and c.proc.exitcode == 0:
+                    continue  # retired on request
+                else:
+                    events.append(Died(c.token, c.pid, c.proc.exitcode, describe_exit(c.proc.exitcode)))
+        return events
+
+    def _read(self, c: Child, msg: bytes, events: list) -> None:
+        kind = msg[:1]
+        if kind == child_mod.MSG_DONE:
+            token, c.token = c.token, None
+            c.jobs_done += 1
+            events.append(Done(token if token is not None else -1, msg, c.pid))
+        elif kind == child_mod.MSG_READY:
+            c.ready = True
+            self.respawn_backoff = 0.0
+            events.append(Ready(c.pid))
+        elif kind == child_mod.MSG_BOOT_ERROR:
+            c.boot_error = msg[1:].decode("utf-8", "replace")
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def terminate(self, grace: float = 2.0) -> None:
+        """SIGTERM every child, then SIGKILL those still alive after ``grace``."""
+        for c in self.children:
+            if c.proc.is_alive():
+                c.proc.terminate()
+        deadline = time.monotonic() + grace
+        for c in self.children:
+            c.proc.join(max(0.0, deadline - time.monotonic()))
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        for c in self.children:
+            if c.proc.is_alive():
+                c.proc.kill()
+        for c in self.children:
+            c.proc.join(5)
+            c.conn.close()
+        self.children.clear()

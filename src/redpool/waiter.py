@@ -1,0 +1,115 @@
+"""Block in Redis, not in a polling loop, while every queue is empty.
+
+BLMOVE moves a job atomically into our processing list the moment it is pushed,
+but it watches only one list.  To wait on several queues at once we run one thread
+per queue, each with its own connection, each in BLMOVE.  The threads only block
+while the supervisor has "armed" them (room in the pool and nothing found by the
+last reserve), so a host never hoards: at most one job per queue arrives beyond
+what the pool asked for, and it is run in turn like any reserved job.
+
+A job a thread receives is handed to the main loop through an inbox and a byte on
+a pipe the loop waits on.  Redis errors are reported to the loop the same way and
+retried with backoff; the threads never die on them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from typing import Callable
+
+import redis
+
+from .queue import RedisQueue
+
+
+class Waiter:
+    def __init__(self, rq: RedisQueue, connect: Callable[[], redis.Redis], *,
+                 timeout: float = 1.0) -> None:
+        self.rq = rq
+        self.connect = connect
+        self.timeout = timeout
+        self.inbox: deque[tuple[str, bytes]] = deque()
+        self.errors: deque[BaseException] = deque()
+        self._armed = threading.Event()
+        self._stop = threading.Event()
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+        self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True,
+                                          name=f"redpool-wait-{q}") for q in rq.queues]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def arm(self) -> None:
+        self._armed.set()
+
+    def disarm(self) -> None:
+        self._armed.clear()
+
+    @property
+    def armed(self) -> bool:
+        return self._armed.is_set()
+
+    def fileno(self) -> int:
+        return self._rfd
+
+    def take(self) -> list[tuple[str, bytes]]:
+        try:
+            while os.read(self._rfd, 512):
+                pass
+        except BlockingIOError:
+            pass
+        out = []
+        while self.inbox:
+            out.append(self.inbox.popleft())
+        return out
+
+    def stop(self) -> None:
+        """Stop and join the threads (at most one blocking timeout).  After this no
+        job can arrive: whatever they took is in the inbox or our processing list."""
+        self._stop.set()
+        self._armed.set()  # release threads waiting to be armed
+        for t in self._threads:
+            if t.is_alive():
+                t.join(self.timeout + 15)
+        os.close(self._wfd)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wfd, b"!")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full: the loop has wake-ups pending anyway
+
+    def _run(self, queue: str) -> None:
+        conn: redis.Redis | None = None
+        backoff = 0.0
+        while not self._stop.is_set():
+            self._armed.wait()
+            if self._stop.is_set():
+                break
+            try:
+                if conn is None:
+                    conn = self.connect()
+                raw = self.rq.block_reserve(conn, queue, self.timeout)
+                backoff = 0.0
+            except redis.RedisError as e:
+                self.errors.append(e)
+                self._wake()
+                if conn is not None:
+                    conn.close()
+                conn = None
+                backoff = min(5.0, max(0.1, backoff * 2))
+                self._stop.wait(backoff)
+                continue
+            if raw is not None:
+                # One job is the signal that work has arrived; the loop takes the rest
+                # in batches and re-arms us only when the queues are empty again.
+                self._armed.clear()
+                self.inbox.append((queue, raw))
+                self._wake()
+        if conn is not None:
+            conn.close()
