@@ -49,3 +49,21 @@ def namespace(r) -> str:
 @pytest.fixture
 def keys(namespace) -> Keys:
     return Keys(namespace)
+
+
+@pytest.fixture
+def daemons(redis_url, namespace, tmp_path):
+    """Start real daemons: ``daemons(*flags, name=..., ledger=...)``; all are killed
+    (whole process group) at teardown, whatever the test did."""
+    from helpers import Daemon
+
+    started: list[Daemon] = []
+
+    def start(*args: str, **kw) -> Daemon:
+        d = Daemon(redis_url, namespace, *args, **kw).start(tmp_path)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()

@@ -77,7 +77,7 @@ def describe_exit(exitcode: int | None) -> str:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        text = f"killed by {name} (signal {sig})"
+        text = f"was killed by {name} (signal {sig})"
         if sig == signal.SIGKILL:
             text += "; if nobody sent it, the kernel's out-of-memory killer probably did"
         elif sig == signal.SIGSEGV:

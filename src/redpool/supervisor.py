@@ -53,7 +53,7 @@ class Supervisor:
         self.clock = clock
         self.state = RUNNING
         self.backlog: deque[tuple[str, bytes]] = deque()   # reserved, not yet started
-        self.inflight: dict[int, tuple[str, bytes]] = {}   # token -> job a child runs
+        self.inflight: dict[int, tuple[str, bytes, float]] = {}  # token -> (queue, job, started)
         self.pending: list[Completion] = []                # finished, not yet acknowledged
         self._tokens = count(1)
         self.queues_empty = False
@@ -140,7 +140,7 @@ class Supervisor:
 
     def handle_event(self, ev) -> None:
         if isinstance(ev, Done):
-            queue, raw = self.inflight.pop(ev.token)
+            queue, raw, _ = self.inflight.pop(ev.token)
             meta, env, dead = decode_done(ev.msg)
             self.pending.append(Completion(queue, raw, meta["result_id"], meta["ttl"],
                                            meta["reply_to"], env, dead))
@@ -154,12 +154,12 @@ class Supervisor:
                             description=ev.description, had_job=job is not None)
             if job is not None:
                 self.stats["crashed"] += 1
-                self.pending.append(self._crashed(job[0], job[1], ev))
+                self.pending.append(self._crashed(*job, ev))
         elif isinstance(ev, BootFailed):
             self.hooks.emit("child_boot_failed", pid=ev.pid, message=ev.message,
                             retry_in=self.pool.respawn_backoff)
 
-    def _crashed(self, queue: str, raw: bytes, ev: Died) -> Completion:
+    def _crashed(self, queue: str, raw: bytes, started: float, ev: Died) -> Completion:
         """Exactly the job a dead child held fails, with an error naming the cause."""
         found = p.salvage(raw)
         if isinstance(found, p.Job):
@@ -174,6 +174,7 @@ class Supervisor:
         if job_id or reply_to:
             env = p.dumps(p.envelope(id=job_id or p.new_id(), task=task, queue=queue,
                                      status=p.FAILED, worker=self.cfg.name, enqueued_at=enq,
+                                     started_at=started,
                                      error=p.error_dict(p.E_WORKER_CRASHED, message)))
         return Completion(queue, raw, job_id if ttl > 0 else None, ttl, reply_to, env)
 
@@ -198,7 +199,7 @@ class Supervisor:
                 break
             queue, raw = self.backlog.popleft()
             token = next(self._tokens) & 0xFFFFFFFF
-            self.inflight[token] = (queue, raw)
+            self.inflight[token] = (queue, raw, time.time())
             self.pool.send(c, token, queue, raw)
 
     def fill(self, now: float) -> None:

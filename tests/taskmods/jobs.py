@@ -1,0 +1,63 @@
+"""Tasks the daemon tests run.  Every run is written to a ledger (a Redis list named
+by REDPOOL_LEDGER, at REDPOOL_LEDGER_URL) so tests can count runs, not guess them."""
+
+import os
+import signal
+import time
+
+import redis
+
+from redpool import current_job, on_child_start, task
+
+_ledger = None
+
+
+@on_child_start
+def open_ledger():
+    global _ledger
+    url = os.environ.get("REDPOOL_LEDGER_URL")
+    if url:
+        _ledger = redis.Redis.from_url(url)
+
+
+def record(what: str) -> None:
+    job = current_job()
+    if _ledger is not None and job is not None:
+        _ledger.rpush(os.environ["REDPOOL_LEDGER"], f"{job.id}:{what}:{os.getpid()}")
+
+
+@task(name="t.add")
+def add(a, b):
+    record("add")
+    return a + b
+
+
+@task(name="t.sleep")
+def sleep(seconds, tag=None):
+    record("start")
+    time.sleep(seconds)
+    record("end")
+    return tag
+
+
+@task(name="t.pid")
+def pid():
+    return os.getpid()
+
+
+@task(name="t.die")
+def die(how="kill"):
+    record("die")
+    if how == "exit":
+        os._exit(7)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task(name="t.unserialisable")
+def unserialisable():
+    return {1, 2, 3}
+
+
+@task(name="t.boom")
+def boom(msg="boom"):
+    raise ValueError(msg)

@@ -1,0 +1,242 @@
+"""The real daemon as a subprocess, real signals, assertions on what is in Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from helpers import envelope, lpush_jobs, wait_for
+
+pytestmark = pytest.mark.daemon
+
+
+def test_raw_lpush_jobs_are_run_and_answered_on_reply_to(r, keys, daemons):
+    # Given a running worker and a producer with nothing but LPUSH
+    d = daemons("--concurrency", "2").wait_started()
+    jobs = [{"task": "t.add", "id": f"j{i}", "args": [i, 10], "reply_to": "ns-replies"}
+            for i in range(20)]
+    lpush_jobs(r, keys, jobs)
+    # Then every job is answered on reply_to and in its result key
+    got = {}
+    while len(got) < 20:
+        item = r.brpop("ns-replies", timeout=20)
+        assert item is not None, d.log()
+        env = json.loads(item[1])
+        got[env["id"]] = env
+    try:
+        for i in range(20):
+            env = got[f"j{i}"]
+            assert env["status"] == "succeeded" and env["result"] == i + 10
+            assert env["task"] == "t.add" and env["queue"] == "default" and env["worker"] == "w1"
+            assert envelope(r, keys, f"j{i}") == env
+            assert 0 < r.ttl(keys.result(f"j{i}")) <= 86400
+        assert r.llen(keys.queue("default")) == 0
+        assert r.llen(keys.processing("w1", "default")) == 0
+    finally:
+        r.delete("ns-replies")
+
+
+def test_blocks_in_redis_when_idle_and_picks_up_a_new_job(r, keys, daemons):
+    d = daemons("--concurrency", "1").wait_started()
+    # Given an idle worker: it waits inside Redis (BLMOVE), not in a polling loop
+    wait_for(lambda: any(b"cmd=blmove" in line for line in r.execute_command("CLIENT", "LIST").split(b"\n")),
+             what="a client blocked in BLMOVE")
+    r.lpush(keys.queue("default"), json.dumps({"task": "t.add", "id": "late", "args": [1, 1], "reply_to": "late-r"}))
+    item = r.brpop("late-r", timeout=10)
+    assert item is not None and json.loads(item[1])["result"] == 2, d.log()
+    r.delete("late-r")
+
+
+def test_strict_priority_in_the_order_given(r, keys, daemons):
+    # Given jobs waiting on two queues before the worker starts
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"low{i}", "args": [0, i]} for i in range(5)], "low")
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"high{i}", "args": [0, i]} for i in range(5)], "high")
+    d = daemons("--queue", "high", "--queue", "low", "--concurrency", "1", "--prefetch", "0", "--burst")
+    assert d.wait(60) == 0, d.log()
+    done = [e["id"] for e in d.events() if e.get("event") == "job_finished"]
+    assert done == [f"high{i}" for i in range(5)] + [f"low{i}" for i in range(5)]
+
+
+def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daemons):
+    big = {"task": "t.add", "id": "big", "args": ["x" * (1024 * 1024), "y"], "reply_to": "bad-r"}
+    bad = [
+        b"this is not json",
+        b"\xff\xfe not utf-8",
+        json.dumps([1, 2, 3]).encode(),
+        json.dumps("a string").encode(),
+        json.dumps({"id": "no-task", "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "no.such.task", "id": "unknown", "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.add", "id": "argtype", "args": {"a": 1}, "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.add", "id": "kwtype", "kwargs": [1], "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.add", "id": "bad id!", "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.add", "id": "ttltype", "result_ttl": "soon", "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.add", "id": "arity", "args": [1], "reply_to": "bad-r"}).encode(),
+        json.dumps(big).encode(),
+        json.dumps({"task": "t.unserialisable", "id": "unser", "reply_to": "bad-r"}).encode(),
+        b"[" * 100000 + b"]" * 100000,
+    ]
+    q = keys.queue("default")
+    for i, raw in enumerate(bad):
+        r.lpush(q, json.dumps({"task": "t.add", "id": f"good{i}", "args": [i, 1]}))
+        r.lpush(q, raw)
+    r.lpush(q, json.dumps({"task": "t.add", "id": "good-last", "args": [1, 1]}))
+    d = daemons("--concurrency", "2", "--burst")
+    assert d.wait(60) == 0, d.log()
+
+    # Good jobs around the bad ones all completed
+    for i in range(len(bad)):
+        assert envelope(r, keys, f"good{i}")["result"] == i + 1
+    assert envelope(r, keys, "good-last")["result"] == 2
+    # Every bad one is in the dead-letter list with a reason
+    dead = [json.loads(x) for x in r.lrange(keys.dead, 0, -1)]
+    assert len(dead) == len(bad), dead
+    by_reason = " | ".join(e["reason"] for e in dead)
+    for phrase in ["not valid JSON", "not UTF-8", "must be a JSON object", "no 'task' field",
+                   "unknown task 'no.such.task'", "'args' must be a JSON array",
+                   "'kwargs' must be a JSON object", "'id' must be", "'result_ttl' must be",
+                   "arguments do not match", "over the limit of 1048576", "not JSON-serialisable",
+                   "nested too deeply"]:
+        assert phrase in by_reason, phrase
+    assert all(e["queue"] == "default" and e["failed_at"] > 0 for e in dead)
+    # Producers that can be reached got a failed envelope: a waiting producer always gets an answer
+    replies = {json.loads(x)["id"]: json.loads(x) for x in r.lrange("bad-r", 0, -1)}
+    for jid in ["unknown", "argtype", "kwtype", "ttltype", "arity", "big", "unser"]:
+        assert replies[jid]["status"] == "failed", jid
+    assert replies["unknown"]["error"]["type"] == "UnknownTask"
+    assert replies["big"]["error"]["type"] == "PayloadTooLarge"
+    assert replies["unser"]["error"]["type"] == "UnserializableResult"
+    assert len(replies) == 9  # also "no-task" and "bad id!" (reply_to only, id assigned)
+    assert r.llen(keys.processing("w1", "default")) == 0
+    r.delete("bad-r")
+
+
+def test_sigkill_of_a_child_mid_job_fails_exactly_that_job(r, keys, daemons):
+    d = daemons("--concurrency", "2", ledger=keys.ns + ":ledger").wait_started()
+    jobs = [{"task": "t.sleep", "id": f"s{i}", "args": [0.3, i]} for i in range(8)]
+    jobs.insert(2, {"task": "t.sleep", "id": "victim", "args": [30]})
+    lpush_jobs(r, keys, jobs)
+    ledger = keys.ns + ":ledger"
+    # When the child running "victim" is killed by SIGKILL
+    wait_for(lambda: any(x.startswith(b"victim:start") for x in r.lrange(ledger, 0, -1)), what="victim start")
+    victim = [x for x in r.lrange(ledger, 0, -1) if x.startswith(b"victim:start")][0]
+    os.kill(int(victim.rsplit(b":", 1)[1]), signal.SIGKILL)
+    # Then exactly that job fails, naming the signal, and every other job completes
+    wait_for(lambda: all(envelope(r, keys, f"s{i}") for i in range(8)) and envelope(r, keys, "victim"),
+             timeout=30, what="all results")
+    env = envelope(r, keys, "victim")
+    assert env["status"] == "failed" and env["error"]["type"] == "WorkerCrashed"
+    assert "SIGKILL" in env["error"]["message"]
+    assert all(envelope(r, keys, f"s{i}")["status"] == "succeeded" for i in range(8))
+    # and the pool is back to full strength
+    wait_for(lambda: len(d.children()) == 2, what="replacement child")
+    assert d.proc.poll() is None
+    assert any(e.get("event") == "child_died" for e in d.events())
+
+
+def test_sigterm_drains_running_jobs_within_grace_and_loses_nothing(r, keys, daemons):
+    d = daemons("--concurrency", "2", "--grace", "20", ledger=keys.ns + ":ledger").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"d{i}", "args": [1.5]} for i in range(6)])
+    ledger = keys.ns + ":ledger"
+    wait_for(lambda: r.llen(ledger) >= 2, what="two jobs running")
+    # When SIGTERM arrives while two long jobs run
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.log()
+    assert time.monotonic() - t0 < 20
+    # Then the running jobs finished, the rest went back to the head of the queue
+    finished = [f"d{i}" for i in range(6) if envelope(r, keys, f"d{i}")]
+    queued = [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)]
+    assert len(finished) >= 2
+    assert sorted(finished + queued) == sorted(f"d{i}" for i in range(6))
+    assert queued == sorted(queued, reverse=True)  # original FIFO order kept
+    assert r.llen(keys.processing("w1", "default")) == 0
+    assert not r.exists(keys.supervisor("w1"))
+
+
+def test_grace_expiry_requeues_unfinished_jobs_and_exits_0(r, keys, daemons):
+    d = daemons("--concurrency", "1", "--grace", "1", ledger=keys.ns + ":ledger").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "long", "args": [60]}])
+    wait_for(lambda: r.llen(keys.ns + ":ledger") >= 1, what="job start")
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0, d.log()
+    assert [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)] == ["long"]
+    assert not envelope(r, keys, "long")
+
+
+def test_second_sigterm_stops_now_and_still_requeues(r, keys, daemons):
+    d = daemons("--concurrency", "1", "--grace", "60", ledger=keys.ns + ":ledger").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "long", "args": [60]}])
+    wait_for(lambda: r.llen(keys.ns + ":ledger") >= 1, what="job start")
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: any(e.get("event") == "draining" for e in d.events()), what="draining")
+    d.signal(signal.SIGINT)
+    assert d.wait(15) == 0, d.log()
+    assert [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)] == ["long"]
+
+
+def test_kill_9_then_restart_completes_every_job(r, keys, daemons):
+    ledger = keys.ns + ":ledger"
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"k{i}", "args": [0.2, i]} for i in range(20)])
+    d = daemons("--concurrency", "2", ledger=ledger).wait_started()
+    wait_for(lambda: r.llen(ledger) >= 4, what="some jobs started")
+    # When the whole daemon is killed with SIGKILL mid-run
+    children = d.children()
+    os.kill(d.pid, signal.SIGKILL)
+    d.wait(10)
+    # Then its children exit too instead of running on as orphans
+    wait_for(lambda: not any(_alive(p) for p in children), timeout=10, what="orphans to exit")
+    # And a restart under the same name finishes every job (duplicates allowed, losses not)
+    d2 = daemons("--concurrency", "2", "--burst", ledger=ledger)
+    assert d2.wait(60) == 0, d2.log()
+    assert any(e.get("event") == "recovered" for e in d2.events()) or \
+        r.llen(keys.processing("w1", "default")) == 0
+    for i in range(20):
+        env = envelope(r, keys, f"k{i}")
+        assert env and env["status"] == "succeeded" and env["result"] == i, f"k{i}"
+    assert r.llen(keys.queue("default")) == 0
+    assert r.llen(keys.processing("w1", "default")) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+    return True
+
+
+def test_module_that_cannot_be_imported_stops_start_up_with_exit_code_3(daemons):
+    d = daemons(modules=("tests.taskmods.broken",))
+    assert d.wait(60) == 3
+    assert "broken on purpose" in d.log()
+
+
+def test_a_second_live_supervisor_with_the_same_name_is_refused(daemons):
+    daemons("--concurrency", "1").wait_started()
+    d2 = daemons("--concurrency", "1")
+    assert d2.wait(60) == 5
+    assert "--name" in d2.log()
+
+
+def test_prefetch_is_bounded(r, keys, daemons):
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"p{i}", "args": [5]} for i in range(30)])
+    d = daemons("--concurrency", "1", "--prefetch", "2", ledger=keys.ns + ":ledger").wait_started()
+    wait_for(lambda: r.llen(keys.ns + ":ledger") >= 1, what="first job")
+    # one running + two prefetched (+ at most one taken by the blocking waiter)
+    assert r.llen(keys.processing("w1", "default")) <= 4
+    assert r.llen(keys.queue("default")) >= 26
+    d.signal(signal.SIGTERM)
+    wait_for(lambda: any(e.get("event") == "draining" for e in d.events()), what="draining")
+    d.signal(signal.SIGTERM)  # the second one: stop now
+    assert d.wait(20) == 0
+    assert r.llen(keys.queue("default")) == 30  # everything back, none lost
+    assert r.llen(keys.processing("w1", "default")) == 0

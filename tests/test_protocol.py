@@ -1,0 +1,402 @@
+"""The wire format: golden files, every bad-input class, and code/schema agreement.
+
+Pure unit tests: no Redis server.  The golden files in tests/golden/ are the contract as
+bytes; a change that makes one of these tests fail is a change of the wire format and
+must be reflected in docs/protocol.md and src/redpool/schema/ (and maybe a new 'v').
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+import re
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from jsonschema import ValidationError
+
+from redpool import protocol as p
+
+GOLDEN = Path(__file__).parent / "golden"
+DOCS = Path(__file__).parent.parent / "docs" / "protocol.md"
+WORKER = "web-1"
+T0 = 1732492800.5
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _ecma_pattern(validator, pattern, instance, schema):
+    # The schemas' dialect is ECMA-262, where '$' (no m flag) is the very end of the input;
+    # Python's '$' also matches before a final "\n".  Check patterns as other languages will.
+    if pattern.endswith("$"):
+        pattern = pattern[:-1] + r"\Z"
+    if validator.is_type(instance, "string") and not re.search(pattern, instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+def _schema(name: str):
+    schema = json.loads((files("redpool") / "schema" / f"{name}.schema.json").read_text("utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return _Validator(schema)
+
+
+JOB, ENVELOPE, DEAD = _schema("job"), _schema("envelope"), _schema("dead")
+
+
+def _not_json(value: str):
+    raise ValueError(f"{value} is not JSON")
+
+
+def strict_json(raw: bytes) -> Any:
+    """RFC 8259 JSON, as every other language reads it: no NaN, Infinity or 1e400."""
+    def finite(s: str) -> float:
+        f = float(s)
+        return f if math.isfinite(f) else _not_json(s)
+    return json.loads(raw.decode("utf-8"), parse_constant=_not_json, parse_float=finite)
+
+
+def golden(name: str) -> bytes:
+    return (GOLDEN / name).read_bytes()
+
+
+BAD = json.loads(golden("bad_jobs.json"))["cases"]
+
+
+def raw_of(case: dict) -> bytes:
+    return base64.b64decode(case["raw_b64"]) if "raw_b64" in case else case["raw"].encode("utf-8")
+
+
+def decode_bad(case: dict) -> p.InvalidJob:
+    with pytest.raises(p.InvalidJob) as info:
+        p.decode_job(raw_of(case), max_payload=case.get("max_payload", p.DEFAULT_MAX_PAYLOAD))
+    return info.value
+
+
+# -- good jobs --------------------------------------------------------------------------------
+
+def test_full_job_decodes_every_field_and_keeps_unknown_ones():
+    job = p.decode_job(golden("job_full.json"))
+    assert (job.task, job.id, job.id_assigned) == ("examples.tasks.add", "order-42:resize.v2", False)
+    assert job.args == [2, 3]
+    assert job.kwargs == {"scale": 1.5, "labels": ["a", "ü"], "nested": {"deep": [None, True, False]}}
+    assert (job.reply_to, job.result_ttl, job.enqueued_at, job.v) == ("myapp:replies", 3600, 1732492800.25, 1)
+    assert job.extra == {"trace_id": "4bf92f3577b34da6", "x-future": {"priority": 7}}
+    # Nothing is lost: the job re-encodes to exactly what the producer sent.
+    assert job.to_dict() == json.loads(golden("job_full.json"))
+
+
+def test_minimal_job_gets_defaults_and_an_assigned_id():
+    job = p.decode_job(golden("job_minimal.json"))
+    assert (job.args, job.kwargs, job.reply_to, job.enqueued_at, job.extra) == ([], {}, None, None, {})
+    assert (job.result_ttl, job.v) == (86400, 1) == (p.DEFAULT_RESULT_TTL, p.VERSION)
+    assert job.id_assigned and p.ID_RE.match(job.id)
+    assert p.decode_job(golden("job_minimal.json")).id != job.id  # a fresh id each time
+    assert "id" not in job.to_dict()  # an assigned id is not the producer's
+
+
+@pytest.mark.parametrize("name", ["job_minimal.json", "job_full.json", "job_walkthrough.json"])
+def test_golden_jobs_round_trip_and_validate(name):
+    raw = golden(name)
+    assert not list(JOB.iter_errors(strict_json(raw)))
+    job = p.decode_job(raw)
+    again = p.decode_job(p.encode_job(job.to_dict()))
+    if job.id_assigned:
+        again.id = job.id
+        again.id_assigned = True
+    assert again == job
+
+
+def test_explicit_defaults_mean_the_same_as_absent_fields():
+    explicit = p.decode_job(b'{"task":"t","id":"j","args":[],"kwargs":{},"result_ttl":86400,"v":1}')
+    implicit = p.decode_job(b'{"task":"t","id":"j"}')
+    assert explicit == implicit
+
+
+def test_make_job_builds_what_a_worker_accepts():
+    job = p.make_job("examples.tasks.add", (2, 3), {"k": "v"}, id="job-9", reply_to="r",
+                     result_ttl=0, now=T0)
+    assert job == {"v": 1, "id": "job-9", "task": "examples.tasks.add", "args": [2, 3],
+                   "kwargs": {"k": "v"}, "enqueued_at": T0, "reply_to": "r", "result_ttl": 0}
+    assert not list(JOB.iter_errors(job))
+    assert p.decode_job(p.encode_job(job)).to_dict() == job
+    with pytest.raises(p.InvalidJob, match="'result_ttl'"):
+        p.make_job("t", result_ttl=-5)
+
+
+# -- bad jobs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", BAD, ids=[c["name"] for c in BAD])
+def test_bad_job_is_refused_with_a_human_reason(case):
+    err = decode_bad(case)
+    assert err.error_type == case["error_type"]
+    assert case["reason"] in err.reason and str(err) == err.reason
+    assert "Traceback" not in err.reason and len(err.reason) > 20
+    want = {"job_id": None, "reply_to": None, "result_ttl": 86400, "task": None, "enqueued_at": None}
+    want.update(case.get("salvage", {}))
+    assert {k: getattr(err, k) for k in want} == want
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c["name"] for c in BAD])
+def test_bad_job_gets_a_failed_envelope_exactly_when_it_can_be_answered(case):
+    err = decode_bad(case)
+    env = p.failed_envelope_for(err, queue="default", worker=WORKER, started_at=T0)
+    if err.job_id is None and err.reply_to is None:
+        assert env is None
+        return
+    assert env["status"] == "failed" and env["error"] == p.error_dict(err.error_type, err.reason)
+    assert env["id"] == (err.job_id or env["id"]) and p.ID_RE.match(env["id"])
+    assert (env["task"], env["enqueued_at"], env["started_at"]) == (err.task, err.enqueued_at, T0)
+    assert not list(ENVELOPE.iter_errors(env))
+    assert json.loads(p.dumps(env)) == env  # writable: no NaN sneaks in from the bad job
+
+
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000,
+    b'{"task":"t","id":"j","args":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"task":"t","kwargs":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001,
+], ids=["bare_array", "deep_args", "deep_kwargs"])
+def test_deeply_nested_json_is_refused_not_crashed(raw):
+    with pytest.raises(p.InvalidJob, match="nested too deeply") as info:
+        p.decode_job(raw)
+    assert info.value.error_type == p.E_INVALID_JOB
+    # Over the size limit the salvage attempt meets the same nesting and must survive it.
+    with pytest.raises(p.InvalidJob) as info:
+        p.decode_job(raw, max_payload=100)
+    assert (info.value.error_type, info.value.job_id) == (p.E_PAYLOAD_TOO_LARGE, None)
+
+
+def test_payload_limit_is_inclusive():
+    raw = b'{"task":"t"}'
+    assert p.decode_job(raw, max_payload=len(raw)).task == "t"
+    with pytest.raises(p.InvalidJob) as info:
+        p.decode_job(raw, max_payload=len(raw) - 1)
+    assert info.value.error_type == p.E_PAYLOAD_TOO_LARGE
+
+
+def test_salvage_never_raises():
+    assert isinstance(p.salvage(golden("job_full.json")), p.Job)
+    for case in BAD:
+        got = p.salvage(raw_of(case))
+        assert isinstance(got, p.InvalidJob) or case["error_type"] == p.E_PAYLOAD_TOO_LARGE
+    big = p.salvage(b'{"task":"t","args":["' + b"x" * (2 * p.DEFAULT_MAX_PAYLOAD) + b'"]}')
+    assert isinstance(big, p.Job)  # salvage reads past the limit to find the producer
+
+
+def test_failed_envelope_for_with_only_reply_to_gets_an_id():
+    err = p.InvalidJob("job has no 'task' field", reply_to="myapp:replies")
+    env = p.failed_envelope_for(err, queue="q", worker=WORKER)
+    assert p.ID_RE.match(env["id"]) and env["task"] is None and env["started_at"] is None
+    assert not list(ENVELOPE.iter_errors(env))
+    assert p.failed_envelope_for(p.InvalidJob("x"), queue="q", worker=WORKER) is None
+
+
+# -- JSON output ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, {"a": [1, math.nan]}])
+def test_dumps_refuses_non_json_numbers(value):
+    with pytest.raises(ValueError):
+        p.dumps(value)
+
+
+def test_dumps_is_compact_utf8():
+    assert p.dumps({"a": [1, "ü"], "b": None}) == '{"a":[1,"ü"],"b":null}'.encode("utf-8")
+
+
+def test_golden_envelopes_are_byte_exact():
+    ok = p.envelope(id="job-1", task="examples.tasks.add", queue="default", status=p.SUCCEEDED,
+                    worker=WORKER, attempts=1, result=5, started_at=T0, finished_at=1732492800.503)
+    assert p.dumps(ok) + b"\n" == golden("envelope_succeeded.json")
+    tb = json.loads(golden("envelope_failed.json"))["error"]["traceback"]  # the layout is the point
+    failed = p.envelope(id="job-2", task="examples.tasks.add", queue="default", status=p.FAILED,
+                        worker=WORKER, attempts=2, enqueued_at=1732492799.75, started_at=T0,
+                        finished_at=1732492800.503,
+                        error=p.error_dict("TypeError", "unsupported operand type(s) for +: 'int' and 'str'", tb))
+    assert p.dumps(failed) + b"\n" == golden("envelope_failed.json")
+
+
+def test_golden_dead_entry_is_byte_exact():
+    raw = b'{"id":"job-3","args":[1]}'
+    err = p.salvage(raw)
+    entry = p.dead_entry(raw, queue="default", reason=err.reason, error_type=err.error_type,
+                         worker=WORKER, job_id=err.job_id, now=T0)
+    assert p.dumps(entry) + b"\n" == golden("dead_entry.json")
+
+
+def test_dead_entry_keeps_non_utf8_jobs_as_base64():
+    raw = b'{"task":"\xff\xfe"}'
+    entry = p.dead_entry(raw, queue="q", reason="job is not UTF-8 text", error_type=p.E_INVALID_JOB,
+                         worker=WORKER, now=T0)
+    assert "job" not in entry and base64.b64decode(entry["job_b64"]) == raw
+    assert entry["id"] is None
+    assert not list(DEAD.iter_errors(entry))
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+def test_key_names():
+    k = p.Keys()
+    assert [k.queue("default"), k.result("job-1"), k.dead, k.processing("web-1", "default"),
+            k.supervisor("web-1"), k.supervisors, k.reply("c1")] == [
+        "redpool:queue:default", "redpool:result:job-1", "redpool:dead",
+        "redpool:processing:web-1:default", "redpool:supervisor:web-1", "redpool:supervisors",
+        "redpool:reply:c1"]
+    assert p.Keys("myapp:v2").queue("q") == "myapp:v2:queue:q"
+
+
+@pytest.mark.parametrize("queue", ["default", "emails:high", "a:b:c", "x*y", ""])
+def test_processing_key_round_trip(queue):
+    k = p.Keys("ns:1")
+    assert k.queue_of_processing("web-1", k.processing("web-1", queue)) == queue
+
+
+def test_queue_of_processing_refuses_another_supervisors_list():
+    k = p.Keys()
+    with pytest.raises(ValueError, match="not a processing list"):
+        k.queue_of_processing("web-1", k.processing("web-10", "default"))
+
+
+def test_processing_pattern_escapes_glob_characters():
+    k = p.Keys("app[1]")
+    assert k.processing_pattern("w*?\\") == r"app\[1\]:processing:w\*\?\\:*"
+    fakeredis = pytest.importorskip("fakeredis")
+    r = fakeredis.FakeRedis()
+    mine = [k.processing("w[1]", q) for q in ("a", "b:c")]
+    others = [k.processing("w1", "a"), p.Keys("app1").processing("w[1]", "a"),
+              k.processing("w[1]x", "a")]
+    for key in mine + others:
+        r.rpush(key, b"job")
+    assert sorted(r.keys(k.processing_pattern("w[1]"))) == sorted(x.encode() for x in mine)
+
+
+@pytest.mark.parametrize("ns", ["", "my app", "tab\there", "nl\n"])
+def test_namespace_must_be_non_empty_without_spaces(ns):
+    with pytest.raises(ValueError, match="invalid namespace"):
+        p.Keys(ns)
+
+
+def test_supervisor_names_have_no_colon_or_trailing_newline():
+    assert p.NAME_RE.match("web-1.example_com")
+    assert not any(p.NAME_RE.match(n) for n in ["web:1", "web-1\n", "", "x" * 129])
+
+
+# -- code and schema agree --------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [c for c in BAD if "raw" in c], ids=lambda c: c["name"])
+def test_schema_rejects_what_the_worker_rejects(case):
+    try:
+        obj = strict_json(raw_of(case))
+    except ValueError:
+        return  # not JSON as other languages read it: the schema never sees it
+    if not isinstance(obj, dict):
+        assert not JOB.is_valid(obj)
+    elif case.get("schema") == "accepts":
+        assert case["why"] and JOB.is_valid(obj)  # the known, documented gaps
+    else:
+        assert not JOB.is_valid(obj), f"schema accepts {case['raw']}"
+
+
+_VALID = {
+    "id": ["j", "x" * 128, "ABCxyz019._:-", "order-42:resize.v2"],
+    "args": [[], [1, "two", None, [3.5]], [{"a": {}}]],
+    "kwargs": [{}, {"a": 1, "nested": {"b": [True, False]}}, {"ü": "ü"}],
+    "reply_to": ["r", "myapp:replies", "reply list with spaces"],
+    "result_ttl": [0, 1, 86400, p.MAX_RESULT_TTL],
+    "enqueued_at": [0, T0, 1732492800, -1.25],
+    "v": [1],
+    "trace_id": ["abc", None, 7],  # an unknown field: kept and ignored
+}
+
+_INVALID = {
+    "task": ["", 1, None, [], {}], "id": ["", "x" * 129, "a b", "a/b", "é", "j\n", 1, None],
+    "args": [{}, "a", 1, None], "kwargs": [[], "a", 1, None], "reply_to": ["", 1, None, []],
+    "result_ttl": [-1, 1.5, "1", True, None, 2**31, 10**20], "enqueued_at": ["1", True, None, []],
+    "v": [0, -1, 1.5, "1", True, None],
+}
+
+
+def _valid_jobs(n: int = 300):
+    rng = random.Random(20241125)
+    for _ in range(n):
+        job = {"task": rng.choice(["t", "examples.tasks.add", "a.b.c_d"])}
+        for key, values in _VALID.items():
+            if rng.random() < 0.5:
+                job[key] = rng.choice(values)
+        yield job
+
+
+def test_generated_valid_jobs_are_accepted_by_both():
+    for job in _valid_jobs():
+        assert JOB.is_valid(job), job
+        decoded = p.decode_job(p.encode_job(job))
+        expected = {"args": [], "kwargs": {}, "v": 1, **job}
+        if expected.get("result_ttl") == p.DEFAULT_RESULT_TTL:
+            del expected["result_ttl"]  # to_dict() leaves the default out
+        assert decoded.to_dict() == expected
+        assert decoded.id_assigned == ("id" not in job)
+
+
+def test_generated_invalid_jobs_are_rejected_by_both():
+    for job in _valid_jobs(60):
+        for key, values in _INVALID.items():
+            for value in values:
+                bad = dict(job, **{key: value})
+                assert not JOB.is_valid(bad), bad
+                with pytest.raises(p.InvalidJob):
+                    p.decode_job(p.encode_job(bad))
+
+
+@pytest.mark.parametrize("name", ["envelope_succeeded.json", "envelope_failed.json"])
+def test_golden_envelopes_validate(name):
+    assert not list(ENVELOPE.iter_errors(strict_json(golden(name))))
+
+
+@pytest.mark.parametrize("result", [None, 0, "", [], {}, 5, "ü", [1, {"a": None}], False])
+def test_built_envelopes_validate(result):
+    ok = p.envelope(id="j", task="t", queue="q", status=p.SUCCEEDED, worker=WORKER, result=result)
+    failed = p.envelope(id="j", task=None, queue="q", status=p.FAILED, worker=WORKER, attempts=3,
+                        error=p.error_dict(p.E_WORKER_CRASHED, "child exited with SIGKILL"))
+    for env in (ok, failed, p.envelope(id="j", task="t", queue="q", status=p.FAILED, worker=WORKER)):
+        assert not list(ENVELOPE.iter_errors(strict_json(p.dumps(env))))
+
+
+@pytest.mark.parametrize("change", [
+    {"status": "done"}, {"attempts": 0}, {"id": "a b"}, {"finished_at": None}, {"queue": None},
+    {"error": {"type": "X", "message": "m", "traceback": None}},  # succeeded with an error
+    {"status": "failed"},  # failed without an error, with a result
+    {"v": 0},
+])
+def test_schema_rejects_malformed_envelopes(change):
+    env = json.loads(golden("envelope_succeeded.json"))
+    env.update(change)
+    assert not ENVELOPE.is_valid(env)
+    env = json.loads(golden("envelope_succeeded.json"))
+    del env["result"]
+    assert not ENVELOPE.is_valid(env)
+
+
+def test_dead_entries_validate_and_need_exactly_one_job_field():
+    entry = json.loads(golden("dead_entry.json"))
+    assert not list(DEAD.iter_errors(entry))
+    assert not DEAD.is_valid(dict(entry, job_b64="eA=="))
+    del entry["job"]
+    assert not DEAD.is_valid(entry)
+    assert DEAD.is_valid(dict(entry, job_b64="eA=="))
+
+
+# -- the docs show the same bytes -------------------------------------------------------------
+
+def test_docs_show_the_golden_walkthrough():
+    text = DOCS.read_text("utf-8")
+    assert golden("job_walkthrough.json").decode().strip() in text
+    assert golden("envelope_succeeded.json").decode().strip() in text
+    for name in (p.E_INVALID_JOB, p.E_UNKNOWN_TASK, p.E_PAYLOAD_TOO_LARGE,
+                 p.E_UNSERIALIZABLE_RESULT, p.E_WORKER_CRASHED):
+        assert f"`{name}`" in text
