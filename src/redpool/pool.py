@@ -221,11 +221,21 @@ class ProcessPool:
             c.proc.join(max(0.0, deadline - time.monotonic()))
         self.kill_all()
 
+    def close(self, timeout: float = 2.0) -> None:
+        """Let idle children exit on their own (EOF on their pipe), then kill stragglers."""
+        for c in self.children:
+            c.conn.close()
+        deadline = time.monotonic() + timeout
+        for c in self.children:
+            c.proc.join(max(0.0, deadline - time.monotonic()))
+        self.kill_all()
+
     def kill_all(self) -> None:
         for c in self.children:
             if c.proc.is_alive():
                 c.proc.kill()
         for c in self.children:
             c.proc.join(5)
-            c.conn.close()
+            if not c.conn.closed:
+                c.conn.close()
         self.children.clear()

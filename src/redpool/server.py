@@ -9,11 +9,14 @@ names.  It listens on a free loopback port, keeps nothing on disk unless asked
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +52,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server process before exec: the kernel stops it if we die (Linux)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 class EmbeddedServer:
     """One server process.  ``with EmbeddedServer() as srv: srv.url``."""
 
@@ -76,7 +88,8 @@ class EmbeddedServer:
                     "--appendfsync", "always" if self.appendonly else "everysec",
                     "--protected-mode", "yes", "--loglevel", "warning"]
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
             log.close()
             if self._wait_ready(port, timeout):
                 self.port = port

@@ -274,7 +274,7 @@ class Supervisor:
         if self.waiter is not None:
             self.waiter.stop()
             self.backlog.extend(self.waiter.take())
-        self.pool.kill_all()
+        self.pool.close()
         try:
             if self.pending:
                 self.redis_retry_at = 0.0
