@@ -20,7 +20,7 @@ import time
 import traceback
 
 from . import protocol as p
-from .registry import JobInfo, Registry, _current, default_registry
+from .registry import JobInfo, Registry, Task, _current, default_registry
 
 # supervisor -> child
 MSG_JOB = b"J"      # J + !IH(token, len(queue)) + queue + raw job
@@ -50,7 +50,7 @@ def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None]:
 
 
 def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: int,
-         sys_path: list[str]) -> None:
+         sys_path: list[str], namespace: str = p.DEFAULT_NAMESPACE) -> None:
     """Entry point of a pool child (multiprocessing spawn target)."""
     _die_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group: the supervisor decides
@@ -68,7 +68,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
         conn.send_bytes(MSG_BOOT_ERROR + traceback.format_exc().encode("utf-8", "replace"))
         os._exit(3)
     conn.send_bytes(MSG_READY)
-    runner = Runner(registry, worker, max_payload)
+    runner = Runner(registry, worker, max_payload, namespace)
     while True:
         try:
             msg = conn.recv_bytes()
@@ -83,29 +83,20 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
 
 
 class Runner:
-    def __init__(self, registry: Registry, worker: str, max_payload: int) -> None:
+    def __init__(self, registry: Registry, worker: str, max_payload: int,
+                 namespace: str = p.DEFAULT_NAMESPACE) -> None:
         self.registry = registry
         self.worker = worker
         self.max_payload = max_payload
+        self.own_prefix = f"{namespace}:"
+        self.reply_prefix = p.Keys(namespace).reply("")
 
     def run(self, token: int, queue: str, raw: bytes) -> bytes:
         started = time.time()
         t0 = time.perf_counter()
         try:
             job = p.decode_job(raw, self.max_payload)
-            t = self.registry.get(job.task)
-            if t is None:
-                raise p.InvalidJob(
-                    f"unknown task {job.task!r} (registered: {', '.join(self.registry.names()) or 'none'});"
-                    " check the name, or start the worker with the module that defines it",
-                    p.E_UNKNOWN_TASK, job_id=None if job.id_assigned else job.id,
-                    reply_to=job.reply_to, result_ttl=job.result_ttl, task=job.task,
-                    enqueued_at=job.enqueued_at)
-            why = t.check_arguments(job.args, job.kwargs)
-            if why:
-                raise p.InvalidJob(why, job_id=None if job.id_assigned else job.id,
-                                   reply_to=job.reply_to, result_ttl=job.result_ttl,
-                                   task=job.task, enqueued_at=job.enqueued_at)
+            t = self._check(job)
         except p.InvalidJob as bad:
             return self._invalid(token, queue, raw, bad, started, t0)
 
@@ -132,11 +123,38 @@ class Runner:
         return self._pack(token, job.id, job.task, p.SUCCEEDED, None, _result_id(job),
                           job.result_ttl, job.reply_to, env_bytes, None, t0)
 
+    def _check(self, job: p.Job) -> Task:
+        """The registered task for ``job``, or InvalidJob saying what to fix."""
+        known = dict(job_id=None if job.id_assigned else job.id, result_ttl=job.result_ttl,
+                     task=job.task, enqueued_at=job.enqueued_at)
+        rt = job.reply_to
+        if self._own_key(rt):
+            raise p.InvalidJob(f"'reply_to' {rt!r} is one of redpool's own keys: use a key "
+                               f"outside the {self.own_prefix!r} namespace, or "
+                               f"{self.reply_prefix}<anything>", reply_to=rt, **known)
+        t = self.registry.get(job.task)
+        if t is None:
+            names = self.registry.names()
+            shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+            raise p.InvalidJob(f"unknown task {job.task!r} (registered: {shown or 'none'}); check "
+                               "the name, or start the worker with the module that defines it",
+                               p.E_UNKNOWN_TASK, reply_to=rt, **known)
+        why = t.check_arguments(job.args, job.kwargs)
+        if why:
+            raise p.InvalidJob(why, reply_to=rt, **known)
+        return t
+
+    def _own_key(self, key: str | None) -> bool:
+        """A reply pushed onto one of our own keys (a queue!) would corrupt it."""
+        return bool(key) and key.startswith(self.own_prefix) and not key.startswith(self.reply_prefix)
+
     def _done(self, token, job: p.Job, status, err_type, env: dict, dead: dict | None, t0) -> bytes:
         return self._pack(token, job.id, job.task, status, err_type, _result_id(job), job.result_ttl,
                           job.reply_to, p.dumps(env), p.dumps(dead) if dead else None, t0)
 
     def _invalid(self, token, queue, raw, bad: p.InvalidJob, started, t0) -> bytes:
+        if self._own_key(bad.reply_to):
+            bad.reply_to = None  # answered through the result key only
         env = p.failed_envelope_for(bad, queue=queue, worker=self.worker, started_at=started)
         dead = p.dead_entry(raw, queue=queue, reason=bad.reason, error_type=bad.error_type,
                             worker=self.worker, job_id=bad.job_id)

@@ -106,7 +106,7 @@ def run_worker(cfg: config.WorkerConfig) -> int:
              concurrency=cfg.concurrency, name=cfg.name, namespace=cfg.namespace,
              modules=cfg.modules, burst=cfg.burst)
     rq = RedisQueue(r, Keys(cfg.namespace), cfg.name, cfg.queues, dead_max=cfg.dead_max)
-    pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload)
+    pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace)
     waiter = None if cfg.burst else Waiter(
         rq, lambda: connect(cfg.redis_url, blocking_timeout=1.0), timeout=1.0)
     hooks = Hooks()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import math
 import re
 import socket
 from dataclasses import dataclass, field
@@ -45,12 +46,34 @@ def _list(v: str) -> list[str]:
 
 
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    return _at_least(kind, 0, strict=True)
+
+
+def _at_least(kind: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
+    """A number parser that refuses NaN, infinity and values below ``low``."""
     def parse(v: str) -> Any:
         x = kind(v)
-        if x <= 0:
-            raise ValueError(f"must be greater than 0, got {v}")
+        if not math.isfinite(x) or x < low or (strict and x == low):
+            raise ValueError(f"must be a number {'greater than' if strict else 'of at least'} "
+                             f"{low:g}, got {v}")
         return x
     parse.__name__ = kind.__name__
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        if v.lower() not in options:
+            raise ValueError(f"expected {', '.join(options[:-1])} or {options[-1]}, got {v!r}")
+        return v.lower()
+    return parse
+
+
+def _key_part(what: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError(f"invalid {what} {v!r}: must be non-empty, without spaces")
+        return v
     return parse
 
 
@@ -76,31 +99,35 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", "redis://localhost:6379/0",
             "Redis URL (redis://, rediss://, unix://; user and password allowed)"),
     Setting("queues", "--queue", "REDPOOL_QUEUE", ["default"],
-            "queue to take jobs from; repeat for several, highest priority first", repeat=True),
+            "queue to take jobs from; repeat for several, highest priority first",
+            _key_part("queue name"), repeat=True),
     Setting("concurrency", "--concurrency", "REDPOOL_CONCURRENCY", None,
             "pool processes (default: the usable cores)", _positive(int)),
     Setting("namespace", "--namespace", "REDPOOL_NAMESPACE", DEFAULT_NAMESPACE,
-            "prefix of every Redis key"),
+            "prefix of every Redis key", _key_part("namespace")),
     Setting("grace", "--grace", "REDPOOL_GRACE", 30.0,
             "seconds running jobs may take to finish on SIGTERM before they are requeued",
-            float),
+            _at_least(float, 0)),
     Setting("burst", "--burst", "REDPOOL_BURST", False,
             "exit once the queues are empty and nothing is running", _bool, switch=True),
     Setting("name", "--name", "REDPOOL_NAME", None,
             "this supervisor's name, unique in the cluster (default: the host name)", _name),
     Setting("prefetch", "--prefetch", "REDPOOL_PREFETCH", None,
-            "jobs reserved ahead of free processes (default: the concurrency)", int),
+            "jobs reserved ahead of free processes (default: the concurrency)",
+            _at_least(int, 0)),
     Setting("max_payload", "--max-payload", "REDPOOL_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD,
             "largest job accepted, in bytes; larger ones are dead-lettered", _positive(int)),
     Setting("dead_max", "--dead-max", "REDPOOL_DEAD_MAX", 10_000,
             "length cap of the dead-letter list (oldest entries are dropped)", _positive(int)),
     Setting("lease", "--lease", "REDPOOL_LEASE", 15.0,
             "heartbeat lease in seconds: how long this supervisor counts as alive "
-            "without renewing it", _positive(float)),
+            "without renewing it (at least 1)", _at_least(float, 1)),
     Setting("log_level", "--log-level", "REDPOOL_LOG_LEVEL", "info",
-            "debug, info (shows every job), warning, error"),
+            "debug, info (shows every job), warning, error",
+            _choice("debug", "info", "warning", "error")),
     Setting("log_format", "--log-format", "REDPOOL_LOG_FORMAT", "auto",
-            "json, console, or auto (console on a terminal, JSON lines otherwise)"),
+            "json, console, or auto (console on a terminal, JSON lines otherwise)",
+            _choice("auto", "json", "console")),
 )
 
 
@@ -141,11 +168,13 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
     """Flags win over the environment, which wins over defaults."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for s in SETTINGS:
         raw = getattr(args, s.dest, None)
         source = s.flag
         if raw is None and env.get(s.env) not in (None, ""):
             raw, source = env[s.env], s.env
+        sources[s.dest] = source
         if raw is None:
             values[s.dest] = s.default
             continue
@@ -162,17 +191,10 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
     modules = list(args.modules or []) or _list(env.get("REDPOOL_MODULES", ""))
     cfg = WorkerConfig(modules=modules, **values)
     cfg.concurrency = cfg.concurrency or usable_cores()
-    cfg.prefetch = cfg.concurrency if cfg.prefetch is None else max(0, cfg.prefetch)
+    cfg.prefetch = cfg.concurrency if cfg.prefetch is None else cfg.prefetch
     cfg.name = cfg.name or default_name()
-    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"--log-level: expected debug, info, warning or error, got {cfg.log_level!r}")
-    if cfg.log_format not in ("auto", "json", "console"):
-        raise ConfigError(f"--log-format: expected auto, json or console, got {cfg.log_format!r}")
     if not cfg.queues:
-        raise ConfigError("--queue: at least one queue is needed")
-    for q in cfg.queues:
-        if not q or any(c.isspace() for c in q):
-            raise ConfigError(f"--queue: invalid queue name {q!r}")
+        raise ConfigError(f"{sources['queues']}: at least one queue is needed")
     if len(set(cfg.queues)) != len(cfg.queues):
-        raise ConfigError(f"--queue: a queue is listed twice: {cfg.queues}")
+        raise ConfigError(f"{sources['queues']}: a queue is listed twice: {cfg.queues}")
     return cfg

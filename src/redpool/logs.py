@@ -48,7 +48,7 @@ _LEVELS = {
     "job_finished": "info", "started": "info", "recovered": "warning", "draining": "info",
     "stopped": "info", "burst_done": "info", "child_died": "error", "job_crashed": "error",
     "child_boot_failed": "error", "grace_expired": "warning", "stop_now": "warning",
-    "redis_down": "error", "redis_up": "warning", "results_dropped": "error",
+    "redis_down": "error", "redis_up": "warning", "results_dropped": "error", "replies_skipped": "warning",
     "shutdown_redis_error": "error",
 }
 

@@ -92,6 +92,7 @@ class ProcessPool:
     modules: list[str]
     worker: str
     max_payload: int
+    namespace: str = "redpool"
     children: list[Child] = field(default_factory=list)
     respawn_backoff: float = 0.0
     next_spawn_at: float = 0.0
@@ -106,7 +107,8 @@ class ProcessPool:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         proc = self.ctx.Process(
             target=child_mod.main, name="redpool-child", daemon=True,
-            args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload, self._sys_path))
+            args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload,
+                  self._sys_path, self.namespace))
         proc.start()
         child_conn.close()
         c = Child(proc=proc, conn=parent_conn)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
@@ -81,19 +82,22 @@ class RedisQueue:
         """Wait in Redis (no polling) for one job on ``queue``; moved atomically."""
         return conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
 
-    def complete(self, items: Iterable[Completion]) -> int:
-        """Acknowledge a batch in one round trip.  Returns how many jobs were no longer
-        ours (taken back by a reaper), whose results were therefore not written."""
+    def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
+        """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose
+        results were therefore not written; replies skipped because the reply_to key
+        holds something other than a list)."""
         keys: list[str] = [self.keys.dead]
-        args: list = [self.dead_max, REPLY_TTL_WHEN_NO_RESULT]
+        args: list = [self.dead_max, REPLY_TTL_WHEN_NO_RESULT, f"{self.keys.ns}:",
+                      self.keys.reply("")]
         for c in items:
             keys += [self._proc_key(c.queue),
                      self.keys.result(c.result_id) if c.result_id and c.envelope else "",
                      c.reply_to if c.reply_to and c.envelope else ""]
             args += [c.raw, c.ttl, c.envelope or b"", c.dead or b""]
         if len(keys) == 1:
-            return 0
-        return int(self._complete(keys=keys, args=args))
+            return 0, 0
+        missing, skipped = self._complete(keys=keys, args=args)
+        return int(missing), int(skipped)
 
     def requeue(self, items: list[tuple[str, bytes]]) -> int:
         """Put reserved-but-unstarted jobs (oldest first) back at the head of their queues."""
@@ -133,22 +137,33 @@ class RedisQueue:
 
     # -- registration and heartbeat ----------------------------------------------------------
 
-    def register(self, info: dict, lease: float) -> None:
+    def register(self, info: dict, lease: float, *, sleep=time.sleep) -> None:
         """Claim our name: refuse if another live supervisor holds it.
 
         A heartbeat left by a previous run on this host whose process is gone
-        (kill -9, then a restart within the lease) is ours to take over."""
+        (kill -9, then a restart within the lease) is ours to take over.  One that
+        carries our own pid is ambiguous (a restarted container is pid 1 again, but
+        so is a twin container sharing the host name): we wait one lease for it to
+        expire, and refuse if it is renewed meanwhile."""
         hb = self.keys.supervisor(self.name)
         payload = json.dumps(info)
-        if not self.r.set(hb, payload, px=int(lease * 1000), nx=True):
+        px = int(lease * 1000)
+        deadline = time.monotonic() + lease + 1.0
+        while not self.r.set(hb, payload, px=px, nx=True):
             holder_raw = self.r.get(hb)
+            if holder_raw is None:
+                continue  # it expired between our SET and GET
             holder = _parse(holder_raw)
-            if holder_raw is not None and not _stale_local(holder):
+            verdict = _holder_state(holder)
+            if verdict == "dead":
+                self.r.set(hb, payload, px=px)
+                break
+            if verdict == "alive" or time.monotonic() > deadline:
                 raise NameInUse(
                     f"another supervisor named {self.name!r} is alive "
                     f"(host {holder.get('host')}, pid {holder.get('pid')}): give each "
                     "supervisor its own --name (REDPOOL_NAME)")
-            self.r.set(hb, payload, px=int(lease * 1000))
+            sleep(0.2)  # "unsure": wait for it to expire, or to be renewed by its owner
         self.r.sadd(self.keys.supervisors, self.name)
 
     def heartbeat(self, info: dict, lease: float) -> None:
@@ -172,17 +187,20 @@ def _parse(raw: bytes | None) -> dict:
         return {}
 
 
-def _stale_local(holder: dict) -> bool:
-    """The heartbeat was written by a process on this host that no longer runs."""
+def _holder_state(holder: dict) -> str:
+    """"dead" if the heartbeat's writer ran on this host and is gone, "unsure" if it
+    carries our own pid, else "alive" (a live process here, or another host)."""
     if holder.get("host") != socket.gethostname():
-        return False
+        return "alive"
     pid = holder.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return pid == os.getpid()
+    if not isinstance(pid, int):
+        return "alive"
+    if pid == os.getpid():
+        return "unsure"
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
+        return "dead"
     except PermissionError:
-        return False
-    return False
+        return "alive"
+    return "alive"

@@ -101,9 +101,10 @@ class Supervisor:
         deadlines = [self.next_heartbeat]
         if self.state == DRAINING:
             deadlines.append(self.drain_deadline)
-        if self.redis_down or self.pending:
+        if self.redis_retry_at > now:  # a Redis call is waiting out its backoff
             deadlines.append(self.redis_retry_at)
-        if len(self.pool.children) < self.pool.size:
+        if self.state == RUNNING and len(self.pool.children) < self.pool.size \
+                and self.pool.next_spawn_at > now:
             deadlines.append(self.pool.next_spawn_at)
         return max(0.0, min(deadlines) - now)
 
@@ -183,13 +184,16 @@ class Supervisor:
         if not self.pending or now < self.redis_retry_at:
             return
         try:
-            missing = self.rq.complete(self.pending)
+            missing, skipped = self.rq.complete(self.pending)
         except redis.RedisError as e:
             self._redis_failed(e, now, "complete")
             return
         if missing:
             self.hooks.emit("results_dropped", count=missing,
                             reason="jobs were no longer in our processing list (taken back)")
+        if skipped:
+            self.hooks.emit("replies_skipped", count=skipped,
+                            reason="reply_to names a key that is not a list")
         self.pending.clear()
         self._redis_ok()
 
@@ -303,6 +307,7 @@ class Supervisor:
             self.rq.heartbeat(self.info(), self.cfg.lease)
         except redis.RedisError as e:
             self._redis_failed(e, now, "heartbeat")
+            self.next_heartbeat = self.redis_retry_at
             return
         self._redis_ok()
 
