@@ -50,3 +50,6 @@ class JobFailed(RedpoolError):
         if self.traceback:
             text += f"\n\nRemote traceback (job {self.job_id}, worker {envelope.get('worker')}):\n{self.traceback}"
         super().__init__(text)
+
+    def __reduce__(self):  # picklable, so it can be re-raised across processes
+        return (JobFailed, (self.envelope,))

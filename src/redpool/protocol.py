@@ -156,7 +156,7 @@ def make_job(task: str, args: list | tuple = (), kwargs: dict | None = None, *,
     """Build a job object as a producer would; validated like a worker would."""
     job: dict[str, Any] = {
         "v": VERSION,
-        "id": id or new_id(),
+        "id": new_id() if id is None else id,
         "task": task,
         "args": list(args),
         "kwargs": dict(kwargs or {}),

@@ -72,20 +72,39 @@ class Registry:
 
 
 def _same_function(a: Callable, b: Callable) -> bool:
-    # A module imported twice (e.g. as __main__ and by name) defines the function twice.
-    return getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None) and \
-        getattr(a, "__module__", None) == getattr(b, "__module__", None)
+    # A module imported twice (e.g. as __main__ and by name) defines the function twice,
+    # from the same source lines.
+    def where(f: Callable) -> tuple:
+        code = getattr(f, "__code__", None)
+        return (getattr(f, "__qualname__", None), code and code.co_filename,
+                code and code.co_firstlineno)
+    return where(a) == where(b)
 
 
 def task_name(t: "Task | Callable | str") -> str:
-    """The wire name of a task given as a name, a decorated task or a plain function."""
+    """The wire name of a task given as a name, a decorated task or a plain function.
+
+    Refuses, in the producer, what no worker could ever find: lambdas, nested
+    functions, bound methods, partials, and functions defined in ``__main__``."""
     if isinstance(t, str):
         return t
     if isinstance(t, Task):
+        if t.name.startswith("__main__."):
+            raise ValueError(f"task {t.name!r} is defined in the __main__ script, where no "
+                             "worker can import it: move it into a module that the worker "
+                             "is started with, or give it a name with @task(name=...)")
         return t.name
-    if callable(t):
-        return f"{t.__module__}.{t.__qualname__}"
-    raise TypeError(f"expected a task name or a function, got {type(t).__name__}")
+    module = getattr(t, "__module__", None)
+    qualname = getattr(t, "__qualname__", None)
+    if not callable(t) or not module or not qualname or inspect.ismethod(t):
+        raise TypeError(f"expected a task name or a module-level function, got {t!r}")
+    if "<" in qualname:
+        raise TypeError(f"{qualname} is a lambda or nested function that no worker can "
+                        "find: define it at module level and decorate it with @task")
+    if module == "__main__":
+        raise ValueError(f"{qualname} is defined in the __main__ script, where no worker can "
+                         "import it: move it into a module that the worker is started with")
+    return f"{module}.{qualname}"
 
 
 @dataclass(frozen=True)
