@@ -174,7 +174,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         if not args.wait:
             print(res.id)
             return EXIT_OK
-        if not res.wait(args.timeout):
+        res.wait(args.timeout)
+        if not res.ready():
             print(f"redpool: no result for job {res.id} within {args.timeout:g} s "
                   "(is a worker running on that queue?)", file=sys.stderr)
             return 1

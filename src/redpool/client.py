@@ -142,6 +142,11 @@ class Client:
         if self._own_redis:
             self._redis.close()
 
+    @property
+    def redis(self) -> redispy.Redis:
+        """The redis-py client this Client uses (for your own reads and writes)."""
+        return self._redis
+
     def __enter__(self) -> Client:
         return self
 

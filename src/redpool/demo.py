@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from queue import SimpleQueue
 
 from .registry import task
 
@@ -49,15 +50,19 @@ def run_demo(url: str, jobs: int = 12) -> int:
             naps = [round(random.uniform(0.2, 1.0), 2) for _ in range(jobs)]
             print(f"\napply_async: {jobs} jobs that each sleep 0.2-1.0 s")
             t0 = time.monotonic()
-            results = [pool.apply_async("demo.nap", (i, s)) for i, s in enumerate(naps)]
-            for r in _as_completed(results):
-                v = r.get()
+            arrived: SimpleQueue = SimpleQueue()  # callbacks run in the client's listener thread
+            for i, s in enumerate(naps):
+                pool.apply_async("demo.nap", (i, s), callback=arrived.put, error_callback=arrived.put)
+            for _ in naps:
+                v = arrived.get(timeout=60)
+                if isinstance(v, BaseException):
+                    raise v
                 print(f"  job {v['job']:2d} slept {v['slept']:.2f} s in process {v['pid']}"
                       f"  (+{time.monotonic() - t0:.2f} s)")
             wall = time.monotonic() - t0
             serial = sum(naps)
             print(f"\nwall time {wall:.2f} s for {serial:.2f} s of sleeping: "
-                  f"{serial / wall:.1f}x faster than one process")
+                  f"{serial / wall:.1f}x faster than one process ({cores} processes)")
 
             print("\nmap: squares of 0..9 ->", pool.map(square, range(10)))
         return 0
@@ -70,13 +75,3 @@ def run_demo(url: str, jobs: int = 12) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
 
-
-def _as_completed(results):
-    pending = list(results)
-    while pending:
-        for r in list(pending):
-            if r.ready():
-                pending.remove(r)
-                yield r
-        if pending:
-            pending[0].wait(0.02)
