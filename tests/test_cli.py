@@ -103,3 +103,30 @@ def test_worker_without_modules_or_with_a_bad_url_says_what_to_do(redis_url):
     assert "s3cret" not in res.stderr + res.stdout
     res = redpool("worker", "tests.taskmods.jobs", "--concurrency", "0")
     assert res.returncode == 2 and "--concurrency" in res.stderr
+
+
+def test_worker_with_password_and_unix_socket_urls_never_logs_the_password(tmp_path):
+    import redis
+
+    from redpool.server import EmbeddedServer
+
+    sock = str(tmp_path / "redis.sock")
+    with EmbeddedServer(extra_args=["--requirepass", "s3cret-pw", "--unixsocket", sock,
+                                    "--unixsocketperm", "700"]) as srv:
+        for url in [f"redis://:s3cret-pw@127.0.0.1:{srv.port}/0",
+                    f"redis://default:s3cret-pw@127.0.0.1:{srv.port}/0",
+                    f"unix://{sock}?db=0&password=s3cret-pw"]:
+            r = redis.Redis.from_url(url)
+            r.lpush("redpool:queue:default", json.dumps({"task": "t.add", "id": "pw", "args": [1, 2]}))
+            res = redpool("worker", "tests.taskmods.jobs", "--redis-url", url, "--burst",
+                          "--concurrency", "1", "--log-format", "json")
+            assert res.returncode == 0, res.stderr
+            assert json.loads(r.get("redpool:result:pw"))["result"] == 3
+            assert "s3cret-pw" not in res.stderr + res.stdout
+            starting = [json.loads(x) for x in res.stderr.splitlines() if '"starting"' in x][0]
+            assert "***" in starting["redis"] or starting["redis"].startswith("unix://")
+            r.close()
+        # and a wrong password is refused with exit code 4, still without echoing it
+        res = redpool("worker", "tests.taskmods.jobs", "--burst",
+                      "--redis-url", f"redis://:wrong-pw@127.0.0.1:{srv.port}/0")
+        assert res.returncode == 4 and "wrong-pw" not in res.stderr

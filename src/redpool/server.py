@@ -65,10 +65,12 @@ class EmbeddedServer:
     """One server process.  ``with EmbeddedServer() as srv: srv.url``."""
 
     def __init__(self, *, port: int | None = None, appendonly: bool = False,
-                 binary: str | None = None, dir: str | None = None) -> None:
+                 binary: str | None = None, dir: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.binary = binary or find_server_binary()
         self.port = port
         self.appendonly = appendonly
+        self.extra_args = list(extra_args or [])
         self._own_dir = dir is None
         self.dir = dir or tempfile.mkdtemp(prefix="redpool-server-")
         self.proc: subprocess.Popen | None = None
@@ -86,7 +88,7 @@ class EmbeddedServer:
                     "--dir", self.dir, "--save", "", "--daemonize", "no",
                     "--appendonly", "yes" if self.appendonly else "no",
                     "--appendfsync", "always" if self.appendonly else "everysec",
-                    "--protected-mode", "yes", "--loglevel", "warning"]
+                    "--protected-mode", "yes", "--loglevel", "warning", *self.extra_args]
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_die_with_parent)
@@ -108,7 +110,8 @@ class EmbeddedServer:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    # a server with a password answers NOAUTH: it is up all the same
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return True
             except OSError:
                 pass
