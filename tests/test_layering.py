@@ -155,8 +155,9 @@ def test_a_pool_child_loads_neither_redis_nor_the_queue():
     assert out.stdout.strip() == ""
 
 
-def test_signals_import_nothing_from_redpool_but_protocol_and_errors():
-    assert internal(imports("signals")) <= {"protocol", "errors"}
+def test_signals_import_nothing_from_redpool_but_wakeup_protocol_and_errors():
+    assert internal(imports("signals")) <= {"wakeup", "protocol", "errors"}
+    assert internal(imports("wakeup")) == set()
 
 
 def test_supervisor_uses_redis_only_for_its_exception_types():

@@ -206,6 +206,9 @@ class FakeWaiter:
     def stop(self):
         self.stopped = True
 
+    def close(self):
+        self.closed = True
+
     def arm(self):
         self.armed = True
         self.arms += 1

@@ -9,9 +9,10 @@ already waits on next to its children's pipes: no polling, no missed wake-ups.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections import deque
+
+from .wakeup import Wakeup
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
@@ -19,24 +20,18 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.
 class SignalInbox:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self._received: deque[int] = deque()
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        os.set_blocking(self._wfd, False)
-        self._previous_fd = signal.set_wakeup_fd(self._wfd, warn_on_full_buffer=False)
+        self._pipe = Wakeup()
+        self._previous_fd = signal.set_wakeup_fd(self._pipe.wfd, warn_on_full_buffer=False)
         self._previous = {s: signal.signal(s, self._record) for s in signals}
 
     def _record(self, signum: int, frame) -> None:
         self._received.append(signum)
 
     def fileno(self) -> int:
-        return self._rfd
+        return self._pipe.rfd
 
     def drain(self) -> list[int]:
-        try:
-            while os.read(self._rfd, 512):
-                pass
-        except BlockingIOError:
-            pass
+        self._pipe.drain()
         out = []
         while self._received:
             out.append(self._received.popleft())
@@ -46,5 +41,4 @@ class SignalInbox:
         for s, h in self._previous.items():
             signal.signal(s, h)
         signal.set_wakeup_fd(self._previous_fd)
-        os.close(self._rfd)
-        os.close(self._wfd)
+        self._pipe.close()

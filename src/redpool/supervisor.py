@@ -278,6 +278,7 @@ class Supervisor:
         if self.waiter is not None:
             self.waiter.stop()
             self.backlog.extend(self.waiter.take())
+            self.waiter.close()
         self.pool.close()
         try:
             if self.pending:

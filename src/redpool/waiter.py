@@ -14,7 +14,6 @@ retried with backoff; the threads never die on them.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from typing import Callable
@@ -22,6 +21,7 @@ from typing import Callable
 import redis
 
 from .queue import RedisQueue
+from .wakeup import Wakeup
 
 
 class Waiter:
@@ -34,9 +34,7 @@ class Waiter:
         self.errors: deque[BaseException] = deque()
         self._armed = threading.Event()
         self._stop = threading.Event()
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        os.set_blocking(self._wfd, False)
+        self._pipe = Wakeup()
         self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True,
                                           name=f"redpool-wait-{q}") for q in rq.queues]
 
@@ -55,14 +53,10 @@ class Waiter:
         return self._armed.is_set()
 
     def fileno(self) -> int:
-        return self._rfd
+        return self._pipe.rfd
 
     def take(self) -> list[tuple[str, bytes]]:
-        try:
-            while os.read(self._rfd, 512):
-                pass
-        except BlockingIOError:
-            pass
+        self._pipe.drain()
         out = []
         while self.inbox:
             out.append(self.inbox.popleft())
@@ -76,13 +70,9 @@ class Waiter:
         for t in self._threads:
             if t.is_alive():
                 t.join(self.timeout + 15)
-        os.close(self._wfd)
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wfd, b"!")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop has wake-ups pending anyway
+    def close(self) -> None:
+        self._pipe.close()
 
     def _run(self, queue: str) -> None:
         conn: redis.Redis | None = None
@@ -98,7 +88,7 @@ class Waiter:
                 backoff = 0.0
             except redis.RedisError as e:
                 self.errors.append(e)
-                self._wake()
+                self._pipe.wake()
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -110,6 +100,6 @@ class Waiter:
                 # in batches and re-arms us only when the queues are empty again.
                 self._armed.clear()
                 self.inbox.append((queue, raw))
-                self._wake()
+                self._pipe.wake()
         if conn is not None:
             conn.close()
