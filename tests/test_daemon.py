@@ -115,7 +115,8 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
 
 
 def test_sigkill_of_a_child_mid_job_fails_exactly_that_job(r, keys, daemons):
-    d = daemons("--concurrency", "2", ledger=keys.ns + ":ledger").wait_started()
+    # (--max-crashes 0: the first crash fails the job; by default it is retried)
+    d = daemons("--concurrency", "2", "--max-crashes", "0", ledger=keys.ns + ":ledger").wait_started()
     jobs = [{"task": "t.sleep", "id": f"s{i}", "args": [0.3, i]} for i in range(8)]
     jobs.insert(2, {"task": "t.sleep", "id": "victim", "args": [30]})
     lpush_jobs(r, keys, jobs)

@@ -182,8 +182,14 @@ def test_supervisor_uses_redis_only_for_its_exception_types():
 
 def test_supervisor_is_glue_over_queue_pool_and_signals():
     allowed = {"__init__", "protocol", "errors", "child", "config", "hooks", "pool", "queue",
-               "signals", "waiter", "logs"}
+               "signals", "waiter", "logs", "duties", "work"}
     assert internal(imports("supervisor")) <= allowed
+
+
+def test_duties_use_redis_only_through_queue_and_lease():
+    assert internal(imports("duties")) <= {"__init__", "protocol", "errors", "config", "hooks",
+                                          "lease", "queue", "work", "supervisor"}
+    assert "pool" not in internal(imports("duties"))
     assert "cli" not in closure("supervisor")
 
 

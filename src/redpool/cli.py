@@ -63,6 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
     e.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     e.set_defaults(run=cmd_enqueue)
+
+    dead = sub.add_parser("dead", help="list, requeue or purge dead-letter entries")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--queue", default=None, help="only entries of jobs from this queue")
+    common.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
+    common.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
+    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dl = actions.add_parser("list", parents=[common], help="show entries, newest first")
+    dl.add_argument("--limit", type=int, default=20, metavar="N",
+                    help="show at most N (default 20; 0: all)")
+    dl.add_argument("--json", action="store_true", help="print the entries as JSON lines")
+    dr = actions.add_parser("requeue", parents=[common], help="push jobs back onto their "
+                            "queues (as new work) and remove their entries")
+    dr.add_argument("ids", nargs="*", metavar="ID", help="job ids of the entries to requeue")
+    dr.add_argument("--all", action="store_true", help="every entry (of --queue, if given)")
+    dp = actions.add_parser("purge", parents=[common], help="remove entries; needs "
+                            "--older-than or --all")
+    dp.add_argument("--older-than", metavar="DURATION", help="failed that long ago: 30s, 15m, "
+                    "12h, 7d, or seconds")
+    dp.add_argument("--all", action="store_true", help="every entry (of --queue, if given)")
+    dead.set_defaults(run=cmd_dead)
     return parser
 
 
@@ -77,7 +98,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def run_worker(cfg: config.WorkerConfig) -> int:
     import redis
 
+    from .duties import Duties
     from .hooks import Hooks
+    from .lease import Lease, Reaper
     from .pool import ProcessPool
     from .protocol import Keys
     from .queue import RedisQueue, connect
@@ -105,15 +128,18 @@ def run_worker(cfg: config.WorkerConfig) -> int:
     log.info("starting", version=__version__, redis=where, queues=cfg.queues,
              concurrency=cfg.concurrency, name=cfg.name, namespace=cfg.namespace,
              modules=cfg.modules, burst=cfg.burst)
-    rq = RedisQueue(r, Keys(cfg.namespace), cfg.name, cfg.queues, dead_max=cfg.dead_max)
-    pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace)
+    keys = Keys(cfg.namespace)
+    rq = RedisQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
+    pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace,
+                       cfg.child_defaults())
     waiter = None if cfg.burst else Waiter(
         rq, lambda: connect(cfg.redis_url, blocking_timeout=1.0), timeout=1.0)
     hooks = Hooks()
     hooks.subscribe(logs.event_logger())
+    duties = Duties(cfg, rq, Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name), hooks)
     inbox = SignalInbox()
     try:
-        Supervisor(cfg, rq, pool, waiter=waiter, inbox=inbox, hooks=hooks).run()
+        Supervisor(cfg, rq, pool, duties, waiter=waiter, inbox=inbox, hooks=hooks).run()
     finally:
         inbox.close()
         r.close()
@@ -181,6 +207,12 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             return 1
         print(json.dumps(res.envelope, indent=2))
         return EXIT_OK if res.successful() else 1
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    from . import dead
+
+    return dead.run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -61,6 +61,18 @@ def _at_least(kind: Callable[[str], Any], low: float, strict: bool = False) -> C
     return parse
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+               "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3}
+
+
+def _size(v: str) -> int:
+    """Bytes: 1048576, 512M, 1.5G (binary units); 0 means no limit."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", v)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size like 536870912, 512M or 2G, got {v!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(v: str) -> str:
         if v.lower() not in options:
@@ -122,6 +134,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lease", "--lease", "REDPOOL_LEASE", 15.0,
             "heartbeat lease in seconds: how long this supervisor counts as alive "
             "without renewing it (at least 1)", _at_least(float, 1)),
+    Setting("timeout", "--timeout", "REDPOOL_TIMEOUT", 3600.0,
+            "hard time limit of a job in seconds, unless the job or task sets one; its process "
+            "is stopped and the job fails with TimeoutError (0: no limit)", _at_least(float, 0)),
+    Setting("max_retries", "--max-retries", "REDPOOL_MAX_RETRIES", 0,
+            "retries of a job whose task raises, unless the job or task sets them",
+            _at_least(int, 0)),
+    Setting("retry_backoff", "--retry-backoff", "REDPOOL_RETRY_BACKOFF", 1.0,
+            "base of the exponential retry backoff, seconds (full jitter)",
+            _at_least(float, 0, strict=True)),
+    Setting("retry_backoff_max", "--retry-backoff-max", "REDPOOL_RETRY_BACKOFF_MAX", 300.0,
+            "cap of the retry backoff, seconds", _at_least(float, 0, strict=True)),
+    Setting("max_crashes", "--max-crashes", "REDPOOL_MAX_CRASHES", 3,
+            "a job whose host or process dies running it more often than this is "
+            "dead-lettered as a poison pill", _at_least(int, 0)),
+    Setting("max_jobs_per_child", "--max-jobs-per-child", "REDPOOL_MAX_JOBS_PER_CHILD", 0,
+            "replace a pool process after this many jobs (0: never)", _at_least(int, 0)),
+    Setting("max_memory_per_child", "--max-memory-per-child", "REDPOOL_MAX_MEMORY_PER_CHILD", 0,
+            "replace a pool process, after its current job, once its resident memory is "
+            "above this (bytes, or 512M, 2G; 0: never)", _size),
     Setting("log_level", "--log-level", "REDPOOL_LOG_LEVEL", "info",
             "debug, info (shows every job), warning, error",
             _choice("debug", "info", "warning", "error")),
@@ -145,8 +176,20 @@ class WorkerConfig:
     max_payload: int = DEFAULT_MAX_PAYLOAD
     dead_max: int = 10_000
     lease: float = 15.0
+    timeout: float = 3600.0
+    max_retries: int = 0
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    max_crashes: int = 3
+    max_jobs_per_child: int = 0
+    max_memory_per_child: int = 0
     log_level: str = "info"
     log_format: str = "auto"
+
+    def child_defaults(self) -> dict:
+        """The delivery policy pool children apply unless a job or task says otherwise."""
+        return {"max_retries": self.max_retries, "retry_backoff": self.retry_backoff,
+                "retry_backoff_max": self.retry_backoff_max, "timeout": self.timeout}
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:

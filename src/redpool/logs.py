@@ -49,7 +49,9 @@ _LEVELS = {
     "stopped": "info", "burst_done": "info", "child_died": "error", "job_crashed": "error",
     "child_boot_failed": "error", "grace_expired": "warning", "stop_now": "warning",
     "redis_down": "error", "redis_up": "warning", "results_dropped": "error", "replies_skipped": "warning",
-    "shutdown_redis_error": "error",
+    "shutdown_redis_error": "error", "lease_lost": "error", "name_taken": "error",
+    "reregistered": "warning", "reaped": "warning", "reconciled": "warning",
+    "job_timeout": "warning", "child_retired": "info", "promoted": "debug",
 }
 
 

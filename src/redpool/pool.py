@@ -23,6 +23,8 @@ from multiprocessing.connection import Connection
 from . import child as child_mod
 from .errors import BootError
 
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
 
 @dataclass(eq=False)
 class Child:
@@ -67,6 +69,13 @@ class Ready:
     pid: int
 
 
+@dataclass
+class Started:
+    """The job's own timeout (its field or task option differs from the default)."""
+    token: int
+    timeout: float
+
+
 def describe_exit(exitcode: int | None) -> str:
     """Say honestly how a child ended (gunicorn's reap_workers does the same)."""
     if exitcode is None:
@@ -93,6 +102,7 @@ class ProcessPool:
     worker: str
     max_payload: int
     namespace: str = "redpool"
+    defaults: dict = field(default_factory=dict)   # runner.Policy fields for the children
     children: list[Child] = field(default_factory=list)
     respawn_backoff: float = 0.0
     next_spawn_at: float = 0.0
@@ -108,7 +118,7 @@ class ProcessPool:
         proc = self.ctx.Process(
             target=child_mod.main, name="redpool-child", daemon=True,
             args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload,
-                  self._sys_path, self.namespace))
+                  self._sys_path, self.namespace, self.defaults))
         proc.start()
         child_conn.close()
         c = Child(proc=proc, conn=parent_conn)
@@ -151,18 +161,48 @@ class ProcessPool:
     def busy(self) -> list[Child]:
         return [c for c in self.children if c.token is not None]
 
-    def send(self, c: Child, token: int, queue: str, raw: bytes) -> None:
+    def send(self, c: Child, token: int, msg: bytes) -> None:
+        """Hand a child one job message (child.encode_job_msg / encode_fail_msg)."""
         c.token = token
         c.job_started = time.monotonic()
         try:
-            c.conn.send_bytes(child_mod.encode_job_msg(token, queue, raw))
+            c.conn.send_bytes(msg)
         except OSError:
             pass  # it died under us; poll() reports the death with this token
+
+    def find(self, token: int) -> Child | None:
+        for c in self.children:
+            if c.token == token:
+                return c
+        return None
+
+    def retire(self, c: Child) -> None:
+        """Replace an idle child (too many jobs, too much memory): it exits when its
+        pipe closes; reconcile() starts its successor."""
+        c.stopping = True
+        c.conn.close()
+
+    @staticmethod
+    def signal(c: Child, sig: int) -> None:
+        try:
+            os.kill(c.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    @staticmethod
+    def rss(c: Child) -> int | None:
+        """Resident set size of a child in bytes (Linux /proc), or None if unknown."""
+        try:
+            with open(f"/proc/{c.pid}/statm", "rb") as f:
+                return int(f.read().split()[1]) * PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return None
 
     def waitables(self) -> list:
         out: list = []
         for c in self.children:
-            out.append(c.conn)
+            if not c.conn.closed:  # a retired child's pipe is closed; its sentinel remains
+                out.append(c.conn)
             out.append(c.proc.sentinel)
         return out
 
@@ -179,7 +219,7 @@ class ProcessPool:
             if not dead and id(c.conn) not in ready_conns:
                 continue
             try:
-                while c.conn.poll():
+                while not c.conn.closed and c.conn.poll():
                     self._read(c, c.conn.recv_bytes(), events)
             except (EOFError, OSError):
                 dead = True
@@ -204,6 +244,9 @@ class ProcessPool:
             token, c.token = c.token, None
             c.jobs_done += 1
             events.append(Done(token if token is not None else -1, msg, c.pid))
+        elif kind == child_mod.MSG_STARTED:
+            token, timeout = child_mod.STARTED.unpack_from(msg, 1)
+            events.append(Started(token, timeout))
         elif kind == child_mod.MSG_READY:
             c.ready = True
             self.respawn_backoff = 0.0
@@ -226,7 +269,7 @@ class ProcessPool:
     def close(self, timeout: float = 2.0) -> None:
         """Let idle children exit on their own (EOF on their pipe), then kill stragglers."""
         for c in self.children:
-            c.conn.close()
+            c.conn.close()  # idempotent
         deadline = time.monotonic() + timeout
         for c in self.children:
             c.proc.join(max(0.0, deadline - time.monotonic()))

@@ -81,8 +81,23 @@ class Keys:
         return key[len(prefix):]
 
     def supervisor(self, name: str) -> str:
-        """The supervisor's heartbeat: a string with a TTL (its lease)."""
+        """The supervisor's lease: a hash {epoch, info} with a TTL, renewed while alive."""
         return f"{self.ns}:supervisor:{name}"
+
+    def scheduled(self, queue: str) -> str:
+        """Jobs due later (delayed, or retries waiting out their backoff): a sorted set
+        of raw jobs scored by the unix time they are due."""
+        return f"{self.ns}:scheduled:{queue}"
+
+    @property
+    def crashes(self) -> str:
+        """A hash: SHA-1 of a raw job -> deliveries of it that ended in a crash."""
+        return f"{self.ns}:crashes"
+
+    @property
+    def reaper(self) -> str:
+        """A short lock: at most one supervisor reaps dead ones at a time."""
+        return f"{self.ns}:reaper"
 
     @property
     def supervisors(self) -> str:
@@ -125,6 +140,13 @@ class Job:
     result_ttl: int = DEFAULT_RESULT_TTL
     enqueued_at: float | None = None
     v: int = VERSION
+    # delivery policy; None: the task's option, else the worker's default
+    max_retries: int | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    timeout: float | None = None
+    dead_letter: bool | None = None
+    attempt: int = 1           # 1 for the first run; the worker counts retries up
     id_assigned: bool = False  # True when the worker made the id up
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,11 +161,29 @@ class Job:
             d["result_ttl"] = self.result_ttl
         if self.enqueued_at is not None:
             d["enqueued_at"] = self.enqueued_at
+        for name in POLICY_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        if self.attempt != 1:
+            d["attempt"] = self.attempt
         d["v"] = self.v
         return d
 
+    def retry(self) -> bytes:
+        """The job's next attempt, as bytes to schedule.  The id is kept (even one the
+        worker assigned), so every attempt of a job shares it."""
+        d = self.to_dict()
+        d["id"] = self.id
+        d["attempt"] = self.attempt + 1
+        return dumps(d)
 
-_KNOWN = frozenset({"task", "id", "args", "kwargs", "reply_to", "result_ttl", "enqueued_at", "v"})
+
+#: Optional job fields that override a task's options and the worker's defaults.
+POLICY_FIELDS = ("max_retries", "retry_backoff", "retry_backoff_max", "timeout", "dead_letter")
+
+_KNOWN = frozenset({"task", "id", "args", "kwargs", "reply_to", "result_ttl", "enqueued_at", "v",
+                    "attempt", *POLICY_FIELDS})
 
 
 def new_id() -> str:
@@ -152,8 +192,13 @@ def new_id() -> str:
 
 def make_job(task: str, args: list | tuple = (), kwargs: dict | None = None, *,
              id: str | None = None, reply_to: str | None = None,
-             result_ttl: int | None = None, now: float | None = None) -> dict[str, Any]:
-    """Build a job object as a producer would; validated like a worker would."""
+             result_ttl: int | None = None, now: float | None = None,
+             **policy: Any) -> dict[str, Any]:
+    """Build a job object as a producer would; validated like a worker would.
+    ``policy``: any of POLICY_FIELDS (max_retries, retry_backoff, timeout, ...)."""
+    unknown = set(policy) - set(POLICY_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown job option(s) {sorted(unknown)}; known: {list(POLICY_FIELDS)}")
     job: dict[str, Any] = {
         "v": VERSION,
         "id": new_id() if id is None else id,
@@ -166,6 +211,7 @@ def make_job(task: str, args: list | tuple = (), kwargs: dict | None = None, *,
         job["reply_to"] = reply_to
     if result_ttl is not None:
         job["result_ttl"] = result_ttl
+    job.update((k, v) for k, v in policy.items() if v is not None)
     _validate(job)  # fail in the producer, not later in a dead-letter list
     return job
 
@@ -244,6 +290,15 @@ def _validate(obj: dict[str, Any]) -> None:
     if "enqueued_at" in obj and not _is_number(obj["enqueued_at"]):
         raise bad(f"'enqueued_at' must be a finite number (unix seconds), "
                   f"got {_short(obj['enqueued_at'])}")
+    for name in ("max_retries", "attempt"):
+        if name in obj and (not _is_int(obj[name]) or obj[name] < (1 if name == "attempt" else 0)):
+            raise bad(f"'{name}' must be a whole number >= {1 if name == 'attempt' else 0}, "
+                      f"got {_short(obj[name])}")
+    for name in ("retry_backoff", "retry_backoff_max", "timeout"):
+        if name in obj and (not _is_number(obj[name]) or obj[name] <= 0 or obj[name] > MAX_RESULT_TTL):
+            raise bad(f"'{name}' must be a number of seconds > 0, got {_short(obj[name])}")
+    if "dead_letter" in obj and not isinstance(obj["dead_letter"], bool):
+        raise bad(f"'dead_letter' must be true or false, got {_short(obj['dead_letter'])}")
     if "v" in obj:
         v = obj["v"]
         if not _is_int(v) or v < 1:
@@ -301,6 +356,12 @@ def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
         result_ttl=obj.get("result_ttl", DEFAULT_RESULT_TTL),
         enqueued_at=obj.get("enqueued_at"),
         v=obj.get("v", VERSION),
+        max_retries=obj.get("max_retries"),
+        retry_backoff=obj.get("retry_backoff"),
+        retry_backoff_max=obj.get("retry_backoff_max"),
+        timeout=obj.get("timeout"),
+        dead_letter=obj.get("dead_letter"),
+        attempt=obj.get("attempt", 1),
         extra={k: v for k, v in obj.items() if k not in _KNOWN},
     )
 

@@ -1,8 +1,9 @@
-"""The Redis side of a supervisor, and only that.
+"""The Redis side of a supervisor's jobs, and only that.
 
-reserve / complete / requeue / recover / heartbeat.  Every multi-key change is one
-Lua script (src/redpool/lua/*.lua; each header lists the keys it touches), so a
-job is always in exactly one list and leaves Redis only with its result.
+reserve / complete / requeue / crashed / recover / promote.  Every multi-key change
+is one Lua script (src/redpool/lua/*.lua; each header lists the keys it touches), so
+a job is always in exactly one list and leaves Redis only with its result.  The
+supervisor's lease and the reaper are in lease.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from importlib import resources
 from typing import Iterable
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from .errors import NameInUse
 from .protocol import Keys
 
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
@@ -31,11 +33,16 @@ def load_script(r: redis.Redis, name: str):
 
 
 def connect(url: str, *, blocking_timeout: float = 0.0, **kwargs) -> redis.Redis:
-    """A redis-py client whose socket timeout is above any blocking call it makes,
-    so no call can hang forever on a dead or frozen server."""
+    """A redis-py client for the supervisor.
+
+    Its socket timeout is above any blocking call it makes, so no call can hang
+    forever on a dead or frozen server.  It never retries by itself: a script whose
+    reply was lost may have run, and retrying it blindly (redis-py's default) could
+    reserve jobs twice; the supervisor retries with backoff and then reconciles its
+    processing lists with what it holds."""
     return redis.Redis.from_url(
-        url, decode_responses=False,
-        socket_timeout=blocking_timeout + 10.0, socket_connect_timeout=5.0,
+        url, decode_responses=False, retry=Retry(NoBackoff(), 0),
+        socket_timeout=blocking_timeout + 5.0, socket_connect_timeout=5.0,
         health_check_interval=30, **kwargs)
 
 
@@ -50,6 +57,15 @@ class Completion:
     reply_to: str | None
     envelope: bytes | None      # None: nobody to answer (no id, no reply_to)
     dead: bytes | None = None   # a dead-letter entry, when the job could not run
+    retry: bytes | None = None  # the next attempt, scheduled instead of a result
+    retry_delay: float = 0.0    # seconds until it is due
+
+
+@dataclass(slots=True)
+class Reserved:
+    queue: str
+    raw: bytes
+    crashes: int = 0            # earlier deliveries of it that ended in a crash
 
 
 class RedisQueue:
@@ -63,20 +79,28 @@ class RedisQueue:
         self.queues = list(queues)
         self.dead_max = dead_max
         self._proc = {q: keys.processing(name, q) for q in self.queues}
-        self._reserve_keys = [k for q in self.queues for k in (keys.queue(q), self._proc[q])]
+        self._reserve_keys = [keys.supervisor(name), keys.crashes] + \
+            [k for q in self.queues for k in (keys.queue(q), self._proc[q])]
+        self._promote_keys = [k for q in self.queues for k in (keys.scheduled(q), keys.queue(q))]
         self._reserve = load_script(r, "reserve")
         self._complete = load_script(r, "complete")
         self._requeue = load_script(r, "requeue")
         self._requeue_all = load_script(r, "requeue_all")
+        self._crashed = load_script(r, "crashed")
+        self._promote = load_script(r, "promote")
 
     # -- the hot path ------------------------------------------------------------------------
 
-    def reserve(self, n: int) -> list[tuple[str, bytes]]:
-        """Move up to n jobs, highest-priority queue first, into our processing lists."""
+    def reserve(self, n: int, epoch: str) -> list[Reserved] | None:
+        """Move up to n jobs, highest-priority queue first, into our processing lists.
+        None: our lease (``epoch``) is lost, nothing was taken."""
         if n <= 0:
             return []
-        flat = self._reserve(keys=self._reserve_keys, args=[n])
-        return [(self.queues[int(flat[i]) - 1], flat[i + 1]) for i in range(0, len(flat), 2)]
+        flat = self._reserve(keys=self._reserve_keys, args=[n, epoch])
+        if not flat[0]:
+            return None
+        return [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
+                for i in range(1, len(flat), 3)]
 
     def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> bytes | None:
         """Wait in Redis (no polling) for one job on ``queue``; moved atomically."""
@@ -86,15 +110,17 @@ class RedisQueue:
         """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose
         results were therefore not written; replies skipped because the reply_to key
         holds something other than a list)."""
-        keys: list[str] = [self.keys.dead]
+        keys: list[str] = [self.keys.dead, self.keys.crashes]
         args: list = [self.dead_max, REPLY_TTL_WHEN_NO_RESULT, f"{self.keys.ns}:",
                       self.keys.reply("")]
         for c in items:
             keys += [self._proc_key(c.queue),
                      self.keys.result(c.result_id) if c.result_id and c.envelope else "",
-                     c.reply_to if c.reply_to and c.envelope else ""]
-            args += [c.raw, c.ttl, c.envelope or b"", c.dead or b""]
-        if len(keys) == 1:
+                     c.reply_to if c.reply_to and c.envelope else "",
+                     self.keys.scheduled(c.queue) if c.retry else ""]
+            args += [c.raw, c.ttl, c.envelope or b"", c.dead or b"", c.retry or b"",
+                     int(c.retry_delay * 1000)]
+        if len(keys) == 2:
             return 0, 0
         missing, skipped = self._complete(keys=keys, args=args)
         return int(missing), int(skipped)
@@ -107,6 +133,18 @@ class RedisQueue:
         for q, _ in items:
             keys += [self._proc_key(q), self.keys.queue(q)]
         return int(self._requeue(keys=keys, args=[raw for _, raw in items]))
+
+    def crashed(self, queue: str, raw: bytes) -> int:
+        """The child running ``raw`` died: back to the head of its queue, one crash
+        more on its count.  Returns the new count (0: it was no longer ours)."""
+        return int(self._crashed(keys=[self._proc_key(queue), self.keys.queue(queue),
+                                       self.keys.crashes], args=[raw]))
+
+    def promote(self, limit: int = 1000) -> tuple[int, float | None]:
+        """Move due scheduled jobs onto their queues.  Returns (moved, seconds until
+        the next one is due, or None if none is scheduled)."""
+        moved, ms = self._promote(keys=self._promote_keys, args=[limit])
+        return int(moved), (None if int(ms) < 0 else int(ms) / 1000)
 
     def _proc_key(self, queue: str) -> str:
         key = self._proc.get(queue)
@@ -123,84 +161,22 @@ class RedisQueue:
             found[self.keys.queue_of_processing(self.name, k)] = k
         return found
 
-    def recover(self) -> dict[str, int]:
-        """Put every job left in our processing lists back at the head of its queue."""
+    def recover(self, *, crashed: bool) -> dict[str, int]:
+        """Put every job left in our processing lists back at the head of its queue.
+        ``crashed``: they were left by a run that died (each one's crash count goes
+        up), not put back by an orderly shutdown."""
         moved: dict[str, int] = {}
         for q, key in self.processing_lists().items():
-            n = int(self._requeue_all(keys=[key, self.keys.queue(q)]))
+            n = int(self._requeue_all(keys=[key, self.keys.queue(q), self.keys.crashes],
+                                      args=["1" if crashed else "0"]))
             if n:
                 moved[q] = n
         return moved
 
-    def in_processing(self) -> int:
-        return sum(self.r.llen(k) for k in self.processing_lists().values())
-
-    # -- registration and heartbeat ----------------------------------------------------------
-
-    def register(self, info: dict, lease: float, *, sleep=time.sleep) -> None:
-        """Claim our name: refuse if another live supervisor holds it.
-
-        A heartbeat left by a previous run on this host whose process is gone
-        (kill -9, then a restart within the lease) is ours to take over.  One that
-        carries our own pid is ambiguous (a restarted container is pid 1 again, but
-        so is a twin container sharing the host name): we wait one lease for it to
-        expire, and refuse if it is renewed meanwhile."""
-        hb = self.keys.supervisor(self.name)
-        payload = json.dumps(info)
-        px = int(lease * 1000)
-        deadline = time.monotonic() + lease + 1.0
-        while not self.r.set(hb, payload, px=px, nx=True):
-            holder_raw = self.r.get(hb)
-            if holder_raw is None:
-                continue  # it expired between our SET and GET
-            holder = _parse(holder_raw)
-            verdict = _holder_state(holder)
-            if verdict == "dead":
-                self.r.set(hb, payload, px=px)
-                break
-            if verdict == "alive" or time.monotonic() > deadline:
-                raise NameInUse(
-                    f"another supervisor named {self.name!r} is alive "
-                    f"(host {holder.get('host')}, pid {holder.get('pid')}): give each "
-                    "supervisor its own --name (REDPOOL_NAME)")
-            sleep(0.2)  # "unsure": wait for it to expire, or to be renewed by its owner
-        self.r.sadd(self.keys.supervisors, self.name)
-
-    def heartbeat(self, info: dict, lease: float) -> None:
+    def processing_contents(self) -> dict[str, list[bytes]]:
+        """What Redis says we hold, per queue (to reconcile after a lost reply)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(self.keys.supervisor(self.name), json.dumps(info), px=int(lease * 1000))
-        pipe.sadd(self.keys.supervisors, self.name)
-        pipe.execute()
-
-    def unregister(self) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self.keys.supervisor(self.name))
-        pipe.srem(self.keys.supervisors, self.name)
-        pipe.execute()
-
-
-def _parse(raw: bytes | None) -> dict:
-    try:
-        v = json.loads(raw) if raw else {}
-        return v if isinstance(v, dict) else {}
-    except ValueError:
-        return {}
-
-
-def _holder_state(holder: dict) -> str:
-    """"dead" if the heartbeat's writer ran on this host and is gone, "unsure" if it
-    carries our own pid, else "alive" (a live process here, or another host)."""
-    if holder.get("host") != socket.gethostname():
-        return "alive"
-    pid = holder.get("pid")
-    if not isinstance(pid, int):
-        return "alive"
-    if pid == os.getpid():
-        return "unsure"
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "dead"
-    except PermissionError:
-        return "alive"
-    return "alive"
+        lists = self.processing_lists()
+        for key in lists.values():
+            pipe.lrange(key, 0, -1)
+        return dict(zip(lists, pipe.execute()))

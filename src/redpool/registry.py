@@ -114,8 +114,9 @@ class JobInfo:
     id: str
     task: str
     queue: str
-    attempt: int
+    attempt: int              # 1, then 2, 3, ... on retries
     worker: str
+    crashes: int = 0          # earlier runs of this attempt cut short by a crash
 
 
 _current: contextvars.ContextVar[JobInfo | None] = contextvars.ContextVar("redpool_job", default=None)

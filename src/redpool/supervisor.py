@@ -1,69 +1,66 @@
-"""The loop.  Glue only: Redis through RedisQueue, processes through ProcessPool.
+"""The loop.  Glue only: Redis through RedisQueue and Lease, processes through ProcessPool.
 
 One iteration, ``tick(ready, now)``, reads like a to-do list:
 
 1. act on recorded signals (handlers only record),
-2. collect what children finished or how they died,
+2. collect what children finished, how they died, which jobs overran their timeout,
 3. acknowledge finished jobs in one script call,
-4. hand reserved jobs to idle children,
-5. reserve more when there is room, or arm the blocking waiters when the queues
-   are empty,
-6. renew the heartbeat.
+4. hand work to idle children (failures to settle first, then reserved jobs),
+5. reserve more when there is room, or arm the blocking waiters when queues are empty,
+6. periodic duties: renew the lease, reap dead supervisors, promote due jobs.
 
-Between iterations the loop sleeps in one ``wait()`` on every child pipe and
-process sentinel, the signal pipe and the waiter pipe: it never polls and never
-blocks on a single job.
+Between iterations the loop sleeps in one ``wait()`` on every child pipe and process
+sentinel, the signal pipe and the waiter pipe, until the next deadline: it never
+polls and never blocks on a single job.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import signal
-import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from itertools import count
 from multiprocessing.connection import wait
 
 import redis
 
-from . import __version__
 from . import protocol as p
-from .child import decode_done
+from .child import decode_done, encode_fail_msg, encode_job_msg
 from .config import WorkerConfig
+from .duties import Duties
 from .hooks import Hooks
-from .pool import BootFailed, Died, Done, ProcessPool
-from .queue import Completion, RedisQueue
+from .pool import BootFailed, Died, Done, ProcessPool, Started
+from .queue import Completion, RedisQueue, Reserved
 from .signals import SignalInbox
 from .waiter import Waiter
+from .work import Work
 
 RUNNING, DRAINING, STOPPED = "running", "draining", "stopped"
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child past its timeout
 
 
 class Supervisor:
-    def __init__(self, cfg: WorkerConfig, rq: RedisQueue, pool: ProcessPool, *,
+    def __init__(self, cfg: WorkerConfig, rq: RedisQueue, pool: ProcessPool, duties: Duties, *,
                  waiter: Waiter | None = None, inbox: SignalInbox | None = None,
                  hooks: Hooks | None = None, clock=time.monotonic) -> None:
         self.cfg = cfg
         self.rq = rq
         self.pool = pool
+        self.duties = duties
         self.waiter = waiter
         self.inbox = inbox
         self.hooks = hooks or Hooks()
         self.clock = clock
         self.state = RUNNING
-        self.backlog: deque[tuple[str, bytes]] = deque()   # reserved, not yet started
-        self.inflight: dict[int, tuple[str, bytes, float]] = {}  # token -> (queue, job, started)
-        self.pending: list[Completion] = []                # finished, not yet acknowledged
+        self.backlog: deque[Work] = deque()        # held, not yet started
+        self.inflight: dict[int, Work] = {}        # token -> work a child runs
+        self.pending: list[Completion] = []        # finished, not yet acknowledged
         self._tokens = count(1)
-        self.queues_empty = False
         self.drain_deadline = 0.0
-        self.next_heartbeat = 0.0
-        self.redis_retry_at = 0.0
-        self._redis_backoff = 0.0
-        self.redis_down = False
-        self.started = time.time()
-        self.stats = {"succeeded": 0, "failed": 0, "dead": 0, "crashed": 0, "requeued": 0}
+        self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
+                      "timed_out": 0, "requeued": 0}
+        duties.bind(self)
 
     # -- the outer loop ----------------------------------------------------------------------
 
@@ -79,15 +76,11 @@ class Supervisor:
             self.shutdown()
 
     def startup(self) -> None:
-        self.rq.register(self.info(), self.cfg.lease)
-        moved = self.rq.recover()
-        if moved:
-            self.hooks.emit("recovered", jobs=moved)
+        self.duties.start(self.clock())
         self.pool.start()
         if self.waiter is not None:
             self.waiter.start()
-        self.next_heartbeat = self.clock() + self.cfg.lease / 3
-        self.hooks.emit("started", **self.info())
+        self.hooks.emit("started", **self.duties.info())
 
     def waitables(self) -> list:
         objs = self.pool.waitables()
@@ -98,11 +91,11 @@ class Supervisor:
         return objs
 
     def wait_timeout(self, now: float) -> float:
-        deadlines = [self.next_heartbeat]
+        deadlines = [self.duties.next_due(now)]
         if self.state == DRAINING:
             deadlines.append(self.drain_deadline)
-        if self.redis_retry_at > now:  # a Redis call is waiting out its backoff
-            deadlines.append(self.redis_retry_at)
+        for w in self.inflight.values():
+            deadlines.append(min(w.deadline, w.kill_at))
         if self.state == RUNNING and len(self.pool.children) < self.pool.size \
                 and self.pool.next_spawn_at > now:
             deadlines.append(self.pool.next_spawn_at)
@@ -116,20 +109,22 @@ class Supervisor:
             for signum in self.inbox.drain():
                 self.handle_signal(signum, now)
         for ev in self.pool.poll(ready):
-            self.handle_event(ev)
+            self.handle_event(ev, now)
+        self.enforce_timeouts(now)
         if self.waiter is not None:
-            self.backlog.extend(self.waiter.take())
+            self.backlog.extend(Work(q, raw) for q, raw in self.waiter.take())
             while self.waiter.errors:
-                self._redis_failed(self.waiter.errors.popleft(), now, "wait")
+                self.duties.redis_failed(self.waiter.errors.popleft(), now, "wait")
         self.flush(now)
         if self.state == DRAINING:
+            self.dispatch(settle_only=True)
             self.tick_draining(now)
         elif self.state == RUNNING:
             self.pool.reconcile(now)
             self.dispatch()
             self.fill(now)
-        if now >= self.next_heartbeat and self.state != STOPPED:
-            self.heartbeat(now)
+        if self.state != STOPPED:
+            self.duties.tick(now)
 
     def handle_signal(self, signum: int, now: float) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -139,99 +134,174 @@ class Supervisor:
                 self.hooks.emit("stop_now", signal=signal.Signals(signum).name)
                 self.stop_now()
 
-    def handle_event(self, ev) -> None:
+    def handle_event(self, ev, now: float) -> None:
         if isinstance(ev, Done):
-            queue, raw, _ = self.inflight.pop(ev.token)
-            meta, env, dead = decode_done(ev.msg)
-            self.pending.append(Completion(queue, raw, meta["result_id"], meta["ttl"],
-                                           meta["reply_to"], env, dead))
-            self.stats[meta["status"]] += 1
-            if dead is not None:
-                self.stats["dead"] += 1
-            self.hooks.emit("job_finished", queue=queue, **meta, dead=dead is not None)
+            self.job_done(ev)
+        elif isinstance(ev, Started):
+            w = self.inflight.get(ev.token)
+            if w is not None:
+                w.deadline = w.started + ev.timeout if ev.timeout > 0 else math.inf
         elif isinstance(ev, Died):
-            job = self.inflight.pop(ev.token, None) if ev.token is not None else None
+            work = self.inflight.pop(ev.token, None) if ev.token is not None else None
             self.hooks.emit("child_died", pid=ev.pid, exitcode=ev.exitcode,
-                            description=ev.description, had_job=job is not None)
-            if job is not None:
-                self.stats["crashed"] += 1
-                self.pending.append(self._crashed(*job, ev))
+                            description=ev.description, had_job=work is not None)
+            if work is not None:
+                self.job_died(work, ev, now)
         elif isinstance(ev, BootFailed):
             self.hooks.emit("child_boot_failed", pid=ev.pid, message=ev.message,
                             retry_in=self.pool.respawn_backoff)
 
-    def _crashed(self, queue: str, raw: bytes, started: float, ev: Died) -> Completion:
-        """Exactly the job a dead child held fails, with an error naming the cause."""
-        found = p.salvage(raw)
-        if isinstance(found, p.Job):
-            job_id = None if found.id_assigned else found.id
-            reply_to, ttl, task, enq = found.reply_to, found.result_ttl, found.task, found.enqueued_at
-        else:
-            job_id, reply_to, ttl, task, enq = (found.job_id, found.reply_to, found.result_ttl,
-                                                found.task, found.enqueued_at)
-        message = f"the pool process (pid {ev.pid}) running this job {ev.description}"
-        self.hooks.emit("job_crashed", id=job_id, task=task, queue=queue, description=message)
-        env = None
-        if job_id or reply_to:
-            env = p.dumps(p.envelope(id=job_id or p.new_id(), task=task, queue=queue,
-                                     status=p.FAILED, worker=self.cfg.name, enqueued_at=enq,
-                                     started_at=started,
-                                     error=p.error_dict(p.E_WORKER_CRASHED, message)))
-        return Completion(queue, raw, job_id if ttl > 0 else None, ttl, reply_to, env)
+    def job_done(self, ev: Done) -> None:
+        work = self.inflight.pop(ev.token)
+        meta, env, dead, retry = decode_done(ev.msg)
+        self.pending.append(Completion(work.queue, work.raw, meta["result_id"], meta["ttl"],
+                                       meta["reply_to"], env, dead, retry,
+                                       meta.get("retry_delay", 0.0)))
+        self.stats[meta["status"]] += 1
+        if dead is not None:
+            self.stats["dead"] += 1
+        meta.pop("t", None)
+        self.hooks.emit("job_finished", queue=work.queue, **meta, dead=dead is not None)
+        c = next((c for c in self.pool.children if c.pid == ev.pid), None)
+        if c is not None and not c.stopping:
+            self.maybe_retire(c)
+
+    def maybe_retire(self, c) -> None:
+        """A child past --max-jobs-per-child or --max-memory-per-child is replaced
+        between jobs, never in the middle of one."""
+        why = None
+        if self.cfg.max_jobs_per_child and c.jobs_done >= self.cfg.max_jobs_per_child:
+            why = f"ran {c.jobs_done} jobs (--max-jobs-per-child {self.cfg.max_jobs_per_child})"
+        elif self.cfg.max_memory_per_child:
+            rss = self.pool.rss(c)
+            if rss is not None and rss > self.cfg.max_memory_per_child:
+                why = (f"resident memory {rss // 1048576} MiB is over --max-memory-per-child "
+                       f"{self.cfg.max_memory_per_child // 1048576} MiB")
+        if why:
+            self.pool.retire(c)
+            self.hooks.emit("child_retired", pid=c.pid, reason=why)
+
+    def job_died(self, work: Work, ev: Died, now: float) -> None:
+        """A child died holding ``work``: settle exactly that job, nothing else."""
+        if work.timed_out:
+            self.stats["timed_out"] += 1
+            self.settle(work, "TimeoutError", f"the job ran past its timeout of "
+                        f"{work.timed_out:g} s and its process was stopped ({ev.description})",
+                        retry=True, dead=False)
+            return
+        if work.fail is not None:  # the child died settling a failure: write it ourselves
+            self.pending.append(self.duties.crash_completion(work, ev.description))
+            return
+        self.stats["crashed"] += 1
+        crashes = work.crashes + 1
+        what = f"the pool process (pid {ev.pid}) running this job {ev.description}"
+        if crashes > self.cfg.max_crashes:
+            self.settle(work, p.E_WORKER_CRASHED, f"{what}; it has now crashed {crashes} times "
+                        f"(--max-crashes {self.cfg.max_crashes}): dead-lettered as a poison pill",
+                        retry=False, dead=True)
+            return
+        self.hooks.emit("job_crashed", queue=work.queue, crashes=crashes, description=what)
+        try:
+            self.rq.crashed(work.queue, work.raw)   # back to the head of its queue
+        except redis.RedisError as e:
+            self.duties.redis_failed(e, now, "crashed")
+            self.backlog.appendleft(Work(work.queue, work.raw, crashes))  # retry it here
+
+    def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool) -> None:
+        """Have a child fail a job as if its task had raised (it knows the task's
+        retry policy): first in line, before any new job."""
+        self.backlog.appendleft(Work(work.queue, work.raw, work.crashes,
+                                     fail=dict(error_type=error_type, message=message,
+                                               retry=retry, dead=dead)))
+
+    def enforce_timeouts(self, now: float) -> None:
+        for token, w in self.inflight.items():
+            if now >= w.kill_at:
+                c = self.pool.find(token)
+                if c is not None:
+                    self.pool.signal(c, signal.SIGKILL)
+                w.kill_at = math.inf
+            elif now >= w.deadline and not w.timed_out:
+                w.timed_out = w.deadline - w.started
+                w.kill_at = now + KILL_GRACE
+                c = self.pool.find(token)
+                self.hooks.emit("job_timeout", queue=w.queue, timeout=round(w.timed_out, 3),
+                                pid=c.pid if c else None)
+                if c is not None:
+                    self.pool.signal(c, signal.SIGTERM)
 
     def flush(self, now: float) -> None:
         """Acknowledge every finished job in one round trip."""
-        if not self.pending or now < self.redis_retry_at:
+        if not self.pending or not self.duties.redis_ready(now):
             return
         try:
             missing, skipped = self.rq.complete(self.pending)
         except redis.RedisError as e:
-            self._redis_failed(e, now, "complete")
+            self.duties.redis_failed(e, now, "complete")
             return
         if missing:
             self.hooks.emit("results_dropped", count=missing,
-                            reason="jobs were no longer in our processing list (taken back)")
+                            reason="jobs were no longer in our processing list (taken back "
+                                   "after our lease expired): they ran elsewhere")
         if skipped:
             self.hooks.emit("replies_skipped", count=skipped,
-                            reason="reply_to names a key that is not a list")
+                            reason="reply_to names a key that is not a list, or one of ours")
         self.pending.clear()
-        self._redis_ok()
+        self.duties.redis_ok(now)
 
-    def dispatch(self) -> None:
+    def dispatch(self, settle_only: bool = False) -> None:
         for c in self.pool.idle():
-            if not self.backlog:
+            if not self.backlog or (settle_only and self.backlog[0].fail is None):
                 break
-            queue, raw = self.backlog.popleft()
+            w = self.backlog.popleft()
             token = next(self._tokens) & 0xFFFFFFFF
-            self.inflight[token] = (queue, raw, time.time())
-            self.pool.send(c, token, queue, raw)
+            w.started = self.clock()
+            if w.fail is None:
+                w.deadline = w.started + self.cfg.timeout if self.cfg.timeout > 0 else math.inf
+                msg = encode_job_msg(token, w.queue, w.raw, w.crashes)
+            else:
+                msg = encode_fail_msg(token, w.queue, w.raw, w.crashes, w.fail["error_type"],
+                                      w.fail["message"], retry=w.fail["retry"], dead=w.fail["dead"])
+            self.inflight[token] = w
+            self.pool.send(c, token, msg)
 
     def fill(self, now: float) -> None:
         """Reserve what the pool can start now plus the prefetch allowance; when the
         queues run dry, let the waiters block in Redis for the next job."""
         want = len(self.pool.idle()) + self.cfg.prefetch - len(self.backlog)
-        if want <= 0 or now < self.redis_retry_at:
+        if want <= 0 or not self.duties.redis_ready(now) or not self.duties.leased:
             if self.waiter is not None:
                 self.waiter.disarm()
             return
         try:
-            got = self.rq.reserve(want)
+            got = self.rq.reserve(want, self.duties.epoch)
         except redis.RedisError as e:
-            self._redis_failed(e, now, "reserve")
+            self.duties.redis_failed(e, now, "reserve")
             return
-        self._redis_ok()
-        self.backlog.extend(got)
+        self.duties.redis_ok(now)
+        if got is None:
+            self.duties.lease_lost(now, "reserve")
+            return
+        self.backlog.extend(self.admit(r) for r in got)
         self.dispatch()
-        self.queues_empty = len(got) < want
-        if self.queues_empty and self.cfg.burst and not self.backlog and not self.inflight \
-                and not self.pending:
+        empty = len(got) < want
+        if empty and self.cfg.burst and not self.backlog and not self.inflight \
+                and not self.pending and self.duties.nothing_scheduled:
             self.hooks.emit("burst_done")
             self.state = STOPPED
         elif self.waiter is not None:
-            if self.queues_empty:
-                self.waiter.arm()
-            else:
-                self.waiter.disarm()
+            self.waiter.arm() if empty else self.waiter.disarm()
+
+    def admit(self, r: Reserved) -> Work:
+        """A reserved job, or a poison pill: one whose host or process died running it
+        more than --max-crashes times is dead-lettered instead of run again."""
+        w = Work(r.queue, r.raw, r.crashes)
+        if r.crashes > self.cfg.max_crashes:
+            w.fail = dict(error_type=p.E_WORKER_CRASHED, retry=False, dead=True,
+                          message=f"its host or pool process died while running it {r.crashes} "
+                                  f"times (--max-crashes {self.cfg.max_crashes}): dead-lettered "
+                                  "as a poison pill")
+        return w
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -246,30 +316,32 @@ class Supervisor:
 
     def tick_draining(self, now: float) -> None:
         self.requeue_backlog(now)
-        if not self.inflight and not self.pending:
+        if not self.inflight and not self.pending and not self.backlog:
             self.state = STOPPED
         elif now >= self.drain_deadline:
             self.hooks.emit("grace_expired", running=len(self.inflight))
             self.stop_now()
 
     def requeue_backlog(self, now: float) -> None:
-        if not self.backlog or now < self.redis_retry_at:
+        """Unstarted jobs go back to the head of their queue (failures still to settle
+        stay: they are quick, and their outcome is decided)."""
+        items = [(w.queue, w.raw) for w in self.backlog if w.fail is None]
+        if not items or not self.duties.redis_ready(now):
             return
-        items = list(self.backlog)
         try:
             self.stats["requeued"] += self.rq.requeue(items)
         except redis.RedisError as e:
-            self._redis_failed(e, now, "requeue")
+            self.duties.redis_failed(e, now, "requeue")
             return
-        self.backlog.clear()
+        self.backlog = deque(w for w in self.backlog if w.fail is not None)
 
     def stop_now(self) -> None:
         """Collect results already sent, kill the children; their jobs stay in our
         processing lists and go back to their queues in shutdown()."""
         for ev in self.pool.poll(wait(self.pool.waitables(), timeout=0)):
             if isinstance(ev, Done):
-                self.handle_event(ev)
-        self.pool.terminate(grace=2.0)
+                self.job_done(ev)
+        self.pool.terminate(grace=KILL_GRACE)
         self.state = STOPPED
 
     def shutdown(self) -> None:
@@ -277,50 +349,17 @@ class Supervisor:
         self.state = STOPPED
         if self.waiter is not None:
             self.waiter.stop()
-            self.backlog.extend(self.waiter.take())
+            self.backlog.extend(Work(q, raw) for q, raw in self.waiter.take())
             self.waiter.close()
         self.pool.close()
-        try:
-            if self.pending:
-                self.redis_retry_at = 0.0
-                self.flush(self.clock())
-            moved = self.rq.recover()
-            self.stats["requeued"] += sum(moved.values())
-            self.rq.unregister()
-        except redis.RedisError as e:
-            self.hooks.emit("shutdown_redis_error", error=str(e),
-                            note="unfinished jobs stay in our processing lists and are "
-                                 "recovered when this supervisor starts again")
-        self.hooks.emit("stopped", uptime=round(time.time() - self.started, 3), **self.stats)
+        self.duties.shutdown()
+        self.hooks.emit("stopped", uptime=round(time.time() - self.duties.started, 3), **self.stats)
 
-    # -- heartbeat and Redis health ----------------------------------------------------------
+    # -- what we hold (for reconciling with Redis) -------------------------------------------
 
-    def info(self) -> dict:
-        return {"name": self.cfg.name, "host": socket.gethostname(), "pid": os.getpid(),
-                "version": __version__, "queues": self.cfg.queues,
-                "concurrency": self.cfg.concurrency, "started_at": self.started,
-                "inflight": len(self.inflight), "succeeded": self.stats["succeeded"],
-                "failed": self.stats["failed"]}
-
-    def heartbeat(self, now: float) -> None:
-        self.next_heartbeat = now + self.cfg.lease / 3
-        try:
-            self.rq.heartbeat(self.info(), self.cfg.lease)
-        except redis.RedisError as e:
-            self._redis_failed(e, now, "heartbeat")
-            self.next_heartbeat = self.redis_retry_at
-            return
-        self._redis_ok()
-
-    def _redis_failed(self, e: BaseException, now: float, during: str) -> None:
-        self._redis_backoff = min(5.0, max(0.05, self._redis_backoff * 2))
-        self.redis_retry_at = now + self._redis_backoff
-        if not self.redis_down:
-            self.redis_down = True
-            self.hooks.emit("redis_down", error=str(e), during=during)
-
-    def _redis_ok(self) -> None:
-        if self.redis_down:
-            self.redis_down = False
-            self.hooks.emit("redis_up")
-        self._redis_backoff = 0.0
+    def held(self) -> Counter:
+        """Every (queue, raw job) this supervisor holds, with multiplicity."""
+        held = Counter((w.queue, w.raw) for w in self.backlog)
+        held.update((w.queue, w.raw) for w in self.inflight.values())
+        held.update((c.queue, c.raw) for c in self.pending)
+        return held

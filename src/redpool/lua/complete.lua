@@ -1,25 +1,30 @@
 -- complete: acknowledge a batch of finished jobs.  For each job, in one atomic step:
 -- remove it from the processing list and, only if it was still there, write its
--- result envelope (result key and/or reply list) and its dead-letter entry.
--- A job therefore leaves Redis only together with its result.  A job that is no
--- longer in our processing list was taken back (our lease expired and a reaper
--- requeued it): we must not write a result for it (fencing); it is counted.
+-- result envelope (result key and/or reply list), its dead-letter entry, and its
+-- next attempt (a retry, due later).  A job therefore leaves Redis only together
+-- with its result or its retry.  A job that is no longer in our processing list was
+-- taken back (our lease expired and a reaper requeued it): we must not write
+-- anything for it (fencing); it is counted instead.
 --
 -- KEYS[1]          <ns>:dead                       (list of dead-letter entries)
--- then per job j (3 keys each, offset o = 1 + 3(j-1)):
+-- KEYS[2]          <ns>:crashes                    (hash; the job's count is dropped)
+-- then per job j (4 keys each, offset o = 2 + 4(j-1)):
 --   KEYS[o+1]      <ns>:processing:<sup>:<queue>   (list; the job is removed from it)
 --   KEYS[o+2]      <ns>:result:<id>, or ""         (string; SET with EX ttl)
 --   KEYS[o+3]      reply_to list, or ""            (list; LPUSH + EXPIRE)
+--   KEYS[o+4]      <ns>:scheduled:<queue>, or ""   (sorted set; the retry, ZADD)
 -- ARGV[1]          the dead-letter list's length cap (LTRIM)
 -- ARGV[2]          TTL for reply lists when result_ttl is 0
 -- ARGV[3]          "<ns>:": a reply_to inside our namespace is skipped (it could be a
 --                  queue, which LPUSH + EXPIRE would corrupt) ...
 -- ARGV[4]          "<ns>:reply:": ... unless it is under this prefix
--- then per job j (4 args each, offset a = 4 + 4(j-1)):
+-- then per job j (6 args each, offset a = 4 + 6(j-1)):
 --   ARGV[a+1]      the raw job, byte for byte as it sits in the processing list
 --   ARGV[a+2]      result_ttl in seconds
 --   ARGV[a+3]      the envelope JSON, or ""
 --   ARGV[a+4]      the dead-letter entry JSON, or ""
+--   ARGV[a+5]      the next attempt's raw job, or ""
+--   ARGV[a+6]      its delay in milliseconds (due = Redis server time + delay)
 -- Returns          {jobs no longer in their processing list, replies skipped because
 --                  the reply_to key held another type or was one of our own keys}.
 local dead_cap = tonumber(ARGV[1])
@@ -28,14 +33,17 @@ local own, replies = ARGV[3], ARGV[4]
 local function ours(key)
   return string.sub(key, 1, #own) == own and string.sub(key, 1, #replies) ~= replies
 end
+local counted = redis.call('EXISTS', KEYS[2]) == 1
+local now_ms = nil
 local missing = 0
 local skipped = 0
 local dead_added = false
-local jobs = (#KEYS - 1) / 3
+local jobs = (#KEYS - 2) / 4
 for j = 1, jobs do
-  local o = 1 + 3 * (j - 1)
-  local a = 4 + 4 * (j - 1)
-  local removed = redis.call('LREM', KEYS[o + 1], -1, ARGV[a + 1])
+  local o = 2 + 4 * (j - 1)
+  local a = 4 + 6 * (j - 1)
+  local raw = ARGV[a + 1]
+  local removed = redis.call('LREM', KEYS[o + 1], -1, raw)
   if removed == 0 then
     missing = missing + 1
   else
@@ -63,6 +71,16 @@ for j = 1, jobs do
     if ARGV[a + 4] ~= '' then
       redis.call('LPUSH', KEYS[1], ARGV[a + 4])
       dead_added = true
+    end
+    if ARGV[a + 5] ~= '' then
+      if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      redis.call('ZADD', KEYS[o + 4], (now_ms + tonumber(ARGV[a + 6])) / 1000, ARGV[a + 5])
+    end
+    if counted then
+      redis.call('HDEL', KEYS[2], redis.sha1hex(raw))
     end
   end
 end

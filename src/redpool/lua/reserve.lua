@@ -1,20 +1,34 @@
 -- reserve: move up to N jobs from the queues, in strict priority order, into this
 -- supervisor's processing lists.  The move is atomic: a job is always in exactly
--- one list, so a crash at any point loses nothing.
+-- one list, so a crash at any point loses nothing.  Nothing is taken by a
+-- supervisor whose lease is lost (it must re-register first).
 --
--- KEYS (pairs, in priority order):
---   KEYS[2i-1]  <ns>:queue:<name_i>                     (list; producers LPUSH)
---   KEYS[2i]    <ns>:processing:<supervisor>:<name_i>   (list; this supervisor's)
+-- KEYS[1]      <ns>:supervisor:<name>   (hash; field epoch must equal ARGV[2])
+-- KEYS[2]      <ns>:crashes             (hash; sha1(job) -> crashed deliveries)
+-- then pairs, in priority order:
+--   KEYS[2i+1] <ns>:queue:<name_i>                     (list; producers LPUSH)
+--   KEYS[2i+2] <ns>:processing:<supervisor>:<name_i>   (list; this supervisor's)
 -- ARGV[1]      N, the most jobs to take
--- Returns      a flat array {i, job, i, job, ...}: i is the 1-based queue index.
+-- ARGV[2]      our lease epoch
+-- Returns      {1, i, job, crashes, i, job, crashes, ...} (i: 1-based queue index),
+--              or {0} when our lease is lost.
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then
+  return {0}
+end
 local n = tonumber(ARGV[1])
-local out = {}
-for i = 1, #KEYS, 2 do
+local counted = redis.call('EXISTS', KEYS[2]) == 1
+local out = {1}
+for i = 3, #KEYS, 2 do
   while n > 0 do
     local job = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
     if not job then break end
-    out[#out + 1] = (i + 1) / 2
+    local crashes = 0
+    if counted then
+      crashes = tonumber(redis.call('HGET', KEYS[2], redis.sha1hex(job)) or 0)
+    end
+    out[#out + 1] = (i - 1) / 2
     out[#out + 1] = job
+    out[#out + 1] = crashes
     n = n - 1
   end
   if n <= 0 then break end

@@ -1,0 +1,334 @@
+"""Dead-letter administration: list, requeue and purge entries of the dead-letter list.
+
+Workers keep LPUSHing (and LTRIMming) the list while an operator works on it, so
+nothing here rewrites the list as a whole (DEL + RPUSH would lose their pushes): an
+entry leaves only by LREM of its exact bytes, and a requeue removes the entry and
+pushes its job in one script (lua/dead_requeue.lua), so two operators running at once
+cannot requeue one entry twice.  The list is read in chunks (LRANGE); an entry pushed
+meanwhile shifts the rest right, so the same bytes may be read twice: each distinct
+byte string counts once (identical copies are one entry here; LREM removes them all).
+
+Entries are untrusted input: anything that is not a JSON object is "unreadable", and
+no command crashes on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, TextIO
+
+import redis
+
+from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
+from .protocol import DEFAULT_NAMESPACE, Keys
+from .queue import connect, load_script
+from .urls import redact_url
+
+DEFAULT_URL = "redis://localhost:6379/0"   # as in config.SETTINGS
+CHUNK = 1000     # entries per LRANGE
+BATCH = 100      # entries per dead_requeue run or LREM pipeline: the server never stalls
+UNREADABLE = "<unreadable entry>"
+REQUEUE_NEEDS = "name the job ids to requeue, or pass --all (not both)"
+PURGE_NEEDS = "pass either --older-than DURATION or --all: a bare purge never empties the list"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    pos: int                        # position from the left (0 = newest) when it was read
+    raw: bytes                      # the exact bytes in the list
+    data: dict[str, Any] | None     # None: unreadable (not a JSON object)
+
+    @classmethod
+    def parse(cls, pos: int, raw: bytes) -> "Entry":
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+            data = None
+        return cls(pos, raw, data if isinstance(data, dict) else None)
+
+    def text(self, name: str) -> str | None:
+        v = None if self.data is None else self.data.get(name)
+        return v if isinstance(v, str) else None
+
+    id = property(lambda self: self.text("id"))
+    queue = property(lambda self: self.text("queue"))
+
+    @property
+    def failed_at(self) -> float | None:
+        v = None if self.data is None else self.data.get("failed_at")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else None
+
+    def describe(self) -> str:
+        return f"the dead letter at position {self.pos} (job {self.id or 'without id'})"
+
+
+def raw_job(e: Entry) -> bytes:
+    """The job's bytes exactly as first pushed; ValueError says why there are none."""
+    if not e.queue or any(c.isspace() for c in e.queue):
+        raise ValueError(f"its queue {e.queue!r} is not a queue name")
+    job, b64 = e.text("job"), e.text("job_b64")
+    try:
+        if job is not None:
+            return job.encode("utf-8")
+        if b64 is not None:
+            return base64.b64decode(b64, validate=True)
+    except UnicodeEncodeError:  # a lone surrogate, written as a \ud800 escape
+        raise ValueError("its 'job' is not valid Unicode text") from None
+    except binascii.Error:
+        raise ValueError("its 'job_b64' is not valid base64") from None
+    raise ValueError("it holds no raw job (neither 'job' nor 'job_b64')")
+
+
+def scan(r: redis.Redis, keys: Keys, chunk: int = CHUNK) -> Iterator[Entry]:
+    """Every entry, newest first, each distinct byte string once (see the module doc)."""
+    seen: set[bytes] = set()
+    start = 0
+    while True:
+        batch = r.lrange(keys.dead, start, start + chunk - 1)
+        for i, raw in enumerate(batch):
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+            if digest not in seen:
+                seen.add(digest)
+                yield Entry.parse(start + i, raw)
+        if len(batch) < chunk:
+            return
+        start += chunk
+
+
+def list_entries(r: redis.Redis, keys: Keys, *, limit: int = 20,
+                 queue: str | None = None) -> tuple[list[Entry], int, int]:
+    """(the newest ``limit`` entries (0: all), of ``queue`` if given; how many entries
+    match; how many the list holds)."""
+    if queue is None:
+        pipe = r.pipeline(transaction=True)
+        pipe.llen(keys.dead)
+        pipe.lrange(keys.dead, 0, limit - 1 if limit else -1)
+        total, raws = pipe.execute()
+        return [Entry.parse(i, raw) for i, raw in enumerate(raws)], total, total
+    total = r.llen(keys.dead)
+    matching = [e for e in scan(r, keys) if e.queue == queue]
+    return matching[:limit or None], len(matching), total
+
+
+@dataclass
+class RequeueReport:
+    requested: list[str]                                    # ids asked for ([] with --all)
+    pushed: Counter = field(default_factory=Counter)        # {queue: jobs pushed}
+    done: list[Entry] = field(default_factory=list)         # entries requeued
+    skipped: list[tuple[Entry, str]] = field(default_factory=list)  # no raw job, and why
+    gone: list[Entry] = field(default_factory=list)         # removed by someone else meanwhile
+    unreadable: int = 0                                     # (--all) not JSON objects
+
+    @property
+    def missing(self) -> list[str]:
+        """Requested ids this call did not requeue: not found, no raw job, or gone."""
+        done = {e.id for e in self.done}
+        return [i for i in self.requested if i not in done]
+
+
+def requeue(r: redis.Redis, keys: Keys, ids: list[str] | tuple[str, ...] = (), *,
+            all: bool = False, queue: str | None = None) -> RequeueReport:
+    """Put the raw job of each matching entry on the left end (tail) of its queue."""
+    if bool(ids) == bool(all):
+        raise ConfigError(REQUEUE_NEEDS)
+    report = RequeueReport(requested=list(dict.fromkeys(ids)))
+    wanted = set(ids)
+    todo: list[tuple[Entry, bytes]] = []
+    for e in scan(r, keys):
+        if e.data is None:
+            report.unreadable += int(all and queue is None)
+        elif (queue is None or e.queue == queue) and (all or e.id in wanted):
+            try:
+                todo.append((e, raw_job(e)))
+            except ValueError as why:
+                report.skipped.append((e, str(why)))
+    todo.reverse()  # oldest first: pushed first, so taken first
+    script = load_script(r, "dead_requeue")
+    for i in range(0, len(todo), BATCH):
+        batch = todo[i:i + BATCH]
+        counts = script(keys=[keys.dead, *(keys.queue(e.queue) for e, _ in batch)],
+                        args=[x for e, job in batch for x in (e.raw, job)])
+        for (e, _), n in zip(batch, counts):
+            (report.done if n else report.gone).append(e)
+            report.pushed[e.queue] += int(n)
+    return report
+
+
+def purge(r: redis.Redis, keys: Keys, *, older_than: float | None = None, all: bool = False,
+          queue: str | None = None, now: float | None = None) -> int:
+    """Remove the entries that failed more than ``older_than`` seconds ago, or ``all``
+    (of ``queue`` only, if given).  Returns how many were removed."""
+    if (older_than is None) == (not all):
+        raise ConfigError(PURGE_NEEDS)
+    cutoff = None if older_than is None else (time.time() if now is None else now) - older_than
+
+    def doomed(e: Entry) -> bool:
+        if queue is not None and e.queue != queue:
+            return False
+        return cutoff is None or (e.failed_at is not None and e.failed_at < cutoff)
+
+    raws = [e.raw for e in scan(r, keys) if doomed(e)]
+    removed = 0
+    for i in range(0, len(raws), BATCH):
+        pipe = r.pipeline(transaction=False)
+        for raw in raws[i:i + BATCH]:
+            pipe.lrem(keys.dead, 0, raw)
+        removed += sum(pipe.execute())
+    return removed
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", re.IGNORECASE)
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``15m``, ``12h``, ``7d`` or a plain number of seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
+        raise ConfigError(f"invalid duration {text!r}: use seconds (3600) or a number "
+                          "with a unit: 30s, 15m, 12h, 7d")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+# -- the `redpool dead` command ---------------------------------------------------------------
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL") or DEFAULT_URL
+    try:
+        keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE)
+    except ValueError as e:
+        raise ConfigError(f"--namespace: {e}") from None
+    # Refuse bad input before connecting.
+    older_than = parse_duration(args.older_than) if getattr(args, "older_than", None) else None
+    if args.action == "list" and args.limit < 0:
+        raise ConfigError("--limit must be 0 (all) or more")
+    if args.action == "requeue" and bool(args.ids) == bool(args.all):
+        raise ConfigError(REQUEUE_NEEDS)
+    if args.action == "purge" and (older_than is None) == (not args.all):
+        raise ConfigError(PURGE_NEEDS)
+    where = redact_url(url)
+    try:
+        r = connect(url)
+    except ValueError:  # not shown: its text may quote part of the URL, a password say
+        raise ConfigError(f"invalid Redis URL {where}: use redis://[user:password@]host"
+                          "[:port][/db], rediss://... or unix:///path.sock") from None
+    try:
+        r.ping()
+        if args.action == "list":
+            return _list(r, keys, args, out, err)
+        if args.action == "requeue":
+            return _requeue(r, keys, args, out, err)
+        n = purge(r, keys, older_than=older_than, all=args.all, queue=args.queue)
+        print(f"purged {_plural(n, 'entry', 'entries')}", file=out)
+        return EXIT_OK
+    except redis.AuthenticationError as e:
+        raise RedisUnavailable(f"Redis at {where} refused our credentials: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        raise RedisUnavailable(f"cannot reach Redis at {where}: {e}; is it running, "
+                               "and is --redis-url (REDPOOL_REDIS_URL) right?") from None
+    except redis.ResponseError as e:
+        raise RedpoolError(f"Redis refused a command on {keys.dead}: {e}") from None
+    finally:
+        r.close()
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _list(r, keys: Keys, args, out: TextIO, err: TextIO) -> int:
+    shown, matching, total = list_entries(r, keys, limit=args.limit, queue=args.queue)
+    if args.queue:
+        summary = (f"{len(shown)} shown of {_plural(matching, 'dead letter')} from queue "
+                   f"{args.queue!r} ({total} in {keys.dead}), newest first")
+    else:
+        summary = (f"{len(shown)} shown of {_plural(total, 'dead letter')} in {keys.dead}, "
+                   "newest first")
+    if args.json:  # stdout holds JSON lines only; the rest goes to stderr
+        for e in shown:
+            if e.data is not None:
+                print(_json_line(e), file=out)
+        if bad := sum(e.data is None for e in shown):
+            print(f"redpool: left out {_plural(bad, 'unreadable entry', 'unreadable entries')}"
+                  " (not JSON objects)", file=err)
+        print(summary, file=err)
+    elif not shown:
+        print("no dead letters" + (f" from queue {args.queue!r} ({total} in {keys.dead})"
+                                   if args.queue else ""), file=out)
+    else:
+        print(format_table(shown), summary, sep="\n", file=out)
+    return EXIT_OK
+
+
+def _json_line(e: Entry) -> str:
+    """The entry as stored, unless that is not one line of UTF-8 (pretty-printed, UTF-16)."""
+    try:
+        text = e.raw.decode("utf-8")
+        if "\n" not in text and "\r" not in text:
+            return text
+    except UnicodeDecodeError:
+        pass
+    return json.dumps(e.data, ensure_ascii=False, separators=(",", ":"))
+
+
+def _iso(ts: float | None) -> str:
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "?"
+
+
+def _cell(v: Any, width: int) -> str:
+    s = "".join(c if c.isprintable() else " " for c in ("-" if v is None else str(v)))
+    return s if len(s) <= width else s[:max(width - 3, 0)] + "..."
+
+
+def format_table(entries: list[Entry], width: int | None = None) -> str:
+    """One line per entry, fitted to the terminal (100 columns when there is none)."""
+    width = width or max(shutil.get_terminal_size((100, 24)).columns, 60)
+    head = ["#", "failed_at (UTC)", "queue", "id", "error_type", "reason"]
+    caps = [10, 20, 24, 36, 24, width]
+    rows = [[_cell(v, cap) for v, cap in zip(
+        [e.pos, UNREADABLE, "", "", "", ""] if e.data is None else
+        [e.pos, _iso(e.failed_at), e.queue, e.id, e.data.get("error_type"),
+         e.data.get("reason")], caps)] for e in entries]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(5)]
+    rest = max(width - sum(widths) - 2 * len(widths), 10)
+    return "\n".join("  ".join([row[0].rjust(widths[0])]
+                               + [c.ljust(w) for c, w in zip(row[1:5], widths[1:])]
+                               + [_cell(row[5], rest)]).rstrip() for row in [head, *rows])
+
+
+def _requeue(r, keys: Keys, args, out: TextIO, err: TextIO) -> int:
+    report = requeue(r, keys, args.ids, all=args.all, queue=args.queue)
+    for e, why in report.skipped:
+        print(f"redpool: cannot requeue {e.describe()}: {why}", file=err)
+    for e in report.gone:
+        print(f"redpool: {e.describe()} was removed meanwhile (requeued or purged by "
+              "someone else)", file=err)
+    if report.unreadable:
+        bad = _plural(report.unreadable, "unreadable entry", "unreadable entries")
+        print(f"redpool: skipped {bad} (not JSON objects)", file=err)
+    found = {e.id for e in report.done + report.gone} | {e.id for e, _ in report.skipped}
+    for jid in report.requested:
+        if jid not in found:
+            print(f"redpool: no dead letter with id {jid!r}"
+                  + (f" from queue {args.queue!r}" if args.queue else ""), file=err)
+    n = sum(report.pushed.values())
+    per_queue = ", ".join(f"{q}: {k}" for q, k in sorted(report.pushed.items()) if k)
+    print(f"requeued {_plural(n, 'job')}" + (f" ({per_queue})" if per_queue else ""), file=out)
+    return 1 if report.missing else EXIT_OK

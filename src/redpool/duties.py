@@ -1,0 +1,229 @@
+"""The supervisor's periodic duties and its relation to Redis as a whole.
+
+* the lease: register at start, renew every lease/3, and when it is found lost
+  (this host was frozen or cut off for longer than the lease) re-register under a
+  new epoch and reconcile, instead of resuming as if nothing happened;
+* the reaper: once a second, one supervisor in the cluster puts the jobs of
+  supervisors whose lease expired back at the head of their queues;
+* promotion of due scheduled jobs (delayed jobs, retries) onto their queues;
+* Redis health: one log line when Redis goes away and one when it is back, retries
+  with capped backoff in between, and a reconcile after every outage (a reply lost
+  with the connection may hide a script that did run).
+
+Kept apart from the loop so that supervisor.py stays a to-do list.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import redis
+
+from . import __version__
+from . import protocol as p
+from .config import WorkerConfig
+from .errors import NameInUse
+from .hooks import Hooks
+from .lease import Lease, Reaper
+from .queue import Completion, RedisQueue
+from .work import Work
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+REAP_EVERY = 1.0          # seconds between reaper rounds, cluster-wide
+PROMOTE_EVERY = 0.5       # the longest a due scheduled job waits to be promoted
+BACKOFF_MAX = 2.0         # Redis retry backoff cap: back within ~2 s of Redis returning
+
+
+class Duties:
+    def __init__(self, cfg: WorkerConfig, rq: RedisQueue, lease: Lease, reaper: Reaper,
+                 hooks: Hooks, clock=time.monotonic) -> None:
+        self.cfg = cfg
+        self.rq = rq
+        self.lease = lease
+        self.reaper = reaper
+        self.hooks = hooks
+        self.clock = clock
+        self.sup: Supervisor | None = None
+        self.started = time.time()
+        self.leased = False
+        self.name_lost = False
+        self.nothing_scheduled = False
+        self.redis_down = False
+        self.retry_at = 0.0
+        self._backoff = 0.0
+        self.next_renew = self.next_reap = self.next_promote = 0.0
+        self.reap_not_before = 0.0
+
+    def bind(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    @property
+    def epoch(self) -> str:
+        return self.lease.epoch
+
+    def info(self) -> dict:
+        s = self.sup
+        return {"name": self.cfg.name, "host": socket.gethostname(), "pid": os.getpid(),
+                "version": __version__, "queues": self.cfg.queues,
+                "concurrency": self.cfg.concurrency, "started_at": self.started,
+                "inflight": len(s.inflight) if s else 0,
+                "succeeded": s.stats["succeeded"] if s else 0,
+                "failed": s.stats["failed"] if s else 0}
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        self.lease.register(self.info(), self.cfg.lease)
+        self.leased = True
+        # Jobs left under our name were held by a run of ours that died: each counts
+        # as a crash (a job that keeps killing its host ends as a poison pill).
+        moved = self.rq.recover(crashed=True)
+        if moved:
+            self.hooks.emit("recovered", jobs=moved)
+        self.next_renew = now + self.cfg.lease / 3
+        self.next_reap = now + REAP_EVERY
+        self.next_promote = now
+
+    def shutdown(self) -> None:
+        """Acknowledge what finished, put everything else back, give the name back."""
+        if self.name_lost:  # another supervisor has our name: its lists are not ours
+            return
+        s = self.sup
+        try:
+            if s is not None and s.pending:
+                self.retry_at = 0.0
+                s.flush(self.clock())
+            moved = self.rq.recover(crashed=False)
+            if s is not None:
+                s.stats["requeued"] += sum(moved.values())
+            self.lease.unregister()
+        except redis.RedisError as e:
+            self.hooks.emit("shutdown_redis_error", error=str(e),
+                            note="unfinished jobs stay in our processing lists: a reaper puts "
+                                 "them back when our lease expires, or we do at the next start")
+
+    # -- the periodic duties -----------------------------------------------------------------
+
+    def next_due(self, now: float) -> float:
+        # nothing is done before a Redis call waiting out its backoff may be retried
+        return max(min(self.next_renew, self.next_reap, self.next_promote), self.retry_at)
+
+    def tick(self, now: float) -> None:
+        if not self.redis_ready(now):
+            return
+        try:
+            if now >= self.next_renew:
+                self.next_renew = now + self.cfg.lease / 3
+                if not self.lease.renew(self.info(), self.cfg.lease):
+                    self.lease_lost(now, "renew")
+            if now >= self.next_reap:
+                self.next_reap = now + REAP_EVERY
+                if now >= self.reap_not_before:
+                    for name, jobs in self.reaper.run(lock_seconds=REAP_EVERY).items():
+                        self.hooks.emit("reaped", supervisor=name, jobs=jobs)
+            if now >= self.next_promote:
+                moved, until_next = self.rq.promote()
+                self.nothing_scheduled = until_next is None
+                self.next_promote = now + min(PROMOTE_EVERY, until_next if until_next is not None
+                                              else PROMOTE_EVERY)
+                if moved:
+                    self.hooks.emit("promoted", jobs=moved)
+        except redis.RedisError as e:
+            self.redis_failed(e, now, "duties")
+            return
+        self.redis_ok(now)
+
+    # -- the lease ---------------------------------------------------------------------------
+
+    def lease_lost(self, now: float, during: str) -> None:
+        """Our lease expired: to the cluster we were dead, and a reaper may have taken
+        our jobs back.  Results for those are not written (complete.lua finds them gone);
+        jobs we reserved but had not started go back; we re-register under a new epoch."""
+        self.leased = False
+        self.hooks.emit("lease_lost", during=during, lease=self.cfg.lease,
+                        note="this supervisor was frozen or cut off for longer than its "
+                             "lease; jobs taken back by a reaper ran elsewhere")
+        s = self.sup
+        s.requeue_backlog(now)
+        try:
+            self.lease.register(self.info(), self.cfg.lease)
+        except NameInUse as e:
+            self.name_lost = True
+            self.hooks.emit("name_taken", error=str(e))
+            s.stop_now()
+            return
+        self.leased = True
+        self.next_renew = now + self.cfg.lease / 3
+        self.hooks.emit("reregistered", epoch=self.lease.epoch)
+        self.reconcile()
+
+    # -- Redis health ------------------------------------------------------------------------
+
+    def redis_ready(self, now: float) -> bool:
+        return now >= self.retry_at
+
+    def redis_failed(self, e: BaseException, now: float, during: str) -> None:
+        self._backoff = min(BACKOFF_MAX, max(0.05, self._backoff * 2))
+        self.retry_at = now + self._backoff
+        if not self.redis_down:
+            self.redis_down = True
+            self.hooks.emit("redis_down", error=str(e), during=during)
+
+    def redis_ok(self, now: float) -> None:
+        self._backoff = 0.0
+        if not self.redis_down:
+            return
+        self.redis_down = False
+        self.hooks.emit("redis_up")
+        self.next_renew = now  # renew first thing; others need a moment to renew theirs
+        self.reap_not_before = now + self.cfg.lease / 3 + BACKOFF_MAX + 1.0
+        try:
+            self.reconcile()
+        except redis.RedisError as e:
+            self.redis_failed(e, now, "reconcile")
+
+    def reconcile(self) -> None:
+        """Make our processing lists hold exactly what we hold.  A script whose reply
+        was lost may have reserved jobs we never heard of: they go back to the head of
+        their queues (anything we hold that Redis lost is fenced at completion)."""
+        s = self.sup
+        if s.waiter is not None:
+            s.backlog.extend(Work(q, raw) for q, raw in s.waiter.take())
+        held = s.held()
+        extra: list[tuple[str, bytes]] = []
+        for queue, raws in self.rq.processing_contents().items():
+            for raw, n in Counter(raws).items():
+                surplus = n - held.get((queue, raw), 0)
+                extra += [(queue, raw)] * max(0, surplus)
+        if extra:
+            moved = self.rq.requeue(extra)
+            self.hooks.emit("reconciled", requeued=moved)
+
+    def crash_completion(self, work: Work, description: str) -> Completion:
+        """Last resort, when even settling a failure killed a child: fail the job here."""
+        found = p.salvage(work.raw)
+        if isinstance(found, p.Job):
+            job_id = None if found.id_assigned else found.id
+            reply_to, ttl, task, enq = found.reply_to, found.result_ttl, found.task, found.enqueued_at
+        else:
+            job_id, reply_to, ttl, task, enq = (found.job_id, found.reply_to, found.result_ttl,
+                                                found.task, found.enqueued_at)
+        message = f"{work.fail['message']}; then the process settling it {description}"
+        env = None
+        if job_id or reply_to:
+            env = p.dumps(p.envelope(id=job_id or p.new_id(), task=task, queue=work.queue,
+                                     status=p.FAILED, worker=self.cfg.name, enqueued_at=enq,
+                                     error=p.error_dict(work.fail["error_type"], message)))
+        dead = p.dumps(p.dead_entry(work.raw, queue=work.queue, reason=message,
+                                    error_type=work.fail["error_type"], worker=self.cfg.name,
+                                    job_id=job_id))
+        return Completion(work.queue, work.raw, job_id if ttl > 0 else None, ttl, reply_to, env,
+                          dead)
+
+

@@ -1,0 +1,147 @@
+"""Supervisor leases and the reaper: how the cluster notices a dead host.
+
+Every supervisor holds a lease, ``<ns>:supervisor:<name>``: a hash {epoch, info}
+with a TTL, renewed every lease/3 by a script that renews only if the epoch is
+still ours.  Expiry is judged by the Redis server's clock, never a host's.
+
+A supervisor whose lease expired is dead to the cluster: any live supervisor may
+reap it (at most one at a time, under ``<ns>:reaper``), putting its processing
+lists back at the head of their queues in one atomic step.  The dead one, if it
+was only frozen or cut off, finds on its next renewal that its lease is lost, and
+must re-register under a new epoch before it reserves anything again; results it
+finishes for jobs that were taken back are not written (complete.lua removes a job
+from the processing list before writing, and finds nothing).
+
+The lease is per supervisor, not per job: a job that runs for an hour on a live
+host is never handed to a second one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+import redis
+
+from .errors import NameInUse
+from .protocol import Keys
+from .queue import load_script
+
+
+class Lease:
+    def __init__(self, r: redis.Redis, keys: Keys, name: str) -> None:
+        self.r = r
+        self.keys = keys
+        self.name = name
+        self.key = keys.supervisor(name)
+        self.epoch = ""
+        self._register = load_script(r, "register")
+        self._renew = load_script(r, "renew")
+
+    def register(self, info: dict, lease: float, *, sleep=time.sleep) -> None:
+        """Claim our name under a new epoch; refuse if another live supervisor holds it.
+
+        A lease left by a previous run on this host whose process is gone (kill -9,
+        then a restart within the lease) is taken over.  One that carries our own pid
+        is ambiguous (a restarted container is pid 1 again, but so is a twin container
+        sharing the host name): we wait up to one lease for it to expire, and refuse
+        if it is renewed meanwhile."""
+        epoch = uuid.uuid4().hex
+        payload = json.dumps(info)
+        deadline = time.monotonic() + lease + 1.0
+        takeover = ""
+        while True:
+            claimed, *holder = self._register(
+                keys=[self.key, self.keys.supervisors],
+                args=[epoch, payload, int(lease * 1000), self.name, takeover])
+            if claimed:
+                self.epoch = epoch
+                return
+            info_raw = holder[0] if holder else None
+            held = _parse(info_raw)
+            verdict = _holder_state(held)
+            if verdict == "dead":
+                takeover = self.r.hget(self.key, "epoch") or ""
+                continue
+            if verdict == "alive" or time.monotonic() > deadline:
+                raise NameInUse(
+                    f"another supervisor named {self.name!r} is alive (host {held.get('host')}, "
+                    f"pid {held.get('pid')}): give each supervisor its own --name (REDPOOL_NAME)")
+            sleep(0.2)  # unsure: wait for it to expire, or to be renewed by its owner
+
+    def renew(self, info: dict, lease: float) -> bool:
+        """Extend our lease.  False: it is lost (expired, perhaps reaped, or taken)."""
+        return bool(self._renew(keys=[self.key, self.keys.supervisors],
+                                args=[self.epoch, json.dumps(info), int(lease * 1000), self.name]))
+
+    def unregister(self) -> None:
+        """Give the name back, but only our own lease (not a successor's)."""
+        if self.r.hget(self.key, "epoch") == self.epoch.encode():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.delete(self.key)
+            pipe.srem(self.keys.supervisors, self.name)
+            pipe.execute()
+
+
+class Reaper:
+    """Finds supervisors whose lease expired and puts their jobs back."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, name: str) -> None:
+        self.r = r
+        self.keys = keys
+        self.name = name
+        self._reap = load_script(r, "reap")
+
+    def run(self, lock_seconds: float = 10.0) -> dict[str, int]:
+        """One round, if no other supervisor is reaping right now.  Returns
+        {dead supervisor: jobs put back}."""
+        if not self.r.set(self.keys.reaper, self.name, nx=True, px=int(lock_seconds * 1000)):
+            return {}
+        try:
+            names = sorted(n.decode() for n in self.r.smembers(self.keys.supervisors))
+            pipe = self.r.pipeline(transaction=False)
+            for n in names:
+                pipe.exists(self.keys.supervisor(n))
+            dead = [n for n, alive in zip(names, pipe.execute()) if not alive]
+            return {n: self.reap(n) for n in dead}
+        finally:
+            if self.r.get(self.keys.reaper) == self.name.encode():
+                self.r.delete(self.keys.reaper)
+
+    def reap(self, dead: str) -> int:
+        keys = [self.keys.supervisor(dead), self.keys.supervisors, self.keys.crashes]
+        pattern = self.keys.processing_pattern(dead)
+        for key in self.r.scan_iter(match=pattern, count=1000):
+            k = key.decode()
+            keys += [k, self.keys.queue(self.keys.queue_of_processing(dead, k))]
+        return max(0, int(self._reap(keys=keys, args=[dead])))
+
+
+def _parse(raw: bytes | None) -> dict:
+    try:
+        v = json.loads(raw) if raw else {}
+        return v if isinstance(v, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _holder_state(holder: dict) -> str:
+    """"dead" if the lease's writer ran on this host and is gone, "unsure" if it
+    carries our own pid, else "alive" (a live process here, or another host)."""
+    if holder.get("host") != socket.gethostname():
+        return "alive"
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return "alive"
+    if pid == os.getpid():
+        return "unsure"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
+    except PermissionError:
+        return "alive"
+    return "alive"

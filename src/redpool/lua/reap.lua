@@ -1,0 +1,27 @@
+-- reap: a supervisor's lease expired (its host died, froze, or lost Redis): put
+-- every job in its processing lists back at the head of its queue, count a crash
+-- for each, and unregister it -- one atomic step, so a job moves exactly once even
+-- if two reapers race, and nothing happens if the supervisor renewed meanwhile.
+--
+-- KEYS[1]      <ns>:supervisor:<dead>      (hash; must not exist)
+-- KEYS[2]      <ns>:supervisors            (set; SREM the dead name)
+-- KEYS[3]      <ns>:crashes                (hash; HINCRBY sha1(job))
+-- then pairs:
+--   KEYS[2i+2] <ns>:processing:<dead>:<queue_i>   (list; emptied)
+--   KEYS[2i+3] <ns>:queue:<queue_i>               (list; RPUSH to its head)
+-- ARGV[1]      the dead supervisor's name
+-- Returns      the number of jobs put back, or -1 if its lease is alive again.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return -1
+end
+local moved = 0
+for i = 4, #KEYS, 2 do
+  while true do
+    local job = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+    if not job then break end
+    redis.call('HINCRBY', KEYS[3], redis.sha1hex(job), 1)
+    moved = moved + 1
+  end
+end
+redis.call('SREM', KEYS[2], ARGV[1])
+return moved

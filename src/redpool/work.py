@@ -1,0 +1,20 @@
+"""A job a supervisor holds, from reservation to acknowledgement."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Work:
+    """A reserved job, or one a child is to fail (``fail``) rather than run."""
+    queue: str
+    raw: bytes
+    crashes: int = 0
+    fail: dict | None = None     # {error_type, message, retry, dead}: settle, do not run
+    deadline: float = math.inf   # monotonic time its timeout expires
+    kill_at: float = math.inf    # SIGKILL time, once it has been sent SIGTERM
+    timed_out: float = 0.0       # the timeout it overran (0: it did not)
+    started: float = field(default_factory=time.monotonic)
