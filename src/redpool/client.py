@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from datetime import datetime
+from importlib import resources
 from typing import Any, Callable, Iterable
 
 import redis as redispy
@@ -43,6 +45,20 @@ BATCH_BYTES = 4 << 20     # ... or fewer, so one command never buffers huge payl
 UNCLAIMED_MAX = 10_000    # envelopes of ids nobody waits for, kept for Client.result()
 SWEEP_SECONDS = 10.0      # how often the listener looks for replies that never came
 _WAKE = b"redpool:wake"   # close() pushes this so the listener's blocking pop returns now
+
+def _due(delay: float | None, at: datetime | None) -> tuple[str, float] | None:
+    if delay is not None and at is not None:
+        raise ValueError("give delay or at, not both")
+    if delay is not None:
+        if not isinstance(delay, (int, float)) or not delay >= 0 or delay == float("inf"):
+            raise ValueError(f"delay must be a number of seconds >= 0, got {delay!r}")
+        return ("delay", float(delay))
+    if at is not None:
+        if not isinstance(at, datetime):
+            raise TypeError(f"at must be a datetime, got {type(at).__name__}")
+        return ("at", at.timestamp())  # a naive datetime is taken as local time
+    return None
+
 
 def _parse_envelope(raw: bytes | str) -> dict[str, Any] | None:
     try:
@@ -73,6 +89,7 @@ class Client:
         sock_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
         self._block = BLOCK_SECONDS if not sock_timeout else min(BLOCK_SECONDS, sock_timeout / 2)
         self._lock = threading.Lock()
+        self._schedule = None
         self._stop = threading.Event()
         self._closed = False
         self._new_identity()
@@ -87,11 +104,19 @@ class Client:
     def enqueue(self, task: Any, *args: Any, queue: str = "default", kwargs: dict | None = None,
                 id: str | None = None, result_ttl: int | None = None, reply_to: str | None = None,
                 callback: Callable[[Any], Any] | None = None,
-                error_callback: Callable[[BaseException], Any] | None = None) -> AsyncResult:
-        """Queue ``task(*args, **kwargs)``.  ``task`` is a name, a @task or a plain function."""
+                error_callback: Callable[[BaseException], Any] | None = None,
+                delay: float | None = None, at: datetime | None = None,
+                **options: Any) -> AsyncResult:
+        """Queue ``task(*args, **kwargs)``.  ``task`` is a name, a @task or a plain function.
+
+        ``delay`` (seconds, measured on the Redis server's clock) or ``at`` (a datetime)
+        schedule the job for later.  ``options``: the job's delivery policy, overriding
+        the task's and the worker's: max_retries, retry_backoff, retry_backoff_max,
+        timeout, dead_letter."""
         return self._submit(task_name(task), [(args, kwargs)], queue=queue, id=id,
                             result_ttl=result_ttl, reply_to=reply_to,
-                            callback=callback, error_callback=error_callback)[0]
+                            callback=callback, error_callback=error_callback,
+                            due=_due(delay, at), options=options)[0]
 
     def enqueue_many(self, task: Any, arg_tuples: Iterable[tuple], *, queue: str = "default",
                      kwargs_list: Iterable[dict | None] | None = None, result_ttl: int | None = None,
@@ -161,7 +186,9 @@ class Client:
     def _submit(self, name: str, calls: Iterable[tuple[Any, dict | None]], *, queue: str,
                 id: str | None = None, result_ttl: int | None = None, reply_to: str | None = None,
                 callback: Callable | None = None, error_callback: Callable | None = None,
-                on_done: Callable[[int, AsyncResult], Any] | None = None) -> list[AsyncResult]:
+                on_done: Callable[[int, AsyncResult], Any] | None = None,
+                due: tuple[str, float] | None = None,
+                options: dict | None = None) -> list[AsyncResult]:
         """Build, validate and push jobs; ``on_done(i, result)`` runs when call ``i`` ends."""
         if not isinstance(queue, str) or not queue:
             raise ValueError(f"queue must be a non-empty string, got {queue!r}")
@@ -174,7 +201,7 @@ class Client:
         for i, (args, kwargs) in enumerate(calls):
             try:
                 job = protocol.make_job(name, args, kwargs, id=id, result_ttl=result_ttl,
-                                        reply_to=reply_to or self.reply_key)
+                                        reply_to=reply_to or self.reply_key, **(options or {}))
             except protocol.InvalidJob as e:
                 raise ValueError(str(e)) from None
             try:
@@ -187,13 +214,14 @@ class Client:
             batch.append(data)
             size += len(data)
             if len(batch) >= BATCH or size >= BATCH_BYTES:
-                self._push(qkey, batch, results[-len(batch):])
+                self._push(qkey, batch, results[-len(batch):], queue, due)
                 batch, size = [], 0
         if batch:
-            self._push(qkey, batch, results[-len(batch):])
+            self._push(qkey, batch, results[-len(batch):], queue, due)
         return results
 
-    def _push(self, qkey: str, batch: list[bytes], results: list[AsyncResult]) -> None:
+    def _push(self, qkey: str, batch: list[bytes], results: list[AsyncResult], queue: str = "",
+              due: tuple[str, float] | None = None) -> None:
         # Register before pushing: a fast worker's reply must find its AsyncResult waiting.
         with self._lock:
             if self._closed:
@@ -204,12 +232,28 @@ class Client:
                         raise ValueError(f"job id {ar.id!r} is already waiting for its result")
                 self._pending.update((ar.id, ar) for ar in results)
         try:
-            self._redis.lpush(qkey, *batch)
+            if due is None:
+                self._redis.lpush(qkey, *batch)
+            elif due[0] == "at":
+                self._redis.zadd(self.keys.scheduled(queue), {data: due[1] for data in batch})
+            else:  # "delay": the due time is taken from the server's clock
+                script = self._schedule_script()
+                pipe = self._redis.pipeline(transaction=False)
+                for data in batch:
+                    script(keys=[self.keys.scheduled(queue)], args=[int(due[1] * 1000), data],
+                           client=pipe)
+                pipe.execute()
         except BaseException:
             with self._lock:
                 for ar in results:
                     self._pending.pop(ar.id, None)
             raise
+
+    def _schedule_script(self):
+        if self._schedule is None:
+            source = resources.files("redpool").joinpath("lua", "schedule.lua").read_text()
+            self._schedule = self._redis.register_script(source)
+        return self._schedule
 
     def _read_result(self, job_id: str) -> dict[str, Any] | None:
         if self._closed:

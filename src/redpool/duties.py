@@ -194,7 +194,7 @@ class Duties:
         their queues (anything we hold that Redis lost is fenced at completion)."""
         s = self.sup
         if s.waiter is not None:
-            s.backlog.extend(Work(q, raw) for q, raw in s.waiter.take())
+            s.backlog.extend(s.admit(r) for r in s.waiter.take())
         held = s.held()
         extra: list[tuple[str, bytes]] = []
         for queue, raws in self.rq.processing_contents().items():

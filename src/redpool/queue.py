@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
@@ -102,9 +103,14 @@ class RedisQueue:
         return [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
                 for i in range(1, len(flat), 3)]
 
-    def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> bytes | None:
+    def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> Reserved | None:
         """Wait in Redis (no polling) for one job on ``queue``; moved atomically."""
-        return conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
+        raw = conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
+        if raw is None:
+            return None
+        # (reserve.lua reads this in the same script; BLMOVE cannot, so ask afterwards)
+        crashes = conn.hget(self.keys.crashes, hashlib.sha1(raw).hexdigest())
+        return Reserved(queue, raw, int(crashes or 0))
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose

@@ -112,7 +112,7 @@ class Supervisor:
             self.handle_event(ev, now)
         self.enforce_timeouts(now)
         if self.waiter is not None:
-            self.backlog.extend(Work(q, raw) for q, raw in self.waiter.take())
+            self.backlog.extend(self.admit(r) for r in self.waiter.take())
             while self.waiter.errors:
                 self.duties.redis_failed(self.waiter.errors.popleft(), now, "wait")
         self.flush(now)
@@ -349,7 +349,7 @@ class Supervisor:
         self.state = STOPPED
         if self.waiter is not None:
             self.waiter.stop()
-            self.backlog.extend(Work(q, raw) for q, raw in self.waiter.take())
+            self.backlog.extend(self.admit(r) for r in self.waiter.take())
             self.waiter.close()
         self.pool.close()
         self.duties.shutdown()

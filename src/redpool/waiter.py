@@ -20,7 +20,7 @@ from typing import Callable
 
 import redis
 
-from .queue import RedisQueue
+from .queue import RedisQueue, Reserved
 from .wakeup import Wakeup
 
 
@@ -30,7 +30,7 @@ class Waiter:
         self.rq = rq
         self.connect = connect
         self.timeout = timeout
-        self.inbox: deque[tuple[str, bytes]] = deque()
+        self.inbox: deque[Reserved] = deque()
         self.errors: deque[BaseException] = deque()
         self._armed = threading.Event()
         self._stop = threading.Event()
@@ -55,7 +55,7 @@ class Waiter:
     def fileno(self) -> int:
         return self._pipe.rfd
 
-    def take(self) -> list[tuple[str, bytes]]:
+    def take(self) -> list[Reserved]:
         self._pipe.drain()
         out = []
         while self.inbox:
@@ -84,7 +84,7 @@ class Waiter:
             try:
                 if conn is None:
                     conn = self.connect()
-                raw = self.rq.block_reserve(conn, queue, self.timeout)
+                got = self.rq.block_reserve(conn, queue, self.timeout)
                 backoff = 0.0
             except redis.RedisError as e:
                 self.errors.append(e)
@@ -95,11 +95,11 @@ class Waiter:
                 backoff = min(5.0, max(0.1, backoff * 2))
                 self._stop.wait(backoff)
                 continue
-            if raw is not None:
+            if got is not None:
                 # One job is the signal that work has arrived; the loop takes the rest
                 # in batches and re-arms us only when the queues are empty again.
                 self._armed.clear()
-                self.inbox.append((queue, raw))
+                self.inbox.append(got)
                 self._pipe.wake()
         if conn is not None:
             conn.close()

@@ -61,3 +61,23 @@ def unserialisable():
 @task(name="t.boom")
 def boom(msg="boom"):
     raise ValueError(msg)
+
+
+@task(name="t.flaky", max_retries=3, retry_backoff=0.2, retry_backoff_max=0.5)
+def flaky(failures: int):
+    """Fails its first ``failures`` attempts, then succeeds."""
+    job = current_job()
+    record(f"attempt{job.attempt}")
+    if job.attempt <= failures:
+        raise RuntimeError(f"attempt {job.attempt} fails on purpose")
+    return job.attempt
+
+
+_hoard = []
+
+
+@task(name="t.alloc")
+def alloc(mb: int):
+    """Keeps ``mb`` MiB alive in this process (to trip --max-memory-per-child)."""
+    _hoard.append(bytearray(mb * 1024 * 1024))
+    return os.getpid()

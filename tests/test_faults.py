@@ -1,0 +1,251 @@
+"""The fault suite: faults injected for real (SIGKILL, SIGSTOP, Redis killed and frozen)
+against real daemons and a real server, with assertions on what is in Redis and on a
+ledger of every run.  The promise: at-least-once delivery, no job ever lost, and no
+job run twice while its host is alive."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import pytest
+import redis
+
+from helpers import Daemon, envelope, lpush_jobs, wait_for
+from redpool.server import EmbeddedServer
+
+pytestmark = pytest.mark.daemon
+
+
+def ledger(r, keys) -> list[str]:
+    return [x.decode() for x in r.lrange(keys.ns + ":ledger", 0, -1)]
+
+
+def runs(r, keys, what: str) -> Counter:
+    """How many times each job id logged ``what`` (start, attemptN, die, add...)."""
+    return Counter(e.split(":")[0] for e in ledger(r, keys) if e.split(":")[1] == what)
+
+
+def test_sigkill_of_a_child_reruns_exactly_that_job(r, keys, daemons):
+    d = daemons("--concurrency", "2", ledger=keys.ns + ":ledger").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"s{i}", "args": [0.2, i]} for i in range(6)]
+               + [{"task": "t.sleep", "id": "victim", "args": [3, "v"]}])
+    wait_for(lambda: runs(r, keys, "start")["victim"] == 1, what="victim start")
+    pid = [e for e in ledger(r, keys) if e.startswith("victim:start")][0].rsplit(":", 1)[1]
+    os.kill(int(pid), signal.SIGKILL)
+    # Then the victim runs again (a crash is a redelivery) and every job succeeds once
+    wait_for(lambda: all(envelope(r, keys, j) for j in [f"s{i}" for i in range(6)] + ["victim"]),
+             timeout=30, what="all results")
+    env = envelope(r, keys, "victim")
+    assert env["status"] == "succeeded" and env["result"] == "v" and env["attempts"] == 2
+    assert runs(r, keys, "start")["victim"] == 2
+    assert all(n == 1 for j, n in runs(r, keys, "end").items())
+    assert r.hlen(keys.crashes) == 0  # the count is dropped once the job is done
+    assert d.proc.poll() is None
+
+
+def test_a_dead_supervisor_is_reaped_and_its_jobs_finish_elsewhere(r, keys, daemons):
+    # Given two "hosts" and long-ish jobs spread over both
+    led = keys.ns + ":ledger"
+    a = daemons("--concurrency", "2", "--lease", "2", name="host-a", ledger=led).wait_started()
+    b = daemons("--concurrency", "2", "--lease", "2", name="host-b", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"j{i}", "args": [1.0, i]} for i in range(12)])
+    wait_for(lambda: r.llen(keys.processing("host-a", "default")) >= 1, what="host-a busy")
+    # When host-a dies with SIGKILL
+    held = r.lrange(keys.processing("host-a", "default"), 0, -1)
+    t0 = time.monotonic()
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait(10)
+    # Then host-b puts host-a's jobs back within lease + 5 s, and finishes everything
+    wait_for(lambda: r.llen(keys.processing("host-a", "default")) == 0, timeout=2 + 5,
+             what="host-a's jobs taken back")
+    assert time.monotonic() - t0 <= 2 + 5
+    assert held  # it did hold jobs
+    wait_for(lambda: all(envelope(r, keys, f"j{i}") for i in range(12)), timeout=60,
+             what="all results")
+    assert all(envelope(r, keys, f"j{i}")["status"] == "succeeded" for i in range(12))
+    assert not r.sismember(keys.supervisors, "host-a")
+    assert any(e.get("event") == "reaped" and e.get("supervisor") == "host-a" for e in b.events())
+
+
+def test_a_frozen_supervisor_loses_its_lease_and_does_not_write_fenced_results(r, keys, daemons):
+    led = keys.ns + ":ledger"
+    # Given a supervisor running a job, and a second one that starts after it took the job
+    a = daemons("--concurrency", "1", "--lease", "2", "--prefetch", "0", name="frozen",
+                ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "f1", "args": [2.5, "x"]}])
+    wait_for(lambda: runs(r, keys, "start")["f1"] == 1, what="f1 started on 'frozen'")
+    daemons("--concurrency", "1", "--lease", "2", "--prefetch", "0", name="healthy",
+            ledger=led).wait_started()
+    # When the supervisor holding it is frozen for longer than its lease (its child runs on)
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        # Then the other one takes the job back and runs it
+        wait_for(lambda: (envelope(r, keys, "f1") or {}).get("worker") == "healthy", timeout=30,
+                 what="f1 finished by the healthy supervisor")
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    # And the thawed one notices, re-registers, drops its stale result, and carries on
+    wait_for(lambda: any(e.get("event") == "reregistered" for e in a.events()), timeout=15,
+             what="re-registration")
+    wait_for(lambda: any(e.get("event") == "job_finished" and e.get("id") == "f1"
+                         for e in a.events()), timeout=15, what="the stale run to finish")
+    wait_for(lambda: any(e.get("event") == "results_dropped" for e in a.events()), timeout=10,
+             what="its stale result dropped")
+    assert envelope(r, keys, "f1")["worker"] == "healthy"  # never overwritten
+    assert runs(r, keys, "start")["f1"] == 2
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"after{i}", "args": [i, 1]} for i in range(6)])
+    wait_for(lambda: all(envelope(r, keys, f"after{i}") for i in range(6)), what="later jobs")
+    assert a.proc.poll() is None and r.sismember(keys.supervisors, "frozen")
+
+
+def test_poison_pill_is_dead_lettered_after_max_crashes(r, keys, daemons):
+    led = keys.ns + ":ledger"
+    daemons("--concurrency", "1", "--max-crashes", "2", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.die", "id": "poison", "reply_to": keys.ns + "-r"},
+                         {"task": "t.add", "id": "fine", "args": [1, 2]}])
+    item = r.brpop(keys.ns + "-r", timeout=60)
+    assert item is not None
+    env = json.loads(item[1])
+    assert env["status"] == "failed" and env["error"]["type"] == "WorkerCrashed"
+    assert "poison pill" in env["error"]["message"] and "SIGKILL" in env["error"]["message"]
+    assert runs(r, keys, "die")["poison"] == 3  # max-crashes 2: the third crash ends it
+    dead = [json.loads(x) for x in r.lrange(keys.dead, 0, -1)]
+    assert [d["id"] for d in dead] == ["poison"] and "--max-crashes 2" in dead[0]["reason"]
+    wait_for(lambda: envelope(r, keys, "fine"), what="the good job")
+    assert r.hlen(keys.crashes) == 0
+    r.delete(keys.ns + "-r")
+
+
+def test_hung_task_is_killed_at_its_timeout_and_retried_per_its_policy(r, keys, daemons):
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "2", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "hung", "args": [60], "timeout": 1,
+                          "max_retries": 1, "retry_backoff": 0.1},
+                         {"task": "t.sleep", "id": "ok", "args": [0.5, "fine"]}])
+    wait_for(lambda: envelope(r, keys, "hung"), timeout=30, what="the hung job's result")
+    env = envelope(r, keys, "hung")
+    assert env["status"] == "failed" and env["error"]["type"] == "TimeoutError"
+    assert "timeout of 1 s" in env["error"]["message"]
+    assert runs(r, keys, "start")["hung"] == 2 and runs(r, keys, "end")["hung"] == 0
+    assert envelope(r, keys, "ok")["result"] == "fine"  # the other job was untouched
+    assert any(e.get("event") == "job_timeout" for e in d.events())
+
+
+def test_retries_run_in_order_with_backoff_then_succeed(r, keys, daemons):
+    led = keys.ns + ":ledger"
+    daemons("--concurrency", "2", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.flaky", "id": "flaky", "args": [2]}])
+    wait_for(lambda: envelope(r, keys, "flaky"), timeout=30, what="flaky result")
+    env = envelope(r, keys, "flaky")
+    assert env["status"] == "succeeded" and env["result"] == 3 and env["attempts"] == 3
+    attempts = [e.split(":")[1] for e in ledger(r, keys) if e.startswith("flaky:")]
+    assert attempts == ["attempt1", "attempt2", "attempt3"]
+
+
+def test_failure_after_the_last_retry_is_dead_lettered_when_asked(r, keys, daemons):
+    daemons("--concurrency", "1").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.boom", "id": "b1", "args": ["no"], "max_retries": 2,
+                          "retry_backoff": 0.05, "dead_letter": True},
+                         {"task": "t.boom", "id": "b2", "args": ["no"]}])
+    wait_for(lambda: envelope(r, keys, "b1") and envelope(r, keys, "b2"), timeout=30,
+             what="results")
+    assert envelope(r, keys, "b1")["attempts"] == 3 and envelope(r, keys, "b2")["attempts"] == 1
+    dead = [json.loads(x) for x in r.lrange(keys.dead, 0, -1)]
+    assert [d["id"] for d in dead] == ["b1"] and "after 3 attempt(s)" in dead[0]["reason"]
+
+
+def test_delayed_jobs_run_after_their_time_not_before(redis_url, namespace, r, keys, daemons):
+    from redpool import Client
+
+    daemons("--concurrency", "1").wait_started()
+    with Client(redis_url, namespace=namespace) as c:
+        t0 = time.time()
+        res = c.enqueue("t.add", 1, 2, delay=1.5)
+        assert r.zcard(keys.scheduled("default")) == 1 and r.llen(keys.queue("default")) == 0
+        assert res.get(timeout=30) == 3
+        assert res.envelope["started_at"] >= t0 + 1.5 - 0.05  # server and host share a clock here
+        assert r.zcard(keys.scheduled("default")) == 0
+
+
+def test_children_are_recycled_after_max_jobs_never_mid_job(r, keys, daemons):
+    daemons("--concurrency", "1", "--max-jobs-per-child", "3").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.pid", "id": f"p{i}"} for i in range(9)])
+    wait_for(lambda: all(envelope(r, keys, f"p{i}") for i in range(9)), what="results")
+    pids = [envelope(r, keys, f"p{i}")["result"] for i in range(9)]
+    assert len(set(pids)) == 3 and pids == sorted(pids, key=pids.index)
+    assert [pids[0]] * 3 == pids[:3] and [pids[3]] * 3 == pids[3:6]
+
+
+def test_children_over_the_memory_limit_are_replaced_after_their_job(r, keys, daemons):
+    d = daemons("--concurrency", "1", "--max-memory-per-child", "150M").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.alloc", "id": "a1", "args": [200]},
+                         {"task": "t.pid", "id": "a2"}])
+    wait_for(lambda: envelope(r, keys, "a1") and envelope(r, keys, "a2"), what="results")
+    assert envelope(r, keys, "a1")["status"] == "succeeded"
+    assert envelope(r, keys, "a1")["result"] != envelope(r, keys, "a2")["result"]
+    assert any(e.get("event") == "child_retired" for e in d.events())
+
+
+# -- Redis going away ---------------------------------------------------------------------------
+
+@pytest.fixture
+def aof_server(tmp_path):
+    """A private server of this test's own, with AOF on (fsync always), so it can be
+    killed and restarted on the same port without losing what it acknowledged."""
+    (tmp_path / "aof").mkdir()
+    srv = EmbeddedServer(appendonly=True, dir=str(tmp_path / "aof")).start()
+    yield srv
+    srv.stop()
+
+
+def test_redis_killed_and_restarted_mid_run_loses_nothing(aof_server, namespace, tmp_path):
+    from redpool.protocol import Keys
+
+    keys = Keys(namespace)
+    r = redis.Redis.from_url(aof_server.url)
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"r{i}", "args": [0.05, i]} for i in range(60)])
+    d = Daemon(aof_server.url, namespace, "--concurrency", "2", "--lease", "5").start(tmp_path)
+    try:
+        d.wait_started()
+        wait_for(lambda: r.exists(keys.result("r5")), what="some progress")
+        # When Redis dies (kill -9) and comes back on the same port with its AOF
+        aof_server.proc.kill()
+        aof_server.proc.wait()
+        time.sleep(1.0)  # the outage itself: the daemon must ride it out
+        aof_server.start()
+        r = redis.Redis.from_url(aof_server.url)
+        # Then every job completes, and the daemon logged the outage once and its end
+        wait_for(lambda: all(r.exists(keys.result(f"r{i}")) for i in range(60)), timeout=60,
+                 what="all results after the restart")
+        assert d.proc.poll() is None
+        events = [e.get("event") for e in d.events()]
+        assert events.count("redis_down") >= 1 and events.count("redis_up") >= 1
+        assert events.count("redis_down") <= 3  # once per outage, not once per retry
+        assert r.llen(keys.processing("w1", "default")) == 0
+    finally:
+        d.kill()
+
+
+def test_redis_frozen_for_a_few_seconds(aof_server, namespace, tmp_path):
+    from redpool.protocol import Keys
+
+    keys = Keys(namespace)
+    r = redis.Redis.from_url(aof_server.url)
+    d = Daemon(aof_server.url, namespace, "--concurrency", "2", "--lease", "10").start(tmp_path)
+    try:
+        d.wait_started()
+        lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"z{i}", "args": [0.05, i]} for i in range(40)])
+        wait_for(lambda: r.exists(keys.result("z3")), what="some progress")
+        os.kill(aof_server.proc.pid, signal.SIGSTOP)
+        time.sleep(4)  # frozen: connections hang rather than fail
+        os.kill(aof_server.proc.pid, signal.SIGCONT)
+        wait_for(lambda: all(r.exists(keys.result(f"z{i}")) for i in range(40)), timeout=60,
+                 what="all results after the freeze")
+        assert d.proc.poll() is None
+    finally:
+        os.kill(aof_server.proc.pid, signal.SIGCONT)
+        d.kill()
