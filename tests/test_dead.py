@@ -242,3 +242,15 @@ def test_an_unreachable_server_exits_4_without_showing_the_password(namespace):
     assert res.returncode == 4 and "cannot reach Redis at redis://user:***@127.0.0.1:1/0" \
         in res.stderr
     assert "s3cret" not in res.stdout + res.stderr
+
+
+def test_requeue_starts_a_retried_job_over(r, keys):
+    from redpool import dead, protocol as p
+
+    job = {"task": "t.boom", "id": "again", "attempt": 4, "max_retries": 3, "x-extra": [1]}
+    r.lpush(keys.dead, p.dumps(p.dead_entry(json.dumps(job).encode(), queue="default",
+                                            reason="failed after 4 attempt(s)",
+                                            error_type="ValueError", worker="w", job_id="again")))
+    dead.requeue(r, keys, ["again"])
+    back = json.loads(r.lpop(keys.queue("default")))
+    assert "attempt" not in back and back["max_retries"] == 3 and back["x-extra"] == [1]

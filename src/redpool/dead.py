@@ -76,6 +76,20 @@ class Entry:
         return f"the dead letter at position {self.pos} (job {self.id or 'without id'})"
 
 
+def fresh(job: bytes) -> bytes:
+    """A requeued job starts over: a job that failed its last retry would otherwise come
+    back with no retries left.  Only the worker-set ``attempt`` field is dropped; a job
+    that is not a JSON object is requeued byte for byte."""
+    try:
+        obj = json.loads(job)
+    except ValueError:
+        return job
+    if not isinstance(obj, dict) or "attempt" not in obj:
+        return job
+    del obj["attempt"]
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def raw_job(e: Entry) -> bytes:
     """The job's bytes exactly as first pushed; ValueError says why there are none."""
     if not e.queue or any(c.isspace() for c in e.queue):
@@ -153,7 +167,7 @@ def requeue(r: redis.Redis, keys: Keys, ids: list[str] | tuple[str, ...] = (), *
             report.unreadable += int(all and queue is None)
         elif (queue is None or e.queue == queue) and (all or e.id in wanted):
             try:
-                todo.append((e, raw_job(e)))
+                todo.append((e, fresh(raw_job(e))))
             except ValueError as why:
                 report.skipped.append((e, str(why)))
     todo.reverse()  # oldest first: pushed first, so taken first
