@@ -5,11 +5,13 @@ without a server, and the session's private valkey-server for the truth.  A test
 passes on one and fails on the other is a finding about one of them, not noise.
 
 Every test speaks of lists and keys only through protocol.Keys, as the code does.
+Reserving needs a live lease (lease.Lease, tested in test_lease.py): its epoch fences
+a supervisor that was declared dead.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import socket
 import subprocess
@@ -25,8 +27,8 @@ import pytest
 import redis
 
 from redpool import protocol as p
-from redpool.errors import NameInUse
-from redpool.queue import REPLY_TTL_WHEN_NO_RESULT, Completion, RedisQueue, connect
+from redpool.lease import Lease
+from redpool.queue import REPLY_TTL_WHEN_NO_RESULT, Completion, RedisQueue, Reserved, connect
 
 SUP = "sup-1"
 
@@ -36,13 +38,33 @@ class Backend:
     name: str
     r: redis.Redis
     keys: p.Keys
-    connect: Callable[[], redis.Redis]   # a second connection (for blocking calls)
+    connect: Callable[[], redis.Redis]   # a second connection (for blocking calls, threads)
+
+
+def fake_server() -> fakeredis.FakeServer:
+    """A FakeServer whose Lua has ``redis.sha1hex``.
+
+    fakeredis 2.40 leaves it out of its ``redis`` table (every real server has had it
+    since 2.6), and the crash counts are keyed by it.  The table lives in the server's
+    one Lua runtime, created by the first script: add the function there, computed as
+    the server computes it (lowercase hex SHA-1 of the bytes)."""
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server)
+    client.eval("return 1", 0)
+    runtime = getattr(server, "_lua_runtime", None)
+    if runtime is None:
+        pytest.fail("fakeredis changed how it keeps its Lua runtime: update fake_server()")
+    lua_redis = runtime.globals().redis
+    if lua_redis.sha1hex is None:
+        lua_redis.sha1hex = lambda data: hashlib.sha1(data).hexdigest().encode()
+    client.close()
+    return server
 
 
 @pytest.fixture(params=["fakeredis", "real"])
 def backend(request):
     if request.param == "fakeredis":
-        server = fakeredis.FakeServer()
+        server = fake_server()
         client = fakeredis.FakeRedis(server=server)
         yield Backend("fakeredis", client, p.Keys(f"t{uuid.uuid4().hex[:10]}"),
                       lambda: fakeredis.FakeRedis(server=server))
@@ -54,10 +76,33 @@ def backend(request):
                       lambda: connect(url, blocking_timeout=10.0))
 
 
+@pytest.fixture
+def epoch(backend) -> str:
+    """SUP's lease epoch: SUP is registered, as a supervisor is before it reserves."""
+    return register(backend, SUP).epoch
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 def job(n: int, **kw) -> bytes:
     return p.encode_job(p.make_job("tests.work", [n], id=f"job-{n}", now=1700000000.0 + n, **kw))
+
+
+def retry_of(raw: bytes) -> bytes:
+    """The next attempt of ``raw``, as a worker schedules it."""
+    return p.decode_job(raw).retry()
+
+
+def info(name: str = SUP, pid: int | None = None, host: str | None = None) -> dict:
+    """What a supervisor writes into its lease."""
+    return {"name": name, "host": host or socket.gethostname(),
+            "pid": os.getpid() if pid is None else pid, "version": "test"}
+
+
+def register(b: Backend, name: str = SUP, lease: float = 15.0, keys: p.Keys | None = None) -> Lease:
+    held = Lease(b.r, keys or b.keys, name)
+    held.register(info(name), lease=lease)
+    return held
 
 
 def push(b: Backend, queue: str, *raws: bytes) -> None:
@@ -68,6 +113,24 @@ def push(b: Backend, queue: str, *raws: bytes) -> None:
 
 def lrange(b: Backend, key: str) -> list[bytes]:
     return b.r.lrange(key, 0, -1)
+
+
+def pairs(got: list[Reserved]) -> list[tuple[str, bytes]]:
+    return [(x.queue, x.raw) for x in got]
+
+
+def sha1(raw: bytes) -> str:
+    return hashlib.sha1(raw).hexdigest()
+
+
+def crash_count(b: Backend, raw: bytes) -> int | None:
+    v = b.r.hget(b.keys.crashes, sha1(raw))
+    return None if v is None else int(v)
+
+
+def server_now(b: Backend) -> float:
+    seconds, micros = b.r.time()
+    return seconds + micros / 1_000_000
 
 
 def lists_holding(b: Backend, raw: bytes) -> list[str]:
@@ -81,14 +144,15 @@ def lists_holding(b: Backend, raw: bytes) -> list[str]:
 
 def completion(q: str, raw: bytes, *, ttl: int = 100, reply_to: str | None = None,
                result_id: str | None = "auto", dead: bytes | None = None,
-               envelope: bytes | None = b"auto") -> Completion:
+               envelope: bytes | None = b"auto", retry: bytes | None = None,
+               retry_delay: float = 0.0) -> Completion:
     job_id = p.loads(raw)["id"]
     if result_id == "auto":
         result_id = job_id if ttl > 0 else None
     if envelope == b"auto":
         envelope = p.dumps(p.envelope(id=job_id, task="tests.work", queue=q, status=p.SUCCEEDED,
                                       worker=SUP, result=job_id.upper(), finished_at=1.0))
-    return Completion(q, raw, result_id, ttl, reply_to, envelope, dead)
+    return Completion(q, raw, result_id, ttl, reply_to, envelope, dead, retry, retry_delay)
 
 
 def dead_pid() -> int:
@@ -117,28 +181,28 @@ class TestRedisQueueContract:
 
     # reserve ---------------------------------------------------------------------------------
 
-    def test_reserve_takes_the_oldest_job_first(self, backend):
+    def test_reserve_takes_the_oldest_job_first(self, backend, epoch):
         b = backend
         push(b, "a", job(1), job(2), job(3))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
 
-        got = q.reserve(3)
+        got = q.reserve(3, epoch)
 
-        assert got == [("a", job(1)), ("a", job(2)), ("a", job(3))]
+        assert got == [Reserved("a", job(1), 0), Reserved("a", job(2), 0), Reserved("a", job(3), 0)]
 
-    def test_reserve_respects_n(self, backend):
+    def test_reserve_respects_n(self, backend, epoch):
         b = backend
         push(b, "a", *(job(i) for i in range(5)))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
 
-        assert q.reserve(2) == [("a", job(0)), ("a", job(1))]
-        assert q.reserve(0) == []
-        assert q.reserve(-3) == []
+        assert pairs(q.reserve(2, epoch)) == [("a", job(0)), ("a", job(1))]
+        assert q.reserve(0, epoch) == []
+        assert q.reserve(-3, epoch) == []
         assert lrange(b, b.keys.queue("a")) == [job(4), job(3), job(2)]
-        assert q.reserve(10) == [("a", job(2)), ("a", job(3)), ("a", job(4))]
-        assert q.reserve(10) == []
+        assert pairs(q.reserve(10, epoch)) == [("a", job(2)), ("a", job(3)), ("a", job(4))]
+        assert q.reserve(10, epoch) == []
 
-    def test_reserve_empties_queues_in_the_given_priority_order(self, backend):
+    def test_reserve_empties_queues_in_the_given_priority_order(self, backend, epoch):
         b = backend
         # Given the priority order is the list order, not alphabetical
         push(b, "low", job(1), job(2))
@@ -147,27 +211,27 @@ class TestRedisQueueContract:
         q = RedisQueue(b.r, b.keys, SUP, ["high", "mid", "low"])
 
         # When fewer jobs are asked for than there are
-        first = q.reserve(3)
+        first = q.reserve(3, epoch)
         # Then the highest queue is emptied before the next one is touched
-        assert first == [("high", job(4)), ("high", job(5)), ("mid", job(3))]
-        assert q.reserve(10) == [("low", job(1)), ("low", job(2))]
+        assert pairs(first) == [("high", job(4)), ("high", job(5)), ("mid", job(3))]
+        assert pairs(q.reserve(10, epoch)) == [("low", job(1)), ("low", job(2))]
 
-    def test_reserve_prefers_a_higher_queue_even_for_older_jobs_below(self, backend):
+    def test_reserve_prefers_a_higher_queue_even_for_older_jobs_below(self, backend, epoch):
         b = backend
         push(b, "low", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["high", "low"])
-        assert q.reserve(1) == [("low", job(1))]
+        assert pairs(q.reserve(1, epoch)) == [("low", job(1))]
         push(b, "low", job(2))
         push(b, "high", job(3))
-        assert q.reserve(1) == [("high", job(3))]
+        assert pairs(q.reserve(1, epoch)) == [("high", job(3))]
 
-    def test_reserve_moves_each_job_into_its_queues_processing_list(self, backend):
+    def test_reserve_moves_each_job_into_its_queues_processing_list(self, backend, epoch):
         b = backend
         push(b, "a", job(1), job(2))
         push(b, "b", job(3))
         q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
 
-        q.reserve(3)
+        q.reserve(3, epoch)
 
         assert lrange(b, b.keys.queue("a")) == []
         assert lrange(b, b.keys.queue("b")) == []
@@ -177,28 +241,157 @@ class TestRedisQueueContract:
         for n, queue in ((1, "a"), (2, "a"), (3, "b")):
             assert lists_holding(b, job(n)) == [b.keys.processing(SUP, queue)]
 
-    def test_a_job_is_always_in_exactly_one_list(self, backend):
+    def test_a_job_is_always_in_exactly_one_list(self, backend, epoch):
         b = backend
         raws = [job(i) for i in range(8)]
         push(b, "a", *raws[:4])
         push(b, "b", *raws[4:])
         q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
 
-        for step in (q.reserve(3), q.reserve(2)):
+        for step in (q.reserve(3, epoch), q.reserve(2, epoch)):
             assert step
             for raw in raws:
                 assert len(lists_holding(b, raw)) == 1, raw
 
-    def test_reserve_does_not_touch_other_supervisors_or_queues(self, backend):
+    def test_reserve_does_not_touch_other_supervisors_or_queues(self, backend, epoch):
         b = backend
         push(b, "a", job(1))
         push(b, "other", job(2))
         mine = RedisQueue(b.r, b.keys, SUP, ["a"])
         theirs = RedisQueue(b.r, b.keys, "sup-2", ["a"])
-        assert theirs.reserve(5) == [("a", job(1))]
-        assert mine.reserve(5) == []
+        assert pairs(theirs.reserve(5, register(b, "sup-2").epoch)) == [("a", job(1))]
+        assert mine.reserve(5, epoch) == []
         assert lrange(b, b.keys.queue("other")) == [job(2)]
         assert lrange(b, b.keys.processing("sup-2", "a")) == [job(1)]
+
+    # reserve is fenced by the lease ----------------------------------------------------------
+
+    def test_reserve_with_a_wrong_epoch_takes_nothing(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+
+        assert q.reserve(2, "not-" + epoch) is None
+
+        assert lrange(b, b.keys.queue("a")) == [job(2), job(1)]
+        assert lrange(b, b.keys.processing(SUP, "a")) == []
+        # and the right epoch still works
+        assert pairs(q.reserve(2, epoch)) == [("a", job(1)), ("a", job(2))]
+
+    def test_reserve_without_any_lease_takes_nothing(self, backend):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        assert q.reserve(1, "") is None
+        assert q.reserve(1, "some-epoch") is None
+        assert lrange(b, b.keys.queue("a")) == [job(1)]
+
+    def test_reserve_after_the_lease_expired_takes_nothing(self, backend):
+        b = backend
+        held = register(b, SUP, lease=0.2)
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+
+        # When the lease runs out (judged by the server's clock)
+        wait_until(lambda: not b.r.exists(b.keys.supervisor(SUP)), what="the lease to expire")
+
+        # Then the old epoch reserves nothing
+        assert q.reserve(1, held.epoch) is None
+        assert lrange(b, b.keys.queue("a")) == [job(1)]
+        assert lrange(b, b.keys.processing(SUP, "a")) == []
+
+    def test_reserve_with_the_epoch_of_a_previous_registration_takes_nothing(self, backend):
+        b = backend
+        # Given our lease expired and the name was registered again (by us, or a successor)
+        old = register(b, SUP)
+        b.r.delete(b.keys.supervisor(SUP))
+        new = register(b, SUP)
+        assert new.epoch != old.epoch
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+
+        assert q.reserve(1, old.epoch) is None
+        assert lrange(b, b.keys.queue("a")) == [job(1)]
+        assert pairs(q.reserve(1, new.epoch)) == [("a", job(1))]
+
+    # crash counts ----------------------------------------------------------------------------
+
+    def test_crashed_puts_the_job_back_at_the_head_and_counts(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        assert q.reserve(1, epoch) == [Reserved("a", job(1), 0)]
+
+        # When the child running job 1 dies
+        assert q.crashed("a", job(1)) == 1
+
+        # Then job 1 is at the head of its queue (taken next), not in processing
+        assert lrange(b, b.keys.queue("a")) == [job(2), job(1)]
+        assert lrange(b, b.keys.processing(SUP, "a")) == []
+        assert crash_count(b, job(1)) == 1
+        # and its next delivery says how often it crashed
+        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1)]
+        assert q.crashed("a", job(1)) == 2
+        assert q.reserve(2, epoch) == [Reserved("a", job(1), 2), Reserved("a", job(2), 0)]
+        assert crash_count(b, job(1)) == 2
+        assert crash_count(b, job(2)) is None
+
+    def test_crashed_for_a_job_no_longer_ours_does_nothing(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        # Given a reaper took job 1 back while its child was dying
+        q.reserve(1, epoch)
+        b.r.lrem(b.keys.processing(SUP, "a"), 1, job(1))
+        b.r.rpush(b.keys.queue("a"), job(1))
+
+        assert q.crashed("a", job(1)) == 0
+
+        assert lrange(b, b.keys.queue("a")) == [job(1)]   # not pushed twice
+        assert crash_count(b, job(1)) is None
+
+    def test_a_requeue_keeps_the_crash_count(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        q.crashed("a", job(1))
+
+        taken = q.reserve(1, epoch)
+        assert q.requeue(pairs(taken)) == 1   # an orderly put-back is not a crash
+
+        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1)]
+
+    def test_complete_clears_the_crash_count(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(2, epoch)
+        q.crashed("a", job(1))
+        q.crashed("a", job(2))
+        q.reserve(2, epoch)
+
+        assert q.complete([completion("a", job(1))]) == (0, 0)
+
+        assert crash_count(b, job(1)) is None          # HDEL, not a zero left behind
+        assert b.r.hexists(b.keys.crashes, sha1(job(1))) == 0
+        assert crash_count(b, job(2)) == 1             # the other job's count stays
+
+    def test_completing_a_fenced_job_keeps_its_crash_count(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        q.crashed("a", job(1))
+        q.reserve(1, epoch)
+        # Given a reaper took it back (counting another crash)
+        b.r.lrem(b.keys.processing(SUP, "a"), 1, job(1))
+        b.r.rpush(b.keys.queue("a"), job(1))
+        b.r.hincrby(b.keys.crashes, sha1(job(1)), 1)
+
+        assert q.complete([completion("a", job(1))]) == (1, 0)
+
+        assert crash_count(b, job(1)) == 2
 
     # block_reserve ---------------------------------------------------------------------------
 
@@ -206,6 +399,18 @@ class TestRedisQueueContract:
         b = backend
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
         assert q.block_reserve(b.connect(), "a", 0.05) is None
+
+    def test_block_reserve_reports_the_crash_count(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        q.crashed("a", job(1))
+
+        got = q.block_reserve(b.connect(), "a", 0.05)
+
+        assert got == Reserved("a", job(1), 1)
+        assert lists_holding(b, job(1)) == [b.keys.processing(SUP, "a")]
 
     def test_block_reserve_returns_a_job_pushed_while_it_waits(self, backend):
         b = backend
@@ -216,7 +421,7 @@ class TestRedisQueueContract:
         conn = b.connect()
         my_id = conn.client_id()
         out: dict = {}
-        t = threading.Thread(target=lambda: out.update(raw=q.block_reserve(conn, "b", 10.0)))
+        t = threading.Thread(target=lambda: out.update(got=q.block_reserve(conn, "b", 10.0)))
 
         # Given a connection blocked in BLMOVE on queue b
         t.start()
@@ -230,18 +435,18 @@ class TestRedisQueueContract:
 
         # Then the waiter got it, and it moved atomically into our processing list
         assert not t.is_alive()
-        assert out["raw"] == job(7)
+        assert out["got"] == Reserved("b", job(7), 0)
         assert lrange(b, b.keys.queue("b")) == []
         assert lists_holding(b, job(7)) == [b.keys.processing(SUP, "b")]
         conn.close()
 
     # complete --------------------------------------------------------------------------------
 
-    def test_complete_writes_result_and_reply_with_the_ttl(self, backend):
+    def test_complete_writes_result_and_reply_with_the_ttl(self, backend, epoch):
         b = backend
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(1)
+        q.reserve(1, epoch)
         c = completion("a", job(1), ttl=100, reply_to=b.keys.reply("client-1"))
 
         assert q.complete([c]) == (0, 0)
@@ -252,12 +457,13 @@ class TestRedisQueueContract:
         assert 90 <= b.r.ttl(b.keys.reply("client-1")) <= 100
         assert lrange(b, b.keys.processing(SUP, "a")) == []
         assert b.r.llen(b.keys.dead) == 0
+        assert b.r.exists(b.keys.scheduled("a")) == 0
 
-    def test_complete_accepts_the_largest_result_ttl(self, backend):
+    def test_complete_accepts_the_largest_result_ttl(self, backend, epoch):
         b = backend
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(1)
+        q.reserve(1, epoch)
         reply = b.keys.reply("long")
 
         assert q.complete([completion("a", job(1), ttl=p.MAX_RESULT_TTL, reply_to=reply)]) == (0, 0)
@@ -265,11 +471,11 @@ class TestRedisQueueContract:
         assert p.MAX_RESULT_TTL - 10 <= b.r.ttl(b.keys.result("job-1")) <= p.MAX_RESULT_TTL
         assert p.MAX_RESULT_TTL - 10 <= b.r.ttl(reply) <= p.MAX_RESULT_TTL
 
-    def test_complete_with_ttl_0_writes_no_result_key_and_keeps_the_reply(self, backend):
+    def test_complete_with_ttl_0_writes_no_result_key_and_keeps_the_reply(self, backend, epoch):
         b = backend
         push(b, "a", job(1), job(2))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(2)
+        q.reserve(2, epoch)
         reply = b.keys.reply("c-ttl0")
         # One as the worker builds it (no result id), one with an id anyway: neither
         # may leave a result key behind that would never expire.
@@ -284,11 +490,11 @@ class TestRedisQueueContract:
         assert REPLY_TTL_WHEN_NO_RESULT - 10 <= b.r.ttl(reply) <= REPLY_TTL_WHEN_NO_RESULT
         assert lrange(b, b.keys.processing(SUP, "a")) == []
 
-    def test_complete_without_envelope_writes_nothing_but_removes_the_job(self, backend):
+    def test_complete_without_envelope_writes_nothing_but_removes_the_job(self, backend, epoch):
         b = backend
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(1)
+        q.reserve(1, epoch)
         c = completion("a", job(1), reply_to=b.keys.reply("c"), envelope=None)
 
         assert q.complete([c]) == (0, 0)
@@ -296,12 +502,12 @@ class TestRedisQueueContract:
         assert b.r.exists(b.keys.result("job-1"), b.keys.reply("c")) == 0
         assert lists_holding(b, job(1)) == []
 
-    def test_complete_writes_dead_entries_and_trims_the_dead_list(self, backend):
+    def test_complete_writes_dead_entries_and_trims_the_dead_list(self, backend, epoch):
         b = backend
         raws = [job(i) for i in range(5)]
         push(b, "a", *raws)
         q = RedisQueue(b.r, b.keys, SUP, ["a"], dead_max=3)
-        q.reserve(5)
+        q.reserve(5, epoch)
         deads = [p.dumps({"n": i}) for i in range(5)]
 
         assert q.complete([completion("a", raw, dead=d) for raw, d in zip(raws, deads)]) == (0, 0)
@@ -312,21 +518,21 @@ class TestRedisQueueContract:
         # and results were still written for jobs that have a dead entry
         assert b.r.get(b.keys.result("job-0")) is not None
 
-    def test_dead_list_trim_applies_across_calls(self, backend):
+    def test_dead_list_trim_applies_across_calls(self, backend, epoch):
         b = backend
         raws = [job(i) for i in range(4)]
         push(b, "a", *raws)
         q = RedisQueue(b.r, b.keys, SUP, ["a"], dead_max=2)
-        q.reserve(4)
+        q.reserve(4, epoch)
         for i, raw in enumerate(raws):
             q.complete([completion("a", raw, dead=p.dumps({"n": i}))])
         assert [p.loads(x)["n"] for x in lrange(b, b.keys.dead)] == [3, 2]
 
-    def test_complete_fences_jobs_no_longer_ours(self, backend):
+    def test_complete_fences_jobs_no_longer_ours(self, backend, epoch):
         b = backend
         push(b, "a", job(1), job(2))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(2)
+        q.reserve(2, epoch)
         # Given a reaper took job 2 back to its queue (our lease had expired)
         assert b.r.lrem(b.keys.processing(SUP, "a"), 1, job(2)) == 1
         b.r.rpush(b.keys.queue("a"), job(2))
@@ -345,11 +551,11 @@ class TestRedisQueueContract:
         assert lrange(b, b.keys.queue("a")) == [job(2)]
         assert lrange(b, b.keys.processing(SUP, "a")) == []
 
-    def test_completing_twice_writes_once(self, backend):
+    def test_completing_twice_writes_once(self, backend, epoch):
         b = backend
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(1)
+        q.reserve(1, epoch)
         reply = b.keys.reply("twice")
         assert q.complete([completion("a", job(1), reply_to=reply)]) == (0, 0)
         assert q.complete([completion("a", job(1), reply_to=reply)]) == (1, 0)
@@ -361,21 +567,21 @@ class TestRedisQueueContract:
         assert q.complete([]) == (0, 0)
         assert q.complete(iter(())) == (0, 0)
 
-    def test_a_large_batch_is_acknowledged_in_one_script_call(self, backend):
+    def test_a_large_batch_is_acknowledged_in_one_script_call(self, backend, epoch):
         b = backend
         n = 300
         raws = [job(i) for i in range(n)]
         push(b, "a", *raws[: n // 2])
         push(b, "b", *raws[n // 2:])
         q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
-        taken = q.reserve(n)
+        taken = q.reserve(n, epoch)
         assert len(taken) == n
         calls = []
         script = q._complete
         q._complete = lambda **kw: calls.append(kw) or script(**kw)
         reply = b.keys.reply("batch")
 
-        missing = q.complete(completion(queue, raw, reply_to=reply) for queue, raw in taken)
+        missing = q.complete(completion(x.queue, x.raw, reply_to=reply) for x in taken)
 
         assert missing == (0, 0)
         assert len(calls) == 1
@@ -384,19 +590,19 @@ class TestRedisQueueContract:
         assert b.r.llen(b.keys.processing(SUP, "a")) == 0
         assert b.r.llen(b.keys.processing(SUP, "b")) == 0
 
-    def test_complete_of_a_job_from_a_queue_no_longer_listened_on(self, backend):
+    def test_complete_of_a_job_from_a_queue_no_longer_listened_on(self, backend, epoch):
         b = backend
         push(b, "old", job(1))
-        RedisQueue(b.r, b.keys, SUP, ["old"]).reserve(1)
+        RedisQueue(b.r, b.keys, SUP, ["old"]).reserve(1, epoch)
         q = RedisQueue(b.r, b.keys, SUP, ["new"])
         assert q.complete([completion("old", job(1))]) == (0, 0)
         assert lists_holding(b, job(1)) == []
 
-    def test_a_reply_to_that_is_not_a_list_does_not_poison_the_batch(self, backend):
+    def test_a_reply_to_that_is_not_a_list_does_not_poison_the_batch(self, backend, epoch):
         b = backend
         push(b, "a", job(1), job(2), job(3))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(3)
+        q.reserve(3, epoch)
         reply, not_a_list = b.keys.reply("ok"), b.keys.reply("a-string")
         b.r.set(not_a_list, "someone else's value")
 
@@ -411,13 +617,13 @@ class TestRedisQueueContract:
         assert lrange(b, b.keys.dead) == [b'{"d":2}']
         assert b.r.get(not_a_list) == b"someone else's value"
 
-    def test_a_reply_to_naming_one_of_our_own_keys_is_never_written(self, backend):
+    def test_a_reply_to_naming_one_of_our_own_keys_is_never_written(self, backend, epoch):
         # Given a job whose reply_to is a queue (LPUSH + EXPIRE would corrupt the queue)
         b = backend
         push(b, "a", job(1))
         push(b, "other", b"queued")
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.reserve(1)
+        q.reserve(1, epoch)
         result = q.complete([completion("a", job(1), reply_to=b.keys.queue("other"))])
         # Then the reply is skipped, the queue untouched and without a TTL
         assert result == (0, 1)
@@ -425,42 +631,198 @@ class TestRedisQueueContract:
         assert b.r.ttl(b.keys.queue("other")) == -1
         assert b.r.exists(b.keys.result("job-1")) == 1
 
+    # complete with a retry -------------------------------------------------------------------
+
+    def test_complete_with_a_retry_schedules_it_on_the_server_clock(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        q.crashed("a", job(1))
+        q.reserve(1, epoch)
+        nxt = retry_of(job(1))
+        reply = b.keys.reply("retry")
+        # as the supervisor builds it from a "retrying" outcome: no envelope
+        c = completion("a", job(1), reply_to=reply, envelope=None, retry=nxt, retry_delay=2.5)
+        assert c.result_id == "job-1"
+
+        before = server_now(b)
+        assert q.complete([c]) == (0, 0)
+        after = server_now(b)
+
+        # Then the job left processing, and its next attempt waits in the scheduled set
+        assert lists_holding(b, job(1)) == []
+        ((member, due),) = b.r.zrange(b.keys.scheduled("a"), 0, -1, withscores=True)
+        assert member == nxt
+        # due = server time (whole ms) + 2.5 s
+        assert before + 2.5 - 0.002 <= due <= after + 2.5 + 0.001
+        # and nothing was answered: the producer waits for the last attempt
+        assert b.r.exists(b.keys.result("job-1"), reply) == 0
+        assert b.r.llen(b.keys.dead) == 0
+        assert crash_count(b, job(1)) is None
+        assert lrange(b, b.keys.queue("a")) == []
+
+    def test_a_fenced_retry_is_not_scheduled(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        b.r.lrem(b.keys.processing(SUP, "a"), 1, job(1))   # taken back by a reaper
+        b.r.rpush(b.keys.queue("a"), job(1))
+
+        c = completion("a", job(1), envelope=None, retry=retry_of(job(1)), retry_delay=1.0)
+        assert q.complete([c]) == (1, 0)
+
+        assert b.r.exists(b.keys.scheduled("a")) == 0
+        assert lrange(b, b.keys.queue("a")) == [job(1)]
+
+    def test_one_batch_mixes_results_retries_and_dead_letters(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2))
+        push(b, "b", job(3))
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+        q.reserve(3, epoch)
+
+        assert q.complete([completion("a", job(1)),
+                           completion("a", job(2), envelope=None, retry=retry_of(job(2)),
+                                      retry_delay=60.0),
+                           completion("b", job(3), dead=b'{"d":3}')]) == (0, 0)
+
+        assert b.r.exists(b.keys.result("job-1"), b.keys.result("job-3")) == 2
+        assert b.r.exists(b.keys.result("job-2")) == 0
+        assert b.r.zrange(b.keys.scheduled("a"), 0, -1) == [retry_of(job(2))]
+        assert b.r.exists(b.keys.scheduled("b")) == 0   # each retry goes to its own queue
+        assert lrange(b, b.keys.dead) == [b'{"d":3}']
+        assert q.processing_contents() == {"a": [], "b": []}
+
+    # promote ---------------------------------------------------------------------------------
+
+    def test_promote_with_nothing_scheduled(self, backend):
+        b = backend
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+        assert q.promote() == (0, None)
+
+    def test_promote_moves_due_jobs_and_leaves_future_ones(self, backend, epoch):
+        b = backend
+        now = server_now(b)
+        push(b, "a", job(9))   # already waiting
+        b.r.zadd(b.keys.scheduled("a"), {job(1): now - 5, job(2): now - 1, job(3): now + 100})
+        b.r.zadd(b.keys.scheduled("b"), {job(4): now - 2})
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+
+        moved, until_next = q.promote()
+
+        assert moved == 3
+        assert 98.0 <= until_next <= 100.0
+        # LPUSHed like new jobs: behind those already waiting, the earliest due first
+        assert lrange(b, b.keys.queue("a")) == [job(2), job(1), job(9)]
+        assert lrange(b, b.keys.queue("b")) == [job(4)]
+        assert b.r.zrange(b.keys.scheduled("a"), 0, -1) == [job(3)]
+        assert b.r.exists(b.keys.scheduled("b")) == 0
+        assert pairs(q.reserve(4, epoch)) == [("a", job(9)), ("a", job(1)), ("a", job(2)),
+                                              ("b", job(4))]
+        # promoting again moves nothing and still says when the next one is due
+        moved, until_next = q.promote()
+        assert moved == 0 and 98.0 <= until_next <= 100.0
+
+    def test_promote_judges_due_by_the_servers_clock(self, backend):
+        b = backend
+        # Given one job due a moment ago and one a moment ahead, by the server's TIME
+        now = server_now(b)
+        b.r.zadd(b.keys.scheduled("a"), {job(1): now - 0.05, job(2): now + 30})
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        assert q.promote()[0] == 1
+        assert lrange(b, b.keys.queue("a")) == [job(1)]
+
+    def test_promote_only_touches_our_queues(self, backend):
+        b = backend
+        now = server_now(b)
+        b.r.zadd(b.keys.scheduled("other"), {job(1): now - 1})
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        assert q.promote() == (0, None)
+        assert b.r.zcard(b.keys.scheduled("other")) == 1
+        assert b.r.exists(b.keys.queue("other")) == 0
+
+    def test_promote_moves_at_most_limit_per_queue(self, backend):
+        b = backend
+        now = server_now(b)
+        b.r.zadd(b.keys.scheduled("a"), {job(i): now - 10 + i for i in range(5)})
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+
+        assert q.promote(limit=2) == (2, 0.0)   # more are due already
+        assert lrange(b, b.keys.queue("a")) == [job(1), job(0)]
+        assert q.promote(limit=10) == (3, None)
+
+    def test_concurrent_promotes_move_each_job_exactly_once(self, backend):
+        b = backend
+        n = 200
+        now = server_now(b)
+        b.r.zadd(b.keys.scheduled("a"), {job(i): now - 1 for i in range(n)})
+        movers = [RedisQueue(b.connect(), b.keys, f"sup-{k}", ["a"]) for k in range(2)]
+        start = threading.Barrier(len(movers))
+        totals = [0] * len(movers)
+        errors: list[BaseException] = []
+
+        def promote_all(k: int) -> None:
+            try:
+                start.wait(5)
+                while True:
+                    moved, _ = movers[k].promote(limit=7)
+                    if not moved:
+                        return
+                    totals[k] += moved
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=promote_all, args=(k,)) for k in range(len(movers))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
+        assert not errors
+        assert sum(totals) == n
+        queued = lrange(b, b.keys.queue("a"))
+        assert len(queued) == n and set(queued) == {job(i) for i in range(n)}
+        assert b.r.exists(b.keys.scheduled("a")) == 0
+
     # requeue ---------------------------------------------------------------------------------
 
-    def test_requeue_puts_jobs_back_at_the_head_in_their_order(self, backend):
+    def test_requeue_puts_jobs_back_at_the_head_in_their_order(self, backend, epoch):
         b = backend
         push(b, "a", *(job(i) for i in range(1, 6)))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        taken = q.reserve(3)
-        assert [raw for _, raw in taken] == [job(1), job(2), job(3)]
+        taken = q.reserve(3, epoch)
+        assert [x.raw for x in taken] == [job(1), job(2), job(3)]
 
-        assert q.requeue(taken) == 3
+        assert q.requeue(pairs(taken)) == 3
 
         assert lrange(b, b.keys.processing(SUP, "a")) == []
         # the oldest is taken first next time, before the jobs that never left
-        assert [raw for _, raw in q.reserve(5)] == [job(i) for i in range(1, 6)]
+        assert [x.raw for x in q.reserve(5, epoch)] == [job(i) for i in range(1, 6)]
 
-    def test_requeue_across_queues(self, backend):
+    def test_requeue_across_queues(self, backend, epoch):
         b = backend
         push(b, "a", job(1), job(2))
         push(b, "b", job(3), job(4))
         q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
-        taken = q.reserve(3)   # 1, 2 from a; 3 from b
+        taken = q.reserve(3, epoch)   # 1, 2 from a; 3 from b
 
-        assert q.requeue(taken) == 3
+        assert q.requeue(pairs(taken)) == 3
 
         assert lrange(b, b.keys.queue("a")) == [job(2), job(1)]
         assert lrange(b, b.keys.queue("b")) == [job(4), job(3)]
-        assert q.reserve(4) == [("a", job(1)), ("a", job(2)), ("b", job(3)), ("b", job(4))]
+        assert pairs(q.reserve(4, epoch)) == [("a", job(1)), ("a", job(2)), ("b", job(3)),
+                                              ("b", job(4))]
 
-    def test_requeue_skips_jobs_no_longer_in_processing(self, backend):
+    def test_requeue_skips_jobs_no_longer_in_processing(self, backend, epoch):
         b = backend
         push(b, "a", job(1), job(2), job(3))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        taken = q.reserve(3)
+        taken = q.reserve(3, epoch)
         q.complete([completion("a", job(2))])
 
-        assert q.requeue(taken) == 2
+        assert q.requeue(pairs(taken)) == 2
 
         assert lrange(b, b.keys.queue("a")) == [job(3), job(1)]
         assert lists_holding(b, job(2)) == []
@@ -468,40 +830,59 @@ class TestRedisQueueContract:
 
     # recover ---------------------------------------------------------------------------------
 
-    def test_recover_returns_every_processing_list_to_its_queue_head(self, backend):
+    def test_recover_returns_every_processing_list_to_its_queue_head(self, backend, epoch):
         b = backend
-        # Given a previous run listened on "old" and "a", and was killed holding jobs
+        # Given a previous run listened on "old" and "a", and was stopped holding jobs
         push(b, "old", job(1), job(2))
         push(b, "a", job(3), job(4), job(5))
-        RedisQueue(b.r, b.keys, SUP, ["old", "a"]).reserve(4)
+        RedisQueue(b.r, b.keys, SUP, ["old", "a"]).reserve(4, epoch)
         push(b, "a", job(6))
 
         # When the restarted supervisor listens on "a" only
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        moved = q.recover()
+        moved = q.recover(crashed=False)
 
         # Then everything it held is back at the head of its queue, in order
         assert moved == {"old": 2, "a": 2}
-        assert q.in_processing() == 0
+        assert q.processing_contents() == {"a": []}
         assert lrange(b, b.keys.processing(SUP, "old")) == []
         assert lrange(b, b.keys.queue("old")) == [job(2), job(1)]
-        assert [raw for _, raw in q.reserve(10)] == [job(3), job(4), job(5), job(6)]
-        assert q.recover() == {"a": 4}
+        assert [x.raw for x in q.reserve(10, epoch)] == [job(3), job(4), job(5), job(6)]
+        assert q.recover(crashed=False) == {"a": 4}
 
-    def test_recover_leaves_other_supervisors_alone(self, backend):
+    def test_recover_after_a_crash_counts_one_for_each_job(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(2, epoch)
+
+        # When the jobs were left by a run that died
+        assert q.recover(crashed=True) == {"a": 2}
+
+        assert crash_count(b, job(1)) == 1 and crash_count(b, job(2)) == 1
+        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1), Reserved("a", job(2), 1)]
+
+        # When they are put back by an orderly shutdown: no crash is counted
+        assert q.recover(crashed=False) == {"a": 2}
+
+        assert crash_count(b, job(1)) == 1 and crash_count(b, job(2)) == 1
+        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1), Reserved("a", job(2), 1)]
+
+    def test_recover_leaves_other_supervisors_alone(self, backend, epoch):
         b = backend
         push(b, "a", *(job(i) for i in range(6)))
         # names that share a prefix with ours must not match our pattern
         for name in ("sup-1x", "sup-10", "sup-"):
-            RedisQueue(b.r, b.keys, name, ["a"]).reserve(1)
+            RedisQueue(b.r, b.keys, name, ["a"]).reserve(1, register(b, name).epoch)
         mine = RedisQueue(b.r, b.keys, SUP, ["a"])
-        mine.reserve(2)
+        mine.reserve(2, epoch)
 
-        assert mine.recover() == {"a": 2}
+        assert mine.recover(crashed=True) == {"a": 2}
 
         for name in ("sup-1x", "sup-10", "sup-"):
             assert b.r.llen(b.keys.processing(name, "a")) == 1
         assert b.r.llen(b.keys.queue("a")) == 3
+        assert sorted(int(v) for v in b.r.hvals(b.keys.crashes)) == [1, 1]
 
     def test_recover_escapes_a_namespace_that_looks_like_a_glob(self, backend):
         b = backend
@@ -509,10 +890,10 @@ class TestRedisQueueContract:
         plain = p.Keys(f"{b.keys.ns}:ab")   # matched by an unescaped "…:a?" pattern
         push(Backend(b.name, b.r, globby, b.connect), "q", job(1))
         push(Backend(b.name, b.r, plain, b.connect), "q", job(2))
-        RedisQueue(b.r, plain, SUP, ["q"]).reserve(1)
-        RedisQueue(b.r, globby, SUP, ["q"]).reserve(1)
+        RedisQueue(b.r, plain, SUP, ["q"]).reserve(1, register(b, SUP, keys=plain).epoch)
+        RedisQueue(b.r, globby, SUP, ["q"]).reserve(1, register(b, SUP, keys=globby).epoch)
 
-        assert RedisQueue(b.r, globby, SUP, []).recover() == {"q": 1}
+        assert RedisQueue(b.r, globby, SUP, []).recover(crashed=False) == {"q": 1}
 
         assert lrange(b, plain.processing(SUP, "q")) == [job(2)]
         assert lrange(b, globby.queue("q")) == [job(1)]
@@ -520,122 +901,22 @@ class TestRedisQueueContract:
     def test_recover_with_nothing_to_do(self, backend):
         b = backend
         q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
-        assert q.recover() == {}
-        assert q.in_processing() == 0
+        assert q.recover(crashed=True) == {}
+        assert q.processing_contents() == {"a": [], "b": []}
+        assert b.r.exists(b.keys.crashes) == 0
 
-    # register / heartbeat / unregister -------------------------------------------------------
+    # processing_contents ---------------------------------------------------------------------
 
-    def info(self, pid: int | None = None, host: str | None = None) -> dict:
-        return {"name": SUP, "host": host or socket.gethostname(),
-                "pid": os.getpid() if pid is None else pid, "version": "test"}
-
-    def test_register_claims_the_name_with_a_lease(self, backend):
+    def test_processing_contents_lists_what_redis_says_we_hold(self, backend, epoch):
         b = backend
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        push(b, "old", job(1))
+        push(b, "a", job(2), job(3))
+        RedisQueue(b.r, b.keys, SUP, ["old"]).reserve(1, epoch)
+        push(b, "a", job(4))
+        RedisQueue(b.r, b.keys, "sup-2", ["a"]).reserve(1, register(b, "sup-2").epoch)
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+        q.reserve(5, epoch)
 
-        q.register(self.info(), lease=15.0)
-
-        assert json.loads(b.r.get(b.keys.supervisor(SUP)))["pid"] == os.getpid()
-        assert 14_000 <= b.r.pttl(b.keys.supervisor(SUP)) <= 15_000
-        assert b.r.smembers(b.keys.supervisors) == {SUP.encode()}
-
-    def test_register_refuses_a_live_holder_on_another_host(self, backend):
-        b = backend
-        theirs = json.dumps(self.info(pid=1, host="another-host.example"))
-        b.r.set(b.keys.supervisor(SUP), theirs, px=15_000)
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
-
-        with pytest.raises(NameInUse, match="another-host.example") as e:
-            q.register(self.info(), lease=15.0)
-
-        assert "--name" in str(e.value)
-        assert b.r.get(b.keys.supervisor(SUP)).decode() == theirs
-
-    def test_register_refuses_a_live_process_on_this_host(self, backend):
-        b = backend
-        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        try:
-            theirs = json.dumps(self.info(pid=other.pid))
-            b.r.set(b.keys.supervisor(SUP), theirs, px=15_000)
-            q = RedisQueue(b.r, b.keys, SUP, ["a"])
-
-            with pytest.raises(NameInUse, match=str(other.pid)):
-                q.register(self.info(), lease=15.0)
-
-            assert b.r.get(b.keys.supervisor(SUP)).decode() == theirs
-        finally:
-            other.kill()
-            other.wait()
-
-    def test_register_takes_over_a_dead_process_heartbeat_on_this_host(self, backend):
-        b = backend
-        # Given a heartbeat left by a supervisor on this host that was kill -9'd
-        gone = dead_pid()
-        b.r.set(b.keys.supervisor(SUP), json.dumps(self.info(pid=gone)), px=15_000)
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
-
-        # When we start under the same name within its lease
-        q.register(self.info(), lease=5.0)
-
-        # Then the name is ours, with our lease
-        assert json.loads(b.r.get(b.keys.supervisor(SUP)))["pid"] == os.getpid()
-        assert 4_000 <= b.r.pttl(b.keys.supervisor(SUP)) <= 5_000
-        assert b.r.sismember(b.keys.supervisors, SUP)
-
-    def test_register_waits_out_a_heartbeat_with_our_own_pid_then_takes_it(self, backend):
-        # Given a heartbeat with our pid on this host (a restarted container is pid 1
-        # again) that nobody renews
-        b = backend
-        b.r.set(b.keys.supervisor(SUP), json.dumps(self.info()), px=400)
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        # When we register, we wait for it to expire, then the name is ours
-        q.register(self.info(), lease=2.0)
-        assert 1_000 <= b.r.pttl(b.keys.supervisor(SUP)) <= 2_000
-
-    def test_register_refuses_a_renewed_heartbeat_with_our_own_pid(self, backend):
-        # Given a twin (same host name, same pid in its own pid namespace) that renews
-        b = backend
-        key = b.keys.supervisor(SUP)
-        b.r.set(key, json.dumps(self.info()), px=1_000)
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
-
-        def renewing_sleep(seconds):
-            b.r.pexpire(key, 1_000)
-            time.sleep(0.05)
-
-        with pytest.raises(NameInUse):
-            q.register(self.info(), lease=1.0, sleep=renewing_sleep)
-
-    def test_register_refuses_an_unreadable_live_heartbeat(self, backend):
-        b = backend
-        b.r.set(b.keys.supervisor(SUP), b"not json", px=15_000)
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        # no host, no pid: we cannot tell it is dead, so we must not take it
-        with pytest.raises(NameInUse):
-            q.register(self.info(), lease=15.0)
-
-    def test_heartbeat_renews_the_lease_and_set_membership(self, backend):
-        b = backend
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        q.register(self.info(), lease=2.0)
-        b.r.srem(b.keys.supervisors, SUP)
-
-        q.heartbeat({**self.info(), "inflight": 3}, lease=30.0)
-
-        assert json.loads(b.r.get(b.keys.supervisor(SUP)))["inflight"] == 3
-        assert 29_000 <= b.r.pttl(b.keys.supervisor(SUP)) <= 30_000
-        assert b.r.sismember(b.keys.supervisors, SUP)
-
-    def test_unregister_removes_the_heartbeat_and_membership(self, backend):
-        b = backend
-        q = RedisQueue(b.r, b.keys, SUP, ["a"])
-        other = RedisQueue(b.r, b.keys, "sup-2", ["a"])
-        q.register(self.info(), lease=15.0)
-        other.register(self.info(host="elsewhere"), lease=15.0)
-
-        q.unregister()
-
-        assert b.r.exists(b.keys.supervisor(SUP)) == 0
-        assert b.r.smembers(b.keys.supervisors) == {b"sup-2"}
-        # and the name is free again
-        RedisQueue(b.r, b.keys, SUP, ["a"]).register(self.info(pid=1, host="h2"), lease=15.0)
+        # per queue, as the lists stand (newest first), with a queue we no longer listen
+        # on, our empty ones, and nothing of another supervisor's
+        assert q.processing_contents() == {"a": [job(4), job(3)], "b": [], "old": [job(1)]}

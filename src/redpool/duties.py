@@ -118,6 +118,8 @@ class Duties:
         if not self.redis_ready(now):
             return
         try:
+            if not self.leased and not self.name_lost:
+                self.reregister(now)
             if now >= self.next_renew:
                 self.next_renew = now + self.cfg.lease / 3
                 if not self.lease.renew(self.info(), self.cfg.lease):
@@ -149,14 +151,21 @@ class Duties:
         self.hooks.emit("lease_lost", during=during, lease=self.cfg.lease,
                         note="this supervisor was frozen or cut off for longer than its "
                              "lease; jobs taken back by a reaper ran elsewhere")
-        s = self.sup
-        s.requeue_backlog(now)
+        self.sup.requeue_backlog(now)
+        try:
+            self.reregister(now)
+        except redis.RedisError as e:
+            self.redis_failed(e, now, "register")
+
+    def reregister(self, now: float) -> None:
+        """Claim our name again under a new epoch (Redis errors propagate: retried on a
+        later tick, since ``leased`` stays False and nothing is reserved meanwhile)."""
         try:
             self.lease.register(self.info(), self.cfg.lease)
         except NameInUse as e:
             self.name_lost = True
             self.hooks.emit("name_taken", error=str(e))
-            s.stop_now()
+            self.sup.stop_now()
             return
         self.leased = True
         self.next_renew = now + self.cfg.lease / 3

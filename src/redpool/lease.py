@@ -95,21 +95,20 @@ class Reaper:
         self.name = name
         self._reap = load_script(r, "reap")
 
-    def run(self, lock_seconds: float = 10.0) -> dict[str, int]:
-        """One round, if no other supervisor is reaping right now.  Returns
-        {dead supervisor: jobs put back}."""
+    def run(self, lock_seconds: float = 1.0) -> dict[str, int]:
+        """One round, unless another supervisor has reaped in the last ``lock_seconds``
+        (the lock is left to expire: it also paces the rounds cluster-wide).  Returns
+        {dead supervisor: jobs put back}.  Our own lease is not judged here: renewal
+        tells us when it is lost."""
         if not self.r.set(self.keys.reaper, self.name, nx=True, px=int(lock_seconds * 1000)):
             return {}
-        try:
-            names = sorted(n.decode() for n in self.r.smembers(self.keys.supervisors))
-            pipe = self.r.pipeline(transaction=False)
-            for n in names:
-                pipe.exists(self.keys.supervisor(n))
-            dead = [n for n, alive in zip(names, pipe.execute()) if not alive]
-            return {n: self.reap(n) for n in dead}
-        finally:
-            if self.r.get(self.keys.reaper) == self.name.encode():
-                self.r.delete(self.keys.reaper)
+        names = sorted(n.decode() for n in self.r.smembers(self.keys.supervisors))
+        names = [n for n in names if n != self.name]
+        pipe = self.r.pipeline(transaction=False)
+        for n in names:
+            pipe.exists(self.keys.supervisor(n))
+        dead = [n for n, alive in zip(names, pipe.execute()) if not alive]
+        return {n: self.reap(n) for n in dead}
 
     def reap(self, dead: str) -> int:
         keys = [self.keys.supervisor(dead), self.keys.supervisors, self.keys.crashes]
