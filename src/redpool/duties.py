@@ -59,6 +59,7 @@ class Duties:
         self._backoff = 0.0
         self.next_renew = self.next_reap = self.next_promote = 0.0
         self.reap_not_before = 0.0
+        self.reconcile_pending = False
 
     def bind(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -112,7 +113,10 @@ class Duties:
 
     def next_due(self, now: float) -> float:
         # nothing is done before a Redis call waiting out its backoff may be retried
-        return max(min(self.next_renew, self.next_reap, self.next_promote), self.retry_at)
+        due = min(self.next_renew, self.next_reap, self.next_promote)
+        if self.reconcile_pending:  # waiting for the waiters' BLMOVE calls to return
+            due = min(due, now + 0.05)
+        return max(due, self.retry_at)
 
     def tick(self, now: float) -> None:
         if not self.redis_ready(now):
@@ -120,6 +124,8 @@ class Duties:
         try:
             if not self.leased and not self.name_lost:
                 self.reregister(now)
+            if self.reconcile_pending:
+                self.reconcile()
             if now >= self.next_renew:
                 self.next_renew = now + self.cfg.lease / 3
                 if not self.lease.renew(self.info(), self.cfg.lease):
@@ -203,7 +209,14 @@ class Duties:
         their queues (anything we hold that Redis lost is fenced at completion)."""
         s = self.sup
         if s.waiter is not None:
+            # A BLMOVE in flight may be moving a job into our list right now: it would
+            # look like a stray and be put back while we run it.  Wait until none is.
+            s.waiter.disarm()
+            if s.waiter.busy():
+                self.reconcile_pending = True
+                return
             s.backlog.extend(s.admit(r) for r in s.waiter.take())
+        self.reconcile_pending = False
         held = s.held()
         extra: list[tuple[str, bytes]] = []
         for queue, raws in self.rq.processing_contents().items():

@@ -290,7 +290,10 @@ class Supervisor:
             self.hooks.emit("burst_done")
             self.state = STOPPED
         elif self.waiter is not None:
-            self.waiter.arm() if empty else self.waiter.disarm()
+            if empty and not self.duties.reconcile_pending:
+                self.waiter.arm()
+            else:
+                self.waiter.disarm()
 
     def admit(self, r: Reserved) -> Work:
         """A reserved job, or a poison pill: one whose host or process died running it

@@ -33,6 +33,8 @@ class Waiter:
         self.inbox: deque[Reserved] = deque()
         self.errors: deque[BaseException] = deque()
         self._armed = threading.Event()
+        self._in_call = 0  # threads inside BLMOVE right now
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._pipe = Wakeup()
         self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True,
@@ -51,6 +53,11 @@ class Waiter:
     @property
     def armed(self) -> bool:
         return self._armed.is_set()
+
+    def busy(self) -> bool:
+        """A thread is inside BLMOVE: a job may be moving into our processing list
+        that is not in the inbox yet."""
+        return self._in_call > 0
 
     def fileno(self) -> int:
         return self._pipe.rfd
@@ -84,7 +91,13 @@ class Waiter:
             try:
                 if conn is None:
                     conn = self.connect()
-                got = self.rq.block_reserve(conn, queue, self.timeout)
+                with self._count_lock:
+                    self._in_call += 1
+                try:
+                    got = self.rq.block_reserve(conn, queue, self.timeout)
+                finally:
+                    with self._count_lock:
+                        self._in_call -= 1
                 backoff = 0.0
             except redis.RedisError as e:
                 self.errors.append(e)
