@@ -241,3 +241,17 @@ def test_prefetch_is_bounded(r, keys, daemons):
     assert d.wait(20) == 0
     assert r.llen(keys.queue("default")) == 30  # everything back, none lost
     assert r.llen(keys.processing("w1", "default")) == 0
+
+
+def test_a_child_killed_while_booting_is_replaced_not_taken_for_an_import_error(r, keys, daemons):
+    # Given a worker whose children take a while to import their task modules
+    d = daemons("--concurrency", "2", modules=("tests.taskmods.slow_import",))
+    # When one child is killed (an operator, the OOM killer) before it is ready
+    first = wait_for(lambda: d.children(), what="children spawning")[0]
+    os.kill(first, signal.SIGKILL)
+    # Then the daemon starts all the same, with a replacement, and runs jobs
+    d.wait_started()
+    lpush_jobs(r, keys, [{"task": "slow.ping", "id": "sp"}])
+    wait_for(lambda: envelope(r, keys, "sp"), timeout=30, what="the result")
+    assert envelope(r, keys, "sp")["result"] == "pong"
+    assert len(d.children()) == 2 and first not in d.children()

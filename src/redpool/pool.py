@@ -62,6 +62,7 @@ class Died:
 class BootFailed:
     pid: int
     message: str
+    import_error: bool = True   # False: it died (was killed) before it could say why
 
 
 @dataclass
@@ -132,17 +133,27 @@ class ProcessPool:
         for _ in range(self.size):
             self.spawn()
         deadline = time.monotonic() + timeout
-        while not all(c.ready for c in self.children):
+        deaths = 0
+        while not all(c.ready for c in self.children) or len(self.children) < self.size:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.kill_all()
                 raise BootError(f"pool children did not boot within {timeout:.0f} s")
             ready = multiprocessing.connection.wait(self.waitables(), timeout=left)
             for ev in self.poll(ready):
-                if isinstance(ev, BootFailed):
+                if isinstance(ev, BootFailed) and ev.import_error:
                     self.kill_all()
                     raise BootError(f"a pool child could not load the task modules "
                                     f"{self.modules}:\n{ev.message}")
+                if isinstance(ev, BootFailed):
+                    # killed while booting (by an operator, or the OOM killer): that says
+                    # nothing about the code; try again, a few times
+                    deaths += 1
+                    if deaths > 3 * self.size:
+                        self.kill_all()
+                        raise BootError(f"pool children keep dying while booting; the last "
+                                        f"one {ev.message}")
+                    self.spawn()
 
     def reconcile(self, now: float) -> list[Child]:
         """Bring the pool back to ``size`` live children (replacing the dead)."""
@@ -228,10 +239,15 @@ class ProcessPool:
                 self.children.remove(c)
                 c.conn.close()
                 if c.boot_error is not None or not c.ready:
-                    # a replacement that cannot boot is retried with backoff, not in a loop
-                    self.respawn_backoff = min(30.0, max(1.0, self.respawn_backoff * 2))
+                    # a replacement that cannot import the task modules is retried with
+                    # backoff, not in a loop; one killed while booting, after a short pause
+                    if c.boot_error is not None:
+                        self.respawn_backoff = min(30.0, max(1.0, self.respawn_backoff * 2))
+                    else:
+                        self.respawn_backoff = 0.5
                     self.next_spawn_at = time.monotonic() + self.respawn_backoff
-                    events.append(BootFailed(c.pid, c.boot_error or describe_exit(c.proc.exitcode)))
+                    events.append(BootFailed(c.pid, c.boot_error or describe_exit(c.proc.exitcode),
+                                             import_error=c.boot_error is not None))
                 elif c.stopping and c.token is None and c.proc.exitcode == 0:
                     continue  # retired on request
                 else:
