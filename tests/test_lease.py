@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -418,11 +417,3 @@ def test_a_reaper_never_reaps_itself(backend):
     next_round(b)
     assert Reaper(b.r, b.keys, "sup-c").run() == {"sup-a": 1}
     assert lrange(b, b.keys.queue("a")) == [job(1)]
-
-
-def test_the_lease_key_is_named_by_keys(backend):
-    # lease.py builds no key of its own: a producer in another language reads these names
-    b = backend
-    held = register(b, SUP)
-    assert held.key == b.keys.supervisor(SUP)
-    assert socket.gethostname() == lease_of(b)[1]["host"]

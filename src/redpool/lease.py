@@ -40,6 +40,7 @@ class Lease:
         self.epoch = ""
         self._register = load_script(r, "register")
         self._renew = load_script(r, "renew")
+        self._unregister = load_script(r, "unregister")
 
     def register(self, info: dict, lease: float, *, sleep=time.sleep) -> None:
         """Claim our name under a new epoch; refuse if another live supervisor holds it.
@@ -78,12 +79,8 @@ class Lease:
                                 args=[self.epoch, json.dumps(info), int(lease * 1000), self.name]))
 
     def unregister(self) -> None:
-        """Give the name back, but only our own lease (not a successor's)."""
-        if self.r.hget(self.key, "epoch") == self.epoch.encode():
-            pipe = self.r.pipeline(transaction=True)
-            pipe.delete(self.key)
-            pipe.srem(self.keys.supervisors, self.name)
-            pipe.execute()
+        """Give the name back, but only our own lease (not a successor's): one script."""
+        self._unregister(keys=[self.key, self.keys.supervisors], args=[self.epoch, self.name])
 
 
 class Reaper:

@@ -164,7 +164,10 @@ class Supervisor:
         self.hooks.emit("job_finished", queue=work.queue, **meta, dead=dead is not None)
         c = next((c for c in self.pool.children if c.pid == ev.pid), None)
         if c is not None and not c.stopping:
-            self.maybe_retire(c)
+            if work.timed_out:  # it finished just as it was signalled: it is dying anyway
+                self.pool.retire(c)
+            else:
+                self.maybe_retire(c)
 
     def maybe_retire(self, c) -> None:
         """A child past --max-jobs-per-child or --max-memory-per-child is replaced
@@ -223,6 +226,7 @@ class Supervisor:
                 w.kill_at = math.inf
             elif now >= w.deadline and not w.timed_out:
                 w.timed_out = w.deadline - w.started
+                w.deadline = math.inf  # from now on only kill_at matters
                 w.kill_at = now + KILL_GRACE
                 c = self.pool.find(token)
                 self.hooks.emit("job_timeout", queue=w.queue, timeout=round(w.timed_out, 3),
@@ -278,11 +282,13 @@ class Supervisor:
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "reserve")
             return
-        self.duties.redis_ok(now)
         if got is None:
+            self.duties.redis_ok(now)
             self.duties.lease_lost(now, "reserve")
             return
+        # held before redis_ok(): after an outage it reconciles, and must see these as ours
         self.backlog.extend(self.admit(r) for r in got)
+        self.duties.redis_ok(now)
         self.dispatch()
         empty = len(got) < want
         if empty and self.cfg.burst and not self.backlog and not self.inflight \

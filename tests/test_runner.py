@@ -1,0 +1,310 @@
+"""runner.Runner and runner.Policy without processes: one job in, one Outcome out.
+
+What a pool child decides for a job: which delivery policy applies (job field, then
+task option, then the worker's default), whether a failure is retried and after how
+long (exponential backoff with full jitter), and what is written when it is not.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from redpool import protocol as p
+from redpool.child import decode_done, encode_done
+from redpool.registry import Registry, current_job
+from redpool.runner import Outcome, Policy, Runner
+
+WORKER = "unit-runner"
+DEFAULTS = Policy(max_retries=1, retry_backoff=2.0, retry_backoff_max=10.0, timeout=30.0,
+                  dead_letter=False)
+
+registry = Registry()
+
+
+@registry.task(name="tests.add")
+def add(a, b):
+    return a + b
+
+
+@registry.task(name="tests.flaky")
+def flaky():
+    raise RuntimeError("flaky")
+
+
+@registry.task(name="tests.careful", max_retries=3, timeout=7.5, retry_backoff=0.5,
+               retry_backoff_max=3.0, dead_letter=True)
+def careful():
+    raise ValueError("careful")
+
+
+@registry.task(name="tests.never_again", max_retries=0)
+def never_again():
+    raise RuntimeError("never again")
+
+
+@registry.task(name="tests.who")
+def who():
+    info = current_job()
+    return {"id": info.id, "task": info.task, "queue": info.queue, "attempt": info.attempt,
+            "worker": info.worker, "crashes": info.crashes}
+
+
+@registry.task(name="tests.unserialisable")
+def unserialisable():
+    return {"a set": {1, 2}}
+
+
+@registry.task(name="tests.exits")
+def exits():
+    sys.exit(3)
+
+
+def raw_job(task: str, *, id: str | None = "job-1", attempt: int = 1, args=(), **fields) -> bytes:
+    job = p.make_job(task, list(args), id=id or "x", now=1700000000.0, **fields)
+    if id is None:
+        del job["id"]
+    if attempt != 1:
+        job["attempt"] = attempt
+    return p.encode_job(job)
+
+
+@pytest.fixture
+def runner() -> Runner:
+    return Runner(registry, WORKER, p.DEFAULT_MAX_PAYLOAD, defaults=DEFAULTS)
+
+
+def env_of(out: Outcome) -> dict:
+    return p.loads(out.envelope)
+
+
+# -- the policy -------------------------------------------------------------------------------
+
+def test_defaults_apply_when_neither_job_nor_task_says(runner):
+    _, _, policy = runner.prepare(raw_job("tests.flaky"))
+    assert policy == DEFAULTS
+
+
+def test_task_options_override_the_defaults(runner):
+    _, _, policy = runner.prepare(raw_job("tests.careful"))
+    assert policy == Policy(max_retries=3, retry_backoff=0.5, retry_backoff_max=3.0,
+                            timeout=7.5, dead_letter=True)
+
+
+def test_job_fields_override_task_options(runner):
+    raw = raw_job("tests.careful", max_retries=5, timeout=2.0, retry_backoff=4.0,
+                  retry_backoff_max=60.0, dead_letter=False)
+    _, _, policy = runner.prepare(raw)
+    assert policy == Policy(max_retries=5, retry_backoff=4.0, retry_backoff_max=60.0,
+                            timeout=2.0, dead_letter=False)
+
+
+def test_falsy_values_still_override(runner):
+    # a job's max_retries 0 / dead_letter false beats the task's 3 / true, and a task's
+    # max_retries 0 beats the worker's default 1: "not set" is None, not falsy
+    _, _, policy = runner.prepare(raw_job("tests.careful", max_retries=0, dead_letter=False))
+    assert (policy.max_retries, policy.dead_letter, policy.timeout) == (0, False, 7.5)
+    _, _, policy = runner.prepare(raw_job("tests.never_again"))
+    assert policy.max_retries == 0 and policy.timeout == DEFAULTS.timeout
+
+
+def test_fields_are_resolved_one_by_one(runner):
+    # the job sets one field; the others still come from the task, then the defaults
+    _, _, policy = runner.prepare(raw_job("tests.careful", timeout=1.0))
+    assert policy == Policy(max_retries=3, retry_backoff=0.5, retry_backoff_max=3.0,
+                            timeout=1.0, dead_letter=True)
+    _, _, policy = runner.prepare(raw_job("tests.flaky", retry_backoff=9.0))
+    assert policy == Policy(max_retries=1, retry_backoff=9.0, retry_backoff_max=10.0,
+                            timeout=30.0, dead_letter=False)
+
+
+def test_on_start_gets_the_effective_timeout(runner):
+    seen = []
+    runner.run("q", raw_job("tests.add", args=[1, 2]), on_start=seen.append)
+    runner.run("q", raw_job("tests.careful"), on_start=seen.append)
+    runner.run("q", raw_job("tests.careful", timeout=2.0), on_start=seen.append)
+    assert seen == [30.0, 7.5, 2.0]
+
+
+def test_on_start_is_not_called_for_a_job_that_cannot_run(runner):
+    seen = []
+    out = runner.run("q", raw_job("no.such.task"), on_start=seen.append)
+    assert seen == [] and out.meta["error_type"] == p.E_UNKNOWN_TASK
+
+
+# -- success ----------------------------------------------------------------------------------
+
+def test_a_succeeding_task_answers_with_its_result(runner):
+    out = runner.run("q", raw_job("tests.add", args=[2, 3], reply_to="r"))
+    env = env_of(out)
+    assert (env["status"], env["result"], env["id"], env["queue"], env["worker"]) == \
+        (p.SUCCEEDED, 5, "job-1", "q", WORKER)
+    assert env["attempts"] == 1
+    assert out.dead is None and out.retry is None
+    assert out.meta["status"] == p.SUCCEEDED and out.meta["result_id"] == "job-1"
+    assert out.meta["reply_to"] == "r"
+
+
+def test_current_job_shows_the_running_job(runner):
+    out = runner.run("emails", raw_job("tests.who", attempt=3), crashes=2)
+    assert env_of(out)["result"] == {"id": "job-1", "task": "tests.who", "queue": "emails",
+                                     "attempt": 3, "worker": WORKER, "crashes": 2}
+    assert current_job() is None   # and only while it runs
+
+
+def test_envelope_attempts_count_retries_and_crashes(runner):
+    out = runner.run("q", raw_job("tests.add", args=[1, 1], attempt=2), crashes=3)
+    assert env_of(out)["attempts"] == 5
+    out = runner.run("q", raw_job("tests.never_again", attempt=1), crashes=1)
+    assert env_of(out)["attempts"] == 2
+
+
+def test_an_unserialisable_result_is_dead_lettered_without_retry(runner):
+    # retries are left (max_retries 1 by default), but running it again cannot help
+    out = runner.run("q", raw_job("tests.unserialisable"))
+    assert out.retry is None
+    assert out.meta["status"] == p.FAILED
+    assert out.meta["error_type"] == p.E_UNSERIALIZABLE_RESULT
+    env = env_of(out)
+    assert env["error"]["type"] == p.E_UNSERIALIZABLE_RESULT
+    assert "not JSON-serialisable" in env["error"]["message"]
+    dead = p.loads(out.dead)
+    assert dead["error_type"] == p.E_UNSERIALIZABLE_RESULT and dead["id"] == "job-1"
+    assert "not JSON-serialisable" in dead["reason"]
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+def test_a_raising_task_with_retries_left_is_retried(runner):
+    raw = raw_job("tests.flaky", reply_to="r", result_ttl=60, kwargs={})
+    out = runner.run("q", raw)
+
+    assert out.meta["status"] == "retrying"
+    assert out.meta["error_type"] == "RuntimeError"
+    assert (out.meta["id"], out.meta["result_id"], out.meta["reply_to"], out.meta["ttl"]) == \
+        ("job-1", "job-1", "r", 60)
+    # nothing is answered yet, nothing dead-lettered: only the next attempt
+    assert out.envelope is None and out.dead is None
+    nxt = p.loads(out.retry)
+    original = p.loads(raw)
+    assert nxt == {**original, "attempt": 2}
+    assert 0 <= out.meta["retry_delay"] <= min(DEFAULTS.retry_backoff_max, DEFAULTS.retry_backoff)
+
+
+def test_a_worker_assigned_id_is_kept_across_attempts(runner):
+    out = runner.run("q", raw_job("tests.careful", id=None))
+    assert out.meta["status"] == "retrying"
+    assigned = out.meta["id"]
+    assert out.meta["result_id"] is None    # the producer cannot know it
+    nxt = p.decode_job(out.retry)
+    assert nxt.id == assigned and nxt.attempt == 2
+
+    again = runner.run("q", out.retry)
+    assert again.meta["id"] == assigned
+    assert p.decode_job(again.retry).id == assigned and p.decode_job(again.retry).attempt == 3
+
+
+def test_retry_delay_is_full_jitter_below_the_exponential_bound(runner):
+    # careful: base 0.5, cap 3.0.  Attempt 3 may wait up to 0.5 * 2**2 = 2.0 s
+    raw = raw_job("tests.careful", attempt=3)
+    delays = [runner.run("q", raw).meta["retry_delay"] for _ in range(400)]
+    assert all(0.0 <= d <= 2.0 for d in delays)
+    # full jitter: spread over the whole range, not a constant or a narrow band
+    assert min(delays) < 0.2 and max(delays) > 1.8
+    assert len(set(delays)) > 350
+    assert 0.8 < sum(delays) / len(delays) < 1.2
+
+
+@pytest.mark.parametrize("attempt, bound", [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)])
+def test_the_backoff_bound_doubles_per_attempt_up_to_the_cap(attempt, bound):
+    policy = Policy(retry_backoff=0.5, retry_backoff_max=3.0)
+    delays = [policy.backoff(attempt) for _ in range(500)]
+    assert all(0.0 <= d <= bound for d in delays)
+    assert max(delays) > bound * 0.9 and min(delays) < bound * 0.1
+
+
+def test_the_last_attempt_fails_with_the_error(runner):
+    # max_retries 1 (the default): attempt 2 is the last
+    out = runner.run("q", raw_job("tests.flaky", attempt=2, reply_to="r"))
+    assert out.retry is None
+    assert out.meta["status"] == p.FAILED
+    env = env_of(out)
+    assert env["status"] == p.FAILED and env["attempts"] == 2
+    assert env["error"]["type"] == "RuntimeError" and env["error"]["message"] == "flaky"
+    assert "raise RuntimeError(\"flaky\")" in env["error"]["traceback"]
+    assert out.dead is None   # dead_letter is off
+
+
+def test_the_last_attempt_is_dead_lettered_when_the_task_says_so(runner):
+    out = runner.run("q", raw_job("tests.careful", attempt=4))
+    assert out.retry is None and env_of(out)["error"]["type"] == "ValueError"
+    dead = p.loads(out.dead)
+    assert dead["reason"] == "failed after 4 attempt(s): ValueError: careful"
+    assert dead["error_type"] == "ValueError" and dead["id"] == "job-1"
+    assert p.loads(dead["job"])["attempt"] == 4
+
+
+def test_the_last_attempt_is_dead_lettered_when_the_job_says_so(runner):
+    out = runner.run("q", raw_job("tests.flaky", attempt=2, dead_letter=True))
+    assert p.loads(out.dead)["reason"] == "failed after 2 attempt(s): RuntimeError: flaky"
+    out = runner.run("q", raw_job("tests.careful", attempt=4, dead_letter=False))
+    assert out.dead is None
+
+
+def test_a_task_calling_sys_exit_fails_its_job(runner):
+    out = runner.run("q", raw_job("tests.exits", max_retries=0))
+    assert env_of(out)["error"]["type"] == "SystemExit"
+
+
+# -- fail(): jobs the supervisor had to stop --------------------------------------------------
+
+def test_a_timeout_is_retried_per_policy(runner):
+    raw = raw_job("tests.add", args=[1, 2])
+    out = runner.fail("q", raw, 0, "TimeoutError", "ran past its timeout of 30 s",
+                      retry=True, dead=False)
+    assert out.meta["status"] == "retrying" and out.meta["error_type"] == "TimeoutError"
+    assert p.decode_job(out.retry).attempt == 2
+    assert 0 <= out.meta["retry_delay"] <= DEFAULTS.retry_backoff
+
+    last = runner.fail("q", out.retry, 0,
+                       "TimeoutError", "ran past its timeout of 30 s", retry=True, dead=False)
+    assert last.retry is None and last.dead is None
+    env = env_of(last)
+    assert env["error"] == {"type": "TimeoutError", "message": "ran past its timeout of 30 s",
+                            "traceback": None}
+    assert env["attempts"] == 2
+
+
+def test_a_poison_pill_is_dead_lettered_with_the_message_as_reason(runner):
+    # retries are left, but a job that kills its process is not run again
+    raw = raw_job("tests.careful", reply_to="r")
+    why = "the pool process died running it 4 times (--max-crashes 3)"
+    out = runner.fail("q", raw, 4, p.E_WORKER_CRASHED, why, retry=False, dead=True)
+    assert out.retry is None
+    assert out.meta["status"] == p.FAILED and out.meta["error_type"] == p.E_WORKER_CRASHED
+    dead = p.loads(out.dead)
+    assert dead["reason"] == why and dead["error_type"] == p.E_WORKER_CRASHED
+    env = env_of(out)
+    assert env["error"]["type"] == p.E_WORKER_CRASHED and env["error"]["message"] == why
+    assert env["attempts"] == 1 + 4
+
+
+def test_fail_of_a_job_that_cannot_be_read_dead_letters_it(runner):
+    out = runner.fail("q", b"\xff not json", 1, "TimeoutError", "x", retry=True, dead=False)
+    assert out.retry is None and out.dead is not None
+    assert p.loads(out.dead)["error_type"] == p.E_INVALID_JOB
+
+
+# -- what goes over the pipe ------------------------------------------------------------------
+
+def test_outcomes_round_trip_through_the_done_message(runner):
+    out = runner.run("q", raw_job("tests.flaky"))
+    meta, env, dead, retry = decode_done(encode_done(77, out))
+    assert meta["t"] == 77 and meta["status"] == "retrying"
+    assert meta["retry_delay"] == out.meta["retry_delay"]
+    assert (env, dead, retry) == (None, None, out.retry)
+
+    out = runner.run("q", raw_job("tests.careful", attempt=4))
+    meta, env, dead, retry = decode_done(encode_done(78, out))
+    assert (env, dead, retry) == (out.envelope, out.dead, None)
