@@ -176,8 +176,8 @@ def test_children_are_recycled_after_max_jobs_never_mid_job(r, keys, daemons):
     lpush_jobs(r, keys, [{"task": "t.pid", "id": f"p{i}"} for i in range(9)])
     wait_for(lambda: all(envelope(r, keys, f"p{i}") for i in range(9)), what="results")
     pids = [envelope(r, keys, f"p{i}")["result"] for i in range(9)]
-    assert len(set(pids)) == 3 and pids == sorted(pids, key=pids.index)
-    assert [pids[0]] * 3 == pids[:3] and [pids[3]] * 3 == pids[3:6]
+    # three processes, three jobs each (which jobs is up to scheduling)
+    assert sorted(Counter(pids).values()) == [3, 3, 3]
 
 
 def test_children_over_the_memory_limit_are_replaced_after_their_job(r, keys, daemons):

@@ -442,6 +442,32 @@ class TestRedisQueueContract:
 
     # complete --------------------------------------------------------------------------------
 
+    def test_exchange_acknowledges_and_reserves_in_one_call(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2), job(3))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        missing, skipped, got = q.exchange([completion("a", job(1))], 5, epoch)
+        assert (missing, skipped) == (0, 0) and pairs(got) == [("a", job(2)), ("a", job(3))]
+        assert b.r.exists(b.keys.result("job-1")) == 1
+        assert sorted(lrange(b, b.keys.processing(SUP, "a"))) == sorted([job(2), job(3)])
+
+    def test_exchange_after_the_server_lost_its_scripts_reserves_nothing_twice(self, backend, epoch):
+        # Given a server that forgot our scripts (restarted, SCRIPT FLUSH) between calls
+        b = backend
+        push(b, "a", *(job(i) for i in range(1, 8)))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        b.r.script_flush()
+        b.r.script_load(q._reserve.script)  # the reserve script is known, complete's is not
+        # When one pipelined call both acknowledges and reserves
+        _, _, got = q.exchange([completion("a", job(1))], 3, epoch)
+        # Then each script ran exactly once: three jobs reserved, all of them known
+        assert pairs(got) == [("a", job(2)), ("a", job(3)), ("a", job(4))]
+        assert sorted(lrange(b, b.keys.processing(SUP, "a"))) == sorted([job(2), job(3), job(4)])
+        assert b.r.llen(b.keys.queue("a")) == 3
+        assert b.r.exists(b.keys.result("job-1")) == 1
+
     def test_complete_writes_result_and_reply_with_the_ttl(self, backend, epoch):
         b = backend
         push(b, "a", job(1))
@@ -577,8 +603,8 @@ class TestRedisQueueContract:
         taken = q.reserve(n, epoch)
         assert len(taken) == n
         calls = []
-        script = q._complete
-        q._complete = lambda **kw: calls.append(kw) or script(**kw)
+        run = q._evalsha_pipeline
+        q._evalsha_pipeline = lambda scripts: calls.append(scripts) or run(scripts)
         reply = b.keys.reply("batch")
 
         missing = q.complete(completion(x.queue, x.raw, reply_to=reply) for x in taken)

@@ -23,33 +23,53 @@ from . import protocol as p
 from .registry import default_registry
 from .runner import Outcome, Policy, Runner
 
-# supervisor -> child
-MSG_JOB = b"J"         # J + !IHI(token, len(queue), crashes) + queue + raw job
-MSG_FAIL = b"F"        # F + !IHIH(token, len(queue), crashes, len(error)) + queue + error + raw
+# supervisor -> child: a batch of jobs, run in order, each answered with its own D
+MSG_BATCH = b"B"       # B + !H(count) + entries
+#   entry: !cIIHHI(kind, token, crashes, len(queue), len(error), len(raw)) + queue + error + raw
+#   kind J: run the job; kind F: fail it (error: JSON {type, message, retry, dead})
 # child -> supervisor
 MSG_READY = b"R"       # R
 MSG_BOOT_ERROR = b"E"  # E + utf-8 message
 MSG_STARTED = b"S"     # S + !Id(token, timeout): the job's timeout differs from the default
 MSG_DONE = b"D"        # D + !IIII(len(meta), len(envelope), len(dead), len(retry)) + parts
 
-JOB_HEADER = struct.Struct("!IHI")
-FAIL_HEADER = struct.Struct("!IHIH")
+BATCH_HEADER = struct.Struct("!H")
+ENTRY = struct.Struct("!cIIHHI")
 STARTED = struct.Struct("!Id")
 DONE_HEADER = struct.Struct("!IIII")
 
 PR_SET_PDEATHSIG = 1
 
 
-def encode_job_msg(token: int, queue: str, raw: bytes, crashes: int = 0) -> bytes:
+def job_entry(token: int, queue: str, raw: bytes, crashes: int = 0) -> bytes:
     q = queue.encode()
-    return MSG_JOB + JOB_HEADER.pack(token, len(q), crashes) + q + raw
+    return ENTRY.pack(b"J", token, crashes, len(q), 0, len(raw)) + q + raw
 
 
-def encode_fail_msg(token: int, queue: str, raw: bytes, crashes: int, error_type: str,
-                    message: str, *, retry: bool, dead: bool) -> bytes:
+def fail_entry(token: int, queue: str, raw: bytes, crashes: int, error_type: str,
+               message: str, *, retry: bool, dead: bool) -> bytes:
     q = queue.encode()
     err = p.dumps({"type": error_type, "message": message, "retry": retry, "dead": dead})
-    return MSG_FAIL + FAIL_HEADER.pack(token, len(q), crashes, len(err)) + q + err + raw
+    return ENTRY.pack(b"F", token, crashes, len(q), len(err), len(raw)) + q + err + raw
+
+
+def encode_batch(entries: list[bytes]) -> bytes:
+    return MSG_BATCH + BATCH_HEADER.pack(len(entries)) + b"".join(entries)
+
+
+def decode_batch(msg: bytes):
+    """Yield (kind, token, crashes, queue, error or None, raw) for each entry."""
+    (count,) = BATCH_HEADER.unpack_from(msg, 1)
+    o = 1 + BATCH_HEADER.size
+    for _ in range(count):
+        kind, token, crashes, lq, le, lr = ENTRY.unpack_from(msg, o)
+        o += ENTRY.size
+        queue = msg[o:o + lq].decode()
+        o += lq
+        error = p.loads(msg[o:o + le]) if le else None
+        o += le
+        yield kind, token, crashes, queue, error, msg[o:o + lr]
+        o += lr
 
 
 def encode_done(token: int, out: Outcome) -> bytes:
@@ -98,27 +118,21 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             msg = conn.recv_bytes()
         except (EOFError, OSError):
             os._exit(0)  # the supervisor is gone or closed our pipe: nothing left to do
-        kind = msg[:1]
-        if kind == MSG_JOB:
-            token, qlen, crashes = JOB_HEADER.unpack_from(msg, 1)
-            o = 1 + JOB_HEADER.size
-            queue = msg[o:o + qlen].decode()
-
-            def started(timeout: float, token=token) -> None:
-                if timeout != policy.timeout:
-                    conn.send_bytes(MSG_STARTED + STARTED.pack(token, timeout))
-
-            out = runner.run(queue, msg[o + qlen:], crashes, on_start=started)
-        elif kind == MSG_FAIL:
-            token, qlen, crashes, elen = FAIL_HEADER.unpack_from(msg, 1)
-            o = 1 + FAIL_HEADER.size
-            queue = msg[o:o + qlen].decode()
-            err = p.loads(msg[o + qlen:o + qlen + elen])
-            out = runner.fail(queue, msg[o + qlen + elen:], crashes, err["type"], err["message"],
-                              retry=err["retry"], dead=err["dead"])
-        else:
+        if msg[:1] != MSG_BATCH:
             continue
-        conn.send_bytes(encode_done(token, out))
+        for kind, token, crashes, queue, err, raw in decode_batch(msg):
+            if kind == b"J":
+                def started(timeout: float, token=token) -> None:
+                    if timeout != policy.timeout:
+                        conn.send_bytes(MSG_STARTED + STARTED.pack(token, timeout))
+
+                out = runner.run(queue, raw, crashes, on_start=started)
+            else:
+                out = runner.fail(queue, raw, crashes, err["type"], err["message"],
+                                  retry=err["retry"], dead=err["dead"])
+            # one answer per job, at once: the supervisor always knows which job of the
+            # batch is running, so a crash is pinned on exactly that one
+            conn.send_bytes(encode_done(token, out))
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -31,15 +32,20 @@ class Child:
     proc: multiprocessing.process.BaseProcess
     conn: Connection
     ready: bool = False
-    token: int | None = None        # the job it runs now
-    job_started: float = 0.0
+    tokens: deque = field(default_factory=deque)  # jobs handed to it, the running one first
     jobs_done: int = 0
-    stopping: bool = False          # asked to exit after its current job
+    retiring: bool = False          # gets no more jobs; retired once it has none
+    stopping: bool = False          # its pipe is closed: it exits
     boot_error: str | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid or 0
+
+    @property
+    def token(self) -> int | None:
+        """The job it runs now."""
+        return self.tokens[0] if self.tokens else None
 
 
 # Events the supervisor receives from poll().
@@ -52,10 +58,14 @@ class Done:
 
 @dataclass
 class Died:
-    token: int | None
+    tokens: list[int]       # the job it was running first, then those it never started
     pid: int
     exitcode: int | None
     description: str
+
+    @property
+    def token(self) -> int | None:
+        return self.tokens[0] if self.tokens else None
 
 
 @dataclass
@@ -156,9 +166,13 @@ class ProcessPool:
                     self.spawn()
 
     def reconcile(self, now: float) -> list[Child]:
-        """Bring the pool back to ``size`` live children (replacing the dead)."""
+        """Bring the pool back to ``size`` live children (replacing the dead and the
+        retiring), and let retiring children that are done go."""
+        for c in self.children:
+            if c.retiring and not c.tokens and not c.stopping:
+                self.retire(c)
         spawned = []
-        live = [c for c in self.children if not c.stopping]
+        live = [c for c in self.children if not c.stopping and not c.retiring]
         if len(live) < self.size and now >= self.next_spawn_at:
             for _ in range(self.size - len(live)):
                 spawned.append(self.spawn())
@@ -166,32 +180,38 @@ class ProcessPool:
 
     # -- feeding -----------------------------------------------------------------------------
 
+    def accepting(self) -> list[Child]:
+        """Children that may be handed jobs (booted, not being retired)."""
+        return [c for c in self.children if c.ready and not c.retiring and not c.stopping]
+
     def idle(self) -> list[Child]:
-        return [c for c in self.children if c.ready and c.token is None and not c.stopping]
+        return [c for c in self.accepting() if not c.tokens]
 
     def busy(self) -> list[Child]:
-        return [c for c in self.children if c.token is not None]
+        return [c for c in self.children if c.tokens]
 
-    def send(self, c: Child, token: int, msg: bytes) -> None:
-        """Hand a child one job message (child.encode_job_msg / encode_fail_msg)."""
-        c.token = token
-        c.job_started = time.monotonic()
+    def send(self, c: Child, tokens: list[int], msg: bytes) -> None:
+        """Hand a child a batch of jobs (child.encode_batch); it runs them in order."""
+        c.tokens.extend(tokens)
         try:
             c.conn.send_bytes(msg)
         except OSError:
-            pass  # it died under us; poll() reports the death with this token
+            pass  # it died under us; poll() reports the death with these tokens
 
     def find(self, token: int) -> Child | None:
+        """The child running ``token`` now."""
         for c in self.children:
-            if c.token == token:
+            if c.tokens and c.tokens[0] == token:
                 return c
         return None
 
     def retire(self, c: Child) -> None:
-        """Replace an idle child (too many jobs, too much memory): it exits when its
-        pipe closes; reconcile() starts its successor."""
-        c.stopping = True
-        c.conn.close()
+        """Replace a child (too many jobs, too much memory) once it has finished what
+        it holds: it exits when its pipe closes; reconcile() starts its successor."""
+        c.retiring = True
+        if not c.tokens:
+            c.stopping = True
+            c.conn.close()
 
     @staticmethod
     def signal(c: Child, sig: int) -> None:
@@ -248,18 +268,19 @@ class ProcessPool:
                     self.next_spawn_at = time.monotonic() + self.respawn_backoff
                     events.append(BootFailed(c.pid, c.boot_error or describe_exit(c.proc.exitcode),
                                              import_error=c.boot_error is not None))
-                elif c.stopping and c.token is None and c.proc.exitcode == 0:
+                elif c.stopping and not c.tokens and c.proc.exitcode == 0:
                     continue  # retired on request
                 else:
-                    events.append(Died(c.token, c.pid, c.proc.exitcode, describe_exit(c.proc.exitcode)))
+                    events.append(Died(list(c.tokens), c.pid, c.proc.exitcode,
+                                       describe_exit(c.proc.exitcode)))
         return events
 
     def _read(self, c: Child, msg: bytes, events: list) -> None:
         kind = msg[:1]
         if kind == child_mod.MSG_DONE:
-            token, c.token = c.token, None
+            token = c.tokens.popleft() if c.tokens else -1
             c.jobs_done += 1
-            events.append(Done(token if token is not None else -1, msg, c.pid))
+            events.append(Done(token, msg, c.pid))
         elif kind == child_mod.MSG_STARTED:
             token, timeout = child_mod.STARTED.unpack_from(msg, 1)
             events.append(Started(token, timeout))

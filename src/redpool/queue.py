@@ -26,6 +26,8 @@ from .protocol import Keys
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
 #: producer waiting on it must still get its answer.
 REPLY_TTL_WHEN_NO_RESULT = 86400
+#: The most jobs one reserve call moves (Lua's unpack() has a stack limit).
+MAX_RESERVE = 1000
 
 
 def load_script(r: redis.Redis, name: str):
@@ -82,6 +84,8 @@ class RedisQueue:
         self._proc = {q: keys.processing(name, q) for q in self.queues}
         self._reserve_keys = [keys.supervisor(name), keys.crashes] + \
             [k for q in self.queues for k in (keys.queue(q), self._proc[q])]
+        self._own_prefix = f"{keys.ns}:"
+        self._reply_prefix = keys.reply("")
         self._promote_keys = [k for q in self.queues for k in (keys.scheduled(q), keys.queue(q))]
         self._reserve = load_script(r, "reserve")
         self._complete = load_script(r, "complete")
@@ -95,13 +99,31 @@ class RedisQueue:
     def reserve(self, n: int, epoch: str) -> list[Reserved] | None:
         """Move up to n jobs, highest-priority queue first, into our processing lists.
         None: our lease (``epoch``) is lost, nothing was taken."""
-        if n <= 0:
-            return []
-        flat = self._reserve(keys=self._reserve_keys, args=[n, epoch])
-        if not flat[0]:
-            return None
-        return [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
+        return self.exchange([], n, epoch)[2]
+
+    def exchange(self, done: list[Completion], n: int, epoch: str
+                 ) -> tuple[int, int, list[Reserved] | None]:
+        """Acknowledge ``done`` and reserve up to ``n`` more in ONE round trip (the two
+        scripts, pipelined).  Returns (missing, skipped) as complete() does, and the
+        reserved jobs (None: our lease is lost, nothing was taken)."""
+        if not done and n <= 0:
+            return 0, 0, []
+        calls = []
+        if done:
+            calls.append((self._complete, *self._complete_args(done)))
+        if n > 0:
+            calls.append((self._reserve, self._reserve_keys, [min(n, MAX_RESERVE), epoch]))
+        replies = self._evalsha_pipeline(calls)
+        missing = skipped = 0
+        if done:
+            missing, skipped = (int(x) for x in replies.pop(0))
+        got: list[Reserved] | None = []
+        if n > 0:
+            flat = replies[0]
+            got = None if not flat[0] else [
+                Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
                 for i in range(1, len(flat), 3)]
+        return missing, skipped, got
 
     def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> Reserved | None:
         """Wait in Redis (no polling) for one job on ``queue``; moved atomically."""
@@ -116,9 +138,33 @@ class RedisQueue:
         """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose
         results were therefore not written; replies skipped because the reply_to key
         holds something other than a list)."""
+        items = list(items)
+        if not items:
+            return 0, 0
+        return self.exchange(items, 0, "")[:2]
+
+    def _evalsha_pipeline(self, calls: list) -> list:
+        """Run scripts by EVALSHA in one pipeline: one round trip.  (redis-py's own
+        pipelining of Script objects first asks SCRIPT EXISTS: a second round trip on
+        every call.)  The commands of a pipeline run independently: a script the server
+        does not know (restarted, SCRIPT FLUSH) answers NOSCRIPT without running, while
+        the others may well have run -- so only the NOSCRIPT ones are loaded and sent
+        again, never the whole pipeline (that could reserve jobs twice)."""
+        pipe = self.r.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+        for i, (reply, (script, keys, args)) in enumerate(zip(replies, calls)):
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                self.r.script_load(script.script)
+                replies[i] = self.r.evalsha(script.sha, len(keys), *keys, *args)
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    def _complete_args(self, items: list[Completion]) -> tuple[list, list]:
         keys: list[str] = [self.keys.dead, self.keys.crashes]
-        args: list = [self.dead_max, REPLY_TTL_WHEN_NO_RESULT, f"{self.keys.ns}:",
-                      self.keys.reply("")]
+        args: list = [self.dead_max, REPLY_TTL_WHEN_NO_RESULT, self._own_prefix, self._reply_prefix]
         for c in items:
             keys += [self._proc_key(c.queue),
                      self.keys.result(c.result_id) if c.result_id and c.envelope else "",
@@ -126,10 +172,7 @@ class RedisQueue:
                      self.keys.scheduled(c.queue) if c.retry else ""]
             args += [c.raw, c.ttl, c.envelope or b"", c.dead or b"", c.retry or b"",
                      int(c.retry_delay * 1000)]
-        if len(keys) == 2:
-            return 0, 0
-        missing, skipped = self._complete(keys=keys, args=args)
-        return int(missing), int(skipped)
+        return keys, args
 
     def requeue(self, items: list[tuple[str, bytes]]) -> int:
         """Put reserved-but-unstarted jobs (oldest first) back at the head of their queues."""

@@ -26,7 +26,7 @@ from multiprocessing.connection import wait
 import redis
 
 from . import protocol as p
-from .child import decode_done, encode_fail_msg, encode_job_msg
+from .child import decode_done, encode_batch, fail_entry, job_entry
 from .config import WorkerConfig
 from .duties import Duties
 from .hooks import Hooks
@@ -38,6 +38,11 @@ from .work import Work
 
 RUNNING, DRAINING, STOPPED = "running", "draining", "stopped"
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child past its timeout
+# Short jobs are handed to a child in batches worth about BATCH_SECONDS of work (one
+# pipe message instead of one per job); long jobs one at a time, so that no host
+# holds more than a few milliseconds of work per process beyond what it is running.
+BATCH_SECONDS = 0.005
+MAX_BATCH = 64
 
 
 class Supervisor:
@@ -57,6 +62,7 @@ class Supervisor:
         self.inflight: dict[int, Work] = {}        # token -> work a child runs
         self.pending: list[Completion] = []        # finished, not yet acknowledged
         self._tokens = count(1)
+        self.avg_duration = 0.0                    # moving average of job run times
         self.drain_deadline = 0.0
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
@@ -115,14 +121,16 @@ class Supervisor:
             self.backlog.extend(self.admit(r) for r in self.waiter.take())
             while self.waiter.errors:
                 self.duties.redis_failed(self.waiter.errors.popleft(), now, "wait")
-        self.flush(now)
         if self.state == DRAINING:
+            self.flush(now)
             self.dispatch(settle_only=True)
             self.tick_draining(now)
         elif self.state == RUNNING:
             self.pool.reconcile(now)
             self.dispatch()
-            self.fill(now)
+            self.exchange(now)
+        else:
+            self.flush(now)
         if self.state != STOPPED:
             self.duties.tick(now)
 
@@ -142,11 +150,14 @@ class Supervisor:
             if w is not None:
                 w.deadline = w.started + ev.timeout if ev.timeout > 0 else math.inf
         elif isinstance(ev, Died):
-            work = self.inflight.pop(ev.token, None) if ev.token is not None else None
+            works = [self.inflight.pop(t) for t in ev.tokens if t in self.inflight]
             self.hooks.emit("child_died", pid=ev.pid, exitcode=ev.exitcode,
-                            description=ev.description, had_job=work is not None)
-            if work is not None:
-                self.job_died(work, ev, now)
+                            description=ev.description, had_job=bool(works))
+            # the rest of its batch never started: first in line again, as they were
+            self.backlog.extendleft(reversed([Work(w.queue, w.raw, w.crashes, w.fail)
+                                              for w in works[1:]]))
+            if works:
+                self.job_died(works[0], ev, now)
         elif isinstance(ev, BootFailed):
             self.hooks.emit("child_boot_failed", pid=ev.pid, message=ev.message,
                             retry_in=self.pool.respawn_backoff)
@@ -154,6 +165,8 @@ class Supervisor:
     def job_done(self, ev: Done) -> None:
         work = self.inflight.pop(ev.token)
         meta, env, dead, retry = decode_done(ev.msg)
+        d = meta["duration"]
+        self.avg_duration = d if not self.avg_duration else 0.8 * self.avg_duration + 0.2 * d
         self.pending.append(Completion(work.queue, work.raw, meta["result_id"], meta["ttl"],
                                        meta["reply_to"], env, dead, retry,
                                        meta.get("retry_delay", 0.0)))
@@ -163,7 +176,9 @@ class Supervisor:
         meta.pop("t", None)
         self.hooks.emit("job_finished", queue=work.queue, **meta, dead=dead is not None)
         c = next((c for c in self.pool.children if c.pid == ev.pid), None)
-        if c is not None and not c.stopping:
+        if c is not None and c.tokens:  # the next job of its batch starts now
+            self.started(self.inflight[c.tokens[0]], self.clock())
+        if c is not None and not c.stopping and not c.retiring:
             if work.timed_out:  # it finished just as it was signalled: it is dying anyway
                 self.pool.retire(c)
             else:
@@ -243,6 +258,12 @@ class Supervisor:
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "complete")
             return
+        self.acknowledged(missing, skipped)
+        self.duties.redis_ok(now)
+
+    def acknowledged(self, missing: int, skipped: int) -> None:
+        """The pending completions reached Redis (all of them: one script)."""
+        self.pending.clear()
         if missing:
             self.hooks.emit("results_dropped", count=missing,
                             reason="jobs were no longer in our processing list (taken back "
@@ -250,38 +271,70 @@ class Supervisor:
         if skipped:
             self.hooks.emit("replies_skipped", count=skipped,
                             reason="reply_to names a key that is not a list, or one of ours")
-        self.pending.clear()
-        self.duties.redis_ok(now)
+
+    def batch_size(self) -> int:
+        if self.avg_duration <= 0:
+            return 1  # nothing known yet: one at a time
+        return max(1, min(MAX_BATCH, int(BATCH_SECONDS / self.avg_duration)))
+
+    def started(self, w: Work, now: float) -> None:
+        """``w`` starts running now: its timeout starts counting."""
+        w.started = now
+        if w.fail is None and self.cfg.timeout > 0:
+            w.deadline = now + self.cfg.timeout
 
     def dispatch(self, settle_only: bool = False) -> None:
-        for c in self.pool.idle():
-            if not self.backlog or (settle_only and self.backlog[0].fail is None):
-                break
-            w = self.backlog.popleft()
-            token = next(self._tokens) & 0xFFFFFFFF
-            w.started = self.clock()
-            if w.fail is None:
-                w.deadline = w.started + self.cfg.timeout if self.cfg.timeout > 0 else math.inf
-                msg = encode_job_msg(token, w.queue, w.raw, w.crashes)
-            else:
-                msg = encode_fail_msg(token, w.queue, w.raw, w.crashes, w.fail["error_type"],
-                                      w.fail["message"], retry=w.fail["retry"], dead=w.fail["dead"])
-            self.inflight[token] = w
-            self.pool.send(c, token, msg)
+        """Hand out held work: a child gets a batch when it has room for at least half
+        a batch (so messages stay large), topped up before it runs dry."""
+        k = self.batch_size()
+        for c in self.pool.accepting():
+            room = k - len(c.tokens)
+            if self.cfg.max_jobs_per_child:
+                room = min(room, self.cfg.max_jobs_per_child - c.jobs_done - len(c.tokens))
+            if not self.backlog or room <= 0 or (c.tokens and room < max(1, k // 2)):
+                continue
+            entries, tokens, now = [], [], self.clock()
+            while self.backlog and len(tokens) < room:
+                if settle_only and self.backlog[0].fail is None:
+                    break
+                w = self.backlog.popleft()
+                token = next(self._tokens) & 0xFFFFFFFF
+                if not c.tokens and not tokens:
+                    self.started(w, now)
+                if w.fail is None:
+                    entries.append(job_entry(token, w.queue, w.raw, w.crashes))
+                else:
+                    f = w.fail
+                    entries.append(fail_entry(token, w.queue, w.raw, w.crashes, f["error_type"],
+                                              f["message"], retry=f["retry"], dead=f["dead"]))
+                tokens.append(token)
+                self.inflight[token] = w
+            if tokens:
+                self.pool.send(c, tokens, encode_batch(entries))
 
-    def fill(self, now: float) -> None:
-        """Reserve what the pool can start now plus the prefetch allowance; when the
+    def want(self) -> int:
+        """How many jobs to reserve: room in the children's batches, plus the prefetch
+        allowance (in batches), less what is already held."""
+        k = self.batch_size()
+        room = sum(max(0, k - len(c.tokens)) for c in self.pool.accepting())
+        return room + self.cfg.prefetch * k - len(self.backlog)
+
+    def exchange(self, now: float) -> None:
+        """Acknowledge what finished and reserve more in one round trip; when the
         queues run dry, let the waiters block in Redis for the next job."""
-        want = len(self.pool.idle()) + self.cfg.prefetch - len(self.backlog)
-        if want <= 0 or not self.duties.redis_ready(now) or not self.duties.leased:
+        ready = self.duties.redis_ready(now)
+        done = self.pending if ready else []
+        n = self.want() if ready and self.duties.leased else 0
+        if not done and n <= 0:
             if self.waiter is not None:
                 self.waiter.disarm()
             return
         try:
-            got = self.rq.reserve(want, self.duties.epoch)
+            missing, skipped, got = self.rq.exchange(done, n, self.duties.epoch)
         except redis.RedisError as e:
-            self.duties.redis_failed(e, now, "reserve")
+            self.duties.redis_failed(e, now, "exchange")
             return
+        self.acknowledged(missing, skipped)
         if got is None:
             self.duties.redis_ok(now)
             self.duties.lease_lost(now, "reserve")
@@ -290,7 +343,9 @@ class Supervisor:
         self.backlog.extend(self.admit(r) for r in got)
         self.duties.redis_ok(now)
         self.dispatch()
-        empty = len(got) < want
+        if n <= 0:
+            return
+        empty = len(got) < n
         if empty and self.cfg.burst and not self.backlog and not self.inflight \
                 and not self.pending and self.duties.nothing_scheduled:
             self.hooks.emit("burst_done")
