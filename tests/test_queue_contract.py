@@ -336,6 +336,19 @@ class TestRedisQueueContract:
         assert crash_count(b, job(1)) == 2
         assert crash_count(b, job(2)) is None
 
+    def test_a_job_over_max_crashes_stays_in_processing_to_be_dead_lettered(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        assert q.reserve(1, epoch)[0].crashes == 0
+        assert q.crashes_exist is False          # nothing has ever crashed
+        assert q.crashed("a", job(1), max_crashes=1) == 1   # back to the queue
+        assert q.crashes_exist is True
+        assert q.reserve(1, epoch)[0].crashes == 1
+        assert q.crashed("a", job(1), max_crashes=1) == 2   # a poison pill now
+        assert lrange(b, b.keys.processing(SUP, "a")) == [job(1)]
+        assert b.r.llen(b.keys.queue("a")) == 0
+
     def test_crashed_for_a_job_no_longer_ours_does_nothing(self, backend, epoch):
         b = backend
         push(b, "a", job(1))

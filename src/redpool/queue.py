@@ -84,6 +84,7 @@ class RedisQueue:
         self._proc = {q: keys.processing(name, q) for q in self.queues}
         self._reserve_keys = [keys.supervisor(name), keys.crashes] + \
             [k for q in self.queues for k in (keys.queue(q), self._proc[q])]
+        self.crashes_exist = True  # until a reserve says otherwise
         self._own_prefix = f"{keys.ns}:"
         self._reply_prefix = keys.reply("")
         self._promote_keys = [k for q in self.queues for k in (keys.scheduled(q), keys.queue(q))]
@@ -120,9 +121,11 @@ class RedisQueue:
         got: list[Reserved] | None = []
         if n > 0:
             flat = replies[0]
-            got = None if not flat[0] else [
-                Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
-                for i in range(1, len(flat), 3)]
+            got = None
+            if flat[0]:
+                self.crashes_exist = bool(flat[1])
+                got = [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
+                       for i in range(2, len(flat), 3)]
         return missing, skipped, got
 
     def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> Reserved | None:
@@ -130,7 +133,12 @@ class RedisQueue:
         raw = conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
         if raw is None:
             return None
-        # (reserve.lua reads this in the same script; BLMOVE cannot, so ask afterwards)
+        # reserve.lua reads the crash count in the same script; BLMOVE cannot, so ask
+        # afterwards -- but only when some job has a count (as of our last reserve), to
+        # keep the idle pick-up at one round trip.  A count missed here is not lost: it
+        # lives in Redis, and crashed.lua judges poison pills by it.
+        if not self.crashes_exist:
+            return Reserved(queue, raw, 0)
         crashes = conn.hget(self.keys.crashes, hashlib.sha1(raw).hexdigest())
         return Reserved(queue, raw, int(crashes or 0))
 
@@ -183,11 +191,14 @@ class RedisQueue:
             keys += [self._proc_key(q), self.keys.queue(q)]
         return int(self._requeue(keys=keys, args=[raw for _, raw in items]))
 
-    def crashed(self, queue: str, raw: bytes) -> int:
-        """The child running ``raw`` died: back to the head of its queue, one crash
-        more on its count.  Returns the new count (0: it was no longer ours)."""
+    def crashed(self, queue: str, raw: bytes, max_crashes: int = 2 ** 31) -> int:
+        """The child running ``raw`` died: one crash more on its count, and back to
+        the head of its queue -- unless the count is now over ``max_crashes``: then it
+        stays in our processing list, to be dead-lettered.  Returns the new count
+        (0: it was no longer ours)."""
+        self.crashes_exist = True
         return int(self._crashed(keys=[self._proc_key(queue), self.keys.queue(queue),
-                                       self.keys.crashes], args=[raw]))
+                                       self.keys.crashes], args=[raw, max_crashes]))
 
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
         """Move due scheduled jobs onto their queues.  Returns (moved, seconds until

@@ -211,19 +211,25 @@ class Supervisor:
             self.pending.append(self.duties.crash_completion(work, ev.description))
             return
         self.stats["crashed"] += 1
-        crashes = work.crashes + 1
         what = f"the pool process (pid {ev.pid}) running this job {ev.description}"
+        try:
+            # counted in Redis, which knows every crash of this job on every host
+            crashes = self.rq.crashed(work.queue, work.raw, self.cfg.max_crashes)
+        except redis.RedisError as e:
+            self.duties.redis_failed(e, now, "crashed")
+            crashes = work.crashes + 1
+            if crashes <= self.cfg.max_crashes:
+                self.backlog.appendleft(Work(work.queue, work.raw, crashes))  # retry it here
+                return
+        if crashes == 0:
+            return  # no longer ours (taken back while we were cut off): it runs elsewhere
         if crashes > self.cfg.max_crashes:
-            self.settle(work, p.E_WORKER_CRASHED, f"{what}; it has now crashed {crashes} times "
-                        f"(--max-crashes {self.cfg.max_crashes}): dead-lettered as a poison pill",
+            self.settle(Work(work.queue, work.raw, crashes - 1), p.E_WORKER_CRASHED,
+                        f"{what}; it has now crashed {crashes} times (--max-crashes "
+                        f"{self.cfg.max_crashes}): dead-lettered as a poison pill",
                         retry=False, dead=True)
             return
         self.hooks.emit("job_crashed", queue=work.queue, crashes=crashes, description=what)
-        try:
-            self.rq.crashed(work.queue, work.raw)   # back to the head of its queue
-        except redis.RedisError as e:
-            self.duties.redis_failed(e, now, "crashed")
-            self.backlog.appendleft(Work(work.queue, work.raw, crashes))  # retry it here
 
     def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool) -> None:
         """Have a child fail a job as if its task had raised (it knows the task's

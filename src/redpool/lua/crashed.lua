@@ -1,14 +1,22 @@
 -- crashed: the pool process running a job died (killed, segfault, out of memory).
--- Put the job back at the head of its queue and count the crash, in one step; a
--- job whose count passes --max-crashes is dead-lettered by the worker instead.
+-- Count the crash; then either put the job back at the head of its queue to run
+-- again, or -- once it has crashed more than --max-crashes times, whichever way it
+-- was delivered -- leave it in the processing list for the worker to dead-letter
+-- as a poison pill.  One atomic step.
 --
--- KEYS[1]  <ns>:processing:<supervisor>:<queue>   (list; the job leaves it)
+-- KEYS[1]  <ns>:processing:<supervisor>:<queue>   (list; the job leaves it, unless poison)
 -- KEYS[2]  <ns>:queue:<queue>                     (list; RPUSH to its head)
 -- KEYS[3]  <ns>:crashes                           (hash; HINCRBY sha1(job))
 -- ARGV[1]  the raw job
--- Returns  the job's crash count, or 0 if it was no longer ours (taken back).
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then
+-- ARGV[2]  --max-crashes
+-- Returns  the job's crash count (> ARGV[2]: a poison pill, still in the processing
+--          list), or 0 if it was no longer ours (taken back by a reaper).
+if not redis.call('LPOS', KEYS[1], ARGV[1]) then
   return 0
 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return redis.call('HINCRBY', KEYS[3], redis.sha1hex(ARGV[1]), 1)
+local count = redis.call('HINCRBY', KEYS[3], redis.sha1hex(ARGV[1]), 1)
+if count <= tonumber(ARGV[2]) then
+  redis.call('LREM', KEYS[1], -1, ARGV[1])
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+return count

@@ -11,14 +11,15 @@
 --   KEYS[2i+2] <ns>:processing:<supervisor>:<name_i>   (list; this supervisor's)
 -- ARGV[1]      N, the most jobs to take (at most a few thousand: unpack() limit)
 -- ARGV[2]      our lease epoch
--- Returns      {1, i, job, crashes, i, job, crashes, ...} (i: 1-based queue index,
---              oldest job first), or {0} when our lease is lost.
+-- Returns      {1, counted, i, job, crashes, i, job, crashes, ...} (counted: 1 if any
+--              job has a crash count at all; i: 1-based queue index; oldest job
+--              first), or {0} when our lease is lost.
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then
   return {0}
 end
 local n = tonumber(ARGV[1])
 local counted = redis.call('EXISTS', KEYS[2]) == 1
-local out = {1}
+local out = {1, counted and 1 or 0}
 for i = 3, #KEYS, 2 do
   if n <= 0 then break end
   local jobs = redis.call('RPOP', KEYS[i], n)
