@@ -25,5 +25,9 @@ test: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/redpool dev examples.tasks
 
+# Benchmarks (not part of `make test`): make bench BENCH_ARGS="--quick --reps 1"
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

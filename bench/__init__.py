@@ -1,0 +1,1 @@
+"""The redpool benchmark suite: `make bench` (or `python -m bench.run --help`)."""
