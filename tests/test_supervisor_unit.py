@@ -4,14 +4,18 @@ No Redis, no processes: each test is a story of a few ticks and runs in millisec
 The periodic duties are the real duties.Duties, built on the fakes.  The fakes keep
 only the surface the supervisor uses, and just enough of Redis's behaviour (a job is
 in the queue or in our processing list; a lease has an epoch) for the stories to be
-true.  The messages are genuine: what the supervisor sends a child is decoded as
-child.main decodes it, and a child's answer is a real runner.Runner's Outcome for a
-real task, packed with child.encode_done exactly as a pool child does.
+true.  The messages are genuine: the batches the supervisor sends a child are decoded
+with child.decode_batch, as child.main decodes them, and a child's answer is a real
+runner.Runner's Outcome for a real task, packed with child.encode_done exactly as a
+pool child does.  Only the outcome's measured "duration" is chosen by the test (it
+drives the adaptive batch size): LONG by default, so that jobs go one at a time
+unless a test says they are short.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import signal
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ import pytest
 import redis
 
 from redpool import protocol as p
-from redpool.child import FAIL_HEADER, JOB_HEADER, MSG_FAIL, MSG_JOB, encode_done
+from redpool.child import MSG_BATCH, decode_batch, encode_done
 from redpool.config import WorkerConfig
 from redpool.duties import BACKOFF_MAX, PROMOTE_EVERY, REAP_EVERY, Duties
 from redpool.errors import NameInUse
@@ -29,10 +33,22 @@ from redpool.pool import BootFailed, Died, Done, Started, describe_exit
 from redpool.queue import Reserved
 from redpool.registry import Registry
 from redpool.runner import Policy, Runner
-from redpool.supervisor import DRAINING, KILL_GRACE, RUNNING, STOPPED, Supervisor
+from redpool.supervisor import (BATCH_SECONDS, DRAINING, KILL_GRACE, MAX_BATCH, RUNNING, STOPPED,
+                                Supervisor)
 
 WORKER = "unit-sup"
 T0 = 1000.0
+
+# entry kinds of a batch (child.job_entry / child.fail_entry)
+JOB, FAIL = b"J", b"F"
+
+# Job durations a child reports (meta "duration"); powers of two, so that a moving
+# average of equal samples stays exactly equal.
+LONG = 1.0            # batch of int(0.005 / 1.0) -> 1: one at a time
+SHORT = 2.0 ** -11    # 0.49 ms: batches of int(0.005 / SHORT) = 10
+TINY = 2.0 ** -20     # ~1 us: batches capped at MAX_BATCH
+REAL = None           # keep the duration the real Runner measured
+DEFAULT = object()    # FakePool.duration
 
 registry = Registry()
 
@@ -57,6 +73,10 @@ def job(n: int, task: str = "tests.add", **kw) -> bytes:
     return p.encode_job(p.make_job(task, args, id=f"job-{n}", now=1700000000.0, **kw))
 
 
+def jobs(*ns) -> list[bytes]:
+    return [job(n) for n in ns]
+
+
 KILLED = -signal.SIGKILL   # a child's exit code when SIGKILL ended it
 DOWN = redis.ConnectionError("Error 111 connecting to localhost:6379. Connection refused.")
 
@@ -74,8 +94,9 @@ class FakeQueue:
         self.crashes: Counter = Counter()                    # raw -> crashed deliveries
         self.epoch: str | None = None                         # of the live lease
         self.calls: list[str] = []
-        self.reserve_calls: list[int] = []
-        self.complete_calls: list[list] = []     # batches that reached "Redis"
+        self.exchange_calls: list[tuple[int, int]] = []  # (completions carried, n to reserve)
+        self.reserve_calls: list[int] = []       # n of each exchange that reserved (n > 0)
+        self.complete_calls: list[list] = []     # batches that reached "Redis" (either call)
         self.requeue_calls: list[list] = []
         self.crashed_calls: list[tuple[str, bytes]] = []
         self.recover_calls: list[bool] = []      # the crashed= flag of each call
@@ -100,19 +121,7 @@ class FakeQueue:
     def push(self, *jobs) -> None:
         self.ready.extend(jobs)
 
-    # the surface the supervisor and the duties use
-    def reserve(self, n, epoch):
-        self._io("reserve")
-        self.reserve_calls.append(n)
-        if epoch != self.epoch:
-            return None
-        got = [self.ready.popleft() for _ in range(min(n, len(self.ready)))]
-        self.processing += got
-        return self._reply("reserve", [Reserved(q, raw, self.crashes[raw]) for q, raw in got])
-
-    def complete(self, items):
-        self._io("complete")
-        batch = list(items)
+    def _complete(self, batch: list) -> tuple[int, int]:
         self.complete_calls.append(batch)
         missing = 0
         for c in batch:
@@ -123,6 +132,29 @@ class FakeQueue:
                 missing += 1
         return missing, 0
 
+    # the surface the supervisor and the duties use
+    def exchange(self, done, n, epoch):
+        """complete.lua then reserve.lua, pipelined: one round trip (RedisQueue.exchange)."""
+        self._io("exchange")
+        batch = list(done)   # the supervisor clears its list afterwards
+        self.exchange_calls.append((len(batch), n))
+        assert batch or n > 0, "an exchange with nothing to do"
+        missing, skipped = self._complete(batch) if batch else (0, 0)
+        got: list | None = []
+        if n > 0:
+            self.reserve_calls.append(n)
+            if epoch != self.epoch:
+                got = None
+            else:
+                taken = [self.ready.popleft() for _ in range(min(n, len(self.ready)))]
+                self.processing += taken
+                got = [Reserved(q, raw, self.crashes[raw]) for q, raw in taken]
+        return self._reply("exchange", (missing, skipped, got))
+
+    def complete(self, items):
+        self._io("complete")
+        return self._reply("complete", self._complete(list(items)))
+
     def requeue(self, items):
         self._io("requeue")
         self.requeue_calls.append(list(items))
@@ -132,14 +164,17 @@ class FakeQueue:
         self.ready.extendleft(reversed(back))   # back at the head, oldest first
         return len(back)
 
-    def crashed(self, queue, raw):
+    def crashed(self, queue, raw, max_crashes=2 ** 31):
+        """crashed.lua: one crash more; back to the head of its queue unless that makes
+        it a poison pill (it then stays in our processing list).  0: not ours."""
         self._io("crashed")
         self.crashed_calls.append((queue, raw))
         if (queue, raw) not in self.processing:
             return 0
-        self.processing.remove((queue, raw))
-        self.ready.appendleft((queue, raw))
         self.crashes[raw] += 1
+        if self.crashes[raw] <= max_crashes:
+            self.processing.remove((queue, raw))
+            self.ready.appendleft((queue, raw))
         return self.crashes[raw]
 
     def promote(self, limit=1000):
@@ -229,17 +264,25 @@ class FakeReaper:
 
 
 class FakeChild:
+    """pool.Child as the supervisor sees it."""
+
     def __init__(self, pid: int, ready: bool = True):
         self.pid = pid
         self.ready = ready
-        self.token: int | None = None
-        self.stopping = False
+        self.tokens: deque[int] = deque()   # handed to it, the running job first
+        self.retiring = False               # gets no more jobs; retired once it has none
+        self.stopping = False               # its pipe is closed: it exits
+        self.doomed = False                 # signalled by the supervisor
         self.jobs_done = 0
+
+    @property
+    def token(self) -> int | None:
+        return self.tokens[0] if self.tokens else None
 
 
 @dataclass
 class Sent:
-    """One message to a child, decoded as child.main decodes it."""
+    """One entry of a batch, decoded as child.main decodes it."""
     pid: int
     token: int
     kind: bytes
@@ -249,22 +292,29 @@ class Sent:
     fail: dict | None = None
 
 
-def decode_msg(pid: int, msg: bytes) -> Sent:
-    kind = msg[:1]
-    if kind == MSG_JOB:
-        token, qlen, crashes = JOB_HEADER.unpack_from(msg, 1)
-        o = 1 + JOB_HEADER.size
-        return Sent(pid, token, kind, msg[o:o + qlen].decode(), msg[o + qlen:], crashes)
-    assert kind == MSG_FAIL, msg[:1]
-    token, qlen, crashes, elen = FAIL_HEADER.unpack_from(msg, 1)
-    o = 1 + FAIL_HEADER.size
-    err = p.loads(msg[o + qlen:o + qlen + elen])
-    return Sent(pid, token, kind, msg[o:o + qlen].decode(), msg[o + qlen + elen:], crashes, err)
+@dataclass
+class Batch:
+    """One message to a child, and the child's state when it was sent."""
+    pid: int
+    tokens: list[int]
+    entries: list[Sent]
+    held: int            # jobs the child held already (the running one included)
+    done: int            # jobs it had finished
+
+    @property
+    def raws(self) -> list[bytes]:
+        return [s.raw for s in self.entries]
+
+
+def decode_msg(pid: int, msg: bytes) -> list[Sent]:
+    assert msg[:1] == MSG_BATCH, msg[:1]
+    return [Sent(pid, token, kind, queue, raw, crashes, error)
+            for kind, token, crashes, queue, error, raw in decode_batch(msg)]
 
 
 class FakePool:
     """Children that never run anything by themselves: the test finishes jobs, with a
-    real Runner, as a child would."""
+    real Runner, as a child would (in order, one answer per job)."""
 
     def __init__(self, size: int, defaults: Policy):
         self.size = size
@@ -272,12 +322,14 @@ class FakePool:
         self.children = [FakeChild(next(self._pids)) for _ in range(size)]
         self.respawn_backoff = 0.0
         self.next_spawn_at = 0.0
-        self.sent: list[Sent] = []
+        self.batches: list[Batch] = []
+        self.sent: list[Sent] = []                  # every entry of every batch, in order
         self.events: deque = deque()
         self.reconciles: list[float] = []
         self.signals: list[tuple[int, int]] = []    # (pid, signal)
-        self.retired: list[tuple[int, int | None]] = []   # (pid, its token then)
+        self.retired: list[tuple[int, list[int]]] = []   # (pid, the tokens it held then)
         self.rss_of: dict[int, int] = {}
+        self.duration = LONG                        # what finish() reports by default
         self.terminated = self.killed = self.closed = self.started = False
         self.runner = Runner(registry, WORKER, p.DEFAULT_MAX_PAYLOAD, defaults=defaults)
 
@@ -285,30 +337,33 @@ class FakePool:
     def start(self):
         self.started = True
 
-    def idle(self):
-        return [c for c in self.children if c.ready and c.token is None and not c.stopping]
+    def accepting(self):
+        return [c for c in self.children if c.ready and not c.retiring and not c.stopping]
 
-    def send(self, c, token, msg):
-        assert c.token is None and c.ready and not c.stopping, "sent to a child that is not idle"
-        c.token = token
-        s = decode_msg(c.pid, msg)
-        assert s.token == token
-        self.sent.append(s)
-        if s.kind == MSG_JOB:
-            # as child.main does: say so when the job's own timeout is not the default
-            try:
-                _, _, policy = self.runner.prepare(s.raw)
-            except p.InvalidJob:
-                return
-            if policy.timeout != self.runner.defaults.timeout:
-                self.events.append(Started(token, policy.timeout))
+    def idle(self):
+        return [c for c in self.accepting() if not c.tokens]
+
+    def send(self, c, tokens, msg):
+        assert c in self.accepting(), "sent to a child that takes no jobs"
+        assert tokens, "an empty batch"
+        entries = decode_msg(c.pid, msg)
+        assert [s.token for s in entries] == list(tokens)
+        assert not set(tokens) & {t for x in self.children for t in x.tokens}, "token reused"
+        self.batches.append(Batch(c.pid, list(tokens), entries, len(c.tokens), c.jobs_done))
+        self.sent += entries
+        was_idle = not c.tokens
+        c.tokens.extend(tokens)
+        if was_idle:
+            self._starting(c)
 
     def find(self, token):
-        return next((c for c in self.children if c.token == token), None)
+        return next((c for c in self.children if c.tokens and c.tokens[0] == token), None)
 
     def retire(self, c):
-        self.retired.append((c.pid, c.token))
-        c.stopping = True
+        self.retired.append((c.pid, list(c.tokens)))
+        c.retiring = True
+        if not c.tokens:
+            c.stopping = True
 
     def signal(self, c, sig):
         self.signals.append((c.pid, sig))
@@ -318,7 +373,7 @@ class FakePool:
 
     def poll(self, ready):
         # a retired child exits when its pipe closes: gone without an event
-        self.children = [c for c in self.children if not (c.stopping and c.token is None)]
+        self.children = [c for c in self.children if not (c.stopping and not c.tokens)]
         out = list(self.events)
         self.events.clear()
         return out
@@ -328,7 +383,10 @@ class FakePool:
 
     def reconcile(self, now):
         self.reconciles.append(now)
-        live = [c for c in self.children if not c.stopping]
+        for c in self.children:
+            if c.retiring and not c.tokens:
+                c.stopping = True   # done with its last batch: its pipe is closed
+        live = [c for c in self.children if not c.stopping and not c.retiring]
         spawned = [FakeChild(next(self._pids), ready=False) for _ in range(self.size - len(live))]
         self.children += spawned
         return spawned
@@ -357,34 +415,75 @@ class FakePool:
             c.ready = True
 
     def busy(self) -> dict[int, FakeChild]:
-        return {c.token: c for c in self.children if c.token is not None}
+        """running token -> its child"""
+        return {c.tokens[0]: c for c in self.children if c.tokens}
+
+    def child(self, pid: int) -> FakeChild:
+        return next(c for c in self.children if c.pid == pid)
+
+    def held(self, pid: int) -> list[int]:
+        return list(self.child(pid).tokens)
+
+    def batches_to(self, pid: int) -> list[Batch]:
+        return [b for b in self.batches if b.pid == pid]
 
     def msg_of(self, token: int) -> Sent:
         return next(s for s in self.sent if s.token == token)
 
-    def finish(self, token: int) -> bytes:
-        """The child holding ``token`` finishes: a genuine MSG_DONE from a real Runner."""
+    def _starting(self, c: FakeChild) -> None:
+        """c starts the job at the head of its batch: as child.main does, it says so
+        when the job's own timeout is not the default."""
+        s = self.msg_of(c.tokens[0])
+        if s.kind != JOB:
+            return
+        try:
+            _, _, policy = self.runner.prepare(s.raw)
+        except p.InvalidJob:
+            return
+        if policy.timeout != self.runner.defaults.timeout:
+            self.events.append(Started(s.token, policy.timeout))
+
+    def finish(self, token: int, duration=DEFAULT) -> bytes:
+        """The child running ``token`` finishes it: a genuine MSG_DONE from a real Runner,
+        reporting ``duration`` (default: self.duration; REAL: as measured)."""
         c = self.busy()[token]
         s = self.msg_of(token)
-        if s.kind == MSG_JOB:
+        if s.kind == JOB:
             out = self.runner.run(s.queue, s.raw, s.crashes)
         else:
             out = self.runner.fail(s.queue, s.raw, s.crashes, s.fail["type"], s.fail["message"],
                                    retry=s.fail["retry"], dead=s.fail["dead"])
+        if duration is DEFAULT:
+            duration = self.duration
+        if duration is not REAL:
+            out.meta["duration"] = duration
         msg = encode_done(token, out)
-        c.token = None
+        c.tokens.popleft()
         c.jobs_done += 1
         self.events.append(Done(token, msg, c.pid))
+        if c.tokens:
+            self._starting(c)   # the next job of its batch starts at once
         return msg
 
-    def finish_all(self) -> None:
+    def finish_all(self, duration=DEFAULT) -> None:
+        """Every busy child finishes the job it runs (one each)."""
         for token in list(self.busy()):
-            self.finish(token)
+            self.finish(token, duration)
+
+    def finish_everything(self, duration=DEFAULT) -> None:
+        """Every child works through its whole batch (read in one poll, as the real
+        pool reads every message a child sent)."""
+        while self.busy():
+            self.finish_all(duration)
 
     def die(self, token: int | None, exitcode: int = KILLED, pid: int | None = None):
-        c = self.busy()[token] if token is not None else next(x for x in self.children if x.pid == pid)
+        """The child running ``token`` (or child ``pid``) dies, holding its batch."""
+        c = self.busy()[token] if token is not None else self.child(pid)
         self.children.remove(c)
-        self.events.append(Died(token, c.pid, exitcode, describe_exit(exitcode)))
+        # (the real child's shared progress word names the job it was running: here,
+        # the first of its batch)
+        self.events.append(Died(list(c.tokens), c.pid, exitcode, describe_exit(exitcode),
+                                c.token, c.doomed))
         return c
 
 
@@ -489,6 +588,18 @@ class World:
     def sent_raws(self) -> list[bytes]:
         return [s.raw for s in self.pool.sent]
 
+    def finish_running(self, duration=DEFAULT) -> None:
+        """Every busy child finishes the job it runs, reporting ``duration``; one tick."""
+        self.pool.finish_all(duration)
+        self.tick()
+
+    def expected_want(self) -> int:
+        """want() as specified: room in the accepting children's batches, plus the
+        prefetch allowance in batches, less what is held."""
+        k = self.sup.batch_size()
+        room = sum(max(0, k - len(c.tokens)) for c in self.pool.accepting())
+        return room + self.cfg.prefetch * k - len(self.sup.backlog)
+
 
 def env_of(c) -> dict:
     return p.loads(c.envelope)
@@ -511,10 +622,14 @@ def test_reserve_asks_for_idle_children_plus_prefetch_minus_backlog():
 
     w.pool.finish(w.tokens()[0])
     w.tick()
-    # the freed child took one from the backlog; the backlog is topped up by one
+    # the freed child took one from the backlog; the backlog is topped up by one, in
+    # the same round trip that acknowledged the finished job
     assert w.rq.reserve_calls == [5, 1]
+    assert w.rq.exchange_calls == [(0, 5), (1, 1)]
     assert len(w.pool.sent) == 3
     assert len(w.sup.backlog) == 3
+    # jobs of unknown duration go one at a time
+    assert [len(b.tokens) for b in w.pool.batches] == [1, 1, 1]
 
 
 def test_prefetch_zero_reserves_only_for_idle_children():
@@ -530,7 +645,7 @@ def test_jobs_are_dispatched_to_distinct_idle_children_in_order():
     w.tick()
 
     assert [(s.pid, s.kind, s.raw, s.crashes) for s in w.pool.sent] == \
-        [(1001, MSG_JOB, job(1), 0), (1002, MSG_JOB, job(2), 0)]
+        [(1001, JOB, job(1), 0), (1002, JOB, job(2), 0)]
     tokens = [s.token for s in w.pool.sent]
     assert len(set(tokens)) == 2
     assert set(w.sup.inflight) == set(tokens)
@@ -548,7 +663,7 @@ def test_the_crash_count_travels_with_the_job():
     w.rq.crashes[job(1)] = 2
     w.tick()
     (s,) = w.pool.sent
-    assert (s.kind, s.crashes) == (MSG_JOB, 2)
+    assert (s.kind, s.crashes) == (JOB, 2)
     w.pool.finish_all()
     w.tick()
     (c,) = w.rq.completed
@@ -580,8 +695,9 @@ def test_completions_from_several_done_events_are_flushed_in_one_call():
     w.pool.finish_all()
     w.tick()
 
-    # Then one complete() call acknowledges all three
+    # Then one exchange() call acknowledges all three (and reserves for the idle children)
     assert len(w.rq.complete_calls) == 1
+    assert w.rq.exchange_calls[-1] == (3, 3) and "complete" not in w.rq.calls
     by_raw = {c.raw: c for c in w.rq.complete_calls[0]}
     assert set(by_raw) == {j1, j2, j3}
 
@@ -680,7 +796,7 @@ def test_a_dead_childs_job_goes_back_to_its_queue_with_one_crash_more():
     w.pool.boot()
     w.tick()
     again = w.pool.sent[-1]
-    assert (again.raw, again.kind, again.crashes) == (j1, MSG_JOB, 1)
+    assert (again.raw, again.kind, again.crashes) == (j1, JOB, 1)
 
 
 def test_a_child_dying_idle_fails_nothing():
@@ -723,8 +839,10 @@ def test_a_job_that_crashes_once_too_often_is_settled_first_as_a_poison_pill():
     w.pool.die(pill_token)
     w.tick()
 
-    # Then it is not put back, but settled: a `fail` Work first in the backlog
-    assert w.rq.crashed_calls == []
+    # Then it is not put back, but settled: a `fail` Work first in the backlog (the
+    # crash may be counted in Redis, but the job stays in our processing list)
+    assert w.rq.crashed_calls in ([], [("default", pill)])
+    assert ("default", pill) not in w.rq.ready and ("default", pill) in w.rq.processing
     first = w.sup.backlog[0]
     assert (first.raw, first.fail["error_type"], first.fail["dead"], first.fail["retry"]) == \
         (pill, p.E_WORKER_CRASHED, True, False)
@@ -736,7 +854,7 @@ def test_a_job_that_crashes_once_too_often_is_settled_first_as_a_poison_pill():
     w.tick()
     s = w.pool.sent[-1]
     assert (s.kind, s.raw, s.fail["type"], s.fail["dead"], s.fail["retry"]) == \
-        (MSG_FAIL, pill, p.E_WORKER_CRASHED, True, False)
+        (FAIL, pill, p.E_WORKER_CRASHED, True, False)
     assert job(3) not in w.sent_raws()
 
     # and its outcome is a failed envelope and a dead-letter entry, never a retry
@@ -759,7 +877,7 @@ def test_a_reserved_job_past_max_crashes_is_admitted_as_a_poison_pill():
     # Then it is never run: the child is asked to fail it, dead-lettered
     s = w.pool.sent[0]
     assert (s.kind, s.raw, s.crashes, s.fail["type"], s.fail["dead"]) == \
-        (MSG_FAIL, job(1), 4, p.E_WORKER_CRASHED, True)
+        (FAIL, job(1), 4, p.E_WORKER_CRASHED, True)
     assert "4 times" in s.fail["message"]
     w.pool.finish_all()
     w.tick()
@@ -772,7 +890,7 @@ def test_a_job_at_max_crashes_still_runs():
     w = World([job(1)], size=1, prefetch=0, max_crashes=3)
     w.rq.crashes[job(1)] = 3
     w.tick()
-    assert (w.pool.sent[0].kind, w.pool.sent[0].crashes) == (MSG_JOB, 3)
+    assert (w.pool.sent[0].kind, w.pool.sent[0].crashes) == (JOB, 3)
 
 
 def test_a_poison_pill_with_result_ttl_0_writes_no_result_key():
@@ -803,7 +921,7 @@ def test_a_child_dying_while_settling_a_failure_is_settled_by_the_supervisor():
     w.tick()
     w.pool.die(w.tokens()[0])
     w.replace_dead()
-    assert w.pool.sent[-1].kind == MSG_FAIL
+    assert w.pool.sent[-1].kind == FAIL
 
     # When even the child settling it dies
     w.pool.die(w.tokens()[0], exitcode=-signal.SIGKILL)
@@ -858,7 +976,7 @@ def test_a_job_past_its_timeout_is_terminated_then_killed_and_retried():
     assert w.rq.crashed_calls == []       # a timeout is not a crash
     f = w.pool.sent[-1]
     assert (f.kind, f.raw, f.fail["type"], f.fail["retry"], f.fail["dead"]) == \
-        (MSG_FAIL, job(1), "TimeoutError", True, False)
+        (FAIL, job(1), "TimeoutError", True, False)
     assert "timeout of 10 s" in f.fail["message"]
     assert w.sup.stats["timed_out"] == 1
 
@@ -954,7 +1072,7 @@ def test_a_child_is_retired_after_max_jobs_per_child():
     w.tick()
 
     # after its 2nd job, between jobs: retired (never while it holds a job)
-    assert w.pool.retired == [(first_pid, None)]
+    assert w.pool.retired == [(first_pid, [])]
     (retired,) = w.named("child_retired")
     assert retired["pid"] == first_pid and "--max-jobs-per-child 2" in retired["reason"]
     assert [s.pid for s in w.pool.sent] == [first_pid, first_pid]   # no 3rd job for it
@@ -976,7 +1094,7 @@ def test_a_child_over_max_memory_is_retired_after_its_job():
     w.pool.finish_all()
     w.tick()
 
-    assert w.pool.retired == [(big, None)]
+    assert w.pool.retired == [(big, [])]
     (retired,) = w.named("child_retired")
     assert retired["pid"] == big and "600 MiB" in retired["reason"] and "512 MiB" in retired["reason"]
     assert w.pool.sent[-1].pid == small
@@ -1229,10 +1347,10 @@ def test_a_name_taken_while_we_were_away_stops_the_supervisor():
 
 def test_jobs_reserved_by_a_lost_reply_are_put_back_when_redis_is_back():
     w = World([job(1)], size=1, prefetch=0)
-    # Given a reserve that moved job 1 into our processing list, but whose reply was lost
-    w.rq.lose_reply = "reserve"
+    # Given an exchange that moved job 1 into our processing list, but whose reply was lost
+    w.rq.lose_reply = "exchange"
     w.tick()
-    assert w.named("redis_down")[0]["during"] == "reserve"
+    assert w.named("redis_down")[0]["during"] == "exchange"
     assert w.rq.processing == [("default", job(1))] and not w.pool.sent
 
     # When Redis answers again, the job we never heard of goes back to its queue
@@ -1314,6 +1432,7 @@ def test_sigterm_drains_requeues_backlog_and_stops_when_work_is_done():
 
     # When SIGTERM arrives
     w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    exchanges = len(w.rq.exchange_calls)
 
     # Then the unstarted jobs go back, oldest first, and nothing more is taken
     assert w.sup.state == DRAINING
@@ -1332,6 +1451,8 @@ def test_sigterm_drains_requeues_backlog_and_stops_when_work_is_done():
     w.tick(1.0)
     assert w.sup.state == STOPPED
     assert [c.raw for c in w.rq.completed] == [job(0)]
+    # (while draining, finished jobs are acknowledged without reserving: complete())
+    assert len(w.rq.exchange_calls) == exchanges and w.rq.calls.count("complete") == 1
     assert not w.pool.terminated
 
 
@@ -1362,7 +1483,7 @@ def test_a_poison_pill_is_still_settled_while_draining():
     w.tick()
     # the settle goes to the child that is free; no new job does
     s = w.pool.sent[-1]
-    assert (s.kind, s.raw) == (MSG_FAIL, job(1))
+    assert (s.kind, s.raw) == (FAIL, job(1))
     assert w.sup.state == DRAINING
     w.pool.finish_all()
     w.tick()
@@ -1478,19 +1599,21 @@ def test_redis_down_keeps_completions_and_retries_after_backoff():
     w.rq.down = True
     w.pool.finish_all()
 
-    # When the loop tries to acknowledge them, nothing raises
+    # When the loop tries to acknowledge them (and reserve more: one call), nothing raises
+    before = len(w.rq.calls)
     w.tick()
+    assert w.rq.calls[before:] == ["exchange"]
     assert len(w.sup.pending) == 2
     (down,) = w.named("redis_down")
-    assert down["during"] == "complete" and "Connection refused" in down["error"]
-    attempts = w.rq.calls.count("complete")
+    assert down["during"] == "exchange" and "Connection refused" in down["error"]
+    attempts = w.rq.calls.count("exchange")
 
     # Within the backoff nothing is tried again, and nothing is reported twice
     calls = len(w.rq.calls)
     w.tick(0.01)
     assert len(w.rq.calls) == calls
     w.tick(0.1)   # past the first backoff: tried, fails again
-    assert w.rq.calls.count("complete") == attempts + 1
+    assert w.rq.calls.count("exchange") == attempts + 1
     assert len(w.named("redis_down")) == 1
     assert len(w.sup.pending) == 2
     assert w.named("redis_up") == []
@@ -1499,6 +1622,7 @@ def test_redis_down_keeps_completions_and_retries_after_backoff():
     w.rq.down = False
     w.tick(1.0)
     assert [sorted(c.raw for c in batch) for batch in w.rq.complete_calls] == [[job(1), job(2)]]
+    assert w.rq.exchange_calls[-1] == (2, 2)    # with the reserve for the two idle children
     assert not w.sup.pending
     assert w.named("redis_up") == [{}]
     assert w.duties.redis_down is False
@@ -1526,7 +1650,7 @@ def test_redis_down_during_reserve_does_not_raise_and_recovers():
     w.tick()
 
     assert w.sup.state == RUNNING
-    assert w.named("redis_down")[0]["during"] == "reserve"
+    assert w.named("redis_down")[0]["during"] == "exchange"
     assert not w.pool.sent
     w.rq.down = False
     w.tick(1.0)
@@ -1615,7 +1739,7 @@ def test_a_poison_pill_from_the_waiter_is_not_run():
     w.tick()
     w.waiter.inbox.append(Reserved("default", job(5), 3))
     w.tick()
-    assert (w.pool.sent[0].kind, w.pool.sent[0].fail["type"]) == (MSG_FAIL, p.E_WORKER_CRASHED)
+    assert (w.pool.sent[0].kind, w.pool.sent[0].fail["type"]) == (FAIL, p.E_WORKER_CRASHED)
 
 
 def test_waiter_is_disarmed_on_sigterm_and_its_jobs_go_back():
@@ -1693,3 +1817,548 @@ def test_no_busy_loop_after_a_failed_renewal_with_a_full_pool():
     w.tick()                                 # and the renewal first thing after
     assert w.lease.renewals == 1
     assert w.sup.wait_timeout(w.clock.t) > 0
+
+
+# -- batches: how many jobs a child holds -----------------------------------------------------
+
+def test_batch_size_is_one_until_a_duration_is_known_then_grows_for_short_jobs():
+    w = World(jobs(*range(200)), size=1, prefetch=0)
+    w.tick()
+    # nothing known yet: one at a time
+    assert w.sup.batch_size() == 1
+    assert [b.raws for b in w.pool.batches] == [jobs(0)]
+    assert w.rq.exchange_calls == [(0, 1)]
+
+    # When a job reports a short run time (0.49 ms)
+    w.finish_running(SHORT)
+
+    # Then batches are worth about BATCH_SECONDS of work: 10 jobs, reserved in the same
+    # round trip that acknowledged the finished one, and sent as ONE message, in order
+    assert w.sup.avg_duration == SHORT
+    assert w.sup.batch_size() == int(BATCH_SECONDS / SHORT) == 10
+    assert w.rq.exchange_calls[-1] == (1, 10)
+    (_, batch) = w.pool.batches
+    assert batch.raws == jobs(*range(1, 11)) and batch.held == 0
+    assert [s.kind for s in batch.entries] == [JOB] * 10
+
+    # When jobs get even shorter, the batch grows to MAX_BATCH and no further
+    w.pool.finish_everything(TINY)
+    w.tick()
+    assert w.sup.batch_size() == MAX_BATCH
+    assert len(w.pool.batches[-1].tokens) == MAX_BATCH
+    assert w.pool.batches[-1].raws == jobs(*range(11, 11 + MAX_BATCH))
+    assert w.rq.exchange_calls[-1] == (10, MAX_BATCH)
+
+
+def test_the_batch_size_follows_a_moving_average_of_durations():
+    w = World(jobs(*range(50)), size=1, prefetch=0)
+    w.tick()
+    w.finish_running(SHORT)
+    assert w.sup.batch_size() == 10
+    w.pool.finish(w.tokens()[0], duration=4 * SHORT)
+    w.tick()
+    # 0.8 * SHORT + 0.2 * 4 * SHORT
+    assert w.sup.avg_duration == pytest.approx(1.6 * SHORT)
+    assert w.sup.batch_size() == int(BATCH_SECONDS / (1.6 * SHORT)) == 6
+
+
+def test_long_jobs_go_one_at_a_time():
+    w = World(jobs(*range(30)), size=2, prefetch=1)
+    w.tick()
+    for d in (0.5, LONG, 0.25, 2.0, 0.5):
+        w.finish_running(d)
+        assert w.sup.batch_size() == 1
+    assert {len(b.tokens) for b in w.pool.batches} == {1}
+    assert all(b.held == 0 for b in w.pool.batches)      # never queued behind a running job
+    # each reserve only asks for the idle children and the prefetch allowance (1 job)
+    assert max(w.rq.reserve_calls) <= 2 + 1
+
+
+def test_the_batch_shrinks_back_to_one_when_jobs_get_long():
+    w = World(jobs(*range(200)), size=1, prefetch=0)
+    w.tick()
+    w.finish_running(TINY)
+    assert w.sup.batch_size() == MAX_BATCH
+    w.pool.finish(w.tokens()[0], duration=LONG)
+    w.tick()
+    # one long job is enough: 0.8 * 1 us + 0.2 * 1 s
+    assert w.sup.batch_size() == 1
+    # and the child, still holding most of its batch, gets nothing more
+    assert len(w.pool.batches) == 2
+    assert w.sup.want() == w.expected_want() <= 0
+
+
+def test_a_child_is_topped_up_only_when_it_has_room_for_half_a_batch():
+    w = World(jobs(*range(100)), size=1, prefetch=1)
+    w.tick()                                # k=1: job 0 runs, job 1 is held
+    (c,) = w.pool.children
+    w.finish_running(SHORT)                 # k=10
+    # the idle child got the held job at once, then its batch was topped up to 10 with
+    # what the same tick reserved (9 >= 5 free places)
+    assert [b.raws for b in w.pool.batches] == [jobs(0), jobs(1), jobs(*range(2, 11))]
+    assert [b.held for b in w.pool.batches] == [0, 0, 1]
+    assert len(c.tokens) == 10
+
+    # While it has fewer than 5 free places, it gets nothing more (messages stay large)
+    for left in (9, 8, 7, 6):
+        w.finish_running(SHORT)
+        assert len(c.tokens) == left and len(w.pool.batches) == 3
+        assert w.sup.wait_timeout(w.clock.t) > 0
+
+    # With 5 free places it is topped up, before it runs dry, with 5 held jobs in order
+    w.finish_running(SHORT)
+    assert len(w.pool.batches) == 4
+    top = w.pool.batches[-1]
+    assert (top.held, len(top.tokens)) == (5, 5)
+    assert top.raws == jobs(*range(11, 16))
+    assert len(c.tokens) == 10
+    # everything was sent in queue order, each job once
+    assert w.sent_raws() == jobs(*range(16))
+
+
+def test_max_jobs_per_child_caps_a_batch():
+    w = World(jobs(*range(100)), size=1, prefetch=3, max_jobs_per_child=5)
+    w.tick()
+    pid = w.pool.children[0].pid
+    w.finish_running(SHORT)                 # k=10, but 4 jobs left in its allowance
+    w.pool.finish_everything(SHORT)
+    w.tick()
+    w.pool.finish_everything(SHORT)
+    w.tick()
+
+    # Then it never held more than its allowance: 1 + 3 (all that was held) + 1
+    mine = w.pool.batches_to(pid)
+    assert [len(b.tokens) for b in mine] == [1, 3, 1]
+    assert all(b.done + b.held + len(b.tokens) <= 5 for b in mine)
+    assert sum(len(b.tokens) for b in mine) == 5
+    # and was retired after its 5th job, holding nothing
+    assert w.pool.retired == [(pid, [])]
+    (retired,) = w.named("child_retired")
+    assert "--max-jobs-per-child 5" in retired["reason"]
+
+    # its successor gets a batch of min(10, 5), the next jobs in order
+    w.tick()
+    w.pool.boot()
+    w.tick()
+    (succ,) = w.pool.children
+    assert succ.pid != pid
+    (first,) = w.pool.batches_to(succ.pid)
+    assert first.raws == jobs(*range(5, 10))
+    assert w.named("child_retired") == [retired]
+
+
+def test_want_is_room_in_accepting_batches_plus_prefetch_batches_less_backlog():
+    w = World(jobs(*range(200)), size=2, prefetch=1, max_memory_per_child=512 * 2**20)
+    w.tick()                                 # k=1: 2 idle + 1 prefetch
+    assert w.rq.exchange_calls == [(0, 3)]
+    a, b = w.pool.children
+    w.pool.finish(a.token, duration=SHORT)
+    w.tick()
+    # k=10: A got the held job; then room 9 + 9, plus 1 batch of prefetch, less 0 held
+    assert w.rq.exchange_calls[-1] == (1, 28)
+    assert (len(a.tokens), len(b.tokens), len(w.sup.backlog)) == (10, 10, 10)
+    assert w.sup.want() == w.expected_want() == 0
+
+    # When B is to be retired (too much memory) while it still holds 9 jobs
+    b_held = list(b.tokens)[1:]
+    w.pool.rss_of = {b.pid: 600 * 2**20}
+    w.pool.finish(a.token, duration=SHORT)
+    w.pool.finish(b.token, duration=SHORT)
+    w.tick()
+    assert b.retiring and len(b.tokens) == 9 and w.pool.retired == [(b.pid, list(b.tokens))]
+    b_batches = len(w.pool.batches_to(b.pid))
+    # Then its room no longer counts: A's 1 free place + 10 prefetch - 10 held
+    assert w.rq.exchange_calls[-1] == (2, 1)
+    assert w.sup.want() == w.expected_want() == 0
+
+    # When its successor has booted, the successor's room counts (and is filled)
+    w.pool.boot()
+    w.tick()
+    succ = w.pool.children[-1]
+    assert succ.pid not in (a.pid, b.pid)
+    assert len(succ.tokens) == 10
+    assert w.rq.exchange_calls[-1] == (0, 10)          # 1 (A) + 0 (C) + 10 - 1
+    assert w.sup.want() == w.expected_want()
+    # the retiring child works through its batch, gets nothing more, and then goes
+    for _ in range(9):
+        w.pool.finish(b.token, duration=SHORT)
+        w.tick()
+        assert w.sup.want() == w.expected_want()
+    assert len(w.pool.batches_to(b.pid)) == b_batches
+    w.tick()
+    assert b not in w.pool.children
+    assert w.named("child_died") == [] and w.pool.retired == [(b.pid, b_held)]
+
+
+def test_exchange_is_one_call_per_tick_with_completions_and_the_reserve():
+    w = World(jobs(*range(10)), size=2, prefetch=0)
+    w.tick()
+    w.pool.finish_all()
+    before = len(w.rq.calls)
+    w.tick()
+    # one round trip: both results, and a reserve for both idle children
+    assert w.rq.calls[before:] == ["exchange"]
+    assert w.rq.exchange_calls[-1] == (2, 2)
+    assert sorted(c.raw for c in w.rq.completed) == jobs(0, 1)
+    assert w.sent_raws() == jobs(0, 1, 2, 3)
+    assert "complete" not in w.rq.calls and "reserve" not in w.rq.calls
+
+    # nothing finished and no room: no call at all
+    before = len(w.rq.calls)
+    w.tick()
+    assert w.rq.calls[before:] == []
+
+
+def test_completions_go_even_when_the_lease_is_not_held():
+    w = World(jobs(1, 2, 3), size=2, prefetch=0)
+    w.tick()
+    t1, t2 = w.tokens()
+    # Given our lease was lost, and claiming the name again fails for now
+    w.rq.epoch = None
+    w.lease.refuse = redis.ConnectionError("gone")
+    w.pool.finish(t1)
+    w.tick()
+    assert w.rq.exchange_calls[-1] == (1, 1)      # the reserve found the lease lost
+    assert not w.duties.leased
+    assert [c.raw for c in w.rq.completed] == jobs(1)
+
+    # When the other job finishes, it is acknowledged without reserving anything
+    w.pool.finish(t2)
+    w.tick(1.0)
+    assert w.rq.exchange_calls[-1] == (1, 0)
+    assert [c.raw for c in w.rq.completed] == jobs(1, 2)
+    assert not w.sup.pending
+    # and then the name is claimed again
+    assert w.duties.leased and w.named("reregistered") == [{"epoch": "epoch-2"}]
+
+
+# -- batches: a child dying in the middle of one ----------------------------------------------
+
+def batched_world(**settings) -> World:
+    """One child holding a batch of jobs 1..10 (job 0 ran alone, and was short)."""
+    w = World(jobs(*range(100)), size=1, prefetch=0, **settings)
+    w.tick()
+    w.finish_running(SHORT)
+    (c,) = w.pool.children
+    assert [w.pool.msg_of(t).raw for t in c.tokens] == jobs(*range(1, 11))
+    return w
+
+
+def test_a_child_dying_mid_batch_blames_only_the_running_job():
+    w = batched_world(max_crashes=3)
+    w.finish_running(SHORT)                     # job 1 done; job 11 reserved (1 free place)
+    assert w.backlog() == [("default", job(11))]
+    (c,) = w.pool.children
+    running = c.token
+    assert w.pool.msg_of(running).raw == job(2)
+
+    # When the child dies running job 2, with jobs 3..10 not started
+    w.pool.die(running, exitcode=-signal.SIGSEGV)
+    w.tick()
+
+    # Then exactly job 2 is handled as a crash: back to the head of its queue, counted
+    assert w.rq.crashed_calls == [("default", job(2))]
+    assert w.rq.ready[0] == ("default", job(2)) and w.rq.crashes[job(2)] == 1
+    assert w.sup.stats["crashed"] == 1
+    (crashed,) = w.named("job_crashed")
+    assert crashed["crashes"] == 1
+    (died,) = w.named("child_died")
+    assert died["had_job"] is True
+    # and the never-started rest are first in line again, in their order, uncounted
+    assert w.backlog() == [("default", j) for j in jobs(*range(3, 11), 11)]
+    assert all(x.crashes == 0 and x.fail is None for x in w.sup.backlog)
+    assert all(w.rq.crashes[j] == 0 for j in jobs(*range(3, 11)))
+    assert not w.sup.inflight
+    assert w.sup.held() == Counter(w.rq.processing)
+    assert w.sup.wait_timeout(w.clock.t) > 0      # waiting for the replacement to boot
+
+    # When the replacement has booted, they are dispatched again as they were
+    w.pool.boot()
+    w.tick()
+    (succ,) = w.pool.children
+    first = w.pool.batches_to(succ.pid)[0]
+    assert first.raws == jobs(*range(3, 11), 11)
+    assert all((s.kind, s.crashes) == (JOB, 0) for s in first.entries)
+    # and job 2, reserved again, says it crashed once
+    assert [(x.raw, x.crashes) for x in w.sup.backlog] == [(job(2), 1)]
+
+
+def test_a_child_dying_mid_batch_over_max_crashes_settles_the_running_job_first():
+    w = batched_world(max_crashes=0)
+    (c,) = w.pool.children
+    running = c.token
+    assert w.pool.msg_of(running).raw == job(1)
+
+    w.pool.die(running)
+    w.tick()
+
+    # Then job 1 is a poison pill: settled first, never back in its queue; the rest
+    # follow it, in order, uncounted
+    assert w.rq.crashed_calls in ([], [("default", job(1))])
+    assert ("default", job(1)) not in w.rq.ready and ("default", job(1)) in w.rq.processing
+    pill, *rest = w.sup.backlog
+    assert (pill.raw, pill.fail["error_type"], pill.fail["dead"]) == (job(1), p.E_WORKER_CRASHED, True)
+    assert "1 times" in pill.fail["message"]
+    assert [(x.raw, x.crashes, x.fail) for x in rest] == [(j, 0, None) for j in jobs(*range(2, 11))]
+
+    # and the replacement's first batch settles it before running the rest
+    w.pool.boot()
+    w.tick()
+    (succ,) = w.pool.children
+    first = w.pool.batches_to(succ.pid)[0]
+    assert [(s.kind, s.raw) for s in first.entries] == \
+        [(FAIL, job(1))] + [(JOB, j) for j in jobs(*range(2, 11))]
+    w.pool.finish(succ.token)
+    w.tick()
+    (c1,) = [x for x in w.rq.completed if x.raw == job(1)]
+    assert c1.dead is not None and c1.retry is None
+
+
+def test_a_child_killed_for_a_timeout_mid_batch_blames_only_the_timed_out_job():
+    w = batched_world(timeout=5.0, max_crashes=0)
+    (c,) = w.pool.children
+    pid, running = c.pid, c.token
+    w.tick(5.0)
+    assert w.pool.signals == [(pid, signal.SIGTERM)]
+    w.pool.die(running, exitcode=-signal.SIGTERM)
+    w.tick(0.01)
+    assert w.rq.crashed_calls == [] and w.sup.stats["crashed"] == 0
+    first, *rest = w.sup.backlog
+    assert (first.raw, first.fail["error_type"], first.fail["retry"]) == (job(1), "TimeoutError", True)
+    assert [(x.raw, x.fail) for x in rest] == [(j, None) for j in jobs(*range(2, 11))]
+    assert w.sup.stats["timed_out"] == 1
+
+
+def test_a_child_dying_mid_batch_while_draining_puts_the_rest_back_in_their_queue():
+    w = World(jobs(*range(100)), size=2, prefetch=0)
+    w.tick()
+    w.finish_running(SHORT)
+    a, b = w.pool.children
+    assert len(a.tokens) == len(b.tokens) == 10
+    a_jobs = [w.pool.msg_of(t).raw for t in a.tokens]
+    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    sent = len(w.pool.sent)
+
+    w.pool.die(a.token)
+    w.tick()
+
+    # the running job is counted as a crash; the rest go back to the head of their
+    # queue, oldest first, and not to the other child (the crashed job, put back at
+    # the head first, ends up right behind them)
+    assert w.rq.crashed_calls == [("default", a_jobs[0])]
+    assert w.rq.requeue_calls[-1] == [("default", j) for j in a_jobs[1:]]
+    assert list(w.rq.ready)[:10] == [("default", j) for j in a_jobs[1:] + a_jobs[:1]]
+    assert w.rq.crashes[a_jobs[0]] == 1 and not any(w.rq.crashes[j] for j in a_jobs[1:])
+    assert len(w.pool.sent) == sent and not w.sup.backlog
+    assert w.sup.state == DRAINING
+    assert w.sup.wait_timeout(w.clock.t) > 0
+
+
+def test_jobs_a_dead_child_never_started_are_not_run_twice():
+    w = batched_world(max_crashes=5)
+    (c,) = w.pool.children
+    w.pool.die(c.token)
+    w.replace_dead()
+    w.pool.finish_everything(SHORT)
+    w.tick()
+    w.pool.finish_everything(SHORT)
+    w.tick()
+    done = Counter(x.raw for x in w.rq.completed)
+    assert max(done.values()) == 1
+    assert set(jobs(*range(2, 11))) <= set(done)
+
+
+# -- batches: timeouts count from when a job starts -------------------------------------------
+
+def test_the_next_job_of_a_batch_gets_its_deadline_when_the_previous_one_finishes():
+    w = World(jobs(*range(50)), size=1, prefetch=0, timeout=10.0, lease=60.0)
+    w.tick()
+    w.finish_running(SHORT)
+    (c,) = w.pool.children
+    head, second, *_ = c.tokens
+    # only the running job's timeout is counting
+    assert w.sup.inflight[head].deadline == pytest.approx(T0 + 10.0)
+    assert all(w.sup.inflight[t].deadline == math.inf for t in list(c.tokens)[1:])
+    assert w.sup.wait_timeout(w.clock.t) > 0
+
+    # When the first job finishes after 8 s, the second starts then
+    w.tick(8.0)
+    w.pool.finish(head, duration=SHORT)
+    w.tick()
+    assert w.sup.inflight[second].started == pytest.approx(T0 + 8.0)
+    assert w.sup.inflight[second].deadline == pytest.approx(T0 + 18.0)
+    assert all(w.sup.inflight[t].deadline == math.inf for t in list(c.tokens)[1:])
+
+    # It is not signalled for the time it waited in the batch, only for its own 10 s
+    w.tick(9.9)
+    assert w.pool.signals == []
+    w.tick(0.1)
+    assert w.pool.signals == [(c.pid, signal.SIGTERM)]
+    (t,) = w.named("job_timeout")
+    assert t["timeout"] == 10.0
+
+
+def test_a_job_with_its_own_timeout_in_a_batch_counts_it_from_its_start():
+    raws = [job(0), job(1), job(2, task="tests.slow"), *jobs(*range(3, 20))]
+    w = World(raws, size=1, prefetch=0, timeout=10.0, lease=120.0)
+    w.tick()
+    w.finish_running(SHORT)
+    (c,) = w.pool.children
+    head, slow_token = list(c.tokens)[:2]
+    assert w.pool.msg_of(slow_token).raw == job(2, task="tests.slow")
+    w.tick(3.0)
+    # job 1 finishes; tests.slow starts, and says its timeout is 60 s (Started)
+    w.pool.finish(head, duration=SHORT)
+    assert isinstance(w.pool.events[-1], Started) and w.pool.events[-1].token == slow_token
+    w.tick()
+    assert w.sup.inflight[slow_token].deadline == pytest.approx(T0 + 3.0 + 60.0)
+    w.tick(59.9)
+    assert w.pool.signals == []
+    w.tick(0.1)
+    assert [sig for _, sig in w.pool.signals] == [signal.SIGTERM]
+    assert w.named("job_timeout")[0]["timeout"] == 60.0
+
+
+def test_a_failure_to_settle_in_a_batch_gets_no_deadline():
+    w = batched_world(timeout=5.0, max_crashes=0)
+    (c,) = w.pool.children
+    w.pool.die(c.token)
+    w.replace_dead()
+    (succ,) = w.pool.children
+    head = succ.token
+    assert w.pool.msg_of(head).kind == FAIL
+    assert w.sup.inflight[head].deadline == math.inf
+    w.pool.finish(head, duration=SHORT)
+    w.tick()
+    # the job after it starts now, with the default timeout
+    assert w.sup.inflight[succ.token].deadline == pytest.approx(w.clock.t + 5.0)
+
+
+# -- batches: never a busy loop ---------------------------------------------------------------
+
+def test_no_busy_loop_with_batches_in_flight():
+    w = World(jobs(*range(300)), size=2, prefetch=1, timeout=30.0, lease=60.0,
+              max_memory_per_child=2**30)
+    w.tick()
+    assert w.sup.wait_timeout(w.clock.t) > 0
+    w.finish_running(TINY)
+    assert all(len(c.tokens) == MAX_BATCH for c in w.pool.children)
+    # held jobs and unstarted batches are no reason to wake up
+    assert w.sup.backlog
+    assert w.sup.wait_timeout(w.clock.t) > 0
+    # a child retiring with a batch, another dead mid-batch, its replacement not booted
+    a, b = w.pool.children
+    w.pool.rss_of = {a.pid: 2**31}
+    w.pool.finish(a.token, duration=TINY)
+    w.pool.die(b.token)
+    w.tick()
+    assert a.retiring and a.tokens
+    assert not w.pool.accepting()
+    assert w.sup.wait_timeout(w.clock.t) > 0
+    w.tick(0.3)
+    assert w.sup.wait_timeout(w.clock.t) > 0
+
+
+def check_books(w: World) -> None:
+    """What must hold after every tick of a RUNNING supervisor with Redis up."""
+    now = w.clock.t
+    # nothing is due right after a tick: the loop sleeps
+    assert w.sup.wait_timeout(now) > 0
+    # every job a child holds is in flight, and nothing else is
+    held_by_children = [t for c in w.pool.children for t in c.tokens]
+    assert sorted(held_by_children) == sorted(w.sup.inflight)
+    for c in w.pool.children:
+        # only the running job's timeout counts
+        for t in list(c.tokens)[1:]:
+            assert w.sup.inflight[t].deadline == math.inf == w.sup.inflight[t].kill_at
+        if w.cfg.max_jobs_per_child:
+            assert c.jobs_done + len(c.tokens) <= w.cfg.max_jobs_per_child
+    # what we hold is exactly what Redis says we hold
+    assert w.sup.held() == Counter(w.rq.processing)
+    assert not w.sup.pending
+
+
+DURATIONS = [TINY] * 2 + [SHORT] * 6 + [0.002] * 3 + [LONG]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_random_run_keeps_the_books_and_every_job_finishes_once(seed):
+    rnd = random.Random(seed)
+    raws = [job(i) if i % 7 else job(i, task="tests.slow") for i in range(120)]
+    w = World(raws, size=3, prefetch=rnd.choice([0, 1, 2]), timeout=5.0, lease=600.0,
+              max_crashes=2, max_jobs_per_child=rnd.choice([0, 7]))
+    seen_signals = 0
+    w.tick()
+    for _ in range(400):
+        r = rnd.random()
+        busy = list(w.pool.busy())
+        if busy and r < 0.55:
+            w.pool.finish(rnd.choice(busy), duration=rnd.choice(DURATIONS))
+        elif busy and r < 0.6:
+            w.pool.die(rnd.choice(busy), exitcode=rnd.choice([KILLED, -signal.SIGSEGV, 1]))
+        elif r < 0.7:
+            w.pool.boot()
+        before = len(w.rq.calls)
+        w.tick(rnd.choice([0.0, 0.0, 0.001, 0.01, 0.2, 1.0, 6.0]))
+        # one round trip for completions and reserve; complete() only when draining
+        assert w.rq.calls[before:].count("exchange") <= 1
+        assert "complete" not in w.rq.calls
+        check_books(w)
+        # a child signalled for a timeout dies of it before it answers anything else
+        for pid, sig in w.pool.signals[seen_signals:]:
+            w.pool.die(None, exitcode=-sig, pid=pid)
+        seen_signals = len(w.pool.signals)
+    assert all(len(b.tokens) <= MAX_BATCH for b in w.pool.batches)
+
+    # Then, left to work, everything is done, each job acknowledged exactly once
+    for _ in range(200):
+        if not (w.rq.ready or w.rq.processing or w.sup.inflight or w.sup.backlog):
+            break
+        w.pool.boot()
+        w.pool.finish_everything(SHORT)
+        w.tick(0.01)
+        check_books(w)
+    done = Counter(c.raw for c in w.rq.completed)
+    assert done == Counter(raws)
+    assert w.sup.state == RUNNING
+
+
+# -- known bugs -------------------------------------------------------------------------------
+
+def test_a_batch_behind_a_job_that_finished_as_it_was_signalled_is_not_blamed():
+    w = batched_world(timeout=5.0, max_crashes=0)
+    (c,) = w.pool.children
+    pid, timed_out, nxt = c.pid, c.tokens[0], c.tokens[1]
+    w.tick(5.0)
+    assert w.pool.signals == [(pid, signal.SIGTERM)]
+    # job 1 finished just as the signal was sent: its Done is read first
+    w.pool.finish(timed_out, duration=5.0)
+    w.tick(0.01)
+    assert len(w.rq.completed) == 2
+    # the SIGTERM then ends the process, which had gone on to job 2 of its batch
+    w.pool.die(nxt, exitcode=-signal.SIGTERM)
+    w.tick(0.01)
+
+    # Then job 2 did nothing wrong: it is not counted as a crash, let alone dead-lettered;
+    # jobs 2..10 are first in line again, as they were
+    assert w.rq.crashed_calls == []
+    assert w.sup.stats["crashed"] == 0
+    assert [(x.raw, x.crashes, x.fail) for x in w.sup.backlog][:9] == \
+        [(j, 0, None) for j in jobs(*range(2, 11))]
+
+
+def test_settling_a_failure_says_nothing_about_how_long_jobs_take():
+    pill = job(0, reply_to="r")
+    w = World([pill, *jobs(*range(1, 300))], size=1, prefetch=1, max_crashes=0)
+    w.rq.crashes[pill] = 1          # its host died running it: a poison pill
+    w.tick()
+    (first,) = w.pool.batches
+    assert first.entries[0].kind == FAIL
+    # settling it takes a few microseconds (runner.fail: no task runs)
+    w.pool.finish(first.tokens[0], duration=2.0 ** -17)
+    w.tick()
+
+    # Then nothing is known yet about the jobs themselves: still one at a time
+    assert w.sup.batch_size() == 1
+    assert all(len(b.tokens) == 1 for b in w.pool.batches)
+    assert max(w.rq.reserve_calls) <= 2

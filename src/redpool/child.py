@@ -32,10 +32,16 @@ MSG_READY = b"R"       # R
 MSG_BOOT_ERROR = b"E"  # E + utf-8 message
 MSG_STARTED = b"S"     # S + !Id(token, timeout): the job's timeout differs from the default
 MSG_DONE = b"D"        # D + !IIII(len(meta), len(envelope), len(dead), len(retry)) + parts
+MSG_DONE_MANY = b"M"   # M + !H(count) + (!I(len) + a D message) * count
+
+# Answers to short jobs are sent together, at the end of a batch or once the oldest
+# has waited this long: one pipe message (and one supervisor wake-up) for many jobs.
+FLUSH_SECONDS = 0.002
 
 BATCH_HEADER = struct.Struct("!H")
 ENTRY = struct.Struct("!cIIHHI")
 STARTED = struct.Struct("!Id")
+LENGTH = struct.Struct("!I")
 DONE_HEADER = struct.Struct("!IIII")
 
 PR_SET_PDEATHSIG = 1
@@ -80,6 +86,23 @@ def encode_done(token: int, out: Outcome) -> bytes:
             + meta + env + dead + retry)
 
 
+def encode_many(dones: list[bytes]) -> bytes:
+    if len(dones) == 1:
+        return dones[0]
+    return MSG_DONE_MANY + BATCH_HEADER.pack(len(dones)) + b"".join(
+        LENGTH.pack(len(d)) + d for d in dones)
+
+
+def split_many(msg: bytes):
+    (count,) = BATCH_HEADER.unpack_from(msg, 1)
+    o = 1 + BATCH_HEADER.size
+    for _ in range(count):
+        (n,) = LENGTH.unpack_from(msg, o)
+        o += LENGTH.size
+        yield msg[o:o + n]
+        o += n
+
+
 def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
     lm, le, ld, lr = DONE_HEADER.unpack_from(msg, 1)
     o = 1 + DONE_HEADER.size
@@ -93,7 +116,7 @@ def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | N
 
 def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: int,
          sys_path: list[str], namespace: str = p.DEFAULT_NAMESPACE,
-         defaults: dict | None = None) -> None:
+         defaults: dict | None = None, progress=None) -> None:
     """Entry point of a pool child (multiprocessing spawn target)."""
     _die_with_parent(parent_pid)
     # Ctrl-C in a terminal reaches the whole process group: the supervisor decides
@@ -120,19 +143,38 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             os._exit(0)  # the supervisor is gone or closed our pipe: nothing left to do
         if msg[:1] != MSG_BATCH:
             continue
+        answers: list[bytes] = []
+        first_answer = 0.0
+
+        def flush() -> None:
+            if answers:
+                conn.send_bytes(encode_many(answers))
+                answers.clear()
+
         for kind, token, crashes, queue, err, raw in decode_batch(msg):
+            # The supervisor reads this shared word when we die: the crash is pinned on
+            # exactly the job that was running, never on the rest of the batch.
+            if progress is not None:
+                progress.value = token
             if kind == b"J":
                 def started(timeout: float, token=token) -> None:
                     if timeout != policy.timeout:
+                        flush()  # answers stay in order with this message
                         conn.send_bytes(MSG_STARTED + STARTED.pack(token, timeout))
 
                 out = runner.run(queue, raw, crashes, on_start=started)
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
                                   retry=err["retry"], dead=err["dead"])
-            # one answer per job, at once: the supervisor always knows which job of the
-            # batch is running, so a crash is pinned on exactly that one
-            conn.send_bytes(encode_done(token, out))
+            now = time.perf_counter()
+            if not answers:
+                first_answer = now
+            answers.append(encode_done(token, out))
+            if now - first_answer >= FLUSH_SECONDS:
+                flush()
+        if progress is not None:
+            progress.value = 0
+        flush()
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -37,6 +37,8 @@ class Child:
     retiring: bool = False          # gets no more jobs; retired once it has none
     stopping: bool = False          # its pipe is closed: it exits
     boot_error: str | None = None
+    progress: object = None         # shared word: the token of the job it is running
+    doomed: bool = False            # we sent it a signal: its death is not a crash
 
     @property
     def pid(self) -> int:
@@ -58,14 +60,16 @@ class Done:
 
 @dataclass
 class Died:
-    tokens: list[int]       # the job it was running first, then those it never started
+    tokens: list[int]       # every job it held and had not answered, in order
     pid: int
     exitcode: int | None
     description: str
+    running: int | None = None   # the one it was running when it died, if any
+    doomed: bool = False         # we killed it (a timeout): no job of it crashed it
 
     @property
     def token(self) -> int | None:
-        return self.tokens[0] if self.tokens else None
+        return self.running
 
 
 @dataclass
@@ -126,13 +130,14 @@ class ProcessPool:
 
     def spawn(self) -> Child:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        progress = self.ctx.RawValue("L", 0)
         proc = self.ctx.Process(
             target=child_mod.main, name="redpool-child", daemon=True,
             args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload,
-                  self._sys_path, self.namespace, self.defaults))
+                  self._sys_path, self.namespace, self.defaults, progress))
         proc.start()
         child_conn.close()
-        c = Child(proc=proc, conn=parent_conn)
+        c = Child(proc=proc, conn=parent_conn, progress=progress)
         self.children.append(c)
         return c
 
@@ -271,13 +276,19 @@ class ProcessPool:
                 elif c.stopping and not c.tokens and c.proc.exitcode == 0:
                     continue  # retired on request
                 else:
+                    running = c.progress.value if c.progress is not None else None
+                    if running not in c.tokens:  # between jobs, or no shared word
+                        running = c.tokens[0] if c.tokens and c.progress is None else None
                     events.append(Died(list(c.tokens), c.pid, c.proc.exitcode,
-                                       describe_exit(c.proc.exitcode)))
+                                       describe_exit(c.proc.exitcode), running, c.doomed))
         return events
 
     def _read(self, c: Child, msg: bytes, events: list) -> None:
         kind = msg[:1]
-        if kind == child_mod.MSG_DONE:
+        if kind == child_mod.MSG_DONE_MANY:
+            for one in child_mod.split_many(msg):
+                self._read(c, one, events)
+        elif kind == child_mod.MSG_DONE:
             token = c.tokens.popleft() if c.tokens else -1
             c.jobs_done += 1
             events.append(Done(token, msg, c.pid))

@@ -8,10 +8,6 @@ supervisor's lease and the reaper are in lease.py.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
 import hashlib
 from dataclasses import dataclass
 from importlib import resources

@@ -16,7 +16,6 @@ polls and never blocks on a single job.
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections import Counter, deque
@@ -26,26 +25,30 @@ from multiprocessing.connection import wait
 import redis
 
 from . import protocol as p
-from .child import decode_done, encode_batch, fail_entry, job_entry
+from .child import encode_batch, fail_entry, job_entry
 from .config import WorkerConfig
 from .duties import Duties
 from .hooks import Hooks
-from .pool import BootFailed, Died, Done, ProcessPool, Started
+from .outcomes import KILL_GRACE, ChildEvents
+from .pool import Done, ProcessPool
 from .queue import Completion, RedisQueue, Reserved
 from .signals import SignalInbox
 from .waiter import Waiter
 from .work import Work
 
 RUNNING, DRAINING, STOPPED = "running", "draining", "stopped"
-KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child past its timeout
 # Short jobs are handed to a child in batches worth about BATCH_SECONDS of work (one
 # pipe message instead of one per job); long jobs one at a time, so that no host
 # holds more than a few milliseconds of work per process beyond what it is running.
 BATCH_SECONDS = 0.005
 MAX_BATCH = 64
+# Jobs shorter than this are double-buffered: each child holds the next one, so it
+# never waits for the supervisor between jobs (for a 10 ms job that wait is ~2%).
+# Longer jobs go one at a time: a host must not sit on a long job another could run.
+DOUBLE_BUFFER_BELOW = 0.1
 
 
-class Supervisor:
+class Supervisor(ChildEvents):
     def __init__(self, cfg: WorkerConfig, rq: RedisQueue, pool: ProcessPool, duties: Duties, *,
                  waiter: Waiter | None = None, inbox: SignalInbox | None = None,
                  hooks: Hooks | None = None, clock=time.monotonic) -> None:
@@ -142,119 +145,6 @@ class Supervisor:
                 self.hooks.emit("stop_now", signal=signal.Signals(signum).name)
                 self.stop_now()
 
-    def handle_event(self, ev, now: float) -> None:
-        if isinstance(ev, Done):
-            self.job_done(ev)
-        elif isinstance(ev, Started):
-            w = self.inflight.get(ev.token)
-            if w is not None:
-                w.deadline = w.started + ev.timeout if ev.timeout > 0 else math.inf
-        elif isinstance(ev, Died):
-            works = [self.inflight.pop(t) for t in ev.tokens if t in self.inflight]
-            self.hooks.emit("child_died", pid=ev.pid, exitcode=ev.exitcode,
-                            description=ev.description, had_job=bool(works))
-            # the rest of its batch never started: first in line again, as they were
-            self.backlog.extendleft(reversed([Work(w.queue, w.raw, w.crashes, w.fail)
-                                              for w in works[1:]]))
-            if works:
-                self.job_died(works[0], ev, now)
-        elif isinstance(ev, BootFailed):
-            self.hooks.emit("child_boot_failed", pid=ev.pid, message=ev.message,
-                            retry_in=self.pool.respawn_backoff)
-
-    def job_done(self, ev: Done) -> None:
-        work = self.inflight.pop(ev.token)
-        meta, env, dead, retry = decode_done(ev.msg)
-        d = meta["duration"]
-        self.avg_duration = d if not self.avg_duration else 0.8 * self.avg_duration + 0.2 * d
-        self.pending.append(Completion(work.queue, work.raw, meta["result_id"], meta["ttl"],
-                                       meta["reply_to"], env, dead, retry,
-                                       meta.get("retry_delay", 0.0)))
-        self.stats[meta["status"]] += 1
-        if dead is not None:
-            self.stats["dead"] += 1
-        meta.pop("t", None)
-        self.hooks.emit("job_finished", queue=work.queue, **meta, dead=dead is not None)
-        c = next((c for c in self.pool.children if c.pid == ev.pid), None)
-        if c is not None and c.tokens:  # the next job of its batch starts now
-            self.started(self.inflight[c.tokens[0]], self.clock())
-        if c is not None and not c.stopping and not c.retiring:
-            if work.timed_out:  # it finished just as it was signalled: it is dying anyway
-                self.pool.retire(c)
-            else:
-                self.maybe_retire(c)
-
-    def maybe_retire(self, c) -> None:
-        """A child past --max-jobs-per-child or --max-memory-per-child is replaced
-        between jobs, never in the middle of one."""
-        why = None
-        if self.cfg.max_jobs_per_child and c.jobs_done >= self.cfg.max_jobs_per_child:
-            why = f"ran {c.jobs_done} jobs (--max-jobs-per-child {self.cfg.max_jobs_per_child})"
-        elif self.cfg.max_memory_per_child:
-            rss = self.pool.rss(c)
-            if rss is not None and rss > self.cfg.max_memory_per_child:
-                why = (f"resident memory {rss // 1048576} MiB is over --max-memory-per-child "
-                       f"{self.cfg.max_memory_per_child // 1048576} MiB")
-        if why:
-            self.pool.retire(c)
-            self.hooks.emit("child_retired", pid=c.pid, reason=why)
-
-    def job_died(self, work: Work, ev: Died, now: float) -> None:
-        """A child died holding ``work``: settle exactly that job, nothing else."""
-        if work.timed_out:
-            self.stats["timed_out"] += 1
-            self.settle(work, "TimeoutError", f"the job ran past its timeout of "
-                        f"{work.timed_out:g} s and its process was stopped ({ev.description})",
-                        retry=True, dead=False)
-            return
-        if work.fail is not None:  # the child died settling a failure: write it ourselves
-            self.pending.append(self.duties.crash_completion(work, ev.description))
-            return
-        self.stats["crashed"] += 1
-        what = f"the pool process (pid {ev.pid}) running this job {ev.description}"
-        try:
-            # counted in Redis, which knows every crash of this job on every host
-            crashes = self.rq.crashed(work.queue, work.raw, self.cfg.max_crashes)
-        except redis.RedisError as e:
-            self.duties.redis_failed(e, now, "crashed")
-            crashes = work.crashes + 1
-            if crashes <= self.cfg.max_crashes:
-                self.backlog.appendleft(Work(work.queue, work.raw, crashes))  # retry it here
-                return
-        if crashes == 0:
-            return  # no longer ours (taken back while we were cut off): it runs elsewhere
-        if crashes > self.cfg.max_crashes:
-            self.settle(Work(work.queue, work.raw, crashes - 1), p.E_WORKER_CRASHED,
-                        f"{what}; it has now crashed {crashes} times (--max-crashes "
-                        f"{self.cfg.max_crashes}): dead-lettered as a poison pill",
-                        retry=False, dead=True)
-            return
-        self.hooks.emit("job_crashed", queue=work.queue, crashes=crashes, description=what)
-
-    def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool) -> None:
-        """Have a child fail a job as if its task had raised (it knows the task's
-        retry policy): first in line, before any new job."""
-        self.backlog.appendleft(Work(work.queue, work.raw, work.crashes,
-                                     fail=dict(error_type=error_type, message=message,
-                                               retry=retry, dead=dead)))
-
-    def enforce_timeouts(self, now: float) -> None:
-        for token, w in self.inflight.items():
-            if now >= w.kill_at:
-                c = self.pool.find(token)
-                if c is not None:
-                    self.pool.signal(c, signal.SIGKILL)
-                w.kill_at = math.inf
-            elif now >= w.deadline and not w.timed_out:
-                w.timed_out = w.deadline - w.started
-                w.deadline = math.inf  # from now on only kill_at matters
-                w.kill_at = now + KILL_GRACE
-                c = self.pool.find(token)
-                self.hooks.emit("job_timeout", queue=w.queue, timeout=round(w.timed_out, 3),
-                                pid=c.pid if c else None)
-                if c is not None:
-                    self.pool.signal(c, signal.SIGTERM)
-
     def flush(self, now: float) -> None:
         """Acknowledge every finished job in one round trip."""
         if not self.pending or not self.duties.redis_ready(now):
@@ -281,7 +171,9 @@ class Supervisor:
     def batch_size(self) -> int:
         if self.avg_duration <= 0:
             return 1  # nothing known yet: one at a time
-        return max(1, min(MAX_BATCH, int(BATCH_SECONDS / self.avg_duration)))
+        if self.avg_duration >= DOUBLE_BUFFER_BELOW:
+            return 1
+        return max(2, min(MAX_BATCH, int(BATCH_SECONDS / self.avg_duration)))
 
     def started(self, w: Work, now: float) -> None:
         """``w`` starts running now: its timeout starts counting."""
