@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 
@@ -255,3 +256,36 @@ def test_a_child_killed_while_booting_is_replaced_not_taken_for_an_import_error(
     wait_for(lambda: envelope(r, keys, "sp"), timeout=30, what="the result")
     assert envelope(r, keys, "sp")["result"] == "pong"
     assert len(d.children()) == 2 and first not in d.children()
+
+
+def test_a_crash_inside_a_batch_of_short_jobs_is_pinned_on_exactly_that_job(r, keys, daemons):
+    # Given short jobs, which a child receives in batches, one of which kills its child
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "2", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"warm{i}", "args": [i, 1]} for i in range(200)])
+    wait_for(lambda: all(envelope(r, keys, f"warm{i}") for i in range(200)), what="warm-up")
+    lpush_jobs(r, keys, [{"task": "t.die_if", "id": f"b{i}", "args": [i, 50]} for i in range(300)])
+    wait_for(lambda: all(envelope(r, keys, f"b{i}") for i in range(300)), timeout=60,
+             what="every result")
+    # Then the crash is counted on b50 alone: it ran again and succeeded; every other job
+    # succeeded with no crash on its record
+    assert envelope(r, keys, "b50")["attempts"] == 2
+    others = [envelope(r, keys, f"b{i}") for i in range(300) if i != 50]
+    assert all(e["status"] == "succeeded" and e["attempts"] == 1 for e in others)
+    assert sum(1 for e in d.events() if e.get("event") == "job_crashed") == 1
+    assert r.hlen(keys.crashes) == 0
+
+
+def test_a_batch_that_runs_long_is_shared_out_again(r, keys, daemons):
+    # Given a worker that has only seen very short jobs (so it hands out big batches)
+    d = daemons("--concurrency", "2").wait_started()
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"w{i}", "args": [i, 1]} for i in range(300)])
+    wait_for(lambda: all(envelope(r, keys, f"w{i}") for i in range(300)), what="warm-up")
+    # When long jobs arrive
+    lpush_jobs(r, keys, [{"task": "t.nap", "id": f"l{i}", "args": [0.1]} for i in range(20)])
+    wait_for(lambda: all(envelope(r, keys, f"l{i}") for i in range(20)), timeout=30,
+             what="the long jobs")
+    # Then both processes worked on them: the child that got a big batch gave back what
+    # it had not started, and its sibling took a share
+    pids = Counter(envelope(r, keys, f"l{i}")["result"] for i in range(20))
+    assert len(pids) == 2 and min(pids.values()) >= 5, pids

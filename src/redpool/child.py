@@ -33,6 +33,12 @@ MSG_BOOT_ERROR = b"E"  # E + utf-8 message
 MSG_STARTED = b"S"     # S + !Id(token, timeout): the job's timeout differs from the default
 MSG_DONE = b"D"        # D + !IIII(len(meta), len(envelope), len(dead), len(retry)) + parts
 MSG_DONE_MANY = b"M"   # M + !H(count) + (!I(len) + a D message) * count
+MSG_RETURNED = b"U"    # U + !H(count) + !I(token) * count: not started, given back
+
+# A batch is sized from the jobs seen so far; if it turns out to take much longer
+# (the jobs changed), the child gives back the jobs it has not started, so that no
+# child sits on work an idle sibling could do.
+RETURN_AFTER_SECONDS = 0.02
 
 # Answers to short jobs are sent together, at the end of a batch or once the oldest
 # has waited this long: one pipe message (and one supervisor wake-up) for many jobs.
@@ -103,6 +109,11 @@ def split_many(msg: bytes):
         o += n
 
 
+def decode_returned(msg: bytes) -> list[int]:
+    (count,) = BATCH_HEADER.unpack_from(msg, 1)
+    return [LENGTH.unpack_from(msg, 1 + BATCH_HEADER.size + 4 * i)[0] for i in range(count)]
+
+
 def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
     lm, le, ld, lr = DONE_HEADER.unpack_from(msg, 1)
     o = 1 + DONE_HEADER.size
@@ -136,6 +147,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     conn.send_bytes(MSG_READY)
     policy = Policy(**(defaults or {}))
     runner = Runner(registry, worker, max_payload, namespace, policy)
+    answers = Answers(conn)
     while True:
         try:
             msg = conn.recv_bytes()
@@ -143,38 +155,83 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             os._exit(0)  # the supervisor is gone or closed our pipe: nothing left to do
         if msg[:1] != MSG_BATCH:
             continue
-        answers: list[bytes] = []
-        first_answer = 0.0
-
-        def flush() -> None:
-            if answers:
-                conn.send_bytes(encode_many(answers))
-                answers.clear()
-
-        for kind, token, crashes, queue, err, raw in decode_batch(msg):
+        batch = list(decode_batch(msg))
+        batch_start = time.perf_counter()
+        for i, (kind, token, crashes, queue, err, raw) in enumerate(batch):
+            if i and time.perf_counter() - batch_start > RETURN_AFTER_SECONDS:
+                rest = [entry[1] for entry in batch[i:]]
+                answers.send(MSG_RETURNED + BATCH_HEADER.pack(len(rest))
+                             + b"".join(LENGTH.pack(t) for t in rest))
+                break
             # The supervisor reads this shared word when we die: the crash is pinned on
             # exactly the job that was running, never on the rest of the batch.
             if progress is not None:
                 progress.value = token
+            t0 = time.perf_counter()
             if kind == b"J":
                 def started(timeout: float, token=token) -> None:
                     if timeout != policy.timeout:
-                        flush()  # answers stay in order with this message
-                        conn.send_bytes(MSG_STARTED + STARTED.pack(token, timeout))
+                        answers.send(MSG_STARTED + STARTED.pack(token, timeout))
 
                 out = runner.run(queue, raw, crashes, on_start=started)
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
                                   retry=err["retry"], dead=err["dead"])
-            now = time.perf_counter()
-            if not answers:
-                first_answer = now
-            answers.append(encode_done(token, out))
-            if now - first_answer >= FLUSH_SECONDS:
-                flush()
+            answers.add(encode_done(token, out), now=time.perf_counter(), since=t0)
         if progress is not None:
             progress.value = 0
-        flush()
+        answers.flush()
+
+
+class Answers:
+    """Answers of short jobs, sent together: at the end of a batch, or by a helper
+    thread once the oldest has waited FLUSH_SECONDS (so an answer never waits for a
+    long job that follows it in the batch).  The answer to a job that itself took
+    FLUSH_SECONDS or more goes at once.  One lock orders every message on the pipe."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.buf: list[bytes] = []
+        self.first = 0.0
+        self.cv = threading.Condition()
+        threading.Thread(target=self._flusher, name="redpool-answers", daemon=True).start()
+
+    def add(self, done: bytes, now: float, since: float) -> None:
+        with self.cv:
+            if not self.buf:
+                self.first = now
+                self.cv.notify()
+            self.buf.append(done)
+            if now - self.first >= FLUSH_SECONDS or now - since >= FLUSH_SECONDS:
+                self._flush()
+
+    def send(self, msg: bytes) -> None:
+        with self.cv:
+            self._flush()  # answers stay in order with this message
+            self.conn.send_bytes(msg)
+
+    def flush(self) -> None:
+        with self.cv:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buf:
+            self.conn.send_bytes(encode_many(self.buf))
+            self.buf.clear()
+
+    def _flusher(self) -> None:
+        with self.cv:
+            while True:
+                while not self.buf:
+                    self.cv.wait()
+                left = FLUSH_SECONDS - (time.perf_counter() - self.first)
+                if left > 0:
+                    self.cv.wait(left)
+                    continue
+                try:
+                    self._flush()
+                except OSError:
+                    return  # the pipe is gone: the main thread finds out too
 
 
 def _die_with_parent(parent_pid: int) -> None:

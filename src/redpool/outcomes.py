@@ -14,7 +14,7 @@ import signal
 import redis
 
 from . import protocol as p
-from .pool import BootFailed, Died, Done, Started
+from .pool import BootFailed, Died, Done, Returned, Started
 from .child import decode_done
 from .queue import Completion
 from .work import Work
@@ -49,6 +49,10 @@ class ChildEvents:
                                               for w in rest]))
             if running is not None:
                 self.job_died(running, ev, now)
+        elif isinstance(ev, Returned):
+            # first in line again, in their order (the batch was too long)
+            self.backlog.extendleft(reversed([self.inflight.pop(t) for t in ev.tokens
+                                              if t in self.inflight]))
         elif isinstance(ev, BootFailed):
             self.hooks.emit("child_boot_failed", pid=ev.pid, message=ev.message,
                             retry_in=self.pool.respawn_backoff)

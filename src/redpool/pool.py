@@ -85,6 +85,13 @@ class Ready:
 
 
 @dataclass
+class Returned:
+    """A child gave back jobs of its batch it had not started (they ran long)."""
+    pid: int
+    tokens: list[int]
+
+
+@dataclass
 class Started:
     """The job's own timeout (its field or task option differs from the default)."""
     token: int
@@ -292,6 +299,11 @@ class ProcessPool:
             token = c.tokens.popleft() if c.tokens else -1
             c.jobs_done += 1
             events.append(Done(token, msg, c.pid))
+        elif kind == child_mod.MSG_RETURNED:
+            tokens = child_mod.decode_returned(msg)
+            for t in tokens:
+                c.tokens.remove(t)
+            events.append(Returned(c.pid, tokens))
         elif kind == child_mod.MSG_STARTED:
             token, timeout = child_mod.STARTED.unpack_from(msg, 1)
             events.append(Started(token, timeout))

@@ -81,3 +81,19 @@ def alloc(mb: int):
     """Keeps ``mb`` MiB alive in this process (to trip --max-memory-per-child)."""
     _hoard.append(bytearray(mb * 1024 * 1024))
     return os.getpid()
+
+
+@task(name="t.die_if")
+def die_if(n: int, victim: int):
+    """Kills its own process when n == victim (first run only), else returns n."""
+    job = current_job()
+    record(f"run{n}")
+    if n == victim and job.crashes == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return n
+
+
+@task(name="t.nap")
+def nap(seconds: float):
+    time.sleep(seconds)
+    return os.getpid()
