@@ -177,7 +177,8 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
                                   retry=err["retry"], dead=err["dead"])
-            answers.add(encode_done(token, out), now=time.perf_counter(), since=t0)
+            answers.add(encode_done(token, out), now=time.perf_counter(), since=t0,
+                        last=i == len(batch) - 1)
         if progress is not None:
             progress.value = 0
         answers.flush()
@@ -196,14 +197,14 @@ class Answers:
         self.cv = threading.Condition()
         threading.Thread(target=self._flusher, name="redpool-answers", daemon=True).start()
 
-    def add(self, done: bytes, now: float, since: float) -> None:
+    def add(self, done: bytes, now: float, since: float, last: bool = False) -> None:
         with self.cv:
-            if not self.buf:
+            self.buf.append(done)
+            if last or now - self.first >= FLUSH_SECONDS or now - since >= FLUSH_SECONDS:
+                self._flush()  # (the last of a batch goes at once: no thread to wake)
+            elif len(self.buf) == 1:
                 self.first = now
                 self.cv.notify()
-            self.buf.append(done)
-            if now - self.first >= FLUSH_SECONDS or now - since >= FLUSH_SECONDS:
-                self._flush()
 
     def send(self, msg: bytes) -> None:
         with self.cv:
