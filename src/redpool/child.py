@@ -111,7 +111,8 @@ def split_many(msg: bytes):
 
 def decode_returned(msg: bytes) -> list[int]:
     (count,) = BATCH_HEADER.unpack_from(msg, 1)
-    return [LENGTH.unpack_from(msg, 1 + BATCH_HEADER.size + 4 * i)[0] for i in range(count)]
+    o = 1 + BATCH_HEADER.size
+    return [LENGTH.unpack_from(msg, o + LENGTH.size * i)[0] for i in range(count)]
 
 
 def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | None]:

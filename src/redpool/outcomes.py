@@ -45,13 +45,12 @@ class ChildEvents:
                             description=ev.description, had_job=running is not None)
             # The rest of its batch: not started, or finished in the last ~2 ms with the
             # answer not yet sent.  First in line again, as they were, with no crash.
-            self.backlog.extendleft(reversed([Work(w.queue, w.raw, w.crashes, w.fail)
-                                              for w in rest]))
+            self.backlog.extendleft(reversed([w.again() for w in rest]))
             if running is not None:
                 self.job_died(running, ev, now)
         elif isinstance(ev, Returned):
             # first in line again, in their order (the batch was too long)
-            self.backlog.extendleft(reversed([self.inflight.pop(t) for t in ev.tokens
+            self.backlog.extendleft(reversed([self.inflight.pop(t).again() for t in ev.tokens
                                               if t in self.inflight]))
         elif isinstance(ev, BootFailed):
             self.hooks.emit("child_boot_failed", pid=ev.pid, message=ev.message,
@@ -120,12 +119,12 @@ class ChildEvents:
             self.duties.redis_failed(e, now, "crashed")
             crashes = work.crashes + 1
             if crashes <= self.cfg.max_crashes:
-                self.backlog.appendleft(Work(work.queue, work.raw, crashes))  # retry it here
+                self.backlog.appendleft(work.again(crashes=crashes))  # retry it here
                 return
         if crashes == 0:
             return  # no longer ours (taken back while we were cut off): it runs elsewhere
         if crashes > self.cfg.max_crashes:
-            self.settle(Work(work.queue, work.raw, crashes - 1), p.E_WORKER_CRASHED,
+            self.settle(work.again(crashes=crashes - 1), p.E_WORKER_CRASHED,
                         f"{what}; it has now crashed {crashes} times (--max-crashes "
                         f"{self.cfg.max_crashes}): dead-lettered as a poison pill",
                         retry=False, dead=True)
@@ -135,24 +134,26 @@ class ChildEvents:
     def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool) -> None:
         """Have a child fail a job as if its task had raised (it knows the task's
         retry policy): first in line, before any new job."""
-        self.backlog.appendleft(Work(work.queue, work.raw, work.crashes,
-                                     fail=dict(error_type=error_type, message=message,
-                                               retry=retry, dead=dead)))
+        self.backlog.appendleft(work.again(fail=dict(error_type=error_type, message=message,
+                                                     retry=retry, dead=dead)))
+
+    def running(self):
+        """(child, work) for each child's running job: the only ones with a deadline."""
+        for c in self.pool.children:
+            w = self.inflight.get(c.tokens[0]) if c.tokens else None
+            if w is not None:
+                yield c, w
 
     def enforce_timeouts(self, now: float) -> None:
-        for token, w in self.inflight.items():
+        for c, w in self.running():
             if now >= w.kill_at:
-                c = self.pool.find(token)
-                if c is not None:
-                    self.pool.signal(c, signal.SIGKILL)
+                self.pool.signal(c, signal.SIGKILL)
                 w.kill_at = math.inf
             elif now >= w.deadline and not w.timed_out:
                 w.timed_out = w.deadline - w.started
                 w.deadline = math.inf  # from now on only kill_at matters
                 w.kill_at = now + KILL_GRACE
-                c = self.pool.find(token)
                 self.hooks.emit("job_timeout", queue=w.queue, timeout=round(w.timed_out, 3),
-                                pid=c.pid if c else None)
-                if c is not None:
-                    c.doomed = True
-                    self.pool.signal(c, signal.SIGTERM)
+                                pid=c.pid)
+                c.doomed = True
+                self.pool.signal(c, signal.SIGTERM)

@@ -210,13 +210,6 @@ class ProcessPool:
         except OSError:
             pass  # it died under us; poll() reports the death with these tokens
 
-    def find(self, token: int) -> Child | None:
-        """The child running ``token`` now."""
-        for c in self.children:
-            if c.tokens and c.tokens[0] == token:
-                return c
-        return None
-
     def retire(self, c: Child) -> None:
         """Replace a child (too many jobs, too much memory) once it has finished what
         it holds: it exits when its pipe closes; reconcile() starts its successor."""

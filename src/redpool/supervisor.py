@@ -103,7 +103,7 @@ class Supervisor(ChildEvents):
         deadlines = [self.duties.next_due(now)]
         if self.state == DRAINING:
             deadlines.append(self.drain_deadline)
-        for w in self.inflight.values():
+        for _, w in self.running():
             deadlines.append(min(w.deadline, w.kill_at))
         if self.state == RUNNING and len(self.pool.children) < self.pool.size \
                 and self.pool.next_spawn_at > now:

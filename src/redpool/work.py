@@ -18,3 +18,8 @@ class Work:
     kill_at: float = math.inf    # SIGKILL time, once it has been sent SIGTERM
     timed_out: float = 0.0       # the timeout it overran (0: it did not)
     started: float = field(default_factory=time.monotonic)
+
+    def again(self, crashes: int | None = None, fail: dict | None = None) -> "Work":
+        """The same job, held anew (not running: no deadline, no timeout state)."""
+        return Work(self.queue, self.raw, self.crashes if crashes is None else crashes,
+                    self.fail if fail is None else fail)

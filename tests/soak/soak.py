@@ -677,7 +677,7 @@ class Soak:
                 print(f"  {j}: before stopping: {missing_before.get(j, 'not looked up')}; "
                       f"ledger runs: {sorted(runs.get(j, ()))}")
         if missing and len(missing) > len(lost):
-            print(f"\nunfinished but still in Redis: "
+            print("\nunfinished but still in Redis: "
                   + ", ".join(f"{j} ({'/'.join(where[j])})" for j in missing if where.get(j))[:2000])
         if not_ok:
             print("\nresults not 'succeeded' (first 10):")
