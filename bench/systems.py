@@ -143,6 +143,8 @@ class Floor:
                 job = json.loads(raw)
                 env = envelope(job, self.queue_key, 2 * job["args"][0])
                 pipe.set(self.keys.result(job["id"]), env, ex=86400)
+                if job.get("reply_to"):  # the last job's: it tells the timer the drain is over
+                    pipe.lpush(job["reply_to"], env)
                 pipe.lrem(self.processing, -1, raw)
             pipe.execute()
 

@@ -30,7 +30,8 @@ from bench.report import Figure
 from bench.systems import Consumer, Floor
 
 LPUSH_BATCH = 500      # jobs per LPUSH when enqueueing (the Client's batch size too)
-POLL = 0.005           # seconds between checks for the results
+POLL = 0.005           # seconds between checks for the results, once the last one is in
+DONE = "benchdone:{}"  # the reply list of a drain's last job (outside the namespace)
 DOUBLE, SPIN = "bench.tasks.double", "bench.tasks.spin"
 
 Progress = Callable[[str], None]
@@ -43,31 +44,46 @@ def commandstats(r: redis.Redis) -> Counter:
 
 
 def stage(r: redis.Redis, staging: str, task: str, prefix: str, args: list) -> float:
-    """Encode and push the jobs onto ``staging`` (pipelined), return the seconds it took."""
+    """Encode and push the jobs onto ``staging`` (pipelined), return the seconds it took.
+    The last job also replies on ``DONE``, so the drain's end is awaited, not polled for."""
     t0 = time.perf_counter()
     pipe = r.pipeline(transaction=False)
+    last = len(args) - 1
+
+    def job(i: int, a) -> str:
+        j = {"task": task, "id": f"{prefix}-{i}", "args": [a]}
+        if i == last:
+            j["reply_to"] = DONE.format(prefix)
+        return json.dumps(j, separators=(",", ":"))
+
     for start in range(0, len(args), LPUSH_BATCH):
-        pipe.lpush(staging, *[json.dumps({"task": task, "id": f"{prefix}-{i}", "args": [a]},
-                                         separators=(",", ":"))
-                              for i, a in enumerate(args[start:start + LPUSH_BATCH], start)])
+        pipe.lpush(staging, *[job(i, a) for i, a in enumerate(args[start:start + LPUSH_BATCH],
+                                                              start)])
     pipe.execute()
     return time.perf_counter() - t0
 
 
-def wait_results(r: redis.Redis, keys: list[str], own: Counter, check: Callable[[], None],
-                 timeout: float) -> None:
-    """Return once every key exists.  The last job is taken last: poll its key alone, then
-    count them all (one variadic EXISTS).  ``own`` counts the commands spent here."""
+def wait_results(r: redis.Redis, keys: list[str], done: str, own: Counter,
+                 check: Callable[[], None], timeout: float) -> None:
+    """Return once every key exists.  The last job is taken last: block on its reply
+    (no polling while the consumer works: a poll would take CPU from the jobs it times),
+    then count them all (one variadic EXISTS).  ``own`` counts the commands spent here."""
     deadline = time.monotonic() + timeout
-    for probe, want in (([keys[-1]], 1), (keys, len(keys))):
-        while True:
-            own["exists"] += 1
-            if r.exists(*probe) == want:
-                break
-            check()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"results missing after {timeout:.0f} s")
-            time.sleep(POLL)
+    while True:
+        own["brpop"] += 1
+        if r.brpop([done], timeout=1) is not None:
+            break
+        check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the last job's reply is missing after {timeout:.0f} s")
+    while True:
+        own["exists"] += 1
+        if r.exists(*keys) == len(keys):
+            return
+        check()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"results missing after {timeout:.0f} s")
+        time.sleep(POLL)
 
 
 def timed_drain(r: redis.Redis, system, staging: str, keys: Keys, prefix: str, n: int,
@@ -80,7 +96,7 @@ def timed_drain(r: redis.Redis, system, staging: str, keys: Keys, prefix: str, n
     watch = procs.CpuWatch()
     t0 = time.perf_counter()
     system.feed(staging)
-    wait_results(r, result_keys, own, check, timeout=60 + n * 0.01)
+    wait_results(r, result_keys, DONE.format(prefix), own, check, timeout=60 + n * 0.01)
     seconds = time.perf_counter() - t0
     cpu1, pool1 = system.cpu_seconds(), system.pool_cpu_seconds()
     after, foreign = commandstats(r), watch.foreign_cores()

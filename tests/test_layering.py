@@ -182,7 +182,7 @@ def test_supervisor_uses_redis_only_for_its_exception_types():
 
 def test_supervisor_is_glue_over_queue_pool_and_signals():
     allowed = {"__init__", "protocol", "errors", "child", "config", "hooks", "pool", "queue",
-               "signals", "waiter", "logs", "duties", "work", "outcomes"}
+               "signals", "waiter", "logs", "duties", "work", "outcomes", "poller"}
     assert internal(imports("supervisor")) <= allowed
     assert internal(imports("outcomes")) <= {"protocol", "pool", "child", "queue", "work"}
 

@@ -33,8 +33,8 @@ from redpool.pool import BootFailed, Died, Done, Started, describe_exit
 from redpool.queue import Reserved
 from redpool.registry import Registry
 from redpool.runner import Policy, Runner
-from redpool.supervisor import (BATCH_SECONDS, DRAINING, KILL_GRACE, MAX_BATCH, RUNNING, STOPPED,
-                                Supervisor)
+from redpool.supervisor import (ACK_DELAY, BATCH_SECONDS, DRAINING, KILL_GRACE, MAX_BATCH,
+                                RUNNING, STOPPED, Supervisor)
 
 WORKER = "unit-sup"
 T0 = 1000.0
@@ -516,7 +516,7 @@ class FakeWaiter:
     def busy(self):
         return self.in_call
 
-    def take(self):
+    def take(self, pipe=True):
         out = list(self.inbox)
         self.inbox.clear()
         return out
@@ -1947,6 +1947,73 @@ def test_max_jobs_per_child_caps_a_batch():
     assert w.named("child_retired") == [retired]
 
 
+MEDIUM = 0.008  # answered one by one (over FLUSH_SECONDS), double-buffered (k = 2)
+
+
+def test_under_a_backlog_acknowledgements_of_medium_jobs_wait_to_share_a_round_trip():
+    w = World(jobs(*range(50)), size=2, prefetch=1)
+    w.tick()
+    w.finish_running(MEDIUM)                   # learn the duration: now k = 2 per child
+    a, b = w.pool.children
+    assert (len(a.tokens), len(b.tokens)) == (2, 2)
+    calls = len(w.rq.exchange_calls)
+
+    # When A finishes, with its next job in hand (and B with its own)
+    w.pool.finish(a.token, duration=MEDIUM)
+    w.tick(0.001)
+    # Then nothing is sent yet, but A got its next job from what is held, and the
+    # loop will wake by the deadline (at most one job time, at most ACK_DELAY)
+    assert len(w.rq.exchange_calls) == calls and len(w.sup.pending) == 1
+    assert len(a.tokens) == 2
+    due = w.sup.ack_due
+    assert w.clock.t < due <= w.clock.t + min(ACK_DELAY, MEDIUM)
+    assert w.sup.wait_timeout(w.clock.t) == pytest.approx(due - w.clock.t)
+
+    # When B finishes before the deadline, its acknowledgement joins A's
+    w.pool.finish(b.token, duration=MEDIUM)
+    w.tick(0.001)
+    assert len(w.rq.exchange_calls) == calls and len(w.sup.pending) == 2
+
+    # When the deadline comes: both go in one round trip (with the reserve)
+    w.clock.t = due
+    w.tick()
+    assert len(w.rq.exchange_calls) == calls + 1 and w.rq.exchange_calls[-1][0] == 2
+    assert not w.sup.pending and w.sup.ack_due == 0.0
+
+
+def test_a_child_with_nothing_behind_its_job_gets_its_acknowledgement_sent_at_once():
+    w = World(jobs(0, 1), size=2, prefetch=0)   # two jobs: no backlog behind them
+    w.tick()
+    a, b = w.pool.children
+    w.pool.finish(a.token, duration=MEDIUM)
+    w.tick()
+    assert w.rq.exchange_calls[-1][0] == 1 and not w.sup.pending
+
+
+def test_short_jobs_are_acknowledged_at_once_their_answers_already_come_together():
+    w = World(jobs(*range(200)), size=2, prefetch=1)
+    w.tick()
+    w.finish_running(SHORT)
+    a, _ = w.pool.children
+    assert len(a.tokens) > 2
+    w.pool.finish(a.token, duration=SHORT)
+    w.tick()
+    assert w.rq.exchange_calls[-1][0] == 1 and not w.sup.pending
+
+
+def test_draining_acknowledges_at_once():
+    w = World(jobs(*range(50)), size=2, prefetch=1)
+    w.tick()
+    w.finish_running(MEDIUM)
+    a, _ = w.pool.children
+    w.pool.finish(a.token, duration=MEDIUM)
+    w.tick()
+    assert len(w.sup.pending) == 1
+    w.sup.begin_drain(w.clock.t, "SIGTERM")
+    w.tick()
+    assert not w.sup.pending
+
+
 def test_want_is_room_in_accepting_batches_plus_prefetch_batches_less_backlog():
     w = World(jobs(*range(200)), size=2, prefetch=1, max_memory_per_child=512 * 2**20)
     w.tick()                                 # k=1: 2 idle + 1 prefetch
@@ -2275,7 +2342,11 @@ def check_books(w: World) -> None:
             assert c.jobs_done + len(c.tokens) <= w.cfg.max_jobs_per_child
     # what we hold is exactly what Redis says we hold
     assert w.sup.held() == Counter(w.rq.processing)
-    assert not w.sup.pending
+    if w.sup.pending:  # acknowledgements wait for company only under a backlog, briefly
+        now = w.clock.t
+        assert now < w.sup.ack_due <= now + ACK_DELAY
+        assert 0 < w.sup.wait_timeout(now) <= w.sup.ack_due - now
+        assert all(len(c.tokens) >= 2 for c in w.pool.accepting())
 
 
 DURATIONS = [TINY] * 2 + [SHORT] * 6 + [0.002] * 3 + [LONG]

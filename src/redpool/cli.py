@@ -142,6 +142,7 @@ def run_worker(cfg: config.WorkerConfig) -> int:
         Supervisor(cfg, rq, pool, duties, waiter=waiter, inbox=inbox, hooks=hooks).run()
     finally:
         inbox.close()
+        rq.close()
         r.close()
     return EXIT_OK
 

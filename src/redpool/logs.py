@@ -14,9 +14,12 @@ import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
+_min_level = logging.DEBUG  # as configured: events below it are dropped before any work
 
 
 def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
+    global _min_level
+    _min_level = LEVELS[level.lower()]
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
@@ -61,13 +64,15 @@ def event_logger(logger=None):
 
     def on_event(event: str, fields: dict) -> None:
         level = _LEVELS.get(event, "info")
+        if event == "job_finished" and fields.get("status") == "failed":
+            level = "warning"
+        if LEVELS[level] < _min_level:
+            return  # off: not even a logger lookup (per-job lines are on the hot path)
         if event == "job_finished":
             fields = dict(fields)
             fields["duration"] = round(fields.get("duration") or 0.0, 6)
             fields.pop("t", None)
             fields.pop("result_id", None)
-            if fields.get("status") == "failed":
-                level = "warning"
         getattr(log, level)(event, **fields)
 
     return on_event

@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 
 from . import child as child_mod
 from .errors import BootError
+from .poller import readable
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -255,7 +256,7 @@ class ProcessPool:
             if not dead and id(c.conn) not in ready_conns:
                 continue
             try:
-                while not c.conn.closed and c.conn.poll():
+                while not c.conn.closed and readable(c.conn.fileno()):
                     self._read(c, c.conn.recv_bytes(), events)
             except (EOFError, OSError):
                 dead = True

@@ -30,8 +30,12 @@ class SignalInbox:
     def fileno(self) -> int:
         return self._pipe.rfd
 
-    def drain(self) -> list[int]:
-        self._pipe.drain()
+    def drain(self, pipe: bool = True) -> list[int]:
+        """The signals received since the last call.  ``pipe``: the wake-up pipe is
+        readable (the loop saw it); empty it.  (Reading it on every iteration anyway
+        would cost a failing read() each time.)"""
+        if pipe:
+            self._pipe.drain()
         out = []
         while self._received:
             out.append(self._received.popleft())

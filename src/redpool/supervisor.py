@@ -25,11 +25,12 @@ from multiprocessing.connection import wait
 import redis
 
 from . import protocol as p
-from .child import encode_batch, fail_entry, job_entry
+from .child import FLUSH_SECONDS, encode_batch, fail_entry, job_entry
 from .config import WorkerConfig
 from .duties import Duties
 from .hooks import Hooks
 from .outcomes import KILL_GRACE, ChildEvents
+from .poller import Poller
 from .pool import Done, ProcessPool
 from .queue import Completion, RedisQueue, Reserved
 from .signals import SignalInbox
@@ -46,6 +47,15 @@ MAX_BATCH = 64
 # never waits for the supervisor between jobs (for a 10 ms job that wait is ~2%).
 # Longer jobs go one at a time: a host must not sit on a long job another could run.
 DOUBLE_BUFFER_BELOW = 0.1
+# Under a backlog (every child holds its next job), acknowledgements of such jobs may
+# wait up to one job time, at most ACK_DELAY, to share a round trip: fewer wake-ups of
+# the supervisor and of Redis per job, CPU the jobs get back (measured at 10 ms jobs on
+# 2 cores: supervisor 430 -> 361 us and Redis 170 -> 99 us of CPU per job).  A result
+# waited for then arrives up to that much later, behind a backlog that delays it far
+# more; an idle worker (a child with nothing queued behind its job) acknowledges at
+# once.  Jobs shorter than FLUSH_SECONDS need none of this: their answers already come
+# together from the child.
+ACK_DELAY = 0.01
 
 
 class Supervisor(ChildEvents):
@@ -64,9 +74,11 @@ class Supervisor(ChildEvents):
         self.backlog: deque[Work] = deque()        # held, not yet started
         self.inflight: dict[int, Work] = {}        # token -> work a child runs
         self.pending: list[Completion] = []        # finished, not yet acknowledged
+        self.ack_due = 0.0                         # when the oldest pending one must go
         self._tokens = count(1)
         self.avg_duration = 0.0                    # moving average of job run times
         self.drain_deadline = 0.0
+        self.poller = Poller()
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
         duties.bind(self)
@@ -79,7 +91,7 @@ class Supervisor(ChildEvents):
             self.startup()
             self.tick([])  # take what is already queued without waiting for a wake-up
             while self.state != STOPPED:
-                ready = wait(self.waitables(), timeout=self.wait_timeout(self.clock()))
+                ready = self.poller.wait(self.waitables(), self.wait_timeout(self.clock()))
                 self.tick(ready)
         finally:
             self.shutdown()
@@ -105,6 +117,8 @@ class Supervisor(ChildEvents):
             deadlines.append(self.drain_deadline)
         for _, w in self.running():
             deadlines.append(min(w.deadline, w.kill_at))
+        if self.pending and self.ack_due > now:
+            deadlines.append(self.ack_due)
         if self.state == RUNNING and len(self.pool.children) < self.pool.size \
                 and self.pool.next_spawn_at > now:
             deadlines.append(self.pool.next_spawn_at)
@@ -115,13 +129,14 @@ class Supervisor(ChildEvents):
     def tick(self, ready: list, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         if self.inbox is not None:
-            for signum in self.inbox.drain():
+            for signum in self.inbox.drain(pipe=self.inbox.fileno() in ready):
                 self.handle_signal(signum, now)
         for ev in self.pool.poll(ready):
             self.handle_event(ev, now)
         self.enforce_timeouts(now)
         if self.waiter is not None:
-            self.backlog.extend(self.admit(r) for r in self.waiter.take())
+            self.backlog.extend(self.admit(r) for r in self.waiter.take(
+                pipe=self.waiter.fileno() in ready))
             while self.waiter.errors:
                 self.duties.redis_failed(self.waiter.errors.popleft(), now, "wait")
         if self.state == DRAINING:
@@ -160,6 +175,7 @@ class Supervisor(ChildEvents):
     def acknowledged(self, missing: int, skipped: int) -> None:
         """The pending completions reached Redis (all of them: one script)."""
         self.pending.clear()
+        self.ack_due = 0.0
         if missing:
             self.hooks.emit("results_dropped", count=missing,
                             reason="jobs were no longer in our processing list (taken back "
@@ -220,6 +236,8 @@ class Supervisor(ChildEvents):
     def exchange(self, now: float) -> None:
         """Acknowledge what finished and reserve more in one round trip; when the
         queues run dry, let the waiters block in Redis for the next job."""
+        if self.ack_can_wait(now):
+            return
         ready = self.duties.redis_ready(now)
         done = self.pending if ready else []
         n = self.want() if ready and self.duties.leased else 0
@@ -253,6 +271,18 @@ class Supervisor(ChildEvents):
                 self.waiter.arm()
             else:
                 self.waiter.disarm()
+
+    def ack_can_wait(self, now: float) -> bool:
+        """May the pending acknowledgements wait for more to join them (ACK_DELAY)?
+        Only while every child has its next job in hand: nobody runs dry meanwhile."""
+        if not self.pending or not FLUSH_SECONDS <= self.avg_duration < DOUBLE_BUFFER_BELOW:
+            return False
+        if not self.ack_due:
+            self.ack_due = now + min(ACK_DELAY, self.avg_duration)
+        if now >= self.ack_due:
+            return False
+        children = self.pool.accepting()
+        return bool(children) and all(len(c.tokens) >= 2 for c in children)
 
     def admit(self, r: Reserved) -> Work:
         """A reserved job, or a poison pill: one whose host or process died running it

@@ -62,8 +62,10 @@ class Waiter:
     def fileno(self) -> int:
         return self._pipe.rfd
 
-    def take(self) -> list[Reserved]:
-        self._pipe.drain()
+    def take(self, pipe: bool = True) -> list[Reserved]:
+        """The jobs the threads took.  ``pipe``: the wake-up pipe is readable; empty it."""
+        if pipe:
+            self._pipe.drain()
         out = []
         while self.inbox:
             out.append(self.inbox.popleft())
