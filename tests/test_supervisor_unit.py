@@ -2433,3 +2433,30 @@ def test_settling_a_failure_says_nothing_about_how_long_jobs_take():
     assert w.sup.batch_size() == 1
     assert all(len(b.tokens) == 1 for b in w.pool.batches)
     assert max(w.rq.reserve_calls) <= 2
+
+
+# -- the heartbeat (systemd's watchdog, status and metrics feed on it) ------------------------
+
+def test_the_loop_emits_a_heartbeat_every_second_even_while_redis_is_down():
+    from redpool.duties import HEARTBEAT_EVERY
+    w = World(jobs(*range(10)), size=2, prefetch=0)
+    w.tick()
+    w.events.clear()
+    w.rq.down = True
+    start = w.clock.t
+    # the loop's sleep never overshoots the next heartbeat, whatever Redis's backoff says
+    for _ in range(40):
+        w.tick(min(0.25, w.sup.wait_timeout(w.clock.t)))
+        assert w.sup.wait_timeout(w.clock.t) <= HEARTBEAT_EVERY + 1e-9
+    beats = w.named("heartbeat")
+    assert len(beats) == int((w.clock.t - start) / HEARTBEAT_EVERY)
+    last = beats[-1]
+    assert last["state"] == RUNNING and last["redis_down"] is True
+    assert (last["inflight"], last["concurrency"], last["children"]) == (2, 2, 2)
+    assert last["drain_left"] is None and last["succeeded"] == 0
+
+    # While draining it says how much of the grace period is left
+    w.sup.begin_drain(w.clock.t, "SIGTERM")
+    w.tick(HEARTBEAT_EVERY)
+    assert w.named("heartbeat")[-1]["state"] == DRAINING
+    assert w.named("heartbeat")[-1]["drain_left"] == pytest.approx(w.cfg.grace - HEARTBEAT_EVERY)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 REAP_EVERY = 1.0          # seconds between reaper rounds, cluster-wide
 PROMOTE_EVERY = 0.5       # the longest a due scheduled job waits to be promoted
 BACKOFF_MAX = 2.0         # Redis retry backoff cap: back within ~2 s of Redis returning
+HEARTBEAT_EVERY = 1.0     # the "heartbeat" event: the loop is alive (systemd's watchdog, status)
 
 
 class Duties:
@@ -57,7 +58,7 @@ class Duties:
         self.redis_down = False
         self.retry_at = 0.0
         self._backoff = 0.0
-        self.next_renew = self.next_reap = self.next_promote = 0.0
+        self.next_renew = self.next_reap = self.next_promote = self.next_heartbeat = 0.0
         self.reap_not_before = 0.0
         self.reconcile_pending = False
 
@@ -90,6 +91,7 @@ class Duties:
         self.next_renew = now + self.cfg.lease / 3
         self.next_reap = now + REAP_EVERY
         self.next_promote = now
+        self.next_heartbeat = now + HEARTBEAT_EVERY
 
     def shutdown(self) -> None:
         """Acknowledge what finished, put everything else back, give the name back."""
@@ -116,9 +118,14 @@ class Duties:
         due = min(self.next_renew, self.next_reap, self.next_promote)
         if self.reconcile_pending:  # waiting for the waiters' BLMOVE calls to return
             due = min(due, now + 0.05)
-        return max(due, self.retry_at)
+        return min(max(due, self.retry_at), self.next_heartbeat)
 
     def tick(self, now: float) -> None:
+        if now >= self.next_heartbeat:
+            # Emitted by the loop itself, Redis or not: proof that it is turning (systemd's
+            # watchdog is fed from this), with a snapshot for observers (status, metrics).
+            self.next_heartbeat = now + HEARTBEAT_EVERY
+            self.hooks.emit("heartbeat", **self.sup.snapshot(now))
         if not self.redis_ready(now):
             return
         try:

@@ -55,6 +55,7 @@ _LEVELS = {
     "shutdown_redis_error": "error", "lease_lost": "error", "name_taken": "error",
     "reregistered": "warning", "reaped": "warning", "reconciled": "warning",
     "job_timeout": "warning", "child_retired": "info", "promoted": "debug",
+    "heartbeat": "debug",
 }
 
 

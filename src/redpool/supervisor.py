@@ -347,6 +347,16 @@ class Supervisor(ChildEvents):
         self.duties.shutdown()
         self.hooks.emit("stopped", uptime=round(time.time() - self.duties.started, 3), **self.stats)
 
+    # -- what observers see --------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict:
+        """The loop's state for the heartbeat event (systemd status, metrics, titles)."""
+        return {"state": self.state, "inflight": len(self.inflight), "held": len(self.backlog),
+                "unacknowledged": len(self.pending), "concurrency": self.pool.size,
+                "children": len(self.pool.children), "redis_down": self.duties.redis_down,
+                "drain_left": max(0.0, self.drain_deadline - now)
+                if self.state == DRAINING else None, **self.stats}
+
     # -- what we hold (for reconciling with Redis) -------------------------------------------
 
     def held(self) -> Counter:
