@@ -79,7 +79,10 @@ class Daemon:
         """Pids of the pool processes (direct children of the supervisor)."""
         out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.pid)],
                              capture_output=True, text=True).stdout
-        return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+        # every direct child but multiprocessing's resource tracker (titles may be set:
+        # do not rely on the command line saying spawn_main)
+        return [int(line.split()[0]) for line in out.splitlines()
+                if line.strip() and "resource_tracker" not in line]
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)

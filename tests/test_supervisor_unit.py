@@ -274,6 +274,7 @@ class FakeChild:
         self.stopping = False               # its pipe is closed: it exits
         self.doomed = False                 # signalled by the supervisor
         self.jobs_done = 0
+        self.generation = 0                 # pool.Child.generation (SIGHUP: a new one)
 
     @property
     def token(self) -> int | None:
@@ -381,14 +382,39 @@ class FakePool:
     def waitables(self):
         return []
 
+    generation = 0
+
+    def resize(self, size):
+        self.size = max(1, size)
+
+    def reload(self):
+        self.generation += 1
+
+    @property
+    def reloading(self):
+        return any(c.generation != self.generation and not c.stopping for c in self.children)
+
+    def abort_reload(self):
+        self.aborted = True
+        for c in self.children:
+            c.generation = self.generation
+
     def reconcile(self, now):
         self.reconciles.append(now)
         for c in self.children:
             if c.retiring and not c.tokens:
                 c.stopping = True   # done with its last batch: its pipe is closed
         live = [c for c in self.children if not c.stopping and not c.retiring]
-        spawned = [FakeChild(next(self._pids), ready=False) for _ in range(self.size - len(live))]
+        current = [c for c in live if c.generation == self.generation]
+        spawned = [FakeChild(next(self._pids), ready=False) for _ in range(self.size - len(current))]
+        for c in spawned:
+            c.generation = self.generation
         self.children += spawned
+        # as ProcessPool: one old child goes per ready successor
+        old = [c for c in live if c.generation != self.generation]
+        ready = [c for c in current if c.ready]
+        for c in old[:max(0, len(old) + len(ready) - self.size)]:
+            self.retire(c)
         return spawned
 
     def terminate(self, grace=2.0):
@@ -2460,3 +2486,68 @@ def test_the_loop_emits_a_heartbeat_every_second_even_while_redis_is_down():
     w.tick(HEARTBEAT_EVERY)
     assert w.named("heartbeat")[-1]["state"] == DRAINING
     assert w.named("heartbeat")[-1]["drain_left"] == pytest.approx(w.cfg.grace - HEARTBEAT_EVERY)
+
+
+# -- signals for running pools: SIGTTIN / SIGTTOU resize, SIGHUP reloads -----------------------
+
+def test_sigttin_and_sigttou_resize_the_pool_never_below_one():
+    w = World(jobs(*range(10)), size=2)
+    w.tick()
+    w.sup.handle_signal(signal.SIGTTIN, w.clock.t)
+    assert w.pool.size == 3 and w.named("resized")[-1]["concurrency"] == 3
+    w.tick()
+    assert len(w.pool.children) == 3          # reconcile spawned the new one
+    for _ in range(2):
+        w.sup.handle_signal(signal.SIGTTOU, w.clock.t)
+    assert w.pool.size == 1 and w.named("resized")[-1]["concurrency"] == 1
+    w.sup.handle_signal(signal.SIGTTOU, w.clock.t)
+    assert w.pool.size == 1
+    assert w.named("signal_ignored")[-1] == {"signal": "SIGTTOU",
+                                             "reason": "the pool is at one child"}
+
+
+def test_resize_and_reload_signals_are_ignored_while_draining():
+    w = World(jobs(*range(10)), size=2)
+    w.tick()
+    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    for sig in (signal.SIGTTIN, signal.SIGHUP):
+        w.sup.handle_signal(sig, w.clock.t)
+    assert w.pool.size == 2 and w.pool.generation == 0 and not w.sup.reloading
+    assert [e["signal"] for e in w.named("signal_ignored")] == ["SIGTTIN", "SIGHUP"]
+
+
+def test_sighup_reloads_a_new_generation_and_says_when_it_has_taken_over():
+    w = World(jobs(*range(40)), size=2)
+    w.tick()
+    old = list(w.pool.children)
+    w.sup.handle_signal(signal.SIGHUP, w.clock.t)
+    assert w.named("reloading") == [{"generation": 1, "children": 2}]
+    w.tick()
+    new = [c for c in w.pool.children if c not in old]
+    assert len(new) == 2 and all(c.generation == 1 and not c.ready for c in new)
+    assert not any(c.retiring for c in old) and w.named("reloaded") == []
+    # the successors boot: the old ones are retired (they finish what they hold)
+    w.pool.boot()
+    w.tick()
+    assert all(c.retiring for c in old)
+    w.finish_running()
+    while any(c in w.pool.children for c in old):
+        w.pool.finish_all()
+        w.tick()
+    assert w.named("reloaded") == [{"generation": 1}]
+    assert not w.sup.reloading
+
+
+def test_a_reload_whose_code_does_not_import_is_given_up_and_the_old_children_stay():
+    w = World(jobs(*range(40)), size=2)
+    w.tick()
+    old = list(w.pool.children)
+    w.sup.handle_signal(signal.SIGHUP, w.clock.t)
+    w.tick()
+    (failing, _) = [c for c in w.pool.children if c not in old]
+    w.pool.events.append(BootFailed(failing.pid, "SyntaxError: invalid syntax"))
+    w.tick()
+    assert w.named("reload_failed")[0]["message"] == "SyntaxError: invalid syntax"
+    assert w.pool.aborted and not w.sup.reloading
+    assert w.named("child_boot_failed") == [] and w.named("reloaded") == []
+    assert all(c in w.pool.children and not c.retiring for c in old)

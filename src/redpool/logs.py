@@ -55,7 +55,8 @@ _LEVELS = {
     "shutdown_redis_error": "error", "lease_lost": "error", "name_taken": "error",
     "reregistered": "warning", "reaped": "warning", "reconciled": "warning",
     "job_timeout": "warning", "child_retired": "info", "promoted": "debug",
-    "heartbeat": "debug",
+    "heartbeat": "debug", "resized": "info", "reloading": "info", "reloaded": "info",
+    "reload_failed": "error", "signal_ignored": "warning",
 }
 
 

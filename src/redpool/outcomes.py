@@ -24,7 +24,7 @@ KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child past its tim
 
 class ChildEvents:
     """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, clock, backlog,
-    inflight, pending, stats, avg_duration and started()."""
+    inflight, pending, stats, avg_duration, reloading and started()."""
 
     def handle_event(self, ev, now: float) -> None:
         if isinstance(ev, Done):
@@ -53,6 +53,13 @@ class ChildEvents:
             self.backlog.extendleft(reversed([self.inflight.pop(t).again() for t in ev.tokens
                                               if t in self.inflight]))
         elif isinstance(ev, BootFailed):
+            if ev.import_error and self.reloading:
+                # SIGHUP's new code does not import: keep the children we have
+                self.pool.abort_reload()
+                self.reloading = False
+                self.hooks.emit("reload_failed", pid=ev.pid, message=ev.message,
+                                generation=self.pool.generation)
+                return
             self.hooks.emit("child_boot_failed", pid=ev.pid, message=ev.message,
                             retry_in=self.pool.respawn_backoff)
 

@@ -40,6 +40,7 @@ class Child:
     boot_error: str | None = None
     progress: object = None         # shared word: the token of the job it is running
     doomed: bool = False            # we sent it a signal: its death is not a crash
+    generation: int = 0             # SIGHUP starts a new one: fresh imports of the code
 
     @property
     def pid(self) -> int:
@@ -99,6 +100,11 @@ class Started:
     timeout: float
 
 
+def _retire_order(c: Child) -> tuple:
+    """Which child to retire first: the one holding the least work."""
+    return (len(c.tokens), c.jobs_done)
+
+
 def describe_exit(exitcode: int | None) -> str:
     """Say honestly how a child ended (gunicorn's reap_workers does the same)."""
     if exitcode is None:
@@ -129,6 +135,7 @@ class ProcessPool:
     children: list[Child] = field(default_factory=list)
     respawn_backoff: float = 0.0
     next_spawn_at: float = 0.0
+    generation: int = 0   # the children to have; older ones are replaced (a reload)
 
     def __post_init__(self) -> None:
         self.ctx = multiprocessing.get_context("spawn")
@@ -145,7 +152,7 @@ class ProcessPool:
                   self._sys_path, self.namespace, self.defaults, progress))
         proc.start()
         child_conn.close()
-        c = Child(proc=proc, conn=parent_conn, progress=progress)
+        c = Child(proc=proc, conn=parent_conn, progress=progress, generation=self.generation)
         self.children.append(c)
         return c
 
@@ -179,17 +186,58 @@ class ProcessPool:
                     self.spawn()
 
     def reconcile(self, now: float) -> list[Child]:
-        """Bring the pool back to ``size`` live children (replacing the dead and the
-        retiring), and let retiring children that are done go."""
+        """Bring the pool to ``size`` live children of the current generation: replace
+        the dead and the retiring, let retiring children that are done go, and retire
+        the surplus (after a resize down, or old children once a reload's successors
+        are ready).  Returns the children spawned."""
         for c in self.children:
             if c.retiring and not c.tokens and not c.stopping:
                 self.retire(c)
         spawned = []
         live = [c for c in self.children if not c.stopping and not c.retiring]
-        if len(live) < self.size and now >= self.next_spawn_at:
-            for _ in range(self.size - len(live)):
+        current = [c for c in live if c.generation == self.generation]
+        if len(current) < self.size and now >= self.next_spawn_at:
+            for _ in range(self.size - len(current)):
                 spawned.append(self.spawn())
+        # Old children work on until successors are ready: one goes per ready successor.
+        old = [c for c in live if c.generation != self.generation]
+        ready = [c for c in current if c.ready]
+        surplus = sorted(old, key=_retire_order)[:max(0, len(old) + len(ready) - self.size)]
+        # Too many of the current generation (resized down): ready ones go, idle first;
+        # a booting one would only die mid-import, so it waits for its turn.
+        surplus += sorted(ready, key=_retire_order)[:max(0, len(current) - self.size)]
+        for c in surplus:
+            self.retire(c)
         return spawned
+
+    def resize(self, size: int) -> None:
+        """Run ``size`` children from now on (at least 1).  Added ones are spawned and
+        surplus ones retired by reconcile(); a retired child finishes what it holds."""
+        self.size = max(1, size)
+
+    def reload(self) -> None:
+        """Replace every child by a fresh one that imports the task modules anew.  The
+        old ones keep working until their successors are ready, then finish what
+        they hold and exit: no job is dropped or run twice."""
+        self.generation += 1
+        self.next_spawn_at = 0.0
+        self.respawn_backoff = 0.0
+
+    @property
+    def reloading(self) -> bool:
+        """Children of an older generation are still at work."""
+        return any(c.generation != self.generation and not c.stopping for c in self.children)
+
+    def abort_reload(self) -> None:
+        """The new code does not import: keep the children we have, stop the new
+        ones still booting, and take the ones that did boot as the current generation."""
+        for c in self.children:
+            if c.generation == self.generation and not c.ready and not c.stopping:
+                c.stopping = True
+                c.conn.close()
+                if c.proc.is_alive():
+                    c.proc.kill()
+            c.generation = self.generation
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -264,6 +312,8 @@ class ProcessPool:
                 c.proc.join(timeout=5)
                 self.children.remove(c)
                 c.conn.close()
+                if c.stopping and not c.tokens and (c.proc.exitcode == 0 or not c.ready):
+                    continue  # retired on request, or a reload's child we stopped booting
                 if c.boot_error is not None or not c.ready:
                     # a replacement that cannot import the task modules is retried with
                     # backoff, not in a loop; one killed while booting, after a short pause
@@ -274,8 +324,6 @@ class ProcessPool:
                     self.next_spawn_at = time.monotonic() + self.respawn_backoff
                     events.append(BootFailed(c.pid, c.boot_error or describe_exit(c.proc.exitcode),
                                              import_error=c.boot_error is not None))
-                elif c.stopping and not c.tokens and c.proc.exitcode == 0:
-                    continue  # retired on request
                 else:
                     running = c.progress.value if c.progress is not None else None
                     if running not in c.tokens:  # between jobs, or no shared word

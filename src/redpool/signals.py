@@ -18,7 +18,7 @@ HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.
 
 
 class SignalInbox:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, signals: tuple[int, ...] = HANDLED) -> None:
         self._received: deque[int] = deque()
         self._pipe = Wakeup()
         self._previous_fd = signal.set_wakeup_fd(self._pipe.wfd, warn_on_full_buffer=False)

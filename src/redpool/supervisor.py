@@ -79,6 +79,7 @@ class Supervisor(ChildEvents):
         self.avg_duration = 0.0                    # moving average of job run times
         self.drain_deadline = 0.0
         self.poller = Poller()
+        self.reloading = False                     # SIGHUP: a new generation is taking over
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
         duties.bind(self)
@@ -145,6 +146,9 @@ class Supervisor(ChildEvents):
             self.tick_draining(now)
         elif self.state == RUNNING:
             self.pool.reconcile(now)
+            if self.reloading and not self.pool.reloading:
+                self.reloading = False
+                self.hooks.emit("reloaded", generation=self.pool.generation)
             self.dispatch()
             self.exchange(now)
         else:
@@ -153,12 +157,29 @@ class Supervisor(ChildEvents):
             self.duties.tick(now)
 
     def handle_signal(self, signum: int, now: float) -> None:
+        name = signal.Signals(signum).name
         if signum in (signal.SIGTERM, signal.SIGINT):
             if self.state == RUNNING:
-                self.begin_drain(now, signal.Signals(signum).name)
+                self.begin_drain(now, name)
             else:
-                self.hooks.emit("stop_now", signal=signal.Signals(signum).name)
+                self.hooks.emit("stop_now", signal=name)
                 self.stop_now()
+        elif self.state != RUNNING:
+            self.hooks.emit("signal_ignored", signal=name, reason=f"the worker is {self.state}")
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            # one child more / fewer (never below one); a removed child finishes what
+            # it holds first (reconcile picks the one holding least)
+            size = self.pool.size + (1 if signum == signal.SIGTTIN else -1)
+            if size < 1:
+                self.hooks.emit("signal_ignored", signal=name, reason="the pool is at one child")
+                return
+            self.pool.resize(size)
+            self.hooks.emit("resized", signal=name, concurrency=self.pool.size)
+        elif signum == signal.SIGHUP:
+            self.pool.reload()
+            self.reloading = True
+            self.hooks.emit("reloading", generation=self.pool.generation,
+                            children=len(self.pool.children))
 
     def flush(self, now: float) -> None:
         """Acknowledge every finished job in one round trip."""
