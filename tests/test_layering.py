@@ -120,9 +120,12 @@ def test_the_scanner_sees_known_imports():
     assert {"queue", "pool", "signals", "protocol"} <= internal(imports("supervisor"))
 
 
-def test_protocol_imports_nothing_from_redpool():
-    assert internal(imports("protocol")) == set()
-    assert external_roots(imports("protocol")) <= set(sys.stdlib_module_names)
+def test_the_contract_imports_nothing_else_from_redpool():
+    # protocol.py and keys.py (key names, re-exported by protocol) are the whole contract
+    assert internal(imports("protocol")) == {"keys"}
+    assert internal(imports("keys")) == set()
+    for m in ("protocol", "keys"):
+        assert external_roots(imports(m)) <= set(sys.stdlib_module_names)
 
 
 def test_pool_never_imports_queue_or_redis():
@@ -204,7 +207,7 @@ def test_keys_are_assembled_only_in_protocol():
     markers = (":queue:", ":processing:", ":result:", ":reply:", ":supervisor", ":dead")
     offenders = []
     for m in MODULES:
-        if m == "protocol":
+        if m in ("protocol", "keys"):
             continue
         tree = _tree(m)
         docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}

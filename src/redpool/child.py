@@ -22,6 +22,7 @@ import traceback
 from . import protocol as p
 from .registry import default_registry
 from .runner import Outcome, Policy, Runner
+from .titles import ChildTitle
 
 # supervisor -> child: a batch of jobs, run in order, each answered with its own D
 MSG_BATCH = b"B"       # B + !H(count) + entries
@@ -131,8 +132,17 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
          defaults: dict | None = None, progress=None) -> None:
     """Entry point of a pool child (multiprocessing spawn target)."""
     _die_with_parent(parent_pid)
-    # Ctrl-C in a terminal reaches the whole process group: the supervisor decides
-    # what to do with running jobs, not the children.
+    # Signals for the worker are the supervisor's to act on, not ours: Procfile runners
+    # (honcho, foreman, Heroku's dyno manager) send SIGTERM to the whole process group,
+    # which would kill a running job at once instead of letting it finish within the
+    # grace.  So a child leaves the supervisor's group; it still dies with it
+    # (_die_with_parent), and the supervisor signals it by pid (timeouts, shutdown).
+    # Ctrl-C in a terminal reaches the foreground group only: ignored too, for the
+    # same reason, should we be in it after all.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # already a group leader (cannot happen for a spawned child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.path[:0] = [x for x in sys_path if x not in sys.path]
@@ -149,6 +159,9 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     policy = Policy(**(defaults or {}))
     runner = Runner(registry, worker, max_payload, namespace, policy)
     answers = Answers(conn)
+    # ps shows what we run: a thread retitles us once a second from the two attributes
+    # set per job below (negligible per job; see titles.py)
+    title = ChildTitle(worker, registry.tasks).start()
     while True:
         try:
             msg = conn.recv_bytes()
@@ -169,6 +182,8 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             if progress is not None:
                 progress.value = token
             t0 = time.perf_counter()
+            title.since = t0
+            title.raw = raw
             if kind == b"J":
                 def started(timeout: float, token=token) -> None:
                     if timeout != policy.timeout:
@@ -182,6 +197,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
                         last=i == len(batch) - 1)
         if progress is not None:
             progress.value = 0
+        title.raw = None
         answers.flush()
 
 

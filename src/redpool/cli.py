@@ -9,7 +9,7 @@ import os
 import sys
 
 from . import __version__, config, logs
-from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
+from .errors import EXIT_OK, ConfigError, RedpoolError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command not in ("worker", "dev") and hasattr(args, "redis_ca"):
+            tls_into_url(args)
         return args.run(args)
     except RedpoolError as e:
         logs.get("redpool").error("fatal", error=str(e), exit_code=e.exit_code)
@@ -26,6 +28,26 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """--redis-ca, --redis-cert, --redis-key for a command that connects to Redis (the
+    worker has them from config.SETTINGS); main() folds them into its --redis-url."""
+    for s in config.SETTINGS:
+        if s.dest in ("redis_ca", "redis_cert", "redis_key"):
+            parser.add_argument(s.flag, dest=s.dest, default=None, help=f"{s.help} [env {s.env}]")
+
+
+def tls_into_url(args: argparse.Namespace) -> None:
+    """The TLS files of the flags (or of REDPOOL_REDIS_CA/_CERT/_KEY) as options of
+    ``args.redis_url``: the commands connect with the URL alone (connection.py)."""
+    from .connection import tls_options, with_tls
+
+    default = next(s.default for s in config.SETTINGS if s.dest == "redis_url")
+    url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL") or default
+    tls = tls_options(args.redis_ca, args.redis_cert, args.redis_key, url=url)
+    if tls:
+        args.redis_url = with_tls(url, **tls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--wait", action="store_true", help="wait for the result and print it")
     e.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds (default 60)")
     e.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
+    tls_arguments(e)
     e.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     e.set_defaults(run=cmd_enqueue)
 
@@ -68,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--queue", default=None, help="only entries of jobs from this queue")
     common.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
+    tls_arguments(common)
     common.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
     dl = actions.add_parser("list", parents=[common], help="show entries, newest first")
@@ -84,6 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
                     "12h, 7d, or seconds")
     dp.add_argument("--all", action="store_true", help="every entry (of --queue, if given)")
     dead.set_defaults(run=cmd_dead)
+
+    acl = sub.add_parser("acl", help="print the ACL SETUSER line of a least-privilege Redis "
+                                     "user for producers or workers (docs/deploy.md)")
+    acl.add_argument("role", choices=["producer", "worker"])
+    acl.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
+    acl.add_argument("--user", default=None, help="the user name (default: redpool-ROLE)")
+    acl.add_argument("--reply-pattern", action="append", default=[], metavar="PATTERN",
+                     help="key pattern of reply_to lists producers choose outside the "
+                          "namespace, e.g. 'myapp:replies:*' (repeat for several)")
+    acl.set_defaults(run=cmd_acl)
+
+    st = sub.add_parser("status", help="queues, supervisors and throughput, from any machine "
+                                       "that can reach Redis")
+    st.add_argument("--json", action="store_true", help="print one JSON object (with --watch: "
+                                                        "one per line, per refresh)")
+    st.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                    help="refresh every SECONDS (default 2) until Ctrl-C")
+    st.add_argument("--queue", action="append", default=None, metavar="QUEUE",
+                    help="show only this queue (repeat for several); skips the SCAN that "
+                         "finds queues no supervisor listens to")
+    st.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
+    tls_arguments(st)
+    st.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
+    st.set_defaults(run=cmd_status)
+
+    ins = sub.add_parser("inspect", help="where a job is now (queued, scheduled, running, "
+                                         "finished, dead) and its JSON; exit 1 if not found")
+    ins.add_argument("job_id", metavar="JOB_ID")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
+    tls_arguments(ins)
+    ins.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
+    ins.set_defaults(run=cmd_inspect)
     return parser
 
 
@@ -96,8 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def run_worker(cfg: config.WorkerConfig) -> int:
-    import redis
-
+    from .connection import check, with_tls
     from .duties import Duties
     from .hooks import Hooks
     from .lease import Lease, Reaper
@@ -117,14 +173,10 @@ def run_worker(cfg: config.WorkerConfig) -> int:
         sys.path.insert(0, os.getcwd())
     log = logs.get("redpool")
     where = redact_url(cfg.redis_url)
-    r = connect(cfg.redis_url)
-    try:
-        r.ping()
-    except redis.AuthenticationError as e:
-        raise RedisUnavailable(f"Redis at {where} refused our credentials: {e}") from None
-    except redis.RedisError as e:
-        raise RedisUnavailable(f"cannot reach Redis at {where}: {e}; is it running, "
-                               "and is --redis-url (REDPOOL_REDIS_URL) right?") from None
+    # every connection below (supervisor, waiters, metrics) is made from this one URL
+    url = with_tls(cfg.redis_url, ca=cfg.redis_ca, cert=cfg.redis_cert, key=cfg.redis_key)
+    r = connect(url)
+    check(r, url)
     log.info("starting", version=__version__, redis=where, queues=cfg.queues,
              concurrency=cfg.concurrency, name=cfg.name, namespace=cfg.namespace,
              modules=cfg.modules, burst=cfg.burst)
@@ -133,9 +185,18 @@ def run_worker(cfg: config.WorkerConfig) -> int:
     pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace,
                        cfg.child_defaults())
     waiter = None if cfg.burst else Waiter(
-        rq, lambda: connect(cfg.redis_url, blocking_timeout=1.0), timeout=1.0)
+        rq, lambda: connect(url, blocking_timeout=1.0), timeout=1.0)
     hooks = Hooks()
     hooks.subscribe(logs.event_logger())
+    from .systemd import notify_systemd; notify_systemd(hooks)  # only when NOTIFY_SOCKET is set
+    # observers: the process title, and Prometheus metrics when asked for (a port in
+    # use stops the start here, before any child is spawned)
+    from . import titles
+    hooks.subscribe(titles.supervisor_titles(cfg.name, cfg.queues))
+    if cfg.metrics_port:
+        from .metrics import serve_metrics
+        hooks.subscribe(serve_metrics(cfg.metrics_port, cfg.metrics_addr, cfg.name, cfg.queues,
+                                      keys, lambda: connect(url)))
     duties = Duties(cfg, rq, Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name), hooks)
     inbox = SignalInbox()
     try:
@@ -183,6 +244,7 @@ def _parse_arg(text: str):
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     from .client import Client
+    from .connection import check
 
     kwargs = None
     if args.kwargs:
@@ -193,6 +255,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         if not isinstance(kwargs, dict):
             raise ConfigError("--kwargs must be a JSON object, e.g. '{\"size\": 3}'")
     with Client(args.redis_url, namespace=args.namespace) as client:
+        check(client.redis, client.url)
         try:
             res = client.enqueue(args.task, *[_parse_arg(a) for a in args.args], queue=args.queue,
                                  kwargs=kwargs, id=args.id, result_ttl=args.result_ttl)
@@ -210,10 +273,40 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         return EXIT_OK if res.successful() else 1
 
 
+def cmd_acl(args: argparse.Namespace) -> int:
+    from . import acl
+    from .protocol import DEFAULT_NAMESPACE
+
+    namespace = args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE
+    try:
+        line = acl.setuser(args.role, args.user, namespace, args.reply_pattern)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(line)
+    user = args.user or acl.default_user(args.role)
+    print(f"redpool: a new user has no password and cannot log in until it gets one: "
+          f"ACL SETUSER {user} '>PASSWORD' (running the line again keeps it)", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_dead(args: argparse.Namespace) -> int:
     from . import dead
 
     return dead.run(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import run_status
+
+    logs.configure("warning", "console" if sys.stderr.isatty() else "json")
+    return run_status(args)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .status import run_inspect
+
+    logs.configure("warning", "console" if sys.stderr.isatty() else "json")
+    return run_inspect(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

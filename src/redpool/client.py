@@ -27,6 +27,7 @@ import redis as redispy
 import structlog
 
 from . import protocol
+from .connection import connect, tls_options
 from .errors import RedpoolError
 from .registry import task_name
 from .results import AsyncResult, MapResult, TimeoutError
@@ -71,17 +72,23 @@ class Client:
     """Enqueues jobs and delivers their results.  Thread-safe.  close() it, or use ``with``."""
 
     def __init__(self, url: str | None = None, *, namespace: str | None = None,
-                 redis: redispy.Redis | None = None) -> None:
+                 redis: redispy.Redis | None = None, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None) -> None:
+        """``url``: any form of connection.py (``rediss://``, ``redis+sentinel://``, ...),
+        else REDPOOL_REDIS_URL, else localhost.  ``ca``, ``cert``, ``key``: TLS files, else
+        REDPOOL_REDIS_CA, _CERT, _KEY.  Or your own ``redis`` client instead of a URL."""
         if url is not None and redis is not None:
             raise ValueError("pass a Redis URL or a redis.Redis, not both")
+        if redis is not None and (ca or cert or key):
+            raise ValueError("TLS files go with a URL: configure your own redis.Redis yourself")
         self.namespace = namespace or os.environ.get("REDPOOL_NAMESPACE") or protocol.DEFAULT_NAMESPACE
         self.keys = protocol.Keys(self.namespace)
         self._own_redis = redis is None
         if redis is None:
             self.url = url or os.environ.get("REDPOOL_REDIS_URL") or DEFAULT_URL
-            redis = redispy.Redis.from_url(self.url, decode_responses=False,
-                                           socket_timeout=SOCKET_TIMEOUT,
-                                           socket_connect_timeout=CONNECT_TIMEOUT)
+            redis = connect(self.url, **tls_options(ca, cert, key, url=self.url),
+                            decode_responses=False, socket_timeout=SOCKET_TIMEOUT,
+                            socket_connect_timeout=CONNECT_TIMEOUT)
         else:
             self.url = _describe(redis)
         self._redis = redis

@@ -109,7 +109,15 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", "redis://localhost:6379/0",
-            "Redis URL (redis://, rediss://, unix://; user and password allowed)"),
+            "Redis URL: redis://, rediss:// (TLS), unix://, or redis+sentinel://host:26379,"
+            "host2:26379/service[/db] (rediss+sentinel:// with TLS); user and password allowed"),
+    Setting("redis_ca", "--redis-ca", "REDPOOL_REDIS_CA", None,
+            "CA bundle (PEM) to trust for the server's TLS certificate (rediss:// URLs; "
+            "default: the system's)"),
+    Setting("redis_cert", "--redis-cert", "REDPOOL_REDIS_CERT", None,
+            "client certificate (PEM), for servers that require one (tls-auth-clients)"),
+    Setting("redis_key", "--redis-key", "REDPOOL_REDIS_KEY", None,
+            "private key (PEM) of --redis-cert, unless that file holds it too"),
     Setting("queues", "--queue", "REDPOOL_QUEUE", ["default"],
             "queue to take jobs from; repeat for several, highest priority first",
             _key_part("queue name"), repeat=True),
@@ -159,6 +167,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "--log-format", "REDPOOL_LOG_FORMAT", "auto",
             "json, console, or auto (console on a terminal, JSON lines otherwise)",
             _choice("auto", "json", "console")),
+    Setting("metrics_port", "--metrics-port", "REDPOOL_METRICS_PORT", 0,
+            "serve Prometheus metrics at http://ADDR:PORT/metrics (0: off)", _at_least(int, 0)),
+    Setting("metrics_addr", "--metrics-addr", "REDPOOL_METRICS_ADDR", "127.0.0.1",
+            "address the metrics server listens on (0.0.0.0 or :: for every interface, "
+            "as a container needs)", _key_part("address")),
 )
 
 
@@ -166,6 +179,9 @@ SETTINGS: tuple[Setting, ...] = (
 class WorkerConfig:
     modules: list[str] = field(default_factory=list)
     redis_url: str = "redis://localhost:6379/0"
+    redis_ca: str | None = None
+    redis_cert: str | None = None
+    redis_key: str | None = None
     queues: list[str] = field(default_factory=lambda: ["default"])
     concurrency: int = 1
     namespace: str = DEFAULT_NAMESPACE
@@ -185,6 +201,8 @@ class WorkerConfig:
     max_memory_per_child: int = 0
     log_level: str = "info"
     log_format: str = "auto"
+    metrics_port: int = 0               # 0: no metrics server
+    metrics_addr: str = "127.0.0.1"
 
     def child_defaults(self) -> dict:
         """The delivery policy pool children apply unless a job or task says otherwise."""

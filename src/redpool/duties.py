@@ -61,6 +61,7 @@ class Duties:
         self.next_renew = self.next_reap = self.next_promote = self.next_heartbeat = 0.0
         self.reap_not_before = 0.0
         self.reconcile_pending = False
+        self._finished_history: list[tuple[float, int]] = []  # (clock, jobs finished): rate_1m
 
     def bind(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -70,13 +71,32 @@ class Duties:
         return self.lease.epoch
 
     def info(self) -> dict:
+        """What `redpool status` shows of this supervisor, written into the lease at
+        registration and at every renewal (lease/3), which is therefore its heartbeat.
+
+        ``rate_1m`` is jobs finished (succeeded or failed) per second over the last
+        minute, from the counts at each call: a few dozen (time, count) pairs at most,
+        no timer of its own.  Until a minute has passed it is the rate since start."""
         s = self.sup
+        now = self.clock()
+        finished = s.stats["succeeded"] + s.stats["failed"] if s else 0
+        history = self._finished_history
+        history.append((now, finished))
+        while len(history) > 2 and history[1][0] <= now - 60.0:
+            history.pop(0)  # keep one sample at least a minute old, as the baseline
+        since, before = history[0]
         return {"name": self.cfg.name, "host": socket.gethostname(), "pid": os.getpid(),
                 "version": __version__, "queues": self.cfg.queues,
-                "concurrency": self.cfg.concurrency, "started_at": self.started,
+                "concurrency": s.pool.size if s else self.cfg.concurrency,
+                "started_at": self.started,
                 "inflight": len(s.inflight) if s else 0,
                 "succeeded": s.stats["succeeded"] if s else 0,
-                "failed": s.stats["failed"] if s else 0}
+                "failed": s.stats["failed"] if s else 0,
+                "retried": s.stats["retrying"] if s else 0,
+                "dead": s.stats["dead"] if s else 0,
+                "state": s.state if s else "starting",
+                "heartbeat_at": time.time(), "lease": self.cfg.lease,
+                "rate_1m": round((finished - before) / (now - since), 3) if now > since else 0.0}
 
     # -- start and stop ----------------------------------------------------------------------
 

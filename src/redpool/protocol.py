@@ -1,9 +1,9 @@
-"""The wire format: key names, jobs, result envelopes, dead-letter entries.
+"""The wire format: jobs, result envelopes, dead-letter entries (key names: keys.py).
 
-This module is the contract with producers in every language and mirrors
-docs/protocol.md; change one, change the other (and the JSON Schemas in
-schema/).  It imports nothing else from redpool on purpose: a reviewer must be
-able to read the whole contract here.
+This module and keys.py are the contract with producers in every language and
+mirror docs/protocol.md; change one, change the other (and the JSON Schemas in
+schema/).  They import nothing else from redpool on purpose: a reviewer must be
+able to read the whole contract in these two files.
 
 Decoding is strict about the fields it knows and lenient about the ones it
 does not: unknown fields are kept (``Job.extra``) and ignored, so a newer
@@ -20,8 +20,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .keys import DEFAULT_NAMESPACE, Keys  # noqa: F401  (re-exported: part of the contract)
+
 VERSION = 1
-DEFAULT_NAMESPACE = "redpool"
 DEFAULT_RESULT_TTL = 86400  # seconds
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes
 # Redis refuses EX/EXPIRE beyond ~9e15 s (and Lua numbers are doubles); past it the completion
@@ -44,73 +45,6 @@ E_UNKNOWN_TASK = "UnknownTask"
 E_PAYLOAD_TOO_LARGE = "PayloadTooLarge"
 E_UNSERIALIZABLE_RESULT = "UnserializableResult"
 E_WORKER_CRASHED = "WorkerCrashed"
-
-
-class Keys:
-    """Every Redis key redpool uses.  Keys are never assembled anywhere else."""
-
-    __slots__ = ("ns",)
-
-    def __init__(self, namespace: str = DEFAULT_NAMESPACE) -> None:
-        if not namespace or any(c.isspace() for c in namespace):
-            raise ValueError(f"invalid namespace {namespace!r}: must be non-empty, no spaces")
-        self.ns = namespace
-
-    def queue(self, name: str) -> str:
-        return f"{self.ns}:queue:{name}"
-
-    def result(self, job_id: str) -> str:
-        return f"{self.ns}:result:{job_id}"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.ns}:dead"
-
-    def processing(self, supervisor: str, queue: str) -> str:
-        # supervisor names contain no ':' (NAME_RE), so the queue is everything after it.
-        return f"{self.ns}:processing:{supervisor}:{queue}"
-
-    def processing_pattern(self, supervisor: str) -> str:
-        # The namespace is escaped too: it may legally contain glob characters.
-        return f"{_glob_escape(self.ns)}:processing:{_glob_escape(supervisor)}:*"
-
-    def queue_of_processing(self, supervisor: str, key: str) -> str:
-        prefix = f"{self.ns}:processing:{supervisor}:"
-        if not key.startswith(prefix):
-            raise ValueError(f"{key!r} is not a processing list of {supervisor!r}")
-        return key[len(prefix):]
-
-    def supervisor(self, name: str) -> str:
-        """The supervisor's lease: a hash {epoch, info} with a TTL, renewed while alive."""
-        return f"{self.ns}:supervisor:{name}"
-
-    def scheduled(self, queue: str) -> str:
-        """Jobs due later (delayed, or retries waiting out their backoff): a sorted set
-        of raw jobs scored by the unix time they are due."""
-        return f"{self.ns}:scheduled:{queue}"
-
-    @property
-    def crashes(self) -> str:
-        """A hash: SHA-1 of a raw job -> deliveries of it that ended in a crash."""
-        return f"{self.ns}:crashes"
-
-    @property
-    def reaper(self) -> str:
-        """A short lock: at most one supervisor reaps dead ones at a time."""
-        return f"{self.ns}:reaper"
-
-    @property
-    def supervisors(self) -> str:
-        """A set of the names of registered supervisors."""
-        return f"{self.ns}:supervisors"
-
-    def reply(self, client_id: str) -> str:
-        """The default reply list of one Python client."""
-        return f"{self.ns}:reply:{client_id}"
-
-
-def _glob_escape(s: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", s)
 
 
 class InvalidJob(Exception):

@@ -38,8 +38,15 @@ def connect(url: str, *, blocking_timeout: float = 0.0, **kwargs) -> redis.Redis
     forever on a dead or frozen server.  It never retries by itself: a script whose
     reply was lost may have run, and retrying it blindly (redis-py's default) could
     reserve jobs twice; the supervisor retries with backoff and then reconciles its
-    processing lists with what it holds."""
-    return redis.Redis.from_url(
+    processing lists with what it holds.
+
+    Any URL form of connection.py works (TLS, Sentinel); ``kwargs`` may carry the TLS
+    files (``ca``, ``cert``, ``key``).  With Sentinel the same policy holds: after a
+    failover the next connection goes to the new primary, and nothing is retried
+    blindly on the way."""
+    from .connection import connect as connect_url
+
+    return connect_url(
         url, decode_responses=False, retry=Retry(NoBackoff(), 0),
         socket_timeout=blocking_timeout + 5.0, socket_connect_timeout=5.0,
         health_check_interval=30, **kwargs)
@@ -195,10 +202,9 @@ class RedisQueue:
         for c in items:
             keys += [self._proc_key(c.queue),
                      self.keys.result(c.result_id) if c.result_id and c.envelope else "",
-                     c.reply_to if c.reply_to and c.envelope else "",
                      self.keys.scheduled(c.queue) if c.retry else ""]
             args += [c.raw, c.ttl, c.envelope or b"", c.dead or b"", c.retry or b"",
-                     int(c.retry_delay * 1000)]
+                     int(c.retry_delay * 1000), c.reply_to if c.reply_to and c.envelope else ""]
         return keys, args
 
     def requeue(self, items: list[tuple[str, bytes]]) -> int:

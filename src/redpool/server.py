@@ -84,11 +84,7 @@ class EmbeddedServer:
         for _ in range(5):  # a free port can be taken between probe and bind: retry
             port = self.port or free_port()
             log = open(os.path.join(self.dir, "server.log"), "ab")
-            args = [self.binary, "--port", str(port), "--bind", "127.0.0.1",
-                    "--dir", self.dir, "--save", "", "--daemonize", "no",
-                    "--appendonly", "yes" if self.appendonly else "no",
-                    "--appendfsync", "always" if self.appendonly else "everysec",
-                    "--protected-mode", "yes", "--loglevel", "warning", *self.extra_args]
+            args = self._args(port)
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          preexec_fn=_die_with_parent)
@@ -101,6 +97,13 @@ class EmbeddedServer:
             if self.port:  # a fixed port that does not work will not start working
                 break
         raise ConfigError(f"could not start {self.binary}: {last_error.strip() or 'no output'}")
+
+    def _args(self, port: int) -> list[str]:
+        return [self.binary, "--port", str(port), "--bind", "127.0.0.1",
+                "--dir", self.dir, "--save", "", "--daemonize", "no",
+                "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "always" if self.appendonly else "everysec",
+                "--protected-mode", "yes", "--loglevel", "warning", *self.extra_args]
 
     def _wait_ready(self, port: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -144,3 +147,36 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()
+
+
+class EmbeddedSentinel(EmbeddedServer):
+    """A sentinel (the same binary, in ``--sentinel`` mode) monitoring the primary at
+    ``127.0.0.1:primary_port`` as ``service``: with a replica
+    (``EmbeddedServer(extra_args=["--replicaof", "127.0.0.1", str(port)])``) and three
+    of these, a private failover for tests.  A sentinel rewrites its configuration
+    file as it learns, so each has its own directory.  Timings are in milliseconds."""
+
+    def __init__(self, primary_port: int, *, service: str = "mymaster", quorum: int = 2,
+                 down_after: int = 1000, failover_timeout: int = 3000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.primary_port = primary_port
+        self.service = service
+        self.quorum = quorum
+        self.down_after = down_after
+        self.failover_timeout = failover_timeout
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    def _args(self, port: int) -> list[str]:
+        conf = os.path.join(self.dir, "sentinel.conf")
+        s = self.service
+        with open(conf, "w") as f:
+            f.write(f"port {port}\nbind 127.0.0.1\ndir {self.dir}\ndaemonize no\n"
+                    f"loglevel warning\nprotected-mode yes\n"
+                    f"sentinel monitor {s} 127.0.0.1 {self.primary_port} {self.quorum}\n"
+                    f"sentinel down-after-milliseconds {s} {self.down_after}\n"
+                    f"sentinel failover-timeout {s} {self.failover_timeout}\n"
+                    f"sentinel parallel-syncs {s} 1\n")
+        return [self.binary, conf, "--sentinel", *self.extra_args]

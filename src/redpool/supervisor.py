@@ -373,6 +373,7 @@ class Supervisor(ChildEvents):
     def snapshot(self, now: float) -> dict:
         """The loop's state for the heartbeat event (systemd status, metrics, titles)."""
         return {"state": self.state, "inflight": len(self.inflight), "held": len(self.backlog),
+                "busy": len(self.pool.busy()),
                 "unacknowledged": len(self.pending), "concurrency": self.pool.size,
                 "children": len(self.pool.children), "redis_down": self.duties.redis_down,
                 "drain_left": max(0.0, self.drain_deadline - now)

@@ -3,14 +3,21 @@
 ``redact_url`` errs on the side of hiding too much: everything before the last ``@``
 of the authority is replaced (a password someone forgot to percent-encode may hold
 ``/``, ``?`` or ``#``, which would fool ``urllib.parse``), and so are query values
-that carry secrets (``unix:///run/redis.sock?password=...``).  A lone user-info part
-(``redis://secret@host``) is hidden too: some clients read it as a password.
+that carry secrets (``unix:///run/redis.sock?password=...``, ``sentinel_password=``,
+``ssl_password=``: any option whose name has pass, pwd, secret, token or auth in it).
+A lone user-info part (``redis://secret@host``) is hidden too: some clients read it as
+a password.  The Sentinel forms (``redis+sentinel://user:pw@h1:26379,h2:26379/svc``)
+have one user-info part for all their hosts, and are redacted like any other URL.
+Paths of TLS files (``ssl_ca_certs``, ``ssl_keyfile``) are shown: they help, and a path
+is not the key.
 """
 
 from __future__ import annotations
 
+from urllib.parse import unquote
+
 REDACTED = "***"
-_SECRET_PARAMS = frozenset({"password", "pass", "passwd", "pwd", "auth", "token", "secret"})
+_SECRET_PARTS = ("pass", "pwd", "secret", "token", "auth")
 
 
 def redact_url(url: str) -> str:
@@ -20,6 +27,8 @@ def redact_url(url: str) -> str:
     'redis://user:***@db.internal:6380/2'
     >>> redact_url("unix:///run/redis.sock?db=1&password=s3cret")
     'unix:///run/redis.sock?db=1&password=***'
+    >>> redact_url("rediss+sentinel://:pw@s1:26379,s2:26379/main?ssl_keyfile=/k.pem&sentinel_password=x")
+    'rediss+sentinel://:***@s1:26379,s2:26379/main?ssl_keyfile=/k.pem&sentinel_password=***'
     """
     scheme, sep, rest = url.partition("://")
     if not sep:  # not a URL we understand: show nothing that could be a secret
@@ -37,7 +46,7 @@ def redact_url(url: str) -> str:
     params = []
     for param in query.split("&"):
         name, eq, _value = param.partition("=")
-        if eq and (name.lower() in _SECRET_PARAMS or "password" in name.lower()):
+        if eq and any(part in unquote(name).lower() for part in _SECRET_PARTS):
             param = f"{name}={REDACTED}"
         params.append(param)
     return f"{scheme}://{head}?{'&'.join(params)}{hash_}{fragment}"

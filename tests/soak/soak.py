@@ -326,7 +326,9 @@ class Soak:
     def children_of(self, pid: int) -> list[int]:
         out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)],
                              capture_output=True, text=True).stdout
-        return [int(line.split()[0]) for line in out.splitlines() if "spawn_main" in line]
+        # every direct child but multiprocessing's resource tracker (children set titles)
+        return [int(line.split()[0]) for line in out.splitlines()
+                if line.strip() and "resource_tracker" not in line]
 
     def kill_child(self) -> bool:
         live = self.live()

@@ -8,23 +8,27 @@
 --
 -- KEYS[1]          <ns>:dead                       (list of dead-letter entries)
 -- KEYS[2]          <ns>:crashes                    (hash; the job's count is dropped)
--- then per job j (4 keys each, offset o = 2 + 4(j-1)):
+-- then per job j (3 keys each, offset o = 2 + 3(j-1)):
 --   KEYS[o+1]      <ns>:processing:<sup>:<queue>   (list; the job is removed from it)
 --   KEYS[o+2]      <ns>:result:<id>, or ""         (string; SET with EX ttl)
---   KEYS[o+3]      reply_to list, or ""            (list; LPUSH + EXPIRE)
---   KEYS[o+4]      <ns>:scheduled:<queue>, or ""   (sorted set; the retry, ZADD)
+--   KEYS[o+3]      <ns>:scheduled:<queue>, or ""   (sorted set; the retry, ZADD)
 -- ARGV[1]          the dead-letter list's length cap (LTRIM)
 -- ARGV[2]          TTL for reply lists when result_ttl is 0
 -- ARGV[3]          "<ns>:": a reply_to inside our namespace is skipped (it could be a
 --                  queue, which LPUSH + EXPIRE would corrupt) ...
 -- ARGV[4]          "<ns>:reply:": ... unless it is under this prefix
--- then per job j (6 args each, offset a = 4 + 6(j-1)):
+-- then per job j (7 args each, offset a = 4 + 7(j-1)):
 --   ARGV[a+1]      the raw job, byte for byte as it sits in the processing list
 --   ARGV[a+2]      result_ttl in seconds
 --   ARGV[a+3]      the envelope JSON, or ""
 --   ARGV[a+4]      the dead-letter entry JSON, or ""
 --   ARGV[a+5]      the next attempt's raw job, or ""
 --   ARGV[a+6]      its delay in milliseconds (due = Redis server time + delay)
+--   ARGV[a+7]      the reply_to list, or "" (LPUSH + EXPIRE).  A key the producer
+--                  chose, passed as an argument rather than a key on purpose: the
+--                  ACL check then happens at the LPUSH, inside pcall, so a reply_to
+--                  the worker may not write is skipped (and counted) instead of
+--                  refusing the whole batch, which would wedge the supervisor.
 -- Returns          {jobs no longer in their processing list, replies skipped because
 --                  the reply_to key held another type or was one of our own keys}.
 local dead_cap = tonumber(ARGV[1])
@@ -38,10 +42,10 @@ local now_ms = nil
 local missing = 0
 local skipped = 0
 local dead_added = false
-local jobs = (#KEYS - 2) / 4
+local jobs = (#KEYS - 2) / 3
 for j = 1, jobs do
-  local o = 2 + 4 * (j - 1)
-  local a = 4 + 6 * (j - 1)
+  local o = 2 + 3 * (j - 1)
+  local a = 4 + 7 * (j - 1)
   local raw = ARGV[a + 1]
   local removed = redis.call('LREM', KEYS[o + 1], -1, raw)
   if removed == 0 then
@@ -53,18 +57,18 @@ for j = 1, jobs do
       if KEYS[o + 2] ~= '' and ttl > 0 then
         redis.call('SET', KEYS[o + 2], env, 'EX', ttl)
       end
-      -- a reply_to naming a key that is not a list must not fail the whole batch
-      -- (a script error keeps the writes made before it): pcall, and skip that reply.
-      if KEYS[o + 3] ~= '' and ours(KEYS[o + 3]) then
+      -- a reply_to naming a key that is not a list, or one the worker's ACL user may
+      -- not write, must not fail the whole batch (a script error keeps the writes
+      -- made before it): pcall, and skip that reply.
+      local reply = ARGV[a + 7]
+      if reply ~= '' and ours(reply) then
         skipped = skipped + 1
-      elseif KEYS[o + 3] ~= '' then
-        local pushed = redis.pcall('LPUSH', KEYS[o + 3], env)
+      elseif reply ~= '' then
+        local pushed = redis.pcall('LPUSH', reply, env)
         if type(pushed) == 'table' and pushed['err'] then
           skipped = skipped + 1
-        elseif ttl > 0 then
-          redis.call('EXPIRE', KEYS[o + 3], ttl)
         else
-          redis.call('EXPIRE', KEYS[o + 3], reply_default_ttl)
+          redis.pcall('EXPIRE', reply, ttl > 0 and ttl or reply_default_ttl)
         end
       end
     end
@@ -77,7 +81,7 @@ for j = 1, jobs do
         local t = redis.call('TIME')
         now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
       end
-      redis.call('ZADD', KEYS[o + 4], (now_ms + tonumber(ARGV[a + 6])) / 1000, ARGV[a + 5])
+      redis.call('ZADD', KEYS[o + 3], (now_ms + tonumber(ARGV[a + 6])) / 1000, ARGV[a + 5])
     end
     if counted then
       redis.call('HDEL', KEYS[2], redis.sha1hex(raw))

@@ -1,0 +1,105 @@
+"""Least-privilege Redis ACL rules for redpool's two kinds of users, declared once.
+
+A *producer* may push jobs and read what comes back, nothing else; a *worker* may do
+everything a supervisor does, inside its namespace.  docs/deploy.md shows these rules,
+``redpool acl producer|worker`` prints them as an ``ACL SETUSER`` line, and
+tests/test_redis_deploy.py runs a real daemon and Client under them, checks that the
+server denied them nothing (ACL LOG), that the producer is refused everything else,
+and that the documentation shows exactly what this module builds.
+
+The command lists come from what the code sends: client.py for producers; queue.py,
+lease.py, waiter.py, the metrics collector and the header of every script in lua/
+for workers.  Scripts do not widen a user's rights: each command a script runs is
+checked against the ACL of the user who runs it (Redis 7, Valkey).  Producers need
+scripting only for ``enqueue(..., delay=...)`` (lua/schedule.lua: TIME and ZADD).
+
+Producer rules use selectors and read- or write-only key patterns, so they need
+Redis 7.0+ or Valkey 7.2+.  The rules keep the user's passwords (no ``reset``), so
+the line can be run again after an upgrade; a new user has none and cannot log in
+until one is set (``ACL SETUSER name '>password'``).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from .protocol import DEFAULT_NAMESPACE, Keys
+
+ROLES = ("producer", "worker")
+
+#: Every connection: PING (start-up check, health checks), SELECT (a URL with a db
+#: other than 0), CLIENT SETINFO (redis-py names itself; a denial is harmless but
+#: would fill the ACL LOG).
+CONNECTION = ("ping", "select", "client|setinfo")
+
+#: The producer's commands, by the keys they may touch (a selector each).
+PRODUCER_ROOT = ("time", "script|exists", "script|load")   # delay=: schedule.lua via EVALSHA
+PRODUCER_PUSH = ("lpush",)                                  # jobs: write-only
+PRODUCER_SCHEDULE = ("zadd", "evalsha")                     # at= / delay=
+PRODUCER_RESULTS = ("get", "mget")                          # read-only
+PRODUCER_REPLIES = ("brpop", "rpop", "rpush", "del")        # its own reply lists
+
+#: The worker's commands: everything under its namespace.
+WORKER_SCRIPTS = ("evalsha", "script|load")
+WORKER_DIRECT = ("blmove", "exists", "hget", "lrange", "scan", "set", "smembers")
+WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
+                     "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "rpop", "rpush",
+                     "sadd", "set", "srem", "time", "zadd", "zrange", "zrangebyscore", "zrem")
+#: Reads of the metrics collector (--metrics-port), `redpool status`, `inspect` and
+#: `dead` (which also needs LREM and its script), so operators may use this user too.
+WORKER_OBSERVE = ("exec", "get", "lindex", "llen", "multi", "pttl", "time", "ttl", "zcard",
+                  "zrange")
+
+# The first rules of every line: they replace whatever the user could do before,
+# except its passwords.
+_BASE = ("on", "resetkeys", "resetchannels", "clearselectors", "-@all")
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in an ACL key pattern (a namespace may hold ``*``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _plus(commands) -> list[str]:
+    return [f"+{c}" for c in sorted(set(commands))]
+
+
+def rules(role: str, namespace: str = DEFAULT_NAMESPACE,
+          reply_patterns: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The ACL SETUSER rules of ``role`` for ``namespace``, one token each.
+    ``reply_patterns``: key patterns of the reply_to lists producers choose outside the
+    namespace (``myapp:reply:*``): producers read them, workers write them."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: {' or '.join(ROLES)}")
+    for p in reply_patterns:
+        if not p or any(c.isspace() for c in p) or "(" in p or ")" in p:
+            raise ValueError(f"invalid key pattern {p!r}: no spaces or parentheses")
+    keys = Keys(glob_escape(namespace))
+    replies = [f"~{p}" for p in reply_patterns]
+    if role == "worker":
+        commands = WORKER_SCRIPTS + WORKER_DIRECT + WORKER_IN_SCRIPTS + WORKER_OBSERVE
+        # "~" alone matches the empty key name, which complete.lua gets for "no result
+        # key / no reply / no retry" (an ACL checks every key a script is given)
+        return [*_BASE, *_plus(CONNECTION), *_plus(commands), f"~{keys.ns}:*", "~", *replies]
+    return [*_BASE, *_plus(CONNECTION + PRODUCER_ROOT),
+            _selector(PRODUCER_PUSH, f"%W~{keys.queue('*')}"),
+            _selector(PRODUCER_SCHEDULE, f"~{keys.scheduled('*')}"),
+            _selector(PRODUCER_RESULTS, f"%R~{keys.result('*')}"),
+            _selector(PRODUCER_REPLIES, f"~{keys.reply('*')}", *replies)]
+
+
+def _selector(commands, *patterns: str) -> str:
+    return f"({' '.join([*_plus(commands), *patterns])})"
+
+
+def default_user(role: str) -> str:
+    return f"redpool-{role}"
+
+
+def setuser(role: str, user: str | None = None, namespace: str = DEFAULT_NAMESPACE,
+            reply_patterns: tuple[str, ...] | list[str] = ()) -> str:
+    """``ACL SETUSER <user> <rules>``, quoted for a shell (``redis-cli ...``) or a
+    redis-cli prompt or pipe (which take the same single quotes)."""
+    user = user or default_user(role)
+    tokens = ["ACL", "SETUSER", user, *rules(role, namespace, reply_patterns)]
+    return " ".join(shlex.quote(t) for t in tokens)

@@ -1,0 +1,332 @@
+"""Connecting to Redis: the one function every part of redpool connects through.
+
+The supervisor, its waiter threads, the Client and each CLI command call ``connect()``,
+so that every URL form works everywhere (docs/deploy.md shows them to operators):
+
+    redis://[[user]:password@]host[:port][/db][?option=value&...]
+    rediss://...                                      TLS
+    unix:///path/to/redis.sock[?db=N&password=...]
+    redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db][?...]
+    rediss+sentinel://...                             TLS to the sentinels and the primary
+
+TLS files are redis-py's own URL options (``ssl_ca_certs``, ``ssl_certfile``,
+``ssl_keyfile``; also ``ssl_cert_reqs``, ``ssl_check_hostname``, ``ssl_password``, ...)
+or, more pleasant for operators, ``ca``/``cert``/``key`` (``--redis-ca``/``--redis-cert``/
+``--redis-key``, ``REDPOOL_REDIS_CA``/``_CERT``/``_KEY``), which are folded into the URL
+(``with_tls``): one description of the connection, whatever its source.  A file named
+both ways must be the same file.  They are checked before connecting, so a typo is a
+configuration error (exit 2), not a puzzling network one.
+
+A Sentinel URL gives a client whose connections ask the sentinels for the current
+primary each time they connect.  redis-py drops a connection to a primary that was
+demoted and answers writes with READONLY, raising ConnectionError; a killed primary
+is a ConnectionError anyway.  So a failover looks like any connection error, and
+the caller's policy applies unchanged: the supervisor never retries by itself (see
+``queue.connect``); it backs off, reconnects, and reconciles.  The credentials in the
+URL are the primary's; the sentinels' own (if they have ``requirepass``) are the
+query options ``sentinel_username`` and ``sentinel_password``.
+
+``check()`` makes the first round trip and turns a failure into a RedisUnavailable
+(exit code 4) whose message says what to fix: credentials, TLS files, CA, a server
+that wants a client certificate, no primary known to the sentinels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import redis
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, SSLConnection
+from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
+
+from .config import SETTINGS
+from .errors import ConfigError, RedisUnavailable
+from .urls import redact_url
+
+TLS_SCHEMES = ("rediss", "rediss+sentinel")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+#: Socket timeouts towards the sentinels: they answer from memory, and discovery asks
+#: them one after the other, so one unreachable sentinel must not stall it for long.
+SENTINEL_TIMEOUT = 2.0
+URL_FORMS = ("use redis://[user:password@]host[:port][/db], rediss://..., "
+             "unix:///path.sock, or redis+sentinel://[user:password@]host[:port],"
+             "host[:port].../service[/db] (rediss+sentinel:// with TLS)")
+
+# --redis-ca/--redis-cert/--redis-key and the URL options they stand for.
+_TLS = {"ca": ("redis_ca", "ssl_ca_certs"), "cert": ("redis_cert", "ssl_certfile"),
+        "key": ("redis_key", "ssl_keyfile")}
+_SETTING = {s.dest: s for s in SETTINGS}
+_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+# How a TLS server that refuses our (missing) client certificate looks from here: with
+# TLS 1.3 our side of the handshake succeeds and the refusal arrives as the connection
+# ending, in whatever words the first read or write finds for it.
+_REFUSED_AFTER_HANDSHAKE = ("closed by server", "eof occurred in violation of protocol",
+                            "connection reset by peer", "certificate required",
+                            "alert handshake failure", "alert bad certificate",
+                            "alert unknown ca")
+
+
+def _source(option: str) -> str:
+    s = _SETTING[_TLS[option][0]]
+    return f"{s.flag} ({s.env})"
+
+
+def tls_options(ca: str | None = None, cert: str | None = None, key: str | None = None, *,
+                url: str | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The TLS files given, each one else from its REDPOOL_REDIS_* variable -- unless
+    ``url`` names that file itself: the environment is a default, the URL is specific.
+    Only those set: ``connect(url, **tls_options(args.redis_ca, ..., url=url))``."""
+    env = os.environ if env is None else env
+    named = _query(url) if url else {}
+    out = {}
+    for option, value in (("ca", ca), ("cert", cert), ("key", key)):
+        dest, param = _TLS[option]
+        if not value and param not in named:
+            value = env.get(_SETTING[dest].env)
+        if value:
+            out[option] = value
+    return out
+
+
+def with_tls(url: str, *, ca: str | None = None, cert: str | None = None,
+             key: str | None = None) -> str:
+    """``url`` with the TLS files as its query options (ssl_ca_certs=...).  A file the
+    URL names already must be the same one."""
+    have = _query(url)
+    add = []
+    for option, value in (("ca", ca), ("cert", cert), ("key", key)):
+        if not value:
+            continue
+        param = _TLS[option][1]
+        if param in have and have[param] != value:
+            raise ConfigError(f"{_source(option)} says {value} but the Redis URL's {param} "
+                              f"says {have[param]}: name the file once")
+        if param not in have:
+            add.append(f"{param}={quote(value, safe='/')}")
+    if not add:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}{'&'.join(add)}"
+
+
+def connect(url: str, *, ca: str | None = None, cert: str | None = None,
+            key: str | None = None, **kwargs) -> redis.Redis:
+    """A redis-py client for ``url`` (any form above) with the TLS files ``ca``,
+    ``cert``, ``key`` if given.  ``kwargs`` are redis-py's (timeouts, retry policy,
+    decode_responses); for a Sentinel URL they apply to the primary, and the socket
+    timeouts and retry policy (capped at SENTINEL_TIMEOUT) to the sentinels too.
+    Nothing is sent yet: ``check()`` makes the first round trip."""
+    url = with_tls(url, ca=ca, cert=cert, key=key)
+    scheme = url.partition("://")[0].lower()
+    options = _query(url)
+    _check_tls(url, scheme, options)
+    if scheme in SENTINEL_SCHEMES:
+        return _sentinel_client(url, parse_sentinel_url(url), kwargs)
+    try:
+        return redis.Redis.from_url(url, **kwargs)
+    except ValueError:  # its text may quote part of the URL, a password say: not shown
+        raise ConfigError(f"invalid Redis URL {redact_url(url)}: {URL_FORMS}") from None
+
+
+def check(r: redis.Redis, url: str) -> None:
+    """One PING; a failure becomes a RedisUnavailable that says what to fix."""
+    try:
+        r.ping()
+    except redis.RedisError as e:
+        raise RedisUnavailable(explain(e, url)) from None
+
+
+def explain(e: BaseException, url: str) -> str:
+    """What went wrong connecting to ``url``, and what to do about it."""
+    where = redact_url(url)
+    scheme = url.partition("://")[0].lower()
+    options = _query(url)
+    text = str(e)
+    if isinstance(e, redis.AuthenticationError):
+        return (f"Redis at {where} refused our credentials: {text}; check the user name and "
+                "password in the URL")
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return (f"Redis at {where} accepted our credentials but this user may not run "
+                f"what redpool needs: {text}; give it the rules `redpool acl` prints")
+    if isinstance(e, MasterNotFoundError):
+        if "Authentication" in text:
+            hint = "the sentinels refused our credentials: set sentinel_password in the URL"
+        else:
+            service = parse_sentinel_url(url).service
+            hint = (f"are the sentinels running, do they monitor {service!r} (SENTINEL "
+                    "MASTERS), and is its primary up?")
+        return f"no sentinel at {where} knows a primary: {text}; {hint}"
+    tls = scheme in TLS_SCHEMES
+    low = text.lower()
+    if tls and "certificate verify failed" in low:
+        if "mismatch" in low:
+            return (f"TLS with Redis at {where} failed: the server's certificate does not "
+                    f"name the host we connect to ({text}); connect by a name or address "
+                    "the certificate carries")
+        return (f"TLS with Redis at {where} failed: the server's certificate is not signed "
+                f"by a CA we trust ({text}); point {_source('ca')}, or ssl_ca_certs in the "
+                "URL, at the CA that signed the server's certificate")
+    if tls and ("pem lib" in low or "key values mismatch" in low or "no such file" in low):
+        return (f"cannot load our TLS client certificate or key for {where}: {text}; "
+                f"{_source('cert')} and {_source('key')} must be a PEM certificate and its "
+                "private key (ssl_password in the URL unlocks an encrypted key)")
+    if tls and any(sign in low for sign in _REFUSED_AFTER_HANDSHAKE):
+        if "ssl_certfile" not in options:
+            return (f"Redis at {where} closed the connection after the TLS handshake: it "
+                    "most likely requires a client certificate (tls-auth-clients); pass "
+                    f"{_source('cert')} and {_source('key')}, or ssl_certfile and "
+                    "ssl_keyfile in the URL")
+        return (f"Redis at {where} closed the connection after the TLS handshake: it most "
+                "likely does not accept our client certificate; is it signed by the CA in "
+                "the server's tls-ca-cert-file?")
+    if tls and ("handshake" in low or "wrong version number" in low or "record layer" in low):
+        return (f"no TLS from Redis at {where}: {text}; is this port the server's tls-port? "
+                "A plain-text port needs redis://")
+    hint = ("; if the server expects TLS, use rediss://" if not tls and "closed by server" in low
+            else "")
+    return (f"cannot reach Redis at {where}: {text}{hint}; is it running, and is --redis-url "
+            "(REDPOOL_REDIS_URL) right?")
+
+
+# -- Sentinel --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[user:password@]host:port,host:port/service[/db][?options]``."""
+
+    hosts: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"invalid Sentinel URL {redact_url(url)}: {why}; use "
+                           "redis+sentinel://[user:password@]host[:port],host[:port].../"
+                           "service[/db]")
+
+    try:
+        parts = urlsplit(url)
+        username, password = parts.username, parts.password
+    except ValueError:
+        raise bad("it does not parse") from None
+    if parts.scheme.lower() not in SENTINEL_SCHEMES:
+        raise bad(f"the scheme is {parts.scheme!r}")
+    hosts = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        host, port = item, SENTINEL_PORT
+        if item.startswith("["):  # [::1]:26379
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = rest.removeprefix(":")
+        elif ":" in item:
+            host, _, port = item.rpartition(":")
+        try:
+            port = int(port)
+        except ValueError:
+            raise bad(f"port {port!r} is not a number") from None
+        if not host:
+            raise bad("a sentinel address is empty")
+        hosts.append((host, port))
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise bad("name the service (the name the sentinels monitor), then optionally the db")
+    options = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
+    db = options.pop("db", path[1] if len(path) == 2 else "0")
+    try:
+        db = int(db)
+    except ValueError:
+        raise bad(f"db {db!r} is not a number") from None
+    return SentinelURL(hosts, path[0], db, unquote(username) if username else None,
+                       unquote(password) if password else None,
+                       parts.scheme.lower() == "rediss+sentinel", options)
+
+
+class FollowingConnection(SentinelManagedConnection):
+    """A connection to the primary that asks the sentinels where it is whenever it
+    connects again.  redis-py (8.1) reconnects a dropped connection on its next send by
+    itself (send_packed_command -> connect_check_health), to the address it had, past
+    SentinelManagedConnection.connect(): a connection held outside the pool (the
+    supervisor's hot path, queue.py) would knock at the dead primary's door forever
+    after a failover.  tests/test_sentinel.py fails without this."""
+
+    def send_packed_command(self, command, check_health=True):
+        if not self._sock:
+            self.connect()  # SentinelManagedConnection's: the current primary's address
+        super().send_packed_command(command, check_health)
+
+
+class FollowingSSLConnection(FollowingConnection, SSLConnection):
+    pass
+
+
+class SentinelRedis(redis.Redis):
+    """The primary's client; closing it also closes its connections to the sentinels."""
+
+    sentinel: Sentinel | None = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.sentinel is not None:
+                self.sentinel.close()
+
+
+def _sentinel_client(url: str, target: SentinelURL, kwargs: dict) -> redis.Redis:
+    primary, sentinels = dict(kwargs), {}
+    for name, value in target.options.items():
+        if name in ("sentinel_username", "sentinel_password"):
+            sentinels[name.removeprefix("sentinel_")] = value
+            continue
+        parse = URL_QUERY_ARGUMENT_PARSERS.get(name)
+        try:
+            primary[name] = parse(value) if parse else value
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid value for {name!r} in the Redis URL "
+                              f"{redact_url(url)}") from None
+    tls = {k: v for k, v in primary.items() if k.startswith("ssl_")}
+    primary["connection_class"] = FollowingSSLConnection if target.tls else FollowingConnection
+    if target.tls:
+        sentinels.update(tls, ssl=True)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        sentinels[name] = min(primary.get(name) or SENTINEL_TIMEOUT, SENTINEL_TIMEOUT)
+    if "retry" in primary:
+        sentinels["retry"] = primary["retry"]
+    manager = Sentinel(target.hosts, sentinel_kwargs=sentinels)
+    client = manager.master_for(target.service, redis_class=SentinelRedis, db=target.db,
+                                username=target.username, password=target.password, **primary)
+    client.sentinel = manager
+    return client
+
+
+# -- URL options -----------------------------------------------------------------------------
+
+def _query(url: str) -> dict[str, str]:
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return {}
+    return {k: v[0] for k, v in parse_qs(query).items() if v}
+
+
+def _check_tls(url: str, scheme: str, options: dict[str, str]) -> None:
+    tls_params = sorted(k for k in options if k.startswith("ssl_"))
+    if tls_params and scheme not in TLS_SCHEMES:
+        raise ConfigError(f"TLS options ({', '.join(tls_params)}; {_source('ca')} and the like "
+                          f"end up there) need a TLS URL, rediss:// or rediss+sentinel://, not "
+                          f"{redact_url(url)}")
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:
+        raise ConfigError(f"{_source('key')} (ssl_keyfile) is the key of a client certificate: "
+                          f"give the certificate too, {_source('cert')} (ssl_certfile)")
+    for param in _FILES:
+        path = options.get(param)
+        if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            option = next(o for o, (_, p) in _TLS.items() if p == param)
+            raise ConfigError(f"{param}={path} ({_source(option)}): no such readable file")

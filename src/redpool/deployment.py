@@ -1,0 +1,261 @@
+"""The state of a deployment as Redis holds it: what `redpool status`, `redpool inspect`
+and the metrics' queue collector read.
+
+Read-only, and meant to be safe against a busy production server: the reads one view
+needs go in one pipeline; lists are read 1000 elements at a time (never a million in
+one reply); the keyspace is walked with SCAN (never KEYS), and only to find queues no
+supervisor listens to.  Everything read is untrusted: a job, a lease's info or a dead
+letter that is not what it should be shows as unknown, never as a crash.
+
+Times are measured on the Redis server's clock (TIME), the one the leases and the
+scheduled sets already use.  A job's age compares it with the ``enqueued_at`` its
+producer wrote, so a producer's clock skew shows in the age.  A supervisor's
+heartbeat age needs no clock but the server's: it is its lease length minus the
+lease key's remaining PTTL, since every renewal (each lease/3) resets that TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+from .protocol import Keys
+
+CHUNK = 1000            # list elements per LRANGE / ZRANGE
+SCAN_COUNT = 1000       # keys per SCAN call
+DEAD_SCAN_MAX = 10_000  # dead letters read to count them per queue (the default --dead-max)
+
+
+def number(v: Any) -> float | None:
+    """``v`` if it is a finite JSON number (not a bool), else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def parse_object(raw: bytes | str | None) -> dict | None:
+    """A JSON object, or None for anything else (missing, not JSON, not an object)."""
+    if raw is None:
+        return None
+    try:
+        v = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def server_time(r: redis.Redis) -> float:
+    seconds, micros = r.time()
+    return seconds + micros / 1e6
+
+
+# -- queues ---------------------------------------------------------------------------------
+
+@dataclass
+class QueueState:
+    name: str
+    depth: int                      # jobs waiting in the list
+    oldest_age: float | None        # seconds; None: empty, or its oldest job has no enqueued_at
+    scheduled: int                  # jobs in its scheduled set (delayed jobs, retries)
+    next_due_in: float | None       # seconds until the first scheduled one is due (< 0: overdue)
+    dead: int = 0                   # dead letters of jobs taken from it (see DeadCounts)
+
+
+def discover_queues(r: redis.Redis, keys: Keys) -> set[str]:
+    """Queues that have a list or a scheduled set: one SCAN pass over the keyspace."""
+    found = set()
+    for key in r.scan_iter(match=keys.queues_pattern, count=SCAN_COUNT):
+        name = keys.queue_named(key.decode("utf-8", "replace"))
+        if name and not any(c.isspace() for c in name):
+            found.add(name)
+    return found
+
+
+def read_queues(r: redis.Redis, keys: Keys, names: list[str]) -> tuple[float, list[QueueState]]:
+    """(server time, the state of each named queue): one round trip, four O(1) or
+    O(log n) commands per queue.  The oldest job is the one at the right end, taken
+    next; it is parsed only to read its ``enqueued_at``."""
+    pipe = r.pipeline(transaction=False)
+    pipe.time()
+    for q in names:
+        pipe.llen(keys.queue(q))
+        pipe.lindex(keys.queue(q), -1)
+        pipe.zcard(keys.scheduled(q))
+        pipe.zrange(keys.scheduled(q), 0, 0, withscores=True)
+    out = pipe.execute()
+    seconds, micros = out[0]
+    now = seconds + micros / 1e6
+    states = []
+    for i, q in enumerate(names):
+        depth, oldest, scheduled, first = out[1 + 4 * i:5 + 4 * i]
+        job = parse_object(oldest)
+        enqueued = number(job.get("enqueued_at")) if job else None
+        states.append(QueueState(q, depth, None if enqueued is None else max(0.0, now - enqueued),
+                                 scheduled, first[0][1] - now if first else None))
+    return now, states
+
+
+class DeadCounts:
+    """Dead letters per queue.  The list is capped (--dead-max) but its entries hold
+    whole jobs, so it is read again only when it changed: same length and same newest
+    entry means same contents (entries are only pushed at the left and trimmed at the
+    right, or removed by an operator, which changes the length)."""
+
+    def __init__(self, limit: int = DEAD_SCAN_MAX) -> None:
+        self.limit = limit
+        self._seen: tuple[int, bytes | None] | None = None
+        self.total = 0
+        self.scanned = 0
+        self.by_queue: Counter = Counter()
+
+    def read(self, r: redis.Redis, keys: Keys) -> "DeadCounts":
+        pipe = r.pipeline(transaction=True)
+        pipe.llen(keys.dead)
+        pipe.lindex(keys.dead, 0)
+        seen = tuple(pipe.execute())
+        if seen == self._seen:
+            return self
+        by_queue: Counter = Counter()
+        scanned = 0
+        while scanned < min(seen[0], self.limit):
+            batch = r.lrange(keys.dead, scanned, min(scanned + CHUNK, self.limit) - 1)
+            if not batch:
+                break
+            for raw in batch:
+                entry = parse_object(raw)
+                q = entry.get("queue") if entry else None
+                by_queue[q if isinstance(q, str) else None] += 1
+            scanned += len(batch)
+        self._seen, self.total, self.scanned, self.by_queue = seen, seen[0], scanned, by_queue
+        return self
+
+
+# -- supervisors ----------------------------------------------------------------------------
+
+@dataclass
+class SupervisorState:
+    name: str
+    alive: bool                     # its lease key exists (False: expired, not yet reaped)
+    host: str | None = None
+    pid: int | None = None
+    version: str | None = None
+    queues: list[str] = field(default_factory=list)
+    state: str | None = None        # running, draining
+    concurrency: int | None = None
+    inflight: int | None = None
+    succeeded: int | None = None
+    failed: int | None = None
+    rate_1m: float | None = None    # jobs finished per second over its last minute
+    uptime: float | None = None
+    heartbeat_age: float | None = None  # seconds since it last renewed its lease
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def supervisor_state(name: str, info_raw: bytes | None, pttl: int, now: float) -> SupervisorState:
+    """A supervisor as its lease shows it (PTTL -2: the lease key is gone).  Fields an
+    older (or newer) supervisor did not write, or wrote oddly, are None."""
+    info = parse_object(info_raw) or {}
+    s = SupervisorState(name=name, alive=pttl != -2)
+    s.host, s.version, s.state = (_str(info.get(k)) for k in ("host", "version", "state"))
+    s.pid, s.concurrency, s.inflight, s.succeeded, s.failed = (
+        _int(info.get(k)) for k in ("pid", "concurrency", "inflight", "succeeded", "failed"))
+    queues = info.get("queues")
+    s.queues = [q for q in queues if isinstance(q, str)] if isinstance(queues, list) else []
+    s.rate_1m = number(info.get("rate_1m"))
+    started = number(info.get("started_at"))
+    s.uptime = max(0.0, now - started) if started is not None and s.alive else None
+    lease = number(info.get("lease"))
+    beat = number(info.get("heartbeat_at"))
+    if s.alive and lease is not None and pttl >= 0:
+        s.heartbeat_age = max(0.0, lease - pttl / 1000)
+    elif beat is not None:  # a supervisor of an older version, or an expired lease
+        s.heartbeat_age = max(0.0, now - beat)
+    return s
+
+
+def read_supervisors(r: redis.Redis, keys: Keys, now: float) -> list[SupervisorState]:
+    """Every registered supervisor, live or with an expired lease not yet reaped."""
+    names = sorted(n.decode("utf-8", "replace") for n in r.smembers(keys.supervisors))
+    pipe = r.pipeline(transaction=False)
+    for n in names:
+        pipe.hget(keys.supervisor(n), "info")
+        pipe.pttl(keys.supervisor(n))
+    out = pipe.execute()
+    return [supervisor_state(n, out[2 * i], out[2 * i + 1], now) for i, n in enumerate(names)]
+
+
+# -- one view of everything -----------------------------------------------------------------
+
+@dataclass
+class Snapshot:
+    time: float                     # the Redis server's clock
+    queues: list[QueueState]
+    supervisors: list[SupervisorState]
+    dead_total: int
+    dead_scanned: int               # entries read to count dead letters per queue
+    dead_unknown_queue: int         # of those, entries that name no queue
+
+    @property
+    def throughput(self) -> float:
+        """Jobs per second over the last minute, summed over live supervisors."""
+        return sum(s.rate_1m or 0.0 for s in self.supervisors if s.alive)
+
+    def to_dict(self) -> dict:
+        return {"time": self.time, "throughput_1m": round(self.throughput, 3),
+                "queues": [asdict(q) for q in self.queues],
+                "supervisors": [s.to_dict() for s in self.supervisors],
+                "dead": {"total": self.dead_total, "scanned": self.dead_scanned,
+                         "unknown_queue": self.dead_unknown_queue}}
+
+
+class Observer:
+    """Reads Snapshots; keeps what is costly to read (the SCAN for queues, the dead
+    counts) between reads, so that `status --watch` stays cheap."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, *, queues: list[str] | None = None,
+                 rescan_every: float = 30.0, clock=time.monotonic) -> None:
+        self.r = r
+        self.keys = keys
+        self.only = list(queues) if queues else None   # --queue: these, and no SCAN
+        self.rescan_every = rescan_every
+        self.clock = clock
+        self.discovered: set[str] = set()
+        self.scanned_at: float | None = None
+        self.dead = DeadCounts()
+
+    def queue_names(self, supervisors: list[SupervisorState], dead: DeadCounts) -> list[str]:
+        """--queue if given; else every queue with a list or a scheduled set (SCAN, at
+        most every ``rescan_every`` seconds), one a supervisor listens to, or one that
+        dead letters name."""
+        if self.only is not None:
+            return self.only
+        if self.scanned_at is None or self.clock() - self.scanned_at >= self.rescan_every:
+            self.discovered = discover_queues(self.r, self.keys)
+            self.scanned_at = self.clock()
+        listened = {q for s in supervisors for q in s.queues}
+        named = {q for q in dead.by_queue if q and not any(c.isspace() for c in q)}
+        return sorted(self.discovered | listened | named)
+
+    def read(self) -> Snapshot:
+        supervisors = read_supervisors(self.r, self.keys, server_time(self.r))
+        dead = self.dead.read(self.r, self.keys)
+        now, queues = read_queues(self.r, self.keys, self.queue_names(supervisors, dead))
+        for q in queues:
+            q.dead = dead.by_queue.get(q.name, 0)
+        return Snapshot(now, queues, supervisors, dead.total, dead.scanned, dead.by_queue[None])
