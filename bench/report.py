@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import subprocess
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -95,10 +96,24 @@ def machine(r) -> dict:
     except OSError:
         pass
     return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model,
+            "ping_us": ping_us(r),
             "python": f"{platform.python_implementation()} {platform.python_version()}",
             "server": f"{server} {version}", "kernel": platform.release(),
             "loadavg_at_start": os.getloadavg(), "redpool": redpool.__version__,
             "git": _git_describe()}
+
+
+def ping_us(r, n: int = 2000) -> float:
+    """Median round trip of a PING to the private server, in microseconds: how fast this
+    machine is at what every workload here is made of (a syscall, a wake-up, a reply).
+    On a shared VM it swings several-fold between hours; W3's absolute latencies (and
+    the naive baseline) move with it, the ratios much less."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r.ping()
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times) * 1e6, 1)
 
 
 def _git_describe() -> str | None:
@@ -124,7 +139,8 @@ def table(sections: list[tuple[str, list[Figure]]], tgts: list[Target], extras: 
     ws = max([len(f.spread()) for f in figs] + [7])
     lines = [f"redpool benchmarks: {mach['nproc']} cores ({mach['cpu_model']}), "
              f"{mach['python']}, {mach['server']}, redpool {mach['git'] or mach['redpool']}",
-             f"median of {reps} repetition{'s' if reps != 1 else ''} (min–max)", "",
+             f"median of {reps} repetition{'s' if reps != 1 else ''} (min–max); Redis PING "
+             f"round trip p50 at the start: {mach.get('ping_us', 0):.0f} us", "",
              f"{'':{wl}}  {'unit':<{wu}}  {'median':>{wm}}  {'min–max':>{ws}}"]
     for title, fs in sections:
         lines.append(title)
