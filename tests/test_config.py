@@ -259,3 +259,13 @@ def test_namespace_with_space_is_a_config_error():
 
 def test_checks_after_parsing_name_the_variable_the_value_came_from():
     assert config_error(REDPOOL_LOG_LEVEL="verbose").startswith("REDPOOL_LOG_LEVEL:")
+
+
+def test_worker_config_defaults_agree_with_the_settings_table():
+    # WorkerConfig() is built directly by tests and embedders: its defaults must be the
+    # table's (None in the table means "decided at resolve time", e.g. the cores)
+    from redpool.config import SETTINGS, WorkerConfig
+    cfg = WorkerConfig()
+    drift = {s.dest: (getattr(cfg, s.dest), s.default) for s in SETTINGS
+             if s.default is not None and getattr(cfg, s.dest) != s.default}
+    assert drift == {}

@@ -620,10 +620,13 @@ class World:
         self.tick()
 
     def expected_want(self) -> int:
-        """want() as specified: room in the accepting children's batches, plus the
-        prefetch allowance in batches, less what is held."""
+        """want() as specified: room in the accepting children's batches (no more than
+        each has left under --max-jobs-per-child), plus the prefetch allowance in
+        batches, less what is held."""
         k = self.sup.batch_size()
-        room = sum(max(0, k - len(c.tokens)) for c in self.pool.accepting())
+        cap = self.cfg.max_jobs_per_child
+        room = sum(max(0, min(k - len(c.tokens), cap - c.jobs_done - len(c.tokens))
+                       if cap else k - len(c.tokens)) for c in self.pool.accepting())
         return room + self.cfg.prefetch * k - len(self.sup.backlog)
 
 
@@ -1940,6 +1943,17 @@ def test_a_child_is_topped_up_only_when_it_has_room_for_half_a_batch():
     assert len(c.tokens) == 10
     # everything was sent in queue order, each job once
     assert w.sent_raws() == jobs(*range(16))
+
+
+def test_want_counts_no_more_room_than_a_child_has_left_under_max_jobs_per_child():
+    w = World(jobs(*range(100)), size=1, prefetch=0, max_jobs_per_child=3)
+    w.tick()
+    w.finish_running(SHORT)                 # k = 10, but it may run only 2 more
+    (c,) = w.pool.children
+    assert c.jobs_done + len(c.tokens) == 3
+    # nothing more is reserved for it: the jobs would only wait in the backlog
+    assert len(w.sup.backlog) == 0
+    assert w.sup.want() == w.expected_want() == 0
 
 
 def test_max_jobs_per_child_caps_a_batch():

@@ -223,9 +223,7 @@ class Supervisor(ChildEvents):
         a batch (so messages stay large), topped up before it runs dry."""
         k = self.batch_size()
         for c in self.pool.accepting():
-            room = k - len(c.tokens)
-            if self.cfg.max_jobs_per_child:
-                room = min(room, self.cfg.max_jobs_per_child - c.jobs_done - len(c.tokens))
+            room = self.room(c, k)
             if not self.backlog or room <= 0 or (c.tokens and room < max(1, k // 2)):
                 continue
             entries, tokens, now = [], [], self.clock()
@@ -251,8 +249,16 @@ class Supervisor(ChildEvents):
         """How many jobs to reserve: room in the children's batches, plus the prefetch
         allowance (in batches), less what is already held."""
         k = self.batch_size()
-        room = sum(max(0, k - len(c.tokens)) for c in self.pool.accepting())
+        room = sum(max(0, self.room(c, k)) for c in self.pool.accepting())
         return room + self.cfg.prefetch * k - len(self.backlog)
+
+    def room(self, c, k: int) -> int:
+        """How many more jobs child ``c`` may be handed: up to a batch of ``k`` held,
+        and no more than it has left to run under --max-jobs-per-child."""
+        room = k - len(c.tokens)
+        if self.cfg.max_jobs_per_child:
+            room = min(room, self.cfg.max_jobs_per_child - c.jobs_done - len(c.tokens))
+        return room
 
     def exchange(self, now: float) -> None:
         """Acknowledge what finished and reserve more in one round trip; when the
