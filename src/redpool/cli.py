@@ -153,6 +153,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def run_worker(cfg: config.WorkerConfig) -> int:
+    from . import titles
     from .connection import check, with_tls
     from .duties import Duties
     from .hooks import Hooks
@@ -162,6 +163,7 @@ def run_worker(cfg: config.WorkerConfig) -> int:
     from .queue import RedisQueue, connect
     from .signals import SignalInbox
     from .supervisor import Supervisor
+    from .systemd import notify_systemd
     from .urls import redact_url
     from .waiter import Waiter
 
@@ -171,6 +173,9 @@ def run_worker(cfg: config.WorkerConfig) -> int:
     # Like `python -m`, task modules are found relative to the working directory.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    # The title first: from here on `ps` shows it, not our command line (and whatever
+    # password a --redis-url on it carries)
+    title = titles.supervisor_titles(cfg.name, cfg.queues)
     log = logs.get("redpool")
     where = redact_url(cfg.redis_url)
     # every connection below (supervisor, waiters, metrics) is made from this one URL
@@ -188,11 +193,10 @@ def run_worker(cfg: config.WorkerConfig) -> int:
         rq, lambda: connect(url, blocking_timeout=1.0), timeout=1.0)
     hooks = Hooks()
     hooks.subscribe(logs.event_logger())
-    from .systemd import notify_systemd; notify_systemd(hooks)  # only when NOTIFY_SOCKET is set
+    notify_systemd(hooks)  # only when run by systemd (NOTIFY_SOCKET is set)
     # observers: the process title, and Prometheus metrics when asked for (a port in
     # use stops the start here, before any child is spawned)
-    from . import titles
-    hooks.subscribe(titles.supervisor_titles(cfg.name, cfg.queues))
+    hooks.subscribe(title)
     if cfg.metrics_port:
         from .metrics import serve_metrics
         hooks.subscribe(serve_metrics(cfg.metrics_port, cfg.metrics_addr, cfg.name, cfg.queues,
