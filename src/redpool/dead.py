@@ -32,10 +32,10 @@ from typing import Any, Iterator, TextIO
 
 import redis
 
+from .connection import explain
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
 from .protocol import DEFAULT_NAMESPACE, Keys
 from .queue import connect, load_script
-from .urls import redact_url
 
 DEFAULT_URL = "redis://localhost:6379/0"   # as in config.SETTINGS
 CHUNK = 1000     # entries per LRANGE
@@ -234,12 +234,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         raise ConfigError(REQUEUE_NEEDS)
     if args.action == "purge" and (older_than is None) == (not args.all):
         raise ConfigError(PURGE_NEEDS)
-    where = redact_url(url)
-    try:
-        r = connect(url)
-    except ValueError:  # not shown: its text may quote part of the URL, a password say
-        raise ConfigError(f"invalid Redis URL {where}: use redis://[user:password@]host"
-                          "[:port][/db], rediss://... or unix:///path.sock") from None
+    r = connect(url)  # a URL that does not parse: ConfigError, without its password
     try:
         r.ping()
         if args.action == "list":
@@ -249,11 +244,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         n = purge(r, keys, older_than=older_than, all=args.all, queue=args.queue)
         print(f"purged {_plural(n, 'entry', 'entries')}", file=out)
         return EXIT_OK
-    except redis.AuthenticationError as e:
-        raise RedisUnavailable(f"Redis at {where} refused our credentials: {e}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise RedisUnavailable(f"cannot reach Redis at {where}: {e}; is it running, "
-                               "and is --redis-url (REDPOOL_REDIS_URL) right?") from None
+        raise RedisUnavailable(explain(e, url)) from None  # worded as the worker words it
     except redis.ResponseError as e:
         raise RedpoolError(f"Redis refused a command on {keys.dead}: {e}") from None
     finally:

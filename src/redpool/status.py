@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 import redis
 
+from .connection import explain
 from .deployment import Observer, Snapshot
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
 from .locate import Sighting, locate
@@ -36,30 +37,25 @@ CLEAR, HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
 # -- connecting -----------------------------------------------------------------------------
 
 def open_redis(args: argparse.Namespace) -> tuple[redis.Redis, Keys, str]:
-    """(client, keys, redacted URL) from --redis-url / --namespace or their variables."""
+    """(client, keys, URL) from --redis-url / --namespace or their variables.  A URL
+    that does not parse is a ConfigError naming it without its password (connect())."""
     url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL") or DEFAULT_URL
     try:
         keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE)
     except ValueError as e:
         raise ConfigError(f"--namespace: {e}") from None
-    where = redact_url(url)
-    try:
-        return connect(url), keys, where
-    except ValueError:  # not shown: its text may quote part of the URL, a password say
-        raise ConfigError(f"invalid Redis URL {where}: use redis://[user:password@]host"
-                          "[:port][/db], rediss://... or unix:///path.sock") from None
+    return connect(url), keys, url
 
 
 @contextlib.contextmanager
-def redis_errors(where: str):
-    """Redis failures as redpool errors that say what to check (exit code 4)."""
+def redis_errors(url: str):
+    """Redis failures as redpool errors that say what to fix (exit code 4), worded as
+    the worker words them (connection.explain: TLS, Sentinel, credentials, ACL)."""
+    where = redact_url(url)
     try:
         yield
-    except redis.AuthenticationError as e:
-        raise RedisUnavailable(f"Redis at {where} refused our credentials: {e}") from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        raise RedisUnavailable(f"cannot reach Redis at {where}: {e}; is it running, "
-                               "and is --redis-url (REDPOOL_REDIS_URL) right?") from None
+        raise RedisUnavailable(explain(e, url)) from None
     except redis.ResponseError as e:
         raise RedpoolError(f"Redis at {where} refused a command: {e}") from None
 
@@ -151,12 +147,13 @@ def status_json(snap: Snapshot, keys: Keys, where: str) -> str:
 def run_status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.watch is not None and args.watch <= 0:
         raise ConfigError(f"--watch: give a number of seconds above 0, got {args.watch:g}")
-    r, keys, where = open_redis(args)
+    r, keys, url = open_redis(args)
+    where = redact_url(url)
     render = status_json if args.json else render_status
     observer = Observer(r, keys, queues=args.queue)
     try:
         if args.watch is None:
-            with redis_errors(where):
+            with redis_errors(url):
                 print(render(observer.read(), keys, where), file=out)
             return EXIT_OK
         return watch(observer, lambda snap: render(snap, keys, where), args.watch, out,
@@ -244,9 +241,9 @@ def run_inspect(args: argparse.Namespace, out: TextIO = sys.stdout,
     if not ID_RE.match(args.job_id):
         raise ConfigError(f"{args.job_id!r} is not a job id: ids are 1-128 letters, digits "
                           "and . _ : -")
-    r, keys, where = open_redis(args)
+    r, keys, url = open_redis(args)
     try:
-        with redis_errors(where):
+        with redis_errors(url):
             found = locate(r, keys, args.job_id)
     finally:
         r.close()
