@@ -39,9 +39,10 @@ PRODUCER_SCHEDULE = ("zadd", "evalsha")                     # at= / delay=
 PRODUCER_RESULTS = ("get", "mget")                          # read-only
 PRODUCER_REPLIES = ("brpop", "rpop", "rpush", "del")        # its own reply lists
 
-#: The worker's commands: everything under its namespace.
+#: The worker's commands: everything under its namespace (INFO: at start, to refuse a
+#: Redis Cluster node clearly).
 WORKER_SCRIPTS = ("evalsha", "script|load")
-WORKER_DIRECT = ("blmove", "exists", "hget", "lrange", "scan", "set", "smembers")
+WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "smembers")
 WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
                      "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "rpop", "rpush",
                      "sadd", "set", "srem", "time", "zadd", "zrange", "zrangebyscore", "zrem")

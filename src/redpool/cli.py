@@ -154,7 +154,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def run_worker(cfg: config.WorkerConfig) -> int:
     from . import titles
-    from .connection import check, with_tls
+    from .connection import check, refuse_cluster, with_tls
     from .duties import Duties
     from .hooks import Hooks
     from .lease import Lease, Reaper
@@ -182,6 +182,7 @@ def run_worker(cfg: config.WorkerConfig) -> int:
     url = with_tls(cfg.redis_url, ca=cfg.redis_ca, cert=cfg.redis_cert, key=cfg.redis_key)
     r = connect(url)
     check(r, url)
+    refuse_cluster(r, url)
     log.info("starting", version=__version__, redis=where, queues=cfg.queues,
              concurrency=cfg.concurrency, name=cfg.name, namespace=cfg.namespace,
              modules=cfg.modules, burst=cfg.burst)

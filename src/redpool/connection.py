@@ -138,6 +138,23 @@ def check(r: redis.Redis, url: str) -> None:
         raise RedisUnavailable(explain(e, url)) from None
 
 
+def refuse_cluster(r: redis.Redis, url: str) -> None:
+    """A Redis Cluster node is refused at start, clearly, rather than by CROSSSLOT or
+    MOVED errors from the first scripts (docs/deploy.md, "Redis Cluster").  A user
+    whose ACL denies INFO is let through: no such check is worth a refused start."""
+    try:
+        enabled = str(r.info("cluster").get("cluster_enabled", 0)) == "1"
+    except redis.ResponseError:
+        return
+    except redis.RedisError as e:
+        raise RedisUnavailable(explain(e, url)) from None
+    if enabled:
+        raise ConfigError(f"Redis at {redact_url(url)} is a Redis Cluster node: redpool does "
+                          "not support Redis Cluster yet (its scripts touch keys of several "
+                          "slots at once). Use one primary, with Sentinel for failover; see "
+                          "docs/deploy.md, \"Redis Cluster\"")
+
+
 def explain(e: BaseException, url: str) -> str:
     """What went wrong connecting to ``url``, and what to do about it."""
     where = redact_url(url)
