@@ -1763,6 +1763,36 @@ def test_jobs_from_the_waiter_are_dispatched():
     assert not w.waiter.armed   # the pool is full now
 
 
+def test_a_job_from_the_waiter_rearms_it_rather_than_waiting_on_a_reserve():
+    # (a reserve round trip there would hold the job's answer up: W3's latency)
+    w = World([], size=2, prefetch=0, waiter=True)
+    w.tick()
+    calls = len(w.rq.exchange_calls)
+    w.waiter.armed = False                      # its BLMOVE got one, and disarmed itself
+    w.rq.processing.append(("default", job(5)))
+    w.waiter.inbox.append(Reserved("default", job(5), 0))
+    w.tick()
+    assert w.sent_raws() == [job(5)]
+    assert len(w.rq.exchange_calls) == calls    # no reserve now...
+    assert w.waiter.armed                       # ...the waiter asks, from its thread
+    # and the answer goes with a reserve, as ever
+    w.finish_running(TINY)
+    assert w.rq.exchange_calls[-1][0] == 1 and len(w.rq.exchange_calls) == calls + 1
+
+
+def test_jobs_trickling_in_one_by_one_are_spread_over_idle_children():
+    w = World([job(100)], size=2, prefetch=2, waiter=True)
+    w.tick()
+    w.finish_running(TINY)                      # tiny jobs so far: batches of up to 64
+    assert w.sup.batch_size() == MAX_BATCH and not w.pool.busy()
+    for i in range(2):
+        w.rq.processing.append(("default", job(i)))
+        w.waiter.inbox.append(Reserved("default", job(i), 0))
+        w.tick()
+    a, b = w.pool.children
+    assert (len(a.tokens), len(b.tokens)) == (1, 1)
+
+
 def test_a_poison_pill_from_the_waiter_is_not_run():
     w = World([], size=1, prefetch=0, waiter=True, max_crashes=2)
     w.tick()

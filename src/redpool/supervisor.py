@@ -80,6 +80,7 @@ class Supervisor(ChildEvents):
         self.drain_deadline = 0.0
         self.poller = Poller()
         self.reloading = False                     # SIGHUP: a new generation is taking over
+        self.woken = False                         # this tick, the waiters brought jobs
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
         duties.bind(self)
@@ -135,9 +136,11 @@ class Supervisor(ChildEvents):
         for ev in self.pool.poll(ready):
             self.handle_event(ev, now)
         self.enforce_timeouts(now)
+        self.woken = False
         if self.waiter is not None:
-            self.backlog.extend(self.admit(r) for r in self.waiter.take(
-                pipe=self.waiter.fileno() in ready))
+            taken = self.waiter.take(pipe=self.waiter.fileno() in ready)
+            self.woken = bool(taken)
+            self.backlog.extend(self.admit(r) for r in taken)
             while self.waiter.errors:
                 self.duties.redis_failed(self.waiter.errors.popleft(), now, "wait")
         if self.state == DRAINING:
@@ -222,7 +225,9 @@ class Supervisor(ChildEvents):
         """Hand out held work: a child gets a batch when it has room for at least half
         a batch (so messages stay large), topped up before it runs dry."""
         k = self.batch_size()
-        for c in self.pool.accepting():
+        # the children holding least first: an idle child gets work before a busy one
+        # gets more to hold (jobs that trickle in one by one are spread, not stacked)
+        for c in sorted(self.pool.accepting(), key=lambda c: len(c.tokens)):
             room = self.room(c, k)
             if not self.backlog or room <= 0 or (c.tokens and room < max(1, k // 2)):
                 continue
@@ -264,6 +269,15 @@ class Supervisor(ChildEvents):
         """Acknowledge what finished and reserve more in one round trip; when the
         queues run dry, let the waiters block in Redis for the next job."""
         if self.ack_can_wait(now):
+            return
+        if self.woken and not self.pending and not self.duties.reconcile_pending \
+                and self.want() > 0:
+            # A waiter has just brought a job from an empty queue.  More may follow, but
+            # asking for them here would hold this job's answer up by a round trip (the
+            # loop would be waiting on Redis when the answer comes).  The waiter asks
+            # instead, from its thread (BLMOVE returns at once if a job is waiting); the
+            # next acknowledgement reserves in batches, as ever.
+            self.waiter.arm()
             return
         ready = self.duties.redis_ready(now)
         done = self.pending if ready else []
