@@ -10,8 +10,8 @@ and that the documentation shows exactly what this module builds.
 The command lists come from what the code sends: client.py for producers; queue.py,
 lease.py, waiter.py, the metrics collector and the header of every script in lua/
 for workers.  Scripts do not widen a user's rights: each command a script runs is
-checked against the ACL of the user who runs it (Redis 7, Valkey).  Producers need
-scripting only for ``enqueue(..., delay=...)`` (lua/schedule.lua: TIME and ZADD).
+checked against the ACL of the user who runs it (Redis 7, Valkey).  Producers get no
+scripting at all: ``enqueue(..., delay=...)`` is TIME then ZADD.
 
 Producer rules use selectors and read- or write-only key patterns, so they need
 Redis 7.0+ or Valkey 7.2+.  The rules keep the user's passwords (no ``reset``), so
@@ -33,9 +33,9 @@ ROLES = ("producer", "worker")
 CONNECTION = ("ping", "select", "client|setinfo")
 
 #: The producer's commands, by the keys they may touch (a selector each).
-PRODUCER_ROOT = ("time", "script|exists", "script|load")   # delay=: schedule.lua via EVALSHA
+PRODUCER_ROOT = ("time",)                                   # delay=: the server's clock
 PRODUCER_PUSH = ("lpush",)                                  # jobs: write-only
-PRODUCER_SCHEDULE = ("zadd", "evalsha")                     # at= / delay=
+PRODUCER_SCHEDULE = ("zadd",)                               # at= / delay=
 PRODUCER_RESULTS = ("get", "mget")                          # read-only
 PRODUCER_REPLIES = ("brpop", "rpop", "rpush", "del")        # its own reply lists
 

@@ -20,7 +20,6 @@ import time
 import uuid
 from collections import OrderedDict
 from datetime import datetime
-from importlib import resources
 from typing import Any, Callable, Iterable
 
 import redis as redispy
@@ -96,7 +95,6 @@ class Client:
         sock_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
         self._block = BLOCK_SECONDS if not sock_timeout else min(BLOCK_SECONDS, sock_timeout / 2)
         self._lock = threading.Lock()
-        self._schedule = None
         self._stop = threading.Event()
         self._closed = False
         self._new_identity()
@@ -243,24 +241,17 @@ class Client:
                 self._redis.lpush(qkey, *batch)
             elif due[0] == "at":
                 self._redis.zadd(self.keys.scheduled(queue), {data: due[1] for data in batch})
-            else:  # "delay": the due time is taken from the server's clock
-                script = self._schedule_script()
-                pipe = self._redis.pipeline(transaction=False)
-                for data in batch:
-                    script(keys=[self.keys.scheduled(queue)], args=[int(due[1] * 1000), data],
-                           client=pipe)
-                pipe.execute()
+            else:  # "delay": the due time is taken from the server's clock (TIME), so
+                # producers with skewed clocks agree; no script, so a producer's ACL user
+                # needs no scripting rights
+                sec, usec = self._redis.time()
+                when = sec + usec / 1_000_000 + due[1]
+                self._redis.zadd(self.keys.scheduled(queue), {data: when for data in batch})
         except BaseException:
             with self._lock:
                 for ar in results:
                     self._pending.pop(ar.id, None)
             raise
-
-    def _schedule_script(self):
-        if self._schedule is None:
-            source = resources.files("redpool").joinpath("lua", "schedule.lua").read_text()
-            self._schedule = self._redis.register_script(source)
-        return self._schedule
 
     def _read_result(self, job_id: str) -> dict[str, Any] | None:
         if self._closed:
