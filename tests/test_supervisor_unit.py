@@ -1780,6 +1780,22 @@ def test_a_job_from_the_waiter_rearms_it_rather_than_waiting_on_a_reserve():
     assert w.rq.exchange_calls[-1][0] == 1 and len(w.rq.exchange_calls) == calls + 1
 
 
+def test_the_waiter_is_not_rearmed_while_the_lease_is_lost_or_redis_is_down():
+    for cause in ("lease", "redis"):
+        w = World([], size=2, prefetch=0, waiter=True)
+        w.tick()
+        w.waiter.armed = False
+        if cause == "lease":
+            w.duties.leased = False
+            w.duties.name_lost = True    # (so the tick does not simply re-register)
+        else:
+            w.duties.retry_at = w.clock.t + 1.0   # waiting out a backoff
+        w.rq.processing.append(("default", job(5)))
+        w.waiter.inbox.append(Reserved("default", job(5), 0))
+        w.tick()
+        assert not w.waiter.armed, cause
+
+
 def test_jobs_trickling_in_one_by_one_are_spread_over_idle_children():
     w = World([job(100)], size=2, prefetch=2, waiter=True)
     w.tick()

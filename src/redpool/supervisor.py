@@ -270,7 +270,8 @@ class Supervisor(ChildEvents):
         queues run dry, let the waiters block in Redis for the next job."""
         if self.ack_can_wait(now):
             return
-        if self.woken and not self.pending and not self.duties.reconcile_pending \
+        if self.woken and not self.pending and self.duties.leased \
+                and not self.duties.reconcile_pending and self.duties.redis_ready(now) \
                 and self.want() > 0:
             # A waiter has just brought a job from an empty queue.  More may follow, but
             # asking for them here would hold this job's answer up by a round trip (the
