@@ -185,9 +185,10 @@ def test_supervisor_uses_redis_only_for_its_exception_types():
 
 def test_supervisor_is_glue_over_queue_pool_and_signals():
     allowed = {"__init__", "protocol", "errors", "child", "config", "hooks", "pool", "queue",
-               "signals", "waiter", "logs", "duties", "work", "outcomes", "poller"}
+               "signals", "waiter", "logs", "duties", "work", "outcomes", "poller", "lifecycle"}
     assert internal(imports("supervisor")) <= allowed
     assert internal(imports("outcomes")) <= {"protocol", "pool", "child", "queue", "work"}
+    assert internal(imports("lifecycle")) <= {"outcomes", "pool"}
 
 
 def test_duties_use_redis_only_through_queue_and_lease():

@@ -33,8 +33,9 @@ from redpool.pool import BootFailed, Died, Done, Started, describe_exit
 from redpool.queue import Reserved
 from redpool.registry import Registry
 from redpool.runner import Policy, Runner
-from redpool.supervisor import (ACK_DELAY, BATCH_SECONDS, DRAINING, KILL_GRACE, MAX_BATCH,
-                                RUNNING, STOPPED, Supervisor)
+from redpool.outcomes import KILL_GRACE
+from redpool.supervisor import (ACK_DELAY, BATCH_SECONDS, DRAINING, MAX_BATCH, RUNNING, STOPPED,
+                                Supervisor)
 
 WORKER = "unit-sup"
 T0 = 1000.0

@@ -9,18 +9,16 @@ One iteration, ``tick(ready, now)``, reads like a to-do list:
 5. reserve more when there is room, or arm the blocking waiters when queues are empty,
 6. periodic duties: renew the lease, reap dead supervisors, promote due jobs.
 
-Between iterations the loop sleeps in one ``wait()`` on every child pipe and process
+Between iterations the loop sleeps in one ``poll()`` on every child pipe and process
 sentinel, the signal pipe and the waiter pipe, until the next deadline: it never
 polls and never blocks on a single job.
 """
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter, deque
 from itertools import count
-from multiprocessing.connection import wait
 
 import redis
 
@@ -29,15 +27,15 @@ from .child import FLUSH_SECONDS, encode_batch, fail_entry, job_entry
 from .config import WorkerConfig
 from .duties import Duties
 from .hooks import Hooks
-from .outcomes import KILL_GRACE, ChildEvents
+from .lifecycle import DRAINING, RUNNING, STOPPED, Lifecycle
+from .outcomes import ChildEvents
 from .poller import Poller
-from .pool import Done, ProcessPool
+from .pool import ProcessPool
 from .queue import Completion, RedisQueue, Reserved
 from .signals import SignalInbox
 from .waiter import Waiter
 from .work import Work
 
-RUNNING, DRAINING, STOPPED = "running", "draining", "stopped"
 # Short jobs are handed to a child in batches worth about BATCH_SECONDS of work (one
 # pipe message instead of one per job); long jobs one at a time, so that no host
 # holds more than a few milliseconds of work per process beyond what it is running.
@@ -58,7 +56,7 @@ DOUBLE_BUFFER_BELOW = 0.1
 ACK_DELAY = 0.01
 
 
-class Supervisor(ChildEvents):
+class Supervisor(ChildEvents, Lifecycle):
     def __init__(self, cfg: WorkerConfig, rq: RedisQueue, pool: ProcessPool, duties: Duties, *,
                  waiter: Waiter | None = None, inbox: SignalInbox | None = None,
                  hooks: Hooks | None = None, clock=time.monotonic) -> None:
@@ -158,31 +156,6 @@ class Supervisor(ChildEvents):
             self.flush(now)
         if self.state != STOPPED:
             self.duties.tick(now)
-
-    def handle_signal(self, signum: int, now: float) -> None:
-        name = signal.Signals(signum).name
-        if signum in (signal.SIGTERM, signal.SIGINT):
-            if self.state == RUNNING:
-                self.begin_drain(now, name)
-            else:
-                self.hooks.emit("stop_now", signal=name)
-                self.stop_now()
-        elif self.state != RUNNING:
-            self.hooks.emit("signal_ignored", signal=name, reason=f"the worker is {self.state}")
-        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
-            # one child more / fewer (never below one); a removed child finishes what
-            # it holds first (reconcile picks the one holding least)
-            size = self.pool.size + (1 if signum == signal.SIGTTIN else -1)
-            if size < 1:
-                self.hooks.emit("signal_ignored", signal=name, reason="the pool is at one child")
-                return
-            self.pool.resize(size)
-            self.hooks.emit("resized", signal=name, concurrency=self.pool.size)
-        elif signum == signal.SIGHUP:
-            self.pool.reload()
-            self.reloading = True
-            self.hooks.emit("reloading", generation=self.pool.generation,
-                            children=len(self.pool.children))
 
     def flush(self, now: float) -> None:
         """Acknowledge every finished job in one round trip."""
@@ -336,58 +309,6 @@ class Supervisor(ChildEvents):
                                   f"times (--max-crashes {self.cfg.max_crashes}): dead-lettered "
                                   "as a poison pill")
         return w
-
-    # -- stopping ----------------------------------------------------------------------------
-
-    def begin_drain(self, now: float, why: str) -> None:
-        """Stop taking jobs; running ones get ``grace`` seconds; unstarted ones go back."""
-        self.state = DRAINING
-        self.drain_deadline = now + self.cfg.grace
-        if self.waiter is not None:
-            self.waiter.disarm()
-        self.hooks.emit("draining", signal=why, running=len(self.inflight), grace=self.cfg.grace)
-        self.requeue_backlog(now)
-
-    def tick_draining(self, now: float) -> None:
-        self.requeue_backlog(now)
-        if not self.inflight and not self.pending and not self.backlog:
-            self.state = STOPPED
-        elif now >= self.drain_deadline:
-            self.hooks.emit("grace_expired", running=len(self.inflight))
-            self.stop_now()
-
-    def requeue_backlog(self, now: float) -> None:
-        """Unstarted jobs go back to the head of their queue (failures still to settle
-        stay: they are quick, and their outcome is decided)."""
-        items = [(w.queue, w.raw) for w in self.backlog if w.fail is None]
-        if not items or not self.duties.redis_ready(now):
-            return
-        try:
-            self.stats["requeued"] += self.rq.requeue(items)
-        except redis.RedisError as e:
-            self.duties.redis_failed(e, now, "requeue")
-            return
-        self.backlog = deque(w for w in self.backlog if w.fail is not None)
-
-    def stop_now(self) -> None:
-        """Collect results already sent, kill the children; their jobs stay in our
-        processing lists and go back to their queues in shutdown()."""
-        for ev in self.pool.poll(wait(self.pool.waitables(), timeout=0)):
-            if isinstance(ev, Done):
-                self.job_done(ev)
-        self.pool.terminate(grace=KILL_GRACE)
-        self.state = STOPPED
-
-    def shutdown(self) -> None:
-        """Whatever happened: acknowledge what finished, put everything else back."""
-        self.state = STOPPED
-        if self.waiter is not None:
-            self.waiter.stop()
-            self.backlog.extend(self.admit(r) for r in self.waiter.take())
-            self.waiter.close()
-        self.pool.close()
-        self.duties.shutdown()
-        self.hooks.emit("stopped", uptime=round(time.time() - self.duties.started, 3), **self.stats)
 
     # -- what observers see --------------------------------------------------------------------
 

@@ -1,0 +1,101 @@
+"""Signals and stopping: how the supervisor's state changes from outside.
+
+Part of the supervisor (a mixin of Supervisor, like outcomes.py, kept apart so that
+each file stays one readable responsibility).  SIGTERM / SIGINT drain, then stop;
+SIGTTIN / SIGTTOU resize the pool; SIGHUP reloads it.  Handlers only recorded the
+signal (signals.py): everything here runs in the loop, between iterations.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import deque
+from multiprocessing.connection import wait
+
+import redis
+
+from .outcomes import KILL_GRACE
+from .pool import Done
+
+RUNNING, DRAINING, STOPPED = "running", "draining", "stopped"
+
+
+class Lifecycle:
+    """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, waiter, state,
+    backlog, inflight, pending, stats, drain_deadline, reloading, admit() and job_done()."""
+
+    def handle_signal(self, signum: int, now: float) -> None:
+        name = signal.Signals(signum).name
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.state == RUNNING:
+                self.begin_drain(now, name)
+            else:
+                self.hooks.emit("stop_now", signal=name)
+                self.stop_now()
+        elif self.state != RUNNING:
+            self.hooks.emit("signal_ignored", signal=name, reason=f"the worker is {self.state}")
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            # one child more / fewer (never below one); a removed child finishes what
+            # it holds first (reconcile picks the one holding least)
+            size = self.pool.size + (1 if signum == signal.SIGTTIN else -1)
+            if size < 1:
+                self.hooks.emit("signal_ignored", signal=name, reason="the pool is at one child")
+                return
+            self.pool.resize(size)
+            self.hooks.emit("resized", signal=name, concurrency=self.pool.size)
+        elif signum == signal.SIGHUP:
+            self.pool.reload()
+            self.reloading = True
+            self.hooks.emit("reloading", generation=self.pool.generation,
+                            children=len(self.pool.children))
+
+    def begin_drain(self, now: float, why: str) -> None:
+        """Stop taking jobs; running ones get ``grace`` seconds; unstarted ones go back."""
+        self.state = DRAINING
+        self.drain_deadline = now + self.cfg.grace
+        if self.waiter is not None:
+            self.waiter.disarm()
+        self.hooks.emit("draining", signal=why, running=len(self.inflight), grace=self.cfg.grace)
+        self.requeue_backlog(now)
+
+    def tick_draining(self, now: float) -> None:
+        self.requeue_backlog(now)
+        if not self.inflight and not self.pending and not self.backlog:
+            self.state = STOPPED
+        elif now >= self.drain_deadline:
+            self.hooks.emit("grace_expired", running=len(self.inflight))
+            self.stop_now()
+
+    def requeue_backlog(self, now: float) -> None:
+        """Unstarted jobs go back to the head of their queue (failures still to settle
+        stay: they are quick, and their outcome is decided)."""
+        items = [(w.queue, w.raw) for w in self.backlog if w.fail is None]
+        if not items or not self.duties.redis_ready(now):
+            return
+        try:
+            self.stats["requeued"] += self.rq.requeue(items)
+        except redis.RedisError as e:
+            self.duties.redis_failed(e, now, "requeue")
+            return
+        self.backlog = deque(w for w in self.backlog if w.fail is not None)
+
+    def stop_now(self) -> None:
+        """Collect results already sent, kill the children; their jobs stay in our
+        processing lists and go back to their queues in shutdown()."""
+        for ev in self.pool.poll(wait(self.pool.waitables(), timeout=0)):
+            if isinstance(ev, Done):
+                self.job_done(ev)
+        self.pool.terminate(grace=KILL_GRACE)
+        self.state = STOPPED
+
+    def shutdown(self) -> None:
+        """Whatever happened: acknowledge what finished, put everything else back."""
+        self.state = STOPPED
+        if self.waiter is not None:
+            self.waiter.stop()
+            self.backlog.extend(self.admit(r) for r in self.waiter.take())
+            self.waiter.close()
+        self.pool.close()
+        self.duties.shutdown()
+        self.hooks.emit("stopped", uptime=round(time.time() - self.duties.started, 3), **self.stats)
