@@ -242,8 +242,12 @@ class Sent:
     def __init__(self, clock) -> None:
         self.clock = clock
         self.sent: list[tuple[float, dict[str, str]]] = []
+        self.lose = 0          # how many of the next datagrams are lost (send fails)
 
     def send(self, *lines: str) -> bool:
+        if self.lose:
+            self.lose -= 1
+            return False
         self.sent.append((self.clock(), dict(line.split("=", 1) for line in lines)))
         return True
 
@@ -292,6 +296,19 @@ def test_watchdog_pings_come_well_inside_the_interval_and_not_more_than_needed(w
     # and not more often than that (or than the heartbeat)
     assert min(gaps) >= min(watchdog / 2 - PING_SLACK, every) - 1e-6
     assert all(f["WATCHDOG"] == "1" for _, f in sent.with_key("WATCHDOG"))
+
+
+def test_a_lost_ping_is_sent_again_at_the_next_heartbeat_not_an_interval_later():
+    sub, sent, clock = notifier(watchdog=30.0)
+    run_heartbeats(sub, clock, 3.0)
+    (last, _), = sent.with_key("WATCHDOG")
+    clock.t = last + sub.ping_every - 0.5
+    sent.lose = 1                          # the datagram that carries the due ping is lost
+    run_heartbeats(sub, clock, 1.0)
+    assert len(sent.with_key("WATCHDOG")) == 1
+    run_heartbeats(sub, clock, 1.0)        # so the next heartbeat carries it
+    (_, _), (again, _) = sent.with_key("WATCHDOG")
+    assert again - last <= sub.ping_every + 2.0   # one heartbeat after the lost one
 
 
 def test_no_watchdog_no_pings():

@@ -171,14 +171,14 @@ class SystemdNotify:
                  _status(f"ready: {f.get('concurrency')} processes on "
                          f"{'queue' if len(queues) == 1 else 'queues'} {', '.join(queues)} "
                          f"as {f.get('name')}")]
-        self.notifier.send(*lines, *self._ping(now))
+        self._send_with_ping(now, lines)
 
     def heartbeat(self, f: dict) -> None:
         now = self.clock()
         lines = [_status(self.summary(f, self.rate(now, f)))]
         if f.get("state") == "draining" and f.get("drain_left") is not None:
             lines.append(f"EXTEND_TIMEOUT_USEC={_usec(f['drain_left'] + STOP_MARGIN)}")
-        self.notifier.send(*lines, *self._ping(now))
+        self._send_with_ping(now, lines)
 
     def draining(self, f: dict) -> None:
         self.notifier.send(
@@ -221,12 +221,13 @@ class SystemdNotify:
 
     # -- what it says ------------------------------------------------------------------------
 
-    def _ping(self, now: float) -> list[str]:
-        """``WATCHDOG=1`` when a ping is due (at most every half interval, less slack)."""
-        if self.ping_every is None or now - self.last_ping < self.ping_every:
-            return []
-        self.last_ping = now
-        return ["WATCHDOG=1"]
+    def _send_with_ping(self, now: float, lines: list[str]) -> None:
+        """Send ``lines``, with ``WATCHDOG=1`` when a ping is due (at most every half
+        interval, less slack).  A ping counts only once sent: one lost datagram must
+        not leave a whole interval without a ping, which gets a healthy daemon killed."""
+        due = self.ping_every is not None and now - self.last_ping >= self.ping_every
+        if self.notifier.send(*lines, *(["WATCHDOG=1"] if due else [])) and due:
+            self.last_ping = now
 
     def rate(self, now: float, f: dict) -> float | None:
         """Jobs answered per second over the last RATE_WINDOW seconds (None: too soon)."""
