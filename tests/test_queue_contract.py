@@ -465,6 +465,23 @@ class TestRedisQueueContract:
         assert b.r.exists(b.keys.result("job-1")) == 1
         assert sorted(lrange(b, b.keys.processing(SUP, "a"))) == sorted([job(2), job(3)])
 
+    def test_exchange_after_the_server_closed_its_idle_connection_just_works(self, backend, epoch):
+        # (a server `timeout`, or a proxy, closes connections idle for a while: that is
+        # not an outage, and the next call must not fail)
+        b = backend
+        if b.name == "fakeredis":
+            pytest.skip("needs a real server to close a connection")
+        own = b.connect()
+        q = RedisQueue(own, b.keys, SUP, ["a"])
+        b.r.lpush(b.keys.queue("a"), job(1), job(2))
+        assert len(q.reserve(1, epoch)) == 1
+        hot_id = q._hot.send_command("CLIENT", "ID") or q._hot.read_response()
+        b.r.execute_command("CLIENT", "KILL", "ID", hot_id)
+        q._hot_used -= 60  # it has been idle a minute
+        assert [r.raw for r in q.reserve(1, epoch)] == [job(2)]
+        q.close()
+        own.close()
+
     def test_exchange_after_the_server_lost_its_scripts_reserves_nothing_twice(self, backend, epoch):
         # Given a server that forgot our scripts (restarted, SCRIPT FLUSH) between calls
         b = backend

@@ -1797,6 +1797,23 @@ def test_the_waiter_is_not_rearmed_while_the_lease_is_lost_or_redis_is_down():
         assert not w.waiter.armed, cause
 
 
+def test_with_several_queues_a_job_from_a_waiter_is_followed_by_a_reserve_in_priority():
+    # (one waiter per queue would take from each in turn: low-priority work could take
+    # the processes while high-priority jobs wait)
+    w = World([("high", job(i)) for i in range(10, 20)], size=4, prefetch=0, waiter=True,
+              queues=("high", "low"))
+    w.rq.ready.clear()                          # empty at first: the waiters are armed
+    w.tick()
+    assert w.waiter.armed
+    w.waiter.armed = False
+    w.rq.ready.extend(("high", job(i)) for i in range(10, 20))
+    w.rq.processing.append(("low", job(5)))     # a low job came through its waiter
+    w.waiter.inbox.append(Reserved("low", job(5), 0))
+    w.tick()
+    assert w.rq.reserve_calls                   # the rest is reserved, high first
+    assert [s.queue for s in w.pool.sent] == ["low", "high", "high", "high"]
+
+
 def test_jobs_trickling_in_one_by_one_are_spread_over_idle_children():
     w = World([job(100)], size=2, prefetch=2, waiter=True)
     w.tick()

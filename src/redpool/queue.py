@@ -9,6 +9,7 @@ supervisor's lease and the reaper are in lease.py.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
@@ -24,6 +25,8 @@ from .protocol import Keys
 REPLY_TTL_WHEN_NO_RESULT = 86400
 #: The most jobs one reserve call moves (Lua's unpack() has a stack limit).
 MAX_RESERVE = 1000
+#: Seconds of idleness after which the hot path's connection is checked before use.
+IDLE_CHECK = 1.0
 
 
 def load_script(r: redis.Redis, name: str):
@@ -98,6 +101,7 @@ class RedisQueue:
         self._crashed = load_script(r, "crashed")
         self._promote = load_script(r, "promote")
         self._hot = None  # the connection of _evalsha_pipeline
+        self._hot_used = 0.0
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -170,6 +174,17 @@ class RedisQueue:
         conn = self._hot
         if conn is None:
             conn = self._hot = self.r.connection_pool.get_connection()
+        elif time.monotonic() - self._hot_used > IDLE_CHECK:
+            # Kept out of the pool, it misses the check the pool makes before lending a
+            # connection: after an idle spell the server (its `timeout`) or a proxy may
+            # have closed it.  Then it reads as readable (EOF): start afresh, rather than
+            # fail the call and take it for a Redis outage.
+            try:
+                if conn.can_read():
+                    conn.disconnect()
+            except (redis.ConnectionError, OSError):
+                conn.disconnect()
+        self._hot_used = time.monotonic()
         replies: list = []
         try:
             conn.send_packed_command(conn.pack_commands(

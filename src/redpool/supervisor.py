@@ -243,14 +243,16 @@ class Supervisor(ChildEvents, Lifecycle):
         queues run dry, let the waiters block in Redis for the next job."""
         if self.ack_can_wait(now):
             return
-        if self.woken and not self.pending and self.duties.leased \
-                and not self.duties.reconcile_pending and self.duties.redis_ready(now) \
-                and self.want() > 0:
+        if self.woken and len(self.rq.queues) == 1 and not self.pending \
+                and self.duties.leased and not self.duties.reconcile_pending \
+                and self.duties.redis_ready(now) and self.want() > 0:
             # A waiter has just brought a job from an empty queue.  More may follow, but
             # asking for them here would hold this job's answer up by a round trip (the
             # loop would be waiting on Redis when the answer comes).  The waiter asks
             # instead, from its thread (BLMOVE returns at once if a job is waiting); the
-            # next acknowledgement reserves in batches, as ever.
+            # next acknowledgement reserves in batches, as ever.  With several queues
+            # the reserve stays here: one waiter per queue would take from each in turn,
+            # and only reserve.lua honours their priority.
             self.waiter.arm()
             return
         ready = self.duties.redis_ready(now)
