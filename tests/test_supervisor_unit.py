@@ -2623,9 +2623,63 @@ def test_a_reload_whose_code_does_not_import_is_given_up_and_the_old_children_st
     w.sup.handle_signal(signal.SIGHUP, w.clock.t)
     w.tick()
     (failing, _) = [c for c in w.pool.children if c not in old]
-    w.pool.events.append(BootFailed(failing.pid, "SyntaxError: invalid syntax"))
+    w.pool.events.append(BootFailed(failing.pid, "SyntaxError: invalid syntax", generation=1))
     w.tick()
     assert w.named("reload_failed")[0]["message"] == "SyntaxError: invalid syntax"
     assert w.pool.aborted and not w.sup.reloading
     assert w.named("child_boot_failed") == [] and w.named("reloaded") == []
     assert all(c in w.pool.children and not c.retiring for c in old)
+
+
+def test_a_boot_failure_of_an_older_child_does_not_give_a_reload_up():
+    # (a replacement spawned before the SIGHUP, still importing the old broken code,
+    # fails after it: that says nothing of the code the reload is loading)
+    w = World(jobs(*range(40)), size=2)
+    w.tick()
+    w.sup.handle_signal(signal.SIGHUP, w.clock.t)
+    w.tick()
+    w.pool.events.append(BootFailed(4242, "SyntaxError: the old one", generation=0))
+    w.tick()
+    assert w.named("reload_failed") == [] and w.sup.reloading
+    assert w.named("child_boot_failed")[0]["message"] == "SyntaxError: the old one"
+
+
+class _Proc:
+    def __init__(self, pid):
+        self.pid, self.killed = pid, False
+
+    def is_alive(self):
+        return not self.killed
+
+    def kill(self):
+        self.killed = True
+
+
+class _Conn:
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_abort_reload_stops_the_new_children_and_keeps_the_old_ones():
+    from redpool.pool import Child, ProcessPool
+    pool = ProcessPool(3, [], "w", 1024)
+    old = [Child(_Proc(1), _Conn(), ready=True), Child(_Proc(2), _Conn(), ready=True)]
+    gone = Child(_Proc(3), _Conn(), ready=True)      # old, retired and exiting already
+    gone.retiring = gone.stopping = True
+    pool.children = [*old, gone]
+    pool.reload()
+    booted = Child(_Proc(4), _Conn(), ready=True, generation=1)
+    booting = Child(_Proc(5), _Conn(), ready=False, generation=1)
+    pool.children += [booted, booting]
+    old[1].retiring = True                            # retired for its successor, busy
+    old[1].tokens.append(7)
+
+    pool.abort_reload()
+
+    assert all(c.generation == pool.generation for c in pool.children)
+    assert not any(c.retiring for c in old)           # the old ones serve on
+    assert booting.stopping and booting.proc.killed    # stopped while booting
+    assert booted.retiring and booted.stopping         # booted: retired (it held nothing)
+    assert not pool.reloading

@@ -53,7 +53,7 @@ class ChildEvents:
             self.backlog.extendleft(reversed([self.inflight.pop(t).again() for t in ev.tokens
                                               if t in self.inflight]))
         elif isinstance(ev, BootFailed):
-            if ev.import_error and self.reloading:
+            if ev.import_error and self.reloading and ev.generation == self.pool.generation:
                 # SIGHUP's new code does not import: keep the children we have
                 self.pool.abort_reload()
                 self.reloading = False

@@ -79,6 +79,7 @@ class BootFailed:
     pid: int
     message: str
     import_error: bool = True   # False: it died (was killed) before it could say why
+    generation: int = 0         # of the child (a reload's, or an older one's)
 
 
 @dataclass
@@ -229,15 +230,28 @@ class ProcessPool:
         return any(c.generation != self.generation and not c.stopping for c in self.children)
 
     def abort_reload(self) -> None:
-        """The new code does not import: keep the children we have, stop the new
-        ones still booting, and take the ones that did boot as the current generation."""
+        """The new code does not import: the new children go (those still booting at
+        once, those that booted after what they hold), the old ones carry on, taken
+        as the current generation.  Old ones already retired are past saving: their
+        replacements are spawned as for any child that exits (importing what is on
+        disk now: if that fails too, with the usual backoff)."""
         for c in self.children:
-            if c.generation == self.generation and not c.ready and not c.stopping:
-                c.stopping = True
-                c.conn.close()
-                if c.proc.is_alive():
-                    c.proc.kill()
-            c.generation = self.generation
+            if c.generation != self.generation:
+                c.generation = self.generation
+                if not c.stopping:
+                    c.retiring = False       # not retired after all: it serves on
+            elif not c.ready:
+                if not c.stopping:
+                    c.stopping = True
+                    c.conn.close()
+                    if c.proc.is_alive():
+                        c.proc.kill()
+            else:
+                c.generation = -1            # a new one that booted: surplus, retired below
+        for c in self.children:
+            if c.generation == -1:
+                c.generation = self.generation
+                self.retire(c)
 
     # -- feeding -----------------------------------------------------------------------------
 
@@ -323,7 +337,8 @@ class ProcessPool:
                         self.respawn_backoff = 0.5
                     self.next_spawn_at = time.monotonic() + self.respawn_backoff
                     events.append(BootFailed(c.pid, c.boot_error or describe_exit(c.proc.exitcode),
-                                             import_error=c.boot_error is not None))
+                                             import_error=c.boot_error is not None,
+                                             generation=c.generation))
                 else:
                     running = c.progress.value if c.progress is not None else None
                     if running not in c.tokens:  # between jobs, or no shared word
