@@ -68,7 +68,7 @@ def test_a_sentinel_url_names_hosts_service_db_and_credentials():
 @pytest.mark.parametrize("url, why", [
     ("redis+sentinel://s1:26379", "name the service"),
     ("redis+sentinel://s1/main/0/extra", "name the service"),
-    ("redis+sentinel://s1:port/main", "'port' is not a number"),
+    ("redis+sentinel://s1:port/main", "port is not a number"),
     ("redis+sentinel://s1,,s2/main", "empty"),
     ("redis+sentinel://s1/main/x", "db 'x'"),
 ])
@@ -76,6 +76,13 @@ def test_a_bad_sentinel_url_says_what_is_wrong_without_its_password(url, why):
     with pytest.raises(ConfigError, match=why) as e:
         parse_sentinel_url(url.replace("://", "://u:s3cret@"))
     assert "s3cret" not in str(e.value) and "use redis+sentinel://[user:password@]host" in str(e.value)
+
+
+def test_a_password_that_cuts_the_address_short_is_not_quoted_as_a_port():
+    # an unencoded '/' in the password: what looks like the port is the password
+    with pytest.raises(ConfigError, match="percent-encode") as e:
+        parse_sentinel_url("redis+sentinel://:s3cr3t/x@h1:26379/m")
+    assert "s3cr3t" not in str(e.value)
 
 
 def test_the_supervisor_policy_holds_for_the_primary_and_the_sentinels():

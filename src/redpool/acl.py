@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shlex
 
+from .keys import glob_escape
 from .protocol import DEFAULT_NAMESPACE, Keys
 
 ROLES = ("producer", "worker")
@@ -54,11 +55,6 @@ WORKER_OBSERVE = ("exec", "get", "lindex", "llen", "multi", "pttl", "time", "ttl
 # The first rules of every line: they replace whatever the user could do before,
 # except its passwords.
 _BASE = ("on", "resetkeys", "resetchannels", "clearselectors", "-@all")
-
-
-def glob_escape(text: str) -> str:
-    """``text`` matched literally in an ACL key pattern (a namespace may hold ``*``)."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _plus(commands) -> list[str]:

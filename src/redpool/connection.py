@@ -247,7 +247,10 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         try:
             port = int(port)
         except ValueError:
-            raise bad(f"port {port!r} is not a number") from None
+            # not quoted: a password holding '/', '?' or '#' (not percent-encoded) cuts
+            # the address short, and what looks like a port may be part of it
+            raise bad("a sentinel's port is not a number (percent-encode '/', '?', '#' "
+                      "and '@' in a user name or password)") from None
         if not host:
             raise bad("a sentinel address is empty")
         hosts.append((host, port))

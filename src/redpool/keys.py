@@ -37,7 +37,7 @@ class Keys:
 
     def processing_pattern(self, supervisor: str) -> str:
         # The namespace is escaped too: it may legally contain glob characters.
-        return f"{_glob_escape(self.ns)}:processing:{_glob_escape(supervisor)}:*"
+        return f"{glob_escape(self.ns)}:processing:{glob_escape(supervisor)}:*"
 
     def queue_of_processing(self, supervisor: str, key: str) -> str:
         prefix = f"{self.ns}:processing:{supervisor}:"
@@ -76,7 +76,7 @@ class Keys:
     @property
     def queues_pattern(self) -> str:
         """SCAN pattern of queue lists and scheduled sets, in one pass (queue_named filters)."""
-        return f"{_glob_escape(self.ns)}:[qs]*"
+        return f"{glob_escape(self.ns)}:[qs]*"
 
     def queue_named(self, key: str) -> str | None:
         """The queue of a queue list or scheduled set; None for any other key."""
@@ -86,5 +86,6 @@ class Keys:
         return None
 
 
-def _glob_escape(s: str) -> str:
+def glob_escape(s: str) -> str:
+    """``s`` matched literally in a Redis glob (SCAN MATCH, ACL key patterns)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", s)

@@ -191,6 +191,9 @@ class ProcessPool:
         the dead and the retiring, let retiring children that are done go, and retire
         the surplus (after a resize down, or old children once a reload's successors
         are ready).  Returns the children spawned."""
+        if len(self.children) == self.size and all(
+                c.generation == self.generation and not c.retiring for c in self.children):
+            return []  # the usual case, on every loop iteration: nothing to do
         for c in self.children:
             if c.retiring and not c.tokens and not c.stopping:
                 self.retire(c)
@@ -231,27 +234,20 @@ class ProcessPool:
 
     def abort_reload(self) -> None:
         """The new code does not import: the new children go (those still booting at
-        once, those that booted after what they hold), the old ones carry on, taken
-        as the current generation.  Old ones already retired are past saving: their
-        replacements are spawned as for any child that exits (importing what is on
-        disk now: if that fails too, with the usual backoff)."""
+        once, those that booted after what they hold), the old ones carry on as the
+        current generation.  Old ones already leaving are replaced as any child is
+        (importing what is on disk now: if that fails too, with the usual backoff)."""
         for c in self.children:
             if c.generation != self.generation:
-                c.generation = self.generation
-                if not c.stopping:
-                    c.retiring = False       # not retired after all: it serves on
-            elif not c.ready:
-                if not c.stopping:
-                    c.stopping = True
-                    c.conn.close()
-                    if c.proc.is_alive():
-                        c.proc.kill()
-            else:
-                c.generation = -1            # a new one that booted: surplus, retired below
-        for c in self.children:
-            if c.generation == -1:
-                c.generation = self.generation
+                c.retiring = c.retiring and c.stopping    # not retired after all
+            elif not c.ready and not c.stopping:
+                c.stopping = True
+                c.conn.close()
+                if c.proc.is_alive():
+                    c.proc.kill()
+            elif c.ready:
                 self.retire(c)
+            c.generation = self.generation
 
     # -- feeding -----------------------------------------------------------------------------
 
