@@ -42,9 +42,9 @@ def tls_into_url(args: argparse.Namespace) -> None:
     """The TLS files of the flags (or of REDPOOL_REDIS_CA/_CERT/_KEY) as options of
     ``args.redis_url``: the commands connect with the URL alone (connection.py)."""
     from .connection import tls_options, with_tls
+    from .urls import chosen_url
 
-    default = next(s.default for s in config.SETTINGS if s.dest == "redis_url")
-    url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL") or default
+    url = chosen_url(args.redis_url)
     tls = tls_options(args.redis_ca, args.redis_cert, args.redis_key, url=url)
     if tls:
         args.redis_url = with_tls(url, **tls)

@@ -30,13 +30,12 @@ from .connection import connect, tls_options
 from .errors import RedpoolError
 from .registry import task_name
 from .results import AsyncResult, MapResult, TimeoutError
-from .urls import redact_url
+from .urls import chosen_url, redact_url
 
 __all__ = ["Client", "AsyncResult", "MapResult", "IMapIterator", "Pool", "TimeoutError"]
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_URL = "redis://localhost:6379/0"
 BLOCK_SECONDS = 1.0       # the listener's BRPOP timeout ...
 SOCKET_TIMEOUT = 10.0     # ... which must stay below the socket timeout
 CONNECT_TIMEOUT = 5.0
@@ -84,7 +83,7 @@ class Client:
         self.keys = protocol.Keys(self.namespace)
         self._own_redis = redis is None
         if redis is None:
-            self.url = url or os.environ.get("REDPOOL_REDIS_URL") or DEFAULT_URL
+            self.url = chosen_url(url)
             redis = connect(self.url, **tls_options(ca, cert, key, url=self.url),
                             decode_responses=False, socket_timeout=SOCKET_TIMEOUT,
                             socket_connect_timeout=CONNECT_TIMEOUT)

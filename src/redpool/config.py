@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, NAME_RE
+from .urls import DEFAULT_URL
 
 
 def usable_cores() -> int:
@@ -108,7 +109,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", "redis://localhost:6379/0",
+    Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", DEFAULT_URL,
             "Redis URL: redis://, rediss:// (TLS), unix://, or redis+sentinel://host:26379,"
             "host2:26379/service[/db] (rediss+sentinel:// with TLS); user and password allowed"),
     Setting("redis_ca", "--redis-ca", "REDPOOL_REDIS_CA", None,
@@ -178,7 +179,7 @@ SETTINGS: tuple[Setting, ...] = (
 @dataclass
 class WorkerConfig:
     modules: list[str] = field(default_factory=list)
-    redis_url: str = "redis://localhost:6379/0"
+    redis_url: str = DEFAULT_URL
     redis_ca: str | None = None
     redis_cert: str | None = None
     redis_key: str | None = None

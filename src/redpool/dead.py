@@ -36,8 +36,8 @@ from .connection import explain
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
 from .protocol import DEFAULT_NAMESPACE, Keys
 from .queue import connect, load_script
+from .urls import chosen_url
 
-DEFAULT_URL = "redis://localhost:6379/0"   # as in config.SETTINGS
 CHUNK = 1000     # entries per LRANGE
 BATCH = 100      # entries per dead_requeue run or LREM pipeline: the server never stalls
 UNREADABLE = "<unreadable entry>"
@@ -221,7 +221,7 @@ def parse_duration(text: str) -> float:
 # -- the `redpool dead` command ---------------------------------------------------------------
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL") or DEFAULT_URL
+    url = chosen_url(args.redis_url)
     try:
         keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE)
     except ValueError as e:

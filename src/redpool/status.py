@@ -26,9 +26,8 @@ from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
 from .locate import Sighting, locate
 from .protocol import DEFAULT_NAMESPACE, DEFAULT_RESULT_TTL, ID_RE, Keys
 from .queue import connect
-from .urls import redact_url
+from .urls import chosen_url, redact_url
 
-DEFAULT_URL = "redis://localhost:6379/0"   # as in config.SETTINGS
 HEARTBEAT_NOTE = ("heartbeat age: time since the supervisor last renewed its lease (it "
                   "renews every lease/3, 5 s by default); past its lease it is dead")
 CLEAR, HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
@@ -39,7 +38,7 @@ CLEAR, HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
 def open_redis(args: argparse.Namespace) -> tuple[redis.Redis, Keys, str]:
     """(client, keys, URL) from --redis-url / --namespace or their variables.  A URL
     that does not parse is a ConfigError naming it without its password (connect())."""
-    url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL") or DEFAULT_URL
+    url = chosen_url(args.redis_url)
     try:
         keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE)
     except ValueError as e:

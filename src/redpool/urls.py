@@ -14,9 +14,17 @@ is not the key.
 
 from __future__ import annotations
 
+import os
 from urllib.parse import unquote
 
 REDACTED = "***"
+DEFAULT_URL = "redis://localhost:6379/0"   # when no --redis-url or REDPOOL_REDIS_URL says
+
+
+def chosen_url(flag: str | None = None) -> str:
+    """The Redis URL to use: the flag's, else REDPOOL_REDIS_URL, else DEFAULT_URL."""
+    return flag or os.environ.get("REDPOOL_REDIS_URL") or DEFAULT_URL
+
 _SECRET_PARTS = ("pass", "pwd", "secret", "token", "auth")
 
 
