@@ -342,9 +342,6 @@ class FakePool:
     def accepting(self):
         return [c for c in self.children if c.ready and not c.retiring and not c.stopping]
 
-    def idle(self):
-        return [c for c in self.accepting() if not c.tokens]
-
     def send(self, c, tokens, msg):
         assert c in self.accepting(), "sent to a child that takes no jobs"
         assert tokens, "an empty batch"

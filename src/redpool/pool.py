@@ -255,9 +255,6 @@ class ProcessPool:
         """Children that may be handed jobs (booted, not being retired)."""
         return [c for c in self.children if c.ready and not c.retiring and not c.stopping]
 
-    def idle(self) -> list[Child]:
-        return [c for c in self.accepting() if not c.tokens]
-
     def busy(self) -> list[Child]:
         return [c for c in self.children if c.tokens]
 
