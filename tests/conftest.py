@@ -67,3 +67,77 @@ def daemons(redis_url, namespace, tmp_path):
     yield start
     for d in started:
         d.kill()
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A private three-primary Redis Cluster (redpool.server.EmbeddedCluster), started
+    once per session by the first test that asks for it."""
+    from redpool.server import EmbeddedCluster
+
+    c = EmbeddedCluster(3).start()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+@pytest.fixture
+def cluster_url(cluster) -> str:
+    """The cluster's redis+cluster:// URL (naming its first node)."""
+    return cluster.url.replace("redis://", "redis+cluster://", 1)
+
+
+@pytest.fixture
+def rc(cluster):
+    """A redis-py RedisCluster client of the private cluster."""
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster.from_url(cluster.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cluster_namespace(rc) -> str:
+    """A fresh namespace on the cluster; its keys (including the {ns}-tagged ones) are
+    deleted afterwards, from every node."""
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    yield ns
+    for pattern in (f"{ns}:*", f"{{{ns}}}:*"):
+        for key in list(rc.scan_iter(match=pattern, count=1000)):
+            rc.delete(key)
+
+
+@pytest.fixture
+def cluster_keys(cluster_namespace) -> Keys:
+    return Keys(cluster_namespace, cluster=True)
+
+
+#: Queue names whose hash tags fall on three different primaries of EmbeddedCluster(3)
+#: (slots 15495, 3300 and 7365 of 16384 split evenly in three).
+SPREAD_QUEUES = ("a", "b", "c")
+
+
+@pytest.fixture
+def cluster_daemons(cluster_url, cluster_namespace, redis_url, tmp_path):
+    """Real daemons on the private cluster: ``cluster_daemons(*flags, name=...,
+    ledger=...)``.  The ledger (tests/taskmods/jobs.py) is kept on the session's plain
+    server, ``redis_url``, so tests can read it with ``r``."""
+    from helpers import Daemon
+
+    started: list[Daemon] = []
+
+    def start(*args: str, ledger: str | None = None, **kw) -> Daemon:
+        env = dict(kw.pop("env", {}))
+        if ledger:
+            env.update(REDPOOL_LEDGER_URL=redis_url, REDPOOL_LEDGER=ledger)
+        d = Daemon(cluster_url, cluster_namespace, *args, env=env, **kw).start(tmp_path)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.kill()

@@ -8,7 +8,7 @@ import pytest
 import redis
 from redis.sentinel import MasterNotFoundError
 
-from redpool import connection
+from redpool import connection, topology
 from redpool.client import Client
 from redpool.connection import (SentinelRedis, connect, explain, parse_sentinel_url,
                                 tls_options, with_tls)
@@ -102,7 +102,7 @@ def test_the_supervisor_policy_holds_for_the_primary_and_the_sentinels():
             skw = s.connection_pool.connection_kwargs
             assert skw["password"] == "sp" and skw.get("username") is None
             assert skw["socket_timeout"] == skw["socket_connect_timeout"] == \
-                connection.SENTINEL_TIMEOUT
+                topology.SENTINEL_TIMEOUT
             assert skw["retry"].get_retries() == 0
     finally:
         r.close()
@@ -157,7 +157,7 @@ def test_the_environment_is_a_default_that_the_url_and_arguments_override(pem):
 
 
 @pytest.mark.parametrize("url, kw, message", [
-    ("redis://db/0", {"ca": "CA"}, "need a TLS URL, rediss:// or rediss\\+sentinel://"),
+    ("redis://db/0", {"ca": "CA"}, "need a TLS URL, rediss://, rediss\\+sentinel:// or rediss\\+cluster://"),
     ("redis+sentinel://s1/main?ssl_ca_certs=CA", {}, "need a TLS URL"),
     ("rediss://db/0", {"key": "KEY"}, "is the key of a client certificate: give the certificate"),
     ("rediss://db/0", {"ca": "/no/such/ca.pem"}, "ssl_ca_certs=/no/such/ca.pem .--redis-ca "

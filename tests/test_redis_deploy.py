@@ -454,16 +454,3 @@ def test_the_docs_show_exactly_the_rules_redpool_acl_prints():
         res = redpool("acl", role)
         assert res.stdout.strip() == acl.setuser(role)
         assert acl.setuser(role) in text, f"docs/deploy.md does not show `redpool acl {role}`"
-
-
-# -- Redis Cluster: not supported yet, and said so ---------------------------------------------
-
-def test_a_worker_pointed_at_a_redis_cluster_node_refuses_to_start_and_says_why(tmp_path):
-    from redpool.errors import EXIT_USAGE
-    from redpool.server import EmbeddedServer
-    with EmbeddedServer(dir=str(tmp_path), extra_args=[
-            "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")]) as node:
-        res = redpool("worker", "tests.taskmods.jobs", "--redis-url", node.url, "--burst")
-    assert res.returncode == EXIT_USAGE, res.stderr
-    message = res.stderr.strip().splitlines()[-1]
-    assert "is a Redis Cluster node" in message and "docs/deploy.md" in message

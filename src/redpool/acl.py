@@ -13,6 +13,13 @@ for workers.  Scripts do not widen a user's rights: each command a script runs i
 checked against the ACL of the user who runs it (Redis 7, Valkey).  Producers get no
 scripting at all: ``enqueue(..., delay=...)`` is TIME then ZADD.
 
+One line serves both key layouts (keys.py): on Redis Cluster a queue's keys carry a
+hash tag, ``<ns>:queue:{q}``, which the patterns of one server match already; only
+the worker's namespace-wide keys move, to ``{<ns>}:...``, and both users need the two
+commands a cluster client learns the cluster with.  On one server these grant nothing
+worth having (the cluster keys of the same namespace, the command table), so there
+is no separate cluster variant to choose.
+
 Producer rules use selectors and read- or write-only key patterns, so they need
 Redis 7.0+ or Valkey 7.2+.  The rules keep the user's passwords (no ``reset``), so
 the line can be run again after an upgrade; a new user has none and cannot log in
@@ -33,6 +40,12 @@ ROLES = ("producer", "worker")
 #: would fill the ACL LOG).
 CONNECTION = ("ping", "select", "client|setinfo")
 
+#: Redis Cluster: redis-py's RedisCluster reads the slot map (CLUSTER SLOTS) and the
+#: command table (COMMAND, to find each command's keys) when it connects, and the
+#: slot map again after a MOVED or a lost node.  ACLs are per node: set the user on
+#: every node.
+CLUSTER = ("cluster|slots", "command")
+
 #: The producer's commands, by the keys they may touch (a selector each).
 PRODUCER_ROOT = ("time",)                                   # delay=: the server's clock
 PRODUCER_PUSH = ("lpush",)                                  # jobs: write-only
@@ -43,7 +56,8 @@ PRODUCER_REPLIES = ("brpop", "rpop", "rpush", "del")        # its own reply list
 #: The worker's commands: everything under its namespace (INFO: at start, to refuse a
 #: Redis Cluster node clearly).
 WORKER_SCRIPTS = ("evalsha", "script|load")
-WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "smembers")
+WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "smembers",
+                 "lpush", "expire", "lrem")  # the last three: cluster.py's deliver()
 WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
                      "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "rpop", "rpush",
                      "sadd", "set", "srem", "time", "zadd", "zrange", "zrangebyscore", "zrem")
@@ -77,12 +91,24 @@ def rules(role: str, namespace: str = DEFAULT_NAMESPACE,
         commands = WORKER_SCRIPTS + WORKER_DIRECT + WORKER_IN_SCRIPTS + WORKER_OBSERVE
         # "~" alone matches the empty key name, which complete.lua gets for "no result
         # key / no reply / no retry" (an ACL checks every key a script is given)
-        return [*_BASE, *_plus(CONNECTION), *_plus(commands), f"~{keys.ns}:*", "~", *replies]
-    return [*_BASE, *_plus(CONNECTION + PRODUCER_ROOT),
+        return [*_BASE, *_plus(CONNECTION + CLUSTER), *_plus(commands), f"~{keys.ns}:*",
+                *_cluster_wide(namespace), "~", *replies]
+    return [*_BASE, *_plus(CONNECTION + CLUSTER + PRODUCER_ROOT),
             _selector(PRODUCER_PUSH, f"%W~{keys.queue('*')}"),
             _selector(PRODUCER_SCHEDULE, f"~{keys.scheduled('*')}"),
             _selector(PRODUCER_RESULTS, f"%R~{keys.result('*')}"),
             _selector(PRODUCER_REPLIES, f"~{keys.reply('*')}", *replies)]
+
+
+def _cluster_wide(namespace: str) -> list[str]:
+    """The worker's namespace-wide keys in the Redis Cluster layout, ``{<ns>}:...``
+    (its other keys are under ``<ns>:`` there too); none for a namespace that cannot
+    be used on Redis Cluster."""
+    try:
+        keys = Keys(glob_escape(namespace), cluster=True)
+    except ValueError:
+        return []
+    return [f"~{keys.supervisors}", f"~{keys.supervisor('*')}", f"~{keys.reaper}"]
 
 
 def _selector(commands, *patterns: str) -> str:

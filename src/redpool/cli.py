@@ -154,7 +154,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def run_worker(cfg: config.WorkerConfig) -> int:
     from . import titles
-    from .connection import check, refuse_cluster, with_tls
+    from .connection import check, check_cluster, is_cluster_url, with_tls
     from .duties import Duties
     from .hooks import Hooks
     from .lease import Lease, Reaper
@@ -182,12 +182,24 @@ def run_worker(cfg: config.WorkerConfig) -> int:
     url = with_tls(cfg.redis_url, ca=cfg.redis_ca, cert=cfg.redis_cert, key=cfg.redis_key)
     r = connect(url)
     check(r, url)
-    refuse_cluster(r, url)
+    check_cluster(r, url)
+    cluster = is_cluster_url(url)
     log.info("starting", version=__version__, redis=where, queues=cfg.queues,
              concurrency=cfg.concurrency, name=cfg.name, namespace=cfg.namespace,
-             modules=cfg.modules, burst=cfg.burst)
-    keys = Keys(cfg.namespace)
-    rq = RedisQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
+             modules=cfg.modules, burst=cfg.burst, cluster=cluster)
+    try:
+        keys = Keys(cfg.namespace, cluster=cluster)
+        for q in cfg.queues:
+            keys.check_queue(q)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cluster:  # one slot per queue: the same guarantees, other scripts (cluster.py)
+        from .cluster import ClusterLease, ClusterQueue, ClusterReaper
+        rq = ClusterQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
+        lease, reaper = ClusterLease(r, keys, cfg.name, cfg.queues), ClusterReaper(r, keys, cfg.name)
+    else:
+        rq = RedisQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
+        lease, reaper = Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name)
     pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace,
                        cfg.child_defaults())
     waiter = None if cfg.burst else Waiter(
@@ -202,7 +214,7 @@ def run_worker(cfg: config.WorkerConfig) -> int:
         from .metrics import serve_metrics
         hooks.subscribe(serve_metrics(cfg.metrics_port, cfg.metrics_addr, cfg.name, cfg.queues,
                                       keys, lambda: connect(url)))
-    duties = Duties(cfg, rq, Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name), hooks)
+    duties = Duties(cfg, rq, lease, reaper, hooks)
     inbox = SignalInbox()
     try:
         Supervisor(cfg, rq, pool, duties, waiter=waiter, inbox=inbox, hooks=hooks).run()

@@ -10,6 +10,11 @@ enqueued elsewhere) is read from its result key, polled with a short backoff.
 Workers LPUSH replies and the listener pops them with BRPOP (not BLPOP), so the reply
 list is a FIFO and a burst is resolved oldest first.  Jobs go onto a queue with one
 variadic LPUSH per batch: one round trip, and atomic, per batch.
+
+On Redis Cluster (a ``redis+cluster://`` URL, or a RedisCluster of your own) the keys
+take the cluster layout of keys.py, a queue's list and scheduled set sharing its hash
+tag.  Every command here names one key, but for the sweep's MGET, sent per slot; so
+which node holds what is redis-py's business, not ours.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ import redis as redispy
 import structlog
 
 from . import protocol
-from .connection import connect, tls_options
-from .errors import RedpoolError
+from .connection import connect, is_cluster_url, tls_options
+from .errors import ConfigError, RedpoolError
 from .registry import task_name
 from .results import AsyncResult, MapResult, TimeoutError
 from .urls import chosen_url, redact_url
@@ -70,28 +75,31 @@ class Client:
     """Enqueues jobs and delivers their results.  Thread-safe.  close() it, or use ``with``."""
 
     def __init__(self, url: str | None = None, *, namespace: str | None = None,
-                 redis: redispy.Redis | None = None, ca: str | None = None,
-                 cert: str | None = None, key: str | None = None) -> None:
-        """``url``: any form of connection.py (``rediss://``, ``redis+sentinel://``, ...),
-        else REDPOOL_REDIS_URL, else localhost.  ``ca``, ``cert``, ``key``: TLS files, else
-        REDPOOL_REDIS_CA, _CERT, _KEY.  Or your own ``redis`` client instead of a URL."""
+                 redis: redispy.Redis | redispy.RedisCluster | None = None,
+                 ca: str | None = None, cert: str | None = None, key: str | None = None) -> None:
+        """``url``: any form of connection.py (``rediss://``, ``redis+sentinel://``,
+        ``redis+cluster://``, ...), else REDPOOL_REDIS_URL, else localhost.  ``ca``,
+        ``cert``, ``key``: TLS files, else REDPOOL_REDIS_CA, _CERT, _KEY.  Or your own
+        ``redis`` client (a RedisCluster for Redis Cluster) instead of a URL."""
         if url is not None and redis is not None:
             raise ValueError("pass a Redis URL or a redis.Redis, not both")
         if redis is not None and (ca or cert or key):
             raise ValueError("TLS files go with a URL: configure your own redis.Redis yourself")
         self.namespace = namespace or os.environ.get("REDPOOL_NAMESPACE") or protocol.DEFAULT_NAMESPACE
-        self.keys = protocol.Keys(self.namespace)
         self._own_redis = redis is None
         if redis is None:
             self.url = chosen_url(url)
+            cluster = is_cluster_url(self.url)
+        else:
+            self.url, cluster = _describe(redis), isinstance(redis, redispy.RedisCluster)
+        self.keys = protocol.Keys(self.namespace, cluster=cluster)  # checked before connecting
+        if self._own_redis:
             redis = connect(self.url, **tls_options(ca, cert, key, url=self.url),
                             decode_responses=False, socket_timeout=SOCKET_TIMEOUT,
                             socket_connect_timeout=CONNECT_TIMEOUT)
-        else:
-            self.url = _describe(redis)
         self._redis = redis
         # A caller's connection may time out sooner than our default block; stay below it.
-        sock_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+        sock_timeout = _connection_kwargs(redis).get("socket_timeout")
         self._block = BLOCK_SECONDS if not sock_timeout else min(BLOCK_SECONDS, sock_timeout / 2)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -196,6 +204,7 @@ class Client:
         """Build, validate and push jobs; ``on_done(i, result)`` runs when call ``i`` ends."""
         if not isinstance(queue, str) or not queue:
             raise ValueError(f"queue must be a non-empty string, got {queue!r}")
+        self.keys.check_queue(queue)
         pushed = reply_to is None
         if not pushed and (callback or error_callback or on_done):
             raise ValueError("callbacks need the result delivered to this client: drop reply_to")
@@ -246,10 +255,14 @@ class Client:
                 sec, usec = self._redis.time()
                 when = sec + usec / 1_000_000 + due[1]
                 self._redis.zadd(self.keys.scheduled(queue), {data: when for data in batch})
-        except BaseException:
+        except BaseException as e:
             with self._lock:
                 for ar in results:
                     self._pending.pop(ar.id, None)
+            if isinstance(e, redispy.exceptions.MovedError):  # only a cluster node says MOVED
+                raise ConfigError(f"Redis at {redact_url(self.url)} is a Redis Cluster node: "
+                                  "connect with redis+cluster://host:port (see docs/deploy.md, "
+                                  "\"Redis Cluster\")") from None
             raise
 
     def _read_result(self, job_id: str) -> dict[str, Any] | None:
@@ -306,9 +319,12 @@ class Client:
         but its result key is not; so this runs after every error and every SWEEP_SECONDS."""
         with self._lock:
             ids = list(self._pending)
+        # result keys are untagged: on Redis Cluster they spread over the slots, and
+        # mget_nonatomic sends one MGET per slot (pipelined per node)
+        mget = self._redis.mget_nonatomic if self.keys.cluster else self._redis.mget
         for start in range(0, len(ids), BATCH):
             chunk = ids[start:start + BATCH]
-            for raw in self._redis.mget([self.keys.result(i) for i in chunk]):
+            for raw in mget([self.keys.result(i) for i in chunk]):
                 if raw is not None:
                     self._deliver(raw)
 
@@ -330,8 +346,19 @@ class Client:
             ar._resolve(env)
 
 
+def _connection_kwargs(r: redispy.Redis) -> dict[str, Any]:
+    # A RedisCluster has a pool per node, all made with the same arguments.
+    if isinstance(r, redispy.RedisCluster):
+        return r.nodes_manager.connection_kwargs
+    return r.connection_pool.connection_kwargs
+
+
 def _describe(r: redispy.Redis) -> str:
     """A URL for a caller's redis.Redis (for repr and logs; never holds the password)."""
+    if isinstance(r, redispy.RedisCluster):
+        node = r.get_default_node()
+        scheme = "rediss" if r.nodes_manager.connection_kwargs.get("ssl") else "redis"
+        return f"{scheme}+cluster://{node.host}:{node.port}"
     pool = r.connection_pool
     kw = pool.connection_kwargs
     if "path" in kw:

@@ -110,8 +110,9 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", DEFAULT_URL,
-            "Redis URL: redis://, rediss:// (TLS), unix://, or redis+sentinel://host:26379,"
-            "host2:26379/service[/db] (rediss+sentinel:// with TLS); user and password allowed"),
+            "Redis URL: redis://, rediss:// (TLS), unix://, redis+sentinel://host:26379,"
+            "host2:26379/service[/db], or redis+cluster://host:port[,host:port...] for Redis "
+            "Cluster (rediss+... with TLS); user and password allowed"),
     Setting("redis_ca", "--redis-ca", "REDPOOL_REDIS_CA", None,
             "CA bundle (PEM) to trust for the server's TLS certificate (rediss:// URLs; "
             "default: the system's)"),

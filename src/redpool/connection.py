@@ -8,6 +8,8 @@ so that every URL form works everywhere (docs/deploy.md shows them to operators)
     unix:///path/to/redis.sock[?db=N&password=...]
     redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db][?...]
     rediss+sentinel://...                             TLS to the sentinels and the primary
+    redis+cluster://[[user]:password@]host[:port][,host[:port]...][?...]   Redis Cluster
+    rediss+cluster://...                              TLS to every node
 
 TLS files are redis-py's own URL options (``ssl_ca_certs``, ``ssl_certfile``,
 ``ssl_keyfile``; also ``ssl_cert_reqs``, ``ssl_check_hostname``, ``ssl_password``, ...)
@@ -34,26 +36,24 @@ that wants a client certificate, no primary known to the sentinels.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import redis
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS, SSLConnection
-from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
+from redis.sentinel import MasterNotFoundError
 
 from .config import SETTINGS
 from .errors import ConfigError, RedisUnavailable
+from .topology import (CLUSTER_SCHEMES, SENTINEL_SCHEMES, FollowingConnection,  # noqa: F401
+                       SentinelRedis, cluster_client, parse_cluster_url, parse_sentinel_url,
+                       sentinel_client)
 from .urls import redact_url
 
-TLS_SCHEMES = ("rediss", "rediss+sentinel")
-SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-SENTINEL_PORT = 26379
-#: Socket timeouts towards the sentinels: they answer from memory, and discovery asks
-#: them one after the other, so one unreachable sentinel must not stall it for long.
-SENTINEL_TIMEOUT = 2.0
+TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
 URL_FORMS = ("use redis://[user:password@]host[:port][/db], rediss://..., "
              "unix:///path.sock, or redis+sentinel://[user:password@]host[:port],"
-             "host[:port].../service[/db] (rediss+sentinel:// with TLS)")
+             "host[:port].../service[/db] (rediss+sentinel:// with TLS), or "
+             "redis+cluster://[user:password@]host[:port],host[:port]... for Redis Cluster "
+             "(rediss+cluster:// with TLS)")
 
 # --redis-ca/--redis-cert/--redis-key and the URL options they stand for.
 _TLS = {"ca": ("redis_ca", "ssl_ca_certs"), "cert": ("redis_cert", "ssl_certfile"),
@@ -123,7 +123,12 @@ def connect(url: str, *, ca: str | None = None, cert: str | None = None,
     options = _query(url)
     _check_tls(url, scheme, options)
     if scheme in SENTINEL_SCHEMES:
-        return _sentinel_client(url, parse_sentinel_url(url), kwargs)
+        return sentinel_client(url, parse_sentinel_url(url), kwargs)
+    if scheme in CLUSTER_SCHEMES:
+        try:  # it connects here, to learn the slot map
+            return cluster_client(url, parse_cluster_url(url), kwargs)
+        except redis.RedisError as e:
+            raise RedisUnavailable(explain(e, url)) from None
     try:
         return redis.Redis.from_url(url, **kwargs)
     except ValueError:  # its text may quote part of the URL, a password say: not shown
@@ -138,21 +143,36 @@ def check(r: redis.Redis, url: str) -> None:
         raise RedisUnavailable(explain(e, url)) from None
 
 
-def refuse_cluster(r: redis.Redis, url: str) -> None:
-    """A Redis Cluster node is refused at start, clearly, rather than by CROSSSLOT or
-    MOVED errors from the first scripts (docs/deploy.md, "Redis Cluster").  A user
-    whose ACL denies INFO is let through: no such check is worth a refused start."""
+def is_cluster_url(url: str) -> bool:
+    """A redis+cluster:// URL: the key layout of Redis Cluster (keys.Keys(cluster=True))."""
+    return url.partition("://")[0].lower() in CLUSTER_SCHEMES
+
+
+def check_cluster(r: redis.Redis, url: str) -> None:
+    """The URL's form must match the server: a Redis Cluster node reached by redis://
+    would answer the first multi-queue script with CROSSSLOT or MOVED, and a plain
+    server reached by redis+cluster:// cannot be used as one.  Said at start, clearly.
+    A user whose ACL denies INFO is let through: no such check is worth a refused start."""
     try:
         enabled = str(r.info("cluster").get("cluster_enabled", 0)) == "1"
     except redis.ResponseError:
         return
     except redis.RedisError as e:
         raise RedisUnavailable(explain(e, url)) from None
-    if enabled:
-        raise ConfigError(f"Redis at {redact_url(url)} is a Redis Cluster node: redpool does "
-                          "not support Redis Cluster yet (its scripts touch keys of several "
-                          "slots at once). Use one primary, with Sentinel for failover; see "
-                          "docs/deploy.md, \"Redis Cluster\"")
+    where = redact_url(url)
+    if enabled and not is_cluster_url(url):
+        raise ConfigError(f"Redis at {where} is a Redis Cluster node: connect with "
+                          f"{_as_cluster(where)} (redis+cluster://, naming one or more nodes), "
+                          "so that every queue's keys share a hash tag; see docs/deploy.md, "
+                          "\"Redis Cluster\"")
+    if not enabled and is_cluster_url(url):
+        raise ConfigError(f"Redis at {where} is not a Redis Cluster node (cluster_enabled:0): "
+                          "use redis:// (or redis+sentinel://) for one server")
+
+
+def _as_cluster(where: str) -> str:
+    scheme, sep, rest = where.partition("://")
+    return f"{scheme}+cluster{sep}{rest}" if scheme in ("redis", "rediss") else "redis+cluster://..."
 
 
 def explain(e: BaseException, url: str) -> str:
@@ -207,125 +227,6 @@ def explain(e: BaseException, url: str) -> str:
             "(REDPOOL_REDIS_URL) right?")
 
 
-# -- Sentinel --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SentinelURL:
-    """``redis+sentinel://[user:password@]host:port,host:port/service[/db][?options]``."""
-
-    hosts: list[tuple[str, int]]
-    service: str
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    options: dict[str, str] = field(default_factory=dict)
-
-
-def parse_sentinel_url(url: str) -> SentinelURL:
-    def bad(why: str) -> ConfigError:
-        return ConfigError(f"invalid Sentinel URL {redact_url(url)}: {why}; use "
-                           "redis+sentinel://[user:password@]host[:port],host[:port].../"
-                           "service[/db]")
-
-    try:
-        parts = urlsplit(url)
-        username, password = parts.username, parts.password
-    except ValueError:
-        raise bad("it does not parse") from None
-    if parts.scheme.lower() not in SENTINEL_SCHEMES:
-        raise bad(f"the scheme is {parts.scheme!r}")
-    hosts = []
-    for item in parts.netloc.rpartition("@")[2].split(","):
-        host, port = item, SENTINEL_PORT
-        if item.startswith("["):  # [::1]:26379
-            host, _, rest = item[1:].partition("]")
-            if rest:
-                port = rest.removeprefix(":")
-        elif ":" in item:
-            host, _, port = item.rpartition(":")
-        try:
-            port = int(port)
-        except ValueError:
-            # not quoted: a password holding '/', '?' or '#' (not percent-encoded) cuts
-            # the address short, and what looks like a port may be part of it
-            raise bad("a sentinel's port is not a number (percent-encode '/', '?', '#' "
-                      "and '@' in a user name or password)") from None
-        if not host:
-            raise bad("a sentinel address is empty")
-        hosts.append((host, port))
-    path = [unquote(p) for p in parts.path.split("/") if p]
-    if not path or len(path) > 2:
-        raise bad("name the service (the name the sentinels monitor), then optionally the db")
-    options = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
-    db = options.pop("db", path[1] if len(path) == 2 else "0")
-    try:
-        db = int(db)
-    except ValueError:
-        raise bad(f"db {db!r} is not a number") from None
-    return SentinelURL(hosts, path[0], db, unquote(username) if username else None,
-                       unquote(password) if password else None,
-                       parts.scheme.lower() == "rediss+sentinel", options)
-
-
-class FollowingConnection(SentinelManagedConnection):
-    """A connection to the primary that asks the sentinels where it is whenever it
-    connects again.  redis-py (8.1) reconnects a dropped connection on its next send by
-    itself (send_packed_command -> connect_check_health), to the address it had, past
-    SentinelManagedConnection.connect(): a connection held outside the pool (the
-    supervisor's hot path, queue.py) would knock at the dead primary's door forever
-    after a failover.  tests/test_sentinel.py fails without this."""
-
-    def send_packed_command(self, command, check_health=True):
-        if not self._sock:
-            self.connect()  # SentinelManagedConnection's: the current primary's address
-        super().send_packed_command(command, check_health)
-
-
-class FollowingSSLConnection(FollowingConnection, SSLConnection):
-    pass
-
-
-class SentinelRedis(redis.Redis):
-    """The primary's client; closing it also closes its connections to the sentinels."""
-
-    sentinel: Sentinel | None = None
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            if self.sentinel is not None:
-                self.sentinel.close()
-
-
-def _sentinel_client(url: str, target: SentinelURL, kwargs: dict) -> redis.Redis:
-    primary, sentinels = dict(kwargs), {}
-    for name, value in target.options.items():
-        if name in ("sentinel_username", "sentinel_password"):
-            sentinels[name.removeprefix("sentinel_")] = value
-            continue
-        parse = URL_QUERY_ARGUMENT_PARSERS.get(name)
-        try:
-            primary[name] = parse(value) if parse else value
-        except (TypeError, ValueError):
-            raise ConfigError(f"invalid value for {name!r} in the Redis URL "
-                              f"{redact_url(url)}") from None
-    tls = {k: v for k, v in primary.items() if k.startswith("ssl_")}
-    primary["connection_class"] = FollowingSSLConnection if target.tls else FollowingConnection
-    if target.tls:
-        sentinels.update(tls, ssl=True)
-    for name in ("socket_timeout", "socket_connect_timeout"):
-        sentinels[name] = min(primary.get(name) or SENTINEL_TIMEOUT, SENTINEL_TIMEOUT)
-    if "retry" in primary:
-        sentinels["retry"] = primary["retry"]
-    manager = Sentinel(target.hosts, sentinel_kwargs=sentinels)
-    client = manager.master_for(target.service, redis_class=SentinelRedis, db=target.db,
-                                username=target.username, password=target.password, **primary)
-    client.sentinel = manager
-    return client
-
-
 # -- URL options -----------------------------------------------------------------------------
 
 def _query(url: str) -> dict[str, str]:
@@ -340,7 +241,8 @@ def _check_tls(url: str, scheme: str, options: dict[str, str]) -> None:
     tls_params = sorted(k for k in options if k.startswith("ssl_"))
     if tls_params and scheme not in TLS_SCHEMES:
         raise ConfigError(f"TLS options ({', '.join(tls_params)}; {_source('ca')} and the like "
-                          f"end up there) need a TLS URL, rediss:// or rediss+sentinel://, not "
+                          f"end up there) need a TLS URL, rediss://, rediss+sentinel:// or "
+                          f"rediss+cluster://, not "
                           f"{redact_url(url)}")
     if "ssl_keyfile" in options and "ssl_certfile" not in options:
         raise ConfigError(f"{_source('key')} (ssl_keyfile) is the key of a client certificate: "

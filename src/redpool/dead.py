@@ -1,5 +1,13 @@
 """Dead-letter administration: list, requeue and purge entries of the dead-letter list.
 
+On one server there is one list, ``<ns>:dead``; on Redis Cluster each queue has its own,
+``<ns>:dead:{<queue>}``, found with SCAN (or named by --queue).  Every command works
+list by list (deployment.dead_lists), so the two are one code path: a requeue script
+touches one dead list and its queue's list, one slot on Redis Cluster.  Listing merges
+the lists newest first by ``failed_at`` (each list keeping its own order); the position
+shown is the entry's place in its own list (0 = its newest), which with its queue
+tells where it is.
+
 Workers keep LPUSHing (and LTRIMming) the list while an operator works on it, so
 nothing here rewrites the list as a whole (DEL + RPUSH would lose their pushes): an
 entry leaves only by LREM of its exact bytes, and a requeue removes the entry and
@@ -18,6 +26,7 @@ import argparse
 import base64
 import binascii
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -32,7 +41,8 @@ from typing import Any, Iterator, TextIO
 
 import redis
 
-from .connection import explain
+from .connection import check_cluster, explain, is_cluster_url
+from .deployment import dead_label, dead_lists
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
 from .protocol import DEFAULT_NAMESPACE, Keys
 from .queue import connect, load_script
@@ -50,14 +60,15 @@ class Entry:
     pos: int                        # position from the left (0 = newest) when it was read
     raw: bytes                      # the exact bytes in the list
     data: dict[str, Any] | None     # None: unreadable (not a JSON object)
+    key: str = ""                   # the dead-letter list it is in
 
     @classmethod
-    def parse(cls, pos: int, raw: bytes) -> "Entry":
+    def parse(cls, pos: int, raw: bytes, key: str = "") -> "Entry":
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
             data = None
-        return cls(pos, raw, data if isinstance(data, dict) else None)
+        return cls(pos, raw, data if isinstance(data, dict) else None, key)
 
     def text(self, name: str) -> str | None:
         v = None if self.data is None else self.data.get(name)
@@ -72,8 +83,9 @@ class Entry:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         return float(v) if ok else None
 
-    def describe(self) -> str:
-        return f"the dead letter at position {self.pos} (job {self.id or 'without id'})"
+    def describe(self, keys: Keys) -> str:
+        where = f" of {self.key}" if keys.cluster else ""  # one server: one list
+        return f"the dead letter at position {self.pos}{where} (job {self.id or 'without id'})"
 
 
 def fresh(job: bytes) -> bytes:
@@ -107,35 +119,55 @@ def raw_job(e: Entry) -> bytes:
     raise ValueError("it holds no raw job (neither 'job' nor 'job_b64')")
 
 
-def scan(r: redis.Redis, keys: Keys, chunk: int = CHUNK) -> Iterator[Entry]:
-    """Every entry, newest first, each distinct byte string once (see the module doc)."""
+def scan(r: redis.Redis, key: str, chunk: int = CHUNK) -> Iterator[Entry]:
+    """Every entry of the list ``key``, newest first, each distinct byte string once
+    (see the module doc)."""
     seen: set[bytes] = set()
     start = 0
     while True:
-        batch = r.lrange(keys.dead, start, start + chunk - 1)
+        batch = r.lrange(key, start, start + chunk - 1)
         for i, raw in enumerate(batch):
             digest = hashlib.blake2b(raw, digest_size=16).digest()
             if digest not in seen:
                 seen.add(digest)
-                yield Entry.parse(start + i, raw)
+                yield Entry.parse(start + i, raw, key)
         if len(batch) < chunk:
             return
         start += chunk
 
 
+def newest_first(lists: list[list[Entry]]) -> list[Entry]:
+    """Entries of several lists (each newest first) merged by ``failed_at``, newest
+    first; an entry without one counts as failing when the entry before it did."""
+    def dated(entries: list[Entry]) -> Iterator[tuple[float, Entry]]:
+        t = math.inf
+        for e in entries:
+            t = e.failed_at if e.failed_at is not None else t
+            yield -t, e
+    return [e for _, e in heapq.merge(*map(dated, lists), key=lambda pair: pair[0])]
+
+
 def list_entries(r: redis.Redis, keys: Keys, *, limit: int = 20,
                  queue: str | None = None) -> tuple[list[Entry], int, int]:
     """(the newest ``limit`` entries (0: all), of ``queue`` if given; how many entries
-    match; how many the list holds)."""
-    if queue is None:
-        pipe = r.pipeline(transaction=True)
-        pipe.llen(keys.dead)
-        pipe.lrange(keys.dead, 0, limit - 1 if limit else -1)
-        total, raws = pipe.execute()
-        return [Entry.parse(i, raw) for i, raw in enumerate(raws)], total, total
-    total = r.llen(keys.dead)
-    matching = [e for e in scan(r, keys) if e.queue == queue]
-    return matching[:limit or None], len(matching), total
+    match; how many the list(s) hold)."""
+    found: list[list[Entry]] = []
+    total = matching = 0
+    for key in dead_lists(r, keys, queue):
+        if queue is None:
+            pipe = r.pipeline(transaction=True)
+            pipe.llen(key)
+            pipe.lrange(key, 0, limit - 1 if limit else -1)
+            n, raws = pipe.execute()
+            entries = [Entry.parse(i, raw, key) for i, raw in enumerate(raws)]
+            matching += n
+        else:
+            n = r.llen(key)
+            entries = [e for e in scan(r, key) if e.queue == queue]
+            matching += len(entries)
+        total += n
+        found.append(entries)
+    return newest_first(found)[:limit or None], matching, total
 
 
 @dataclass
@@ -161,24 +193,28 @@ def requeue(r: redis.Redis, keys: Keys, ids: list[str] | tuple[str, ...] = (), *
         raise ConfigError(REQUEUE_NEEDS)
     report = RequeueReport(requested=list(dict.fromkeys(ids)))
     wanted = set(ids)
-    todo: list[tuple[Entry, bytes]] = []
-    for e in scan(r, keys):
-        if e.data is None:
-            report.unreadable += int(all and queue is None)
-        elif (queue is None or e.queue == queue) and (all or e.id in wanted):
-            try:
-                todo.append((e, fresh(raw_job(e))))
-            except ValueError as why:
-                report.skipped.append((e, str(why)))
-    todo.reverse()  # oldest first: pushed first, so taken first
     script = load_script(r, "dead_requeue")
-    for i in range(0, len(todo), BATCH):
-        batch = todo[i:i + BATCH]
-        counts = script(keys=[keys.dead, *(keys.queue(e.queue) for e, _ in batch)],
-                        args=[x for e, job in batch for x in (e.raw, job)])
-        for (e, _), n in zip(batch, counts):
-            (report.done if n else report.gone).append(e)
-            report.pushed[e.queue] += int(n)
+    for key in dead_lists(r, keys, queue):
+        todo: list[tuple[Entry, bytes]] = []
+        for e in scan(r, key):
+            if e.data is None:
+                report.unreadable += int(all and queue is None)
+            elif (queue is None or e.queue == queue) and (all or e.id in wanted):
+                try:
+                    job = fresh(raw_job(e))
+                    if keys.dead_of(e.queue) != key:  # Redis Cluster: one slot per script
+                        raise ValueError(f"its queue {e.queue!r} is not the queue of {key}")
+                    todo.append((e, job))
+                except ValueError as why:
+                    report.skipped.append((e, str(why)))
+        todo.reverse()  # oldest first: pushed first, so taken first
+        for i in range(0, len(todo), BATCH):
+            batch = todo[i:i + BATCH]
+            counts = script(keys=[key, *(keys.queue(e.queue) for e, _ in batch)],
+                            args=[x for e, job in batch for x in (e.raw, job)])
+            for (e, _), n in zip(batch, counts):
+                (report.done if n else report.gone).append(e)
+                report.pushed[e.queue] += int(n)
     return report
 
 
@@ -195,13 +231,14 @@ def purge(r: redis.Redis, keys: Keys, *, older_than: float | None = None, all: b
             return False
         return cutoff is None or (e.failed_at is not None and e.failed_at < cutoff)
 
-    raws = [e.raw for e in scan(r, keys) if doomed(e)]
     removed = 0
-    for i in range(0, len(raws), BATCH):
-        pipe = r.pipeline(transaction=False)
-        for raw in raws[i:i + BATCH]:
-            pipe.lrem(keys.dead, 0, raw)
-        removed += sum(pipe.execute())
+    for key in dead_lists(r, keys, queue):
+        raws = [e.raw for e in scan(r, key) if doomed(e)]
+        for i in range(0, len(raws), BATCH):
+            pipe = r.pipeline(transaction=False)
+            for raw in raws[i:i + BATCH]:
+                pipe.lrem(key, 0, raw)
+            removed += sum(pipe.execute())
     return removed
 
 
@@ -223,9 +260,14 @@ def parse_duration(text: str) -> float:
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     url = chosen_url(args.redis_url)
     try:
-        keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE)
+        keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE,
+                    cluster=is_cluster_url(url))
     except ValueError as e:
         raise ConfigError(f"--namespace: {e}") from None
+    try:
+        keys.check_queue(args.queue or "")
+    except ValueError as e:
+        raise ConfigError(f"--queue: {e}") from None
     # Refuse bad input before connecting.
     older_than = parse_duration(args.older_than) if getattr(args, "older_than", None) else None
     if args.action == "list" and args.limit < 0:
@@ -237,6 +279,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     r = connect(url)  # a URL that does not parse: ConfigError, without its password
     try:
         r.ping()
+        check_cluster(r, url)  # a Redis Cluster node reached by redis://, or the reverse
         if args.action == "list":
             return _list(r, keys, args, out, err)
         if args.action == "requeue":
@@ -247,7 +290,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailable(explain(e, url)) from None  # worded as the worker words it
     except redis.ResponseError as e:
-        raise RedpoolError(f"Redis refused a command on {keys.dead}: {e}") from None
+        raise RedpoolError(f"Redis refused a command on {dead_label(keys, args.queue)}: "
+                           f"{e}") from None
     finally:
         r.close()
 
@@ -258,11 +302,12 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 
 def _list(r, keys: Keys, args, out: TextIO, err: TextIO) -> int:
     shown, matching, total = list_entries(r, keys, limit=args.limit, queue=args.queue)
+    where = dead_label(keys, args.queue)
     if args.queue:
         summary = (f"{len(shown)} shown of {_plural(matching, 'dead letter')} from queue "
-                   f"{args.queue!r} ({total} in {keys.dead}), newest first")
+                   f"{args.queue!r} ({total} in {where}), newest first")
     else:
-        summary = (f"{len(shown)} shown of {_plural(total, 'dead letter')} in {keys.dead}, "
+        summary = (f"{len(shown)} shown of {_plural(total, 'dead letter')} in {where}, "
                    "newest first")
     if args.json:  # stdout holds JSON lines only; the rest goes to stderr
         for e in shown:
@@ -273,7 +318,7 @@ def _list(r, keys: Keys, args, out: TextIO, err: TextIO) -> int:
                   " (not JSON objects)", file=err)
         print(summary, file=err)
     elif not shown:
-        print("no dead letters" + (f" from queue {args.queue!r} ({total} in {keys.dead})"
+        print("no dead letters" + (f" from queue {args.queue!r} ({total} in {where})"
                                    if args.queue else ""), file=out)
     else:
         print(format_table(shown), summary, sep="\n", file=out)
@@ -322,9 +367,9 @@ def format_table(entries: list[Entry], width: int | None = None) -> str:
 def _requeue(r, keys: Keys, args, out: TextIO, err: TextIO) -> int:
     report = requeue(r, keys, args.ids, all=args.all, queue=args.queue)
     for e, why in report.skipped:
-        print(f"redpool: cannot requeue {e.describe()}: {why}", file=err)
+        print(f"redpool: cannot requeue {e.describe(keys)}: {why}", file=err)
     for e in report.gone:
-        print(f"redpool: {e.describe()} was removed meanwhile (requeued or purged by "
+        print(f"redpool: {e.describe(keys)} was removed meanwhile (requeued or purged by "
               "someone else)", file=err)
     if report.unreadable:
         bad = _plural(report.unreadable, "unreadable entry", "unreadable entries")

@@ -4,7 +4,14 @@ and the metrics' queue collector read.
 Read-only, and meant to be safe against a busy production server: the reads one view
 needs go in one pipeline; lists are read 1000 elements at a time (never a million in
 one reply); the keyspace is walked with SCAN (never KEYS), and only to find queues no
-supervisor listens to.  Everything read is untrusted: a job, a lease's info or a dead
+supervisor listens to.
+
+On Redis Cluster (``keys.cluster``) the same reads work node by node: redis-py splits a
+pipeline per node and SCANs every primary.  Two things differ: TIME is not allowed in
+a cluster pipeline, so it is asked for on its own (one more round trip); and each queue
+has its own dead-letter list, so dead letters are counted exactly, by LLEN per queue,
+with the queue's other reads, and a queue that has only a dead list is found by a
+second SCAN.  Everything read is untrusted: a job, a lease's info or a dead
 letter that is not what it should be shows as unknown, never as a crash.
 
 Times are measured on the Redis server's clock (TIME), the one the leases and the
@@ -51,7 +58,12 @@ def parse_object(raw: bytes | str | None) -> dict | None:
 
 
 def server_time(r: redis.Redis) -> float:
-    seconds, micros = r.time()
+    return time_of(r.time())
+
+
+def time_of(reply) -> float:
+    """TIME's reply, (seconds, microseconds), as seconds."""
+    seconds, micros = reply
     return seconds + micros / 1e6
 
 
@@ -64,40 +76,72 @@ class QueueState:
     oldest_age: float | None        # seconds; None: empty, or its oldest job has no enqueued_at
     scheduled: int                  # jobs in its scheduled set (delayed jobs, retries)
     next_due_in: float | None       # seconds until the first scheduled one is due (< 0: overdue)
-    dead: int = 0                   # dead letters of jobs taken from it (see DeadCounts)
+    dead: int = 0                   # dead letters of jobs taken from it (see DeadCounts;
+                                    # on Redis Cluster the length of its own list)
 
 
 def discover_queues(r: redis.Redis, keys: Keys) -> set[str]:
-    """Queues that have a list or a scheduled set: one SCAN pass over the keyspace."""
+    """Queues that have a list or a scheduled set (or, on Redis Cluster, a dead-letter
+    list): one SCAN pass over the keyspace (two on Redis Cluster)."""
     found = set()
     for key in r.scan_iter(match=keys.queues_pattern, count=SCAN_COUNT):
         name = keys.queue_named(key.decode("utf-8", "replace"))
         if name and not any(c.isspace() for c in name):
             found.add(name)
+    if keys.cluster:
+        found |= {keys.dead_named(key) for key in dead_lists(r, keys)}
     return found
+
+
+def dead_lists(r: redis.Redis, keys: Keys, queue: str | None = None) -> list[str]:
+    """The dead-letter lists to read: the one list on one server; on Redis Cluster the
+    list of ``queue``, or every queue's, found with SCAN (keys that only look like one,
+    a queue name with braces say, are left alone)."""
+    if not keys.cluster:
+        return [keys.dead]
+    if queue is not None:
+        return [keys.dead_of(queue)]
+    found = set()
+    for raw in r.scan_iter(match=keys.dead_pattern, count=SCAN_COUNT):
+        key = raw.decode("utf-8", "replace")
+        q = keys.dead_named(key)
+        if q and keys.dead_of(q) == key and not any(c.isspace() for c in q):
+            found.add(key)
+    return sorted(found)
+
+
+def dead_label(keys: Keys, queue: str | None = None) -> str:
+    """The dead-letter list(s) as messages name them: ``<ns>:dead:{*}`` for all the
+    lists of Redis Cluster."""
+    return keys.dead if not keys.cluster else keys.dead_of("*" if queue is None else queue)
 
 
 def read_queues(r: redis.Redis, keys: Keys, names: list[str]) -> tuple[float, list[QueueState]]:
     """(server time, the state of each named queue): one round trip, four O(1) or
     O(log n) commands per queue.  The oldest job is the one at the right end, taken
-    next; it is parsed only to read its ``enqueued_at``."""
+    next; it is parsed only to read its ``enqueued_at``.  On Redis Cluster: a round
+    trip for TIME, then one per node, and a fifth command per queue, the LLEN of its
+    dead-letter list (``QueueState.dead``)."""
+    per = 5 if keys.cluster else 4
     pipe = r.pipeline(transaction=False)
-    pipe.time()
+    if not keys.cluster:
+        pipe.time()
     for q in names:
         pipe.llen(keys.queue(q))
         pipe.lindex(keys.queue(q), -1)
         pipe.zcard(keys.scheduled(q))
         pipe.zrange(keys.scheduled(q), 0, 0, withscores=True)
+        if keys.cluster:
+            pipe.llen(keys.dead_of(q))
     out = pipe.execute()
-    seconds, micros = out[0]
-    now = seconds + micros / 1e6
+    now = server_time(r) if keys.cluster else time_of(out.pop(0))
     states = []
     for i, q in enumerate(names):
-        depth, oldest, scheduled, first = out[1 + 4 * i:5 + 4 * i]
+        depth, oldest, scheduled, first, *dead = out[per * i:per * (i + 1)]
         job = parse_object(oldest)
         enqueued = number(job.get("enqueued_at")) if job else None
         states.append(QueueState(q, depth, None if enqueued is None else max(0.0, now - enqueued),
-                                 scheduled, first[0][1] - now if first else None))
+                                 scheduled, first[0][1] - now if first else None, *dead))
     return now, states
 
 
@@ -105,7 +149,8 @@ class DeadCounts:
     """Dead letters per queue.  The list is capped (--dead-max) but its entries hold
     whole jobs, so it is read again only when it changed: same length and same newest
     entry means same contents (entries are only pushed at the left and trimmed at the
-    right, or removed by an operator, which changes the length)."""
+    right, or removed by an operator, which changes the length).  On Redis Cluster it
+    reads nothing: each queue's list is counted with the queue (read_queues)."""
 
     def __init__(self, limit: int = DEAD_SCAN_MAX) -> None:
         self.limit = limit
@@ -115,6 +160,8 @@ class DeadCounts:
         self.by_queue: Counter = Counter()
 
     def read(self, r: redis.Redis, keys: Keys) -> "DeadCounts":
+        if keys.cluster:
+            return self
         pipe = r.pipeline(transaction=True)
         pipe.llen(keys.dead)
         pipe.lindex(keys.dead, 0)
@@ -256,6 +303,9 @@ class Observer:
         supervisors = read_supervisors(self.r, self.keys, server_time(self.r))
         dead = self.dead.read(self.r, self.keys)
         now, queues = read_queues(self.r, self.keys, self.queue_names(supervisors, dead))
+        if self.keys.cluster:  # counted exactly, per queue (read_queues)
+            total = sum(q.dead for q in queues)
+            return Snapshot(now, queues, supervisors, total, total, 0)
         for q in queues:
             q.dead = dead.by_queue.get(q.name, 0)
         return Snapshot(now, queues, supervisors, dead.total, dead.scanned, dead.by_queue[None])

@@ -244,6 +244,7 @@ class Duties:
                 return
             s.backlog.extend(s.admit(r) for r in s.waiter.take())
         self.reconcile_pending = False
+        self.rq.settle()
         held = s.held()
         extra: list[tuple[str, bytes]] = []
         for queue, raws in self.rq.processing_contents().items():

@@ -53,7 +53,9 @@ class Lease:
         epoch = uuid.uuid4().hex
         payload = json.dumps(info)
         deadline = time.monotonic() + lease + 1.0
-        takeover = ""
+        # Our own previous epoch, if any, is ours to replace: a re-registration while the
+        # old lease still stands (on Redis Cluster, a lost fence) must not wait it out.
+        takeover = self.epoch
         while True:
             claimed, *holder = self._register(
                 keys=[self.key, self.keys.supervisors],

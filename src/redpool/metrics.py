@@ -136,8 +136,10 @@ class Metrics:
 class QueueCollector:
     """Depth, oldest-job age and scheduled count of this supervisor's queues, and the
     length of the dead-letter list, read from Redis at each scrape in one round trip
-    (see deployment.read_queues).  Its connection is its own, made at the first scrape:
-    the HTTP server's threads never share the loop's client."""
+    (see deployment.read_queues).  On Redis Cluster, where each queue has its own
+    dead-letter list, the dead letters are those of this supervisor's queues (read
+    with them; a TIME and one round trip per node).  Its connection is its own, made
+    at the first scrape: the HTTP server's threads never share the loop's client."""
 
     def __init__(self, keys: p.Keys, queues: list[str],
                  connect: Callable[[], redis.Redis]) -> None:
@@ -157,7 +159,9 @@ class QueueCollector:
                               "queue is empty)", labels=["queue"]),
             GaugeMetricFamily("redpool_scheduled_jobs", "Jobs in the queue's scheduled set "
                               "(delayed jobs, retries)", labels=["queue"]),
-            GaugeMetricFamily("redpool_dead_letters", "Entries in the dead-letter list"),
+            GaugeMetricFamily("redpool_dead_letters", "Entries in the dead-letter list (on "
+                              "Redis Cluster: in the dead-letter lists of this supervisor's "
+                              "queues)"),
             GaugeMetricFamily("redpool_queue_metrics_ok", "1 if the queue metrics of this "
                               "scrape were read from Redis, 0 if Redis could not be read"),
         ]
@@ -171,7 +175,8 @@ class QueueCollector:
             if self._r is None:
                 self._r = self.connect()
             now, states = read_queues(self._r, self.keys, self.queues)
-            dead_len = self._r.llen(self.keys.dead)
+            dead_len = (sum(s.dead for s in states) if self.keys.cluster
+                        else self._r.llen(self.keys.dead))
         except (redis.RedisError, OSError) as e:
             if not self._failing:  # once per outage, like the loop's redis_down
                 self._log.warning("metrics_redis_error", error=str(e),

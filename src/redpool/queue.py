@@ -88,8 +88,9 @@ class RedisQueue:
         self.queues = list(queues)
         self.dead_max = dead_max
         self._proc = {q: keys.processing(name, q) for q in self.queues}
-        self._reserve_keys = [keys.supervisor(name), keys.crashes] + \
-            [k for q in self.queues for k in (keys.queue(q), self._proc[q])]
+        if not keys.cluster:  # cluster.ClusterQueue reserves and promotes queue by queue
+            self._reserve_keys = [keys.supervisor(name), keys.crashes] + \
+                [k for q in self.queues for k in (keys.queue(q), self._proc[q])]
         self.crashes_exist = True  # until a reserve says otherwise
         self._own_prefix = f"{keys.ns}:"
         self._reply_prefix = keys.reply("")
@@ -147,7 +148,7 @@ class RedisQueue:
         # lives in Redis, and crashed.lua judges poison pills by it.
         if not self.crashes_exist:
             return Reserved(queue, raw, 0)
-        crashes = conn.hget(self.keys.crashes, hashlib.sha1(raw).hexdigest())
+        crashes = conn.hget(self.keys.crashes_of(queue), hashlib.sha1(raw).hexdigest())
         return Reserved(queue, raw, int(crashes or 0))
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
@@ -238,7 +239,7 @@ class RedisQueue:
         (0: it was no longer ours)."""
         self.crashes_exist = True
         return int(self._crashed(keys=[self._proc_key(queue), self.keys.queue(queue),
-                                       self.keys.crashes], args=[raw, max_crashes]))
+                                       self.keys.crashes_of(queue)], args=[raw, max_crashes]))
 
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
         """Move due scheduled jobs onto their queues.  Returns (moved, seconds until
@@ -267,11 +268,17 @@ class RedisQueue:
         up), not put back by an orderly shutdown."""
         moved: dict[str, int] = {}
         for q, key in self.processing_lists().items():
-            n = int(self._requeue_all(keys=[key, self.keys.queue(q), self.keys.crashes],
+            n = int(self._requeue_all(keys=[key, self.keys.queue(q), self.keys.crashes_of(q)],
                                       args=["1" if crashed else "0"]))
             if n:
                 moved[q] = n
         return moved
+
+    def settle(self) -> int:
+        """Finish acknowledgements a lost reply or a crash left half done; returns how
+        many.  Nothing to do on one server, where one script acknowledges a job whole
+        (cluster.py has the two-step kind)."""
+        return 0
 
     def processing_contents(self) -> dict[str, list[bytes]]:
         """What Redis says we hold, per queue (to reconcile after a lost reply)."""

@@ -180,3 +180,81 @@ class EmbeddedSentinel(EmbeddedServer):
                     f"sentinel failover-timeout {s} {self.failover_timeout}\n"
                     f"sentinel parallel-syncs {s} 1\n")
         return [self.binary, conf, "--sentinel", *self.extra_args]
+
+
+class EmbeddedCluster:
+    """A private Redis Cluster of ``primaries`` nodes (no replicas) on loopback ports,
+    for tests: every node is an EmbeddedServer in cluster mode, the 16384 slots are
+    split evenly among them (CLUSTER ADDSLOTSRANGE), and the nodes are introduced
+    with CLUSTER MEET -- no valkey-cli, no fixed ports.  ``url`` names the first node;
+    a cluster client finds the others from it.  ``with EmbeddedCluster() as c: c.url``."""
+
+    SLOTS = 16384
+
+    def __init__(self, primaries: int = 3, *, binary: str | None = None,
+                 node_timeout_ms: int = 2000) -> None:
+        self.binary = binary or find_server_binary()
+        self.count = primaries
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes: list[EmbeddedServer] = []
+        self.bus_ports: list[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"redis://127.0.0.1:{n.port}" for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> "EmbeddedCluster":
+        try:
+            for _ in range(self.count):
+                bus = free_port()
+                node = EmbeddedServer(binary=self.binary, extra_args=[
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-port", str(bus),
+                    "--cluster-node-timeout", str(self.node_timeout_ms)])
+                self.nodes.append(node.start())
+                self.bus_ports.append(bus)
+            per = self.SLOTS // self.count
+            for i, node in enumerate(self.nodes):
+                last = self.SLOTS - 1 if i == self.count - 1 else (i + 1) * per - 1
+                self._call(node, "CLUSTER", "ADDSLOTSRANGE", str(i * per), str(last))
+            for node, bus in zip(self.nodes[1:], self.bus_ports[1:]):
+                self._call(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", str(node.port),
+                           str(bus))
+            self._wait_ok(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def _call(self, node: EmbeddedServer, *args: str):
+        import redis
+
+        with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5) as r:
+            return r.execute_command(*args)
+
+    def _wait_ok(self, timeout: float) -> None:
+        """Until every node says the cluster is ok and knows every other node."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [self._call(n, "CLUSTER", "INFO") for n in self.nodes]
+            infos = [i.decode() if isinstance(i, bytes) else i for i in infos]
+            if all("cluster_state:ok" in i and f"cluster_known_nodes:{self.count}" in i
+                   for i in infos):
+                return
+            time.sleep(0.05)
+        raise ConfigError(f"the private cluster did not come up in {timeout} s: {infos}")
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+        self.nodes = []
+
+    def __enter__(self) -> "EmbeddedCluster":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

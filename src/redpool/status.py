@@ -20,8 +20,8 @@ from typing import Any, TextIO
 
 import redis
 
-from .connection import explain
-from .deployment import Observer, Snapshot
+from .connection import check_cluster, explain, is_cluster_url
+from .deployment import Observer, Snapshot, dead_label
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
 from .locate import Sighting, locate
 from .protocol import DEFAULT_NAMESPACE, DEFAULT_RESULT_TTL, ID_RE, Keys
@@ -37,13 +37,25 @@ CLEAR, HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
 
 def open_redis(args: argparse.Namespace) -> tuple[redis.Redis, Keys, str]:
     """(client, keys, URL) from --redis-url / --namespace or their variables.  A URL
-    that does not parse is a ConfigError naming it without its password (connect())."""
+    that does not parse is a ConfigError naming it without its password (connect()),
+    and so is one whose form does not match the server: a Redis Cluster node reached
+    by redis:// would otherwise answer with MOVED errors.  Redis being unreachable is
+    left to the reads, which say so (and which --watch retries)."""
     url = chosen_url(args.redis_url)
     try:
-        keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE)
+        keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE,
+                    cluster=is_cluster_url(url))
     except ValueError as e:
         raise ConfigError(f"--namespace: {e}") from None
-    return connect(url), keys, url
+    try:
+        for q in getattr(args, "queue", None) or []:  # status --queue
+            keys.check_queue(q)
+    except ValueError as e:
+        raise ConfigError(f"--queue: {e}") from None
+    r = connect(url)
+    with contextlib.suppress(RedisUnavailable):
+        check_cluster(r, url)
+    return r, keys, url
 
 
 @contextlib.contextmanager
@@ -128,7 +140,7 @@ def render_status(snap: Snapshot, keys: Keys, where: str) -> str:
         out.append("no supervisors registered")
     out += ["", f"throughput: {snap.throughput:.1f} jobs/s over the last minute "
                 f"({plural(len(live), 'live supervisor')})"]
-    dead = f"dead letters: {snap.dead_total} in {clean(keys.dead)}"
+    dead = f"dead letters: {snap.dead_total} in {clean(dead_label(keys))}"
     if snap.dead_scanned < snap.dead_total:
         dead += f" (counted per queue among the newest {snap.dead_scanned})"
     out.append(dead)
@@ -214,6 +226,9 @@ def describe(s: Sighting) -> str:
             return (f"held by {where}, whose lease has expired: it goes back to the head "
                     f"of {q!r} when a live supervisor reaps it")
         return f"running (or reserved to run next) on {where}, from queue {q!r}"
+    if s.state == "finishing":
+        return (f"finished ({clean(d['status'])}) on supervisor {clean(d['supervisor'])!r}, "
+                f"from queue {q!r}: its result is being written (it waits in {clean(s.key)})")
     if s.state == "dead":
         body = s.body or {}
         return (f"dead-lettered from queue {q!r}, at position {d['position']} of "
@@ -250,7 +265,8 @@ def run_inspect(args: argparse.Namespace, out: TextIO = sys.stdout,
         print(json.dumps({"id": args.job_id, "found": bool(found),
                           "places": [s.to_dict() for s in found]}), file=out)
     else:
-        waiting = [s for s in found if s.state in ("scheduled", "queued", "running")]
+        waiting = [s for s in found if s.state in ("scheduled", "queued", "running",
+                                                   "finishing")]
         if len(waiting) > 1 or (waiting and len(found) > len(waiting)):
             print(f"job {args.job_id} is in {len(found)} places (its id was reused, or it "
                   "moved on while we looked)", file=out)

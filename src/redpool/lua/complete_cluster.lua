@@ -1,0 +1,56 @@
+-- complete_cluster: complete.lua for Redis Cluster, for the jobs of ONE queue (every key
+-- here carries the queue's hash tag: one slot).  For each job, in one atomic step:
+-- remove it from the processing list and, only if it was still there, put its answer
+-- on the outbox, its dead-letter entry on the queue's dead list, its next attempt on
+-- the queue's scheduled set, and drop its crash count.  The result key and the reply
+-- list live in other slots, so the supervisor writes them next, from the outbox, and
+-- then removes those entries (cluster.py, deliver()).  A job therefore leaves Redis
+-- only with its answer in the outbox, and a job no longer ours (fencing: a reaper took
+-- it back) writes nothing; it is counted instead.
+--
+-- KEYS[1]      <ns>:processing:<sup>:{q}   (list; the job is removed from it)
+-- KEYS[2]      <ns>:outbox:<sup>:{q}       (list; RPUSH of the answer)
+-- KEYS[3]      <ns>:dead:{q}               (list of dead-letter entries; LPUSH, LTRIM)
+-- KEYS[4]      <ns>:crashes:{q}            (hash; the job's count is dropped)
+-- KEYS[5]      <ns>:scheduled:{q}          (sorted set; the retry, ZADD)
+-- ARGV[1]      the dead-letter list's length cap
+-- then per job j (5 args each, offset a = 1 + 5(j-1)):
+--   ARGV[a+1]  the raw job, byte for byte as it sits in the processing list
+--   ARGV[a+2]  the outbox entry (JSON [result key, ttl, reply_to, envelope]), or ""
+--   ARGV[a+3]  the dead-letter entry JSON, or ""
+--   ARGV[a+4]  the next attempt's raw job, or ""
+--   ARGV[a+5]  its delay in milliseconds (due = Redis server time + delay)
+-- Returns      {jobs no longer in the processing list, the outbox's entries: all of
+--              them, those of earlier calls not yet delivered included}
+local counted = redis.call('EXISTS', KEYS[4]) == 1
+local now_ms = nil
+local missing = 0
+local dead_added = false
+for a = 1, #ARGV - 1, 5 do
+  local raw = ARGV[a + 1]
+  if redis.call('LREM', KEYS[1], -1, raw) == 0 then
+    missing = missing + 1
+  else
+    if ARGV[a + 2] ~= '' then
+      redis.call('RPUSH', KEYS[2], ARGV[a + 2])
+    end
+    if ARGV[a + 3] ~= '' then
+      redis.call('LPUSH', KEYS[3], ARGV[a + 3])
+      dead_added = true
+    end
+    if ARGV[a + 4] ~= '' then
+      if not now_ms then
+        local t = redis.call('TIME')
+        now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      end
+      redis.call('ZADD', KEYS[5], (now_ms + tonumber(ARGV[a + 5])) / 1000, ARGV[a + 4])
+    end
+    if counted then
+      redis.call('HDEL', KEYS[4], redis.sha1hex(raw))
+    end
+  end
+end
+if dead_added then
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
+end
+return {missing, redis.call('LRANGE', KEYS[2], 0, -1)}

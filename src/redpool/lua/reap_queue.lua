@@ -1,0 +1,23 @@
+-- reap_queue: reap.lua for Redis Cluster, one queue of a dead supervisor at a time (in
+-- the queue's slot): if its fence for this queue expired too, put every job of its
+-- processing list back at the head of the queue and count a crash for each -- one
+-- atomic step, so a job moves exactly once even if two reapers race, and nothing
+-- moves if the supervisor registered again meanwhile (a new fence).  Its outbox (answers
+-- it accepted but had not written) is delivered by the reaper afterwards.
+--
+-- KEYS[1]  <ns>:lease:<dead>:{q}         (hash; must not exist)
+-- KEYS[2]  <ns>:processing:<dead>:{q}    (list; emptied)
+-- KEYS[3]  <ns>:queue:{q}                (list; RPUSH to its head)
+-- KEYS[4]  <ns>:crashes:{q}              (hash; HINCRBY sha1(job))
+-- Returns  the number of jobs put back, or -1 if the fence is alive.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return -1
+end
+local moved = 0
+while true do
+  local job = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
+  if not job then break end
+  redis.call('HINCRBY', KEYS[4], redis.sha1hex(job), 1)
+  moved = moved + 1
+end
+return moved

@@ -1,0 +1,309 @@
+"""Redis Cluster: the worker on a private three-primary cluster (redpool.server.
+EmbeddedCluster), with queues spread over its shards.
+
+What is checked: the key layout puts every key of one queue in one slot and the queues
+on different primaries; real daemons run jobs on several queues at once with results,
+replies, dead letters, retries, delayed jobs and priority; the two-step completion
+(outbox) delivers answers after a crash between its steps; fencing drops a stale
+result; a killed child reruns exactly its job; a killed supervisor is reaped queue by
+queue; and a worker whose URL does not match the server says so at start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import SPREAD_QUEUES
+from helpers import ROOT, wait_for
+from redpool.cluster import ClusterLease, ClusterQueue, ClusterReaper, deliver
+from redpool.keys import Keys
+from redpool.queue import Completion
+
+pytestmark = pytest.mark.daemon
+
+
+def push(rc, keys, queue: str, **job) -> bytes:
+    raw = json.dumps(job).encode()
+    rc.lpush(keys.queue(queue), raw)
+    return raw
+
+
+def result(rc, keys, job_id: str) -> dict | None:
+    raw = rc.get(keys.result(job_id))
+    return json.loads(raw) if raw else None
+
+
+def ledger(r, key: str) -> Counter:
+    """How many times each job id logged a start (tests/taskmods/jobs.py)."""
+    return Counter(e.decode().split(":")[0] for e in r.lrange(key, 0, -1)
+                   if e.decode().split(":")[1] == "start")
+
+
+# -- the key layout -------------------------------------------------------------------------------
+
+def test_the_cluster_layout_tags_every_key_of_a_queue_with_its_name():
+    k = Keys("app", cluster=True)
+    assert k.queue("emails:high") == "app:queue:{emails:high}"
+    assert k.scheduled("q") == "app:scheduled:{q}"
+    assert k.processing("web-1", "q") == "app:processing:web-1:{q}"
+    assert k.crashes_of("q") == "app:crashes:{q}" and k.dead_of("q") == "app:dead:{q}"
+    assert k.fence("web-1", "q") == "app:lease:web-1:{q}"
+    assert k.outbox("web-1", "q") == "app:outbox:web-1:{q}"
+    assert (k.supervisors, k.supervisor("web-1"), k.reaper) == \
+        ("{app}:supervisors", "{app}:supervisor:web-1", "{app}:reaper")
+    assert k.result("j1") == "app:result:j1" and k.reply("c") == "app:reply:c"
+    assert k.queue_of_processing("web-1", k.processing("web-1", "a:b")) == "a:b"
+    assert k.queue_named(k.queue("q")) == "q" and k.queue_named(k.scheduled("q")) == "q"
+    assert k.dead_named(k.dead_of("q")) == "q"
+    with pytest.raises(ValueError, match="its own dead-letter list"):
+        k.dead
+    with pytest.raises(ValueError, match="hash tag"):
+        k.check_queue("a{b}")
+    with pytest.raises(ValueError, match="Redis Cluster"):
+        Keys("{app}", cluster=True)
+    # one server: the layout of protocol version 1, unchanged
+    plain = Keys("app")
+    assert (plain.queue("q"), plain.crashes_of("q"), plain.dead_of("q"), plain.supervisors) == \
+        ("app:queue:q", "app:crashes", "app:dead", "app:supervisors")
+
+
+def test_one_queues_keys_share_a_slot_and_the_test_queues_sit_on_three_primaries(rc):
+    k = Keys("app", cluster=True)
+    for q in SPREAD_QUEUES:
+        slots = {rc.keyslot(key) for key in (
+            k.queue(q), k.scheduled(q), k.processing("w", q), k.crashes_of(q), k.dead_of(q),
+            k.fence("w", q), k.outbox("w", q))}
+        assert len(slots) == 1, q
+    assert len({rc.keyslot(key) for key in (k.supervisors, k.supervisor("w"), k.reaper)}) == 1
+    assert len({rc.get_node_from_key(k.queue(q)).name for q in SPREAD_QUEUES}) == 3
+
+
+# -- the daemon on a cluster ------------------------------------------------------------------------
+
+def test_jobs_on_queues_spread_over_three_primaries_all_get_their_answers(
+        rc, cluster_keys, cluster_daemons):
+    keys = cluster_keys
+    d = cluster_daemons("--concurrency", "2", *[a for q in SPREAD_QUEUES for a in ("--queue", q)]
+                        ).wait_started()
+    for i in range(60):
+        push(rc, keys, SPREAD_QUEUES[i % 3], task="t.add", id=f"j{i}", args=[i, 1],
+             reply_to=f"{keys.ns}-replies:{i % 3}")
+    push(rc, keys, "a", task="t.boom", id="bad", dead_letter=True, reply_to=f"{keys.ns}-bad")
+    push(rc, keys, "b", task="no.such.task", id="unknown")
+    rc.lpush(keys.queue("c"), b"{not json")
+    wait_for(lambda: all(result(rc, keys, f"j{i}") for i in range(60)), what="60 results")
+    assert all(result(rc, keys, f"j{i}")["result"] == i + 1 for i in range(60))
+    assert {result(rc, keys, f"j{i}")["queue"] for i in range(60)} == set(SPREAD_QUEUES)
+    # every reply list got its 20 answers, on whichever node it hashes to
+    for n in range(3):
+        got = [json.loads(x)["id"] for x in rc.lrange(f"{keys.ns}-replies:{n}", 0, -1)]
+        assert sorted(got) == sorted(f"j{i}" for i in range(60) if i % 3 == n)
+    # failures: answered, and dead-lettered in their own queue's list
+    bad = json.loads(rc.brpop([f"{keys.ns}-bad"], 10)[1])
+    assert bad["status"] == "failed" and bad["error"]["type"] == "ValueError"
+    wait_for(lambda: result(rc, keys, "unknown"), what="unknown task answered")
+    assert result(rc, keys, "unknown")["error"]["type"] == "UnknownTask"
+    wait_for(lambda: rc.llen(keys.dead_of("c")) == 1, what="malformed job dead-lettered")
+    assert json.loads(rc.lindex(keys.dead_of("a"), 0))["id"] == "bad"
+    assert json.loads(rc.lindex(keys.dead_of("c"), 0))["error_type"] == "InvalidJob"
+    # nothing left behind: processing lists and outboxes are empty
+    assert not any(rc.llen(keys.processing("w1", q)) or rc.llen(keys.outbox("w1", q))
+                   for q in SPREAD_QUEUES)
+    # an orderly stop gives the name and the fences back
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    assert not rc.exists(keys.supervisor("w1"), *(keys.fence("w1", q) for q in SPREAD_QUEUES))
+    assert not rc.sismember(keys.supervisors, "w1")
+
+
+def test_retries_and_delayed_jobs_go_through_each_queues_scheduled_set(
+        rc, cluster_keys, cluster_daemons):
+    keys = cluster_keys
+    cluster_daemons("--queue", "a", "--queue", "b").wait_started()
+    push(rc, keys, "a", task="t.flaky", id="flaky", args=[2])
+    due = float(rc.time()[0]) + 1.5
+    rc.zadd(keys.scheduled("b"), {json.dumps({"task": "t.add", "id": "later", "args": [1, 1]}): due})
+    wait_for(lambda: result(rc, keys, "flaky"), timeout=30, what="flaky to succeed")
+    assert result(rc, keys, "flaky")["status"] == "succeeded"
+    assert result(rc, keys, "flaky")["attempts"] == 3
+    wait_for(lambda: result(rc, keys, "later"), timeout=10, what="the delayed job")
+    assert result(rc, keys, "later")["started_at"] >= due - 0.05
+
+
+def test_queues_are_taken_in_priority_order_across_shards(rc, cluster_keys, cluster_daemons):
+    keys = cluster_keys
+    for i in range(5):
+        push(rc, keys, "c", task="t.add", id=f"low{i}", args=[i, 0])
+        push(rc, keys, "a", task="t.add", id=f"high{i}", args=[i, 0])
+    cluster_daemons("--concurrency", "1", "--queue", "a", "--queue", "c").wait_started()
+    wait_for(lambda: all(result(rc, keys, f"{p}{i}") for p in ("low", "high") for i in range(5)),
+             what="all ten")
+    last_high = max(result(rc, keys, f"high{i}")["started_at"] for i in range(5))
+    first_low = min(result(rc, keys, f"low{i}")["started_at"] for i in range(5))
+    assert last_high <= first_low
+
+
+def test_sigkill_of_a_child_reruns_exactly_that_job(rc, cluster_keys, cluster_daemons, r, keys):
+    led = keys.ns + ":ledger"
+    cluster_daemons("--concurrency", "2", "--queue", "b", ledger=led).wait_started()
+    for i in range(4):
+        push(rc, cluster_keys, "b", task="t.sleep", id=f"s{i}", args=[0.2, i])
+    push(rc, cluster_keys, "b", task="t.sleep", id="victim", args=[3, "v"])
+    wait_for(lambda: ledger(r, led)["victim"] == 1, what="victim start")
+    entry = next(e.decode() for e in r.lrange(led, 0, -1) if e.startswith(b"victim:start"))
+    os.kill(int(entry.rsplit(":", 1)[1]), signal.SIGKILL)
+    wait_for(lambda: all(result(rc, cluster_keys, j) for j in ["victim", "s0", "s1", "s2", "s3"]),
+             timeout=30, what="all results")
+    assert result(rc, cluster_keys, "victim")["attempts"] == 2
+    assert ledger(r, led)["victim"] == 2 and all(ledger(r, led)[f"s{i}"] == 1 for i in range(4))
+    assert rc.hlen(cluster_keys.crashes_of("b")) == 0
+
+
+def test_a_dead_supervisor_is_reaped_queue_by_queue(rc, cluster_keys, cluster_daemons):
+    keys = cluster_keys
+    queues = [a for q in SPREAD_QUEUES for a in ("--queue", q)]
+    a = cluster_daemons("--concurrency", "2", "--lease", "2", *queues, name="host-a").wait_started()
+    for i in range(18):
+        push(rc, keys, SPREAD_QUEUES[i % 3], task="t.sleep", id=f"j{i}", args=[0.8, i])
+    wait_for(lambda: sum(rc.llen(keys.processing("host-a", q)) for q in SPREAD_QUEUES) >= 2,
+             what="host-a busy")
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait(10)
+    t0 = time.monotonic()
+    b = cluster_daemons("--concurrency", "2", "--lease", "2", *queues, name="host-b").wait_started()
+    wait_for(lambda: not any(rc.llen(keys.processing("host-a", q)) for q in SPREAD_QUEUES),
+             timeout=2 + 5, what="host-a's jobs taken back")
+    assert time.monotonic() - t0 <= 2 + 5
+    wait_for(lambda: all(result(rc, keys, f"j{i}") for i in range(18)), timeout=60,
+             what="all results")
+    assert all(result(rc, keys, f"j{i}")["status"] == "succeeded" for i in range(18))
+    wait_for(lambda: not rc.sismember(keys.supervisors, "host-a"), what="host-a forgotten")
+    assert any(e.get("event") == "reaped" and e.get("supervisor") == "host-a" for e in b.events())
+
+
+# -- the two steps of a completion, fencing, the reaper (the Redis side alone) --------------------------
+
+def completion(keys, queue: str, raw: bytes, job_id: str, reply_to: str | None = None):
+    env = json.dumps({"v": 1, "id": job_id, "status": "succeeded", "result": 1}).encode()
+    return Completion(queue, raw, job_id, 60, reply_to, env)
+
+
+def reserved_by(rc, keys, name: str, queues: list[str]) -> tuple[ClusterQueue, ClusterLease]:
+    lease = ClusterLease(rc, keys, name, queues)
+    lease.register({"host": "elsewhere", "pid": 1}, 30)
+    return ClusterQueue(rc, keys, name, queues), lease
+
+
+def test_answers_left_in_an_outbox_by_a_crash_are_delivered_at_the_next_start(rc, cluster_keys):
+    keys = cluster_keys
+    rq, lease = reserved_by(rc, keys, "sup", ["a", "b"])
+    raws = [push(rc, keys, q, task="t", id=f"{q}1") for q in ("a", "b")]
+    got = rq.reserve(10, lease.epoch)
+    assert sorted(g.queue for g in got) == ["a", "b"]
+    # the first step alone, as if the supervisor died right after it
+    for q, raw in zip(("a", "b"), raws):
+        missing, entries = rq._complete_q(keys=rq._complete_keys(q), args=rq._complete_args(
+            [completion(keys, q, raw, f"{q}1", reply_to=f"{keys.ns}-r")]))
+        assert missing == 0 and len(entries) == 1
+    assert rc.llen(keys.processing("sup", "a")) == 0 and rc.get(keys.result("a1")) is None
+    # the next start delivers them, once
+    ClusterQueue(rc, keys, "sup", ["a", "b"]).recover(crashed=True)
+    assert result(rc, keys, "a1")["id"] == "a1" and result(rc, keys, "b1")["id"] == "b1"
+    assert rc.llen(f"{keys.ns}-r") == 2 and rc.ttl(f"{keys.ns}-r") > 0
+    assert not rc.exists(keys.outbox("sup", "a"), keys.outbox("sup", "b"))
+
+
+def test_a_fenced_completion_writes_nothing_and_a_lost_fence_stops_reserving(rc, cluster_keys):
+    keys = cluster_keys
+    rq, lease = reserved_by(rc, keys, "sup", ["a", "c"])
+    raw = push(rc, keys, "c", task="t", id="c1")
+    assert [g.raw for g in rq.reserve(5, lease.epoch)] == [raw]
+    # a reaper took the job back (our lease had expired)
+    rc.delete(keys.processing("sup", "c"))
+    done = [completion(keys, "c", raw, "c1", reply_to=f"{keys.ns}-r")]
+    assert rq.complete(done) == (1, 0)
+    assert rc.get(keys.result("c1")) is None and not rc.exists(f"{keys.ns}-r")
+    assert done == []  # acknowledged (as missing): nothing left to send again
+    # a fence that expired (or was taken over) is a lost lease: nothing is reserved
+    push(rc, keys, "c", task="t", id="c2")
+    rc.delete(keys.fence("sup", "c"))
+    assert rq.reserve(5, lease.epoch) is None
+    assert rc.llen(keys.queue("c")) == 1
+    # the supervisor then re-registers: its old lease, still standing, is its own to replace
+    old = lease.epoch
+    lease.register({"host": "elsewhere", "pid": 1}, 30)
+    assert lease.epoch != old and rc.hget(keys.fence("sup", "c"), "epoch") == lease.epoch.encode()
+    assert [g.queue for g in rq.reserve(5, lease.epoch)] == ["c"]
+    # a fence lost while the lease held is simply set again at the next renewal
+    rc.delete(keys.fence("sup", "a"))
+    assert lease.renew({}, 30) and rc.hget(keys.fence("sup", "a"), "epoch") == lease.epoch.encode()
+
+
+def test_deliver_skips_replies_it_must_not_write_and_keeps_the_rest(rc, cluster_keys):
+    keys = cluster_keys
+    box = keys.outbox("sup", "a")
+    rc.set(f"{keys.ns}-string", "x")
+    entries = [json.dumps([keys.result(j), 60, to, json.dumps({"id": j})]).encode()
+               for j, to in (("ok", f"{keys.ns}-list"), ("wrongtype", f"{keys.ns}-string"),
+                             ("ours", keys.queue("a")), ("none", ""))]
+    rc.rpush(box, *entries)
+    assert deliver(rc, keys, box, entries) == 2
+    assert rc.llen(f"{keys.ns}-list") == 1 and rc.llen(keys.queue("a")) == 0
+    assert all(result(rc, keys, j) for j in ("ok", "wrongtype", "ours", "none"))
+    assert rc.llen(box) == 0
+
+
+def test_the_reaper_waits_for_each_queues_fence_and_delivers_the_dead_ones_outbox(
+        rc, cluster_keys):
+    keys = cluster_keys
+    rq, lease = reserved_by(rc, keys, "dead", ["a", "b"])
+    raws = {q: push(rc, keys, q, task="t", id=f"{q}1") for q in ("a", "b")}
+    assert len(rq.reserve(10, lease.epoch)) == 2
+    rc.rpush(keys.outbox("dead", "b"), json.dumps([keys.result("done1"), 60, "", "{}"]))
+    # its lease hash expires, but the fence of queue b is still alive: a is reaped, b waits
+    rc.delete(keys.supervisor("dead"), keys.fence("dead", "a"))
+    reaper = ClusterReaper(rc, keys, "other")
+    assert reaper.run() == {"dead": 1}
+    assert rc.lrange(keys.queue("a"), 0, -1) == [raws["a"]]
+    assert rc.llen(keys.processing("dead", "b")) == 1 and rc.sismember(keys.supervisors, "dead")
+    # once b's fence is gone too, b is reaped, the outbox delivered, the name forgotten
+    rc.delete(keys.fence("dead", "b"), keys.reaper)
+    assert reaper.run() == {"dead": 1}
+    assert rc.lrange(keys.queue("b"), 0, -1) == [raws["b"]]
+    assert rc.get(keys.result("done1")) == b"{}" and not rc.exists(keys.outbox("dead", "b"))
+    assert not rc.sismember(keys.supervisors, "dead")
+    assert rc.hvals(keys.crashes_of("a")) == [b"1"]  # a reaped job counts as a crash
+
+
+# -- the URL must match the server -------------------------------------------------------------------
+
+def run_worker(url: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("REDPOOL_REDIS_URL", None)
+    return subprocess.run([sys.executable, "-m", "redpool", "worker", "tests.taskmods.jobs",
+                           "--redis-url", url, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_cluster_node_reached_by_redis_url_is_refused_with_the_url_to_use(cluster):
+    done = run_worker(cluster.url)
+    assert done.returncode == 2
+    assert "is a Redis Cluster node" in done.stderr and "redis+cluster://" in done.stderr
+
+
+def test_a_plain_server_reached_by_a_cluster_url_is_refused(redis_url):
+    done = run_worker(redis_url.replace("redis://", "redis+cluster://").removesuffix("/0"))
+    assert done.returncode == 2 and "is not a Redis Cluster node" in done.stderr
+
+
+def test_a_queue_name_with_braces_is_refused_on_a_cluster(cluster_url):
+    done = run_worker(cluster_url, "--queue", "a{b}")
+    assert done.returncode == 2 and "hash tag" in done.stderr
