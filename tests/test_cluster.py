@@ -189,6 +189,74 @@ def test_a_dead_supervisor_is_reaped_queue_by_queue(rc, cluster_keys, cluster_da
     assert any(e.get("event") == "reaped" and e.get("supervisor") == "host-a" for e in b.events())
 
 
+def test_a_frozen_supervisor_is_fenced_per_queue_and_its_stale_result_dropped(
+        rc, cluster_keys, cluster_daemons):
+    keys = cluster_keys
+    a = cluster_daemons("--concurrency", "1", "--lease", "2", "--prefetch", "0", "--queue", "c",
+                        name="frozen").wait_started()
+    push(rc, keys, "c", task="t.sleep", id="f1", args=[2.5, "x"])
+    wait_for(lambda: rc.llen(keys.processing("frozen", "c")) == 1, what="f1 taken by 'frozen'")
+    time.sleep(0.3)  # and started
+    cluster_daemons("--concurrency", "1", "--lease", "2", "--prefetch", "0", "--queue", "c",
+                    name="healthy").wait_started()
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: (result(rc, keys, "f1") or {}).get("worker") == "healthy", timeout=30,
+                 what="f1 finished by the healthy supervisor")
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    wait_for(lambda: any(e.get("event") == "results_dropped" for e in a.events()), timeout=15,
+             what="the thawed one to drop its stale result")
+    assert any(e.get("event") == "reregistered" for e in a.events())
+    assert result(rc, keys, "f1")["worker"] == "healthy"  # never overwritten
+    assert not rc.llen(keys.outbox("frozen", "c"))
+    for i in range(4):
+        push(rc, keys, "c", task="t.add", id=f"after{i}", args=[i, 1])
+    wait_for(lambda: all(result(rc, keys, f"after{i}") for i in range(4)), what="later jobs")
+    assert a.proc.poll() is None and rc.sismember(keys.supervisors, "frozen")
+
+
+def test_a_primary_killed_and_restarted_mid_run_loses_nothing(r, keys, redis_url, tmp_path):
+    """kill -9 of the primary that holds queue b (append-only file, fsync always) while
+    jobs run on three queues: the daemon waits Redis out, and every job is answered."""
+    from helpers import Daemon
+    from redis.cluster import RedisCluster
+    from redpool.server import EmbeddedCluster
+
+    led = keys.ns + ":ledger"
+    with EmbeddedCluster(3, appendonly=True) as c:
+        ck = Keys("crash", cluster=True)
+        rc = RedisCluster.from_url(c.url)
+        d = Daemon(c.url.replace("redis://", "redis+cluster://"), "crash", "--concurrency", "2",
+                   *[a for q in SPREAD_QUEUES for a in ("--queue", q)],
+                   env={"REDPOOL_LEDGER_URL": redis_url, "REDPOOL_LEDGER": led}).start(tmp_path)
+        try:
+            d.wait_started()
+            for i in range(90):
+                push(rc, ck, SPREAD_QUEUES[i % 3], task="t.sleep", id=f"j{i}", args=[0.05, i])
+            wait_for(lambda: sum(rc.exists(ck.result(f"j{i}")) for i in range(90)) >= 15,
+                     what="some progress")
+            victim = c.node_of(ck.queue("b"))
+            victim.proc.kill()
+            victim.proc.wait()
+            time.sleep(1.5)
+            c.restart(victim)
+            rc.close()
+            rc = RedisCluster.from_url(c.url)
+            wait_for(lambda: all(rc.exists(ck.result(f"j{i}")) for i in range(90)), timeout=60,
+                     what="every job answered")
+            assert all(result(rc, ck, f"j{i}")["status"] == "succeeded" for i in range(90))
+            runs = ledger(r, led)
+            assert all(runs[f"j{i}"] >= 1 for i in range(90))
+            events = [e.get("event") for e in d.events()]
+            assert "redis_down" in events and "redis_up" in events
+            assert d.proc.poll() is None
+            print(f"runs beyond one: {sum(runs.values()) - 90}")
+        finally:
+            d.kill()
+            rc.close()
+
+
 # -- the two steps of a completion, fencing, the reaper (the Redis side alone) --------------------------
 
 def completion(keys, queue: str, raw: bytes, job_id: str, reply_to: str | None = None):

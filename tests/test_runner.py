@@ -127,6 +127,19 @@ def test_on_start_gets_the_effective_timeout(runner):
     assert seen == [30.0, 7.5, 2.0]
 
 
+@pytest.mark.parametrize("reply_to", ["redpool:queue:default", "redpool:queue:{default}",
+                                      "{redpool}:supervisors", "redpool:dead"])
+def test_a_reply_to_naming_one_of_our_own_keys_fails_the_job(runner, reply_to):
+    out = runner.run("q", raw_job("tests.add", args=(1, 2), reply_to=reply_to))
+    assert out.meta["error_type"] == p.E_INVALID_JOB
+    assert "one of redpool's own keys" in env_of(out)["error"]["message"]
+
+
+@pytest.mark.parametrize("reply_to", ["redpool:reply:c1", "myapp:replies", "{myapp}:r"])
+def test_a_reply_to_outside_our_keys_or_under_reply_is_fine(runner, reply_to):
+    assert runner.run("q", raw_job("tests.add", args=(1, 2), reply_to=reply_to)).meta["error_type"] is None
+
+
 def test_on_start_is_not_called_for_a_job_that_cannot_run(runner):
     seen = []
     out = runner.run("q", raw_job("no.such.task"), on_start=seen.append)

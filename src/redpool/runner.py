@@ -57,7 +57,9 @@ class Runner:
         self.registry = registry
         self.worker = worker
         self.max_payload = max_payload
-        self.own_prefix = f"{namespace}:"
+        # our keys: <ns>:..., and on Redis Cluster the namespace-wide {<ns>}:... (refused on
+        # one server too: a producer has no reason to name such a key)
+        self.own_prefixes = (f"{namespace}:", f"{{{namespace}}}:")
         self.reply_prefix = p.Keys(namespace).reply("")
         self.defaults = defaults or Policy()
 
@@ -160,7 +162,7 @@ class Runner:
         rt = job.reply_to
         if self._own_key(rt):
             raise p.InvalidJob(f"'reply_to' {rt!r} is one of redpool's own keys: use a key "
-                               f"outside the {self.own_prefix!r} namespace, or "
+                               f"outside the {self.own_prefixes[0]!r} namespace, or "
                                f"{self.reply_prefix}<anything>", reply_to=rt, **known)
         t = self.registry.get(job.task)
         if t is None:
@@ -176,7 +178,7 @@ class Runner:
 
     def _own_key(self, key: str | None) -> bool:
         """A reply pushed onto one of our own keys (a queue!) would corrupt it."""
-        return bool(key) and key.startswith(self.own_prefix) and not key.startswith(self.reply_prefix)
+        return bool(key) and key.startswith(self.own_prefixes) and not key.startswith(self.reply_prefix)
 
 
 def _type_name(e: BaseException) -> str:

@@ -192,10 +192,11 @@ class EmbeddedCluster:
     SLOTS = 16384
 
     def __init__(self, primaries: int = 3, *, binary: str | None = None,
-                 node_timeout_ms: int = 2000) -> None:
+                 node_timeout_ms: int = 2000, appendonly: bool = False) -> None:
         self.binary = binary or find_server_binary()
         self.count = primaries
         self.node_timeout_ms = node_timeout_ms
+        self.appendonly = appendonly
         self.nodes: list[EmbeddedServer] = []
         self.bus_ports: list[int] = []
 
@@ -211,7 +212,7 @@ class EmbeddedCluster:
         try:
             for _ in range(self.count):
                 bus = free_port()
-                node = EmbeddedServer(binary=self.binary, extra_args=[
+                node = EmbeddedServer(binary=self.binary, appendonly=self.appendonly, extra_args=[
                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                     "--cluster-port", str(bus),
                     "--cluster-node-timeout", str(self.node_timeout_ms)])
@@ -229,6 +230,19 @@ class EmbeddedCluster:
             self.cleanup()
             raise
         return self
+
+    def node_of(self, key: str) -> EmbeddedServer:
+        """The node that serves ``key``'s slot (the slots were split evenly at start)."""
+        import redis
+
+        slot = redis.cluster.key_slot(key.encode())
+        return self.nodes[min(slot // (self.SLOTS // self.count), self.count - 1)]
+
+    def restart(self, node: EmbeddedServer, timeout: float = 30.0) -> None:
+        """Start a stopped (or killed) node again, on its port and directory: it comes
+        back with its identity and slots (nodes.conf), and its data if ``appendonly``."""
+        node.start()
+        self._wait_ok(timeout)
 
     def _call(self, node: EmbeddedServer, *args: str):
         import redis

@@ -9,12 +9,15 @@ point, ``connect()``, and re-exports what tests and callers need from here).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS, SSLConnection
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
@@ -191,14 +194,44 @@ def parse_cluster_url(url: str) -> ClusterURL:
                       parts.scheme.lower() == "rediss+cluster", options)
 
 
+class ClusterRedis(RedisCluster):
+    """A RedisCluster whose failures to reach the cluster are redis.ConnectionError.
+
+    redis-py raises RedisClusterException, which is not a RedisError, when it cannot
+    rebuild its slot map (every node it knows is unreachable, or the nodes' maps leave
+    slots uncovered while a primary is away): a Redis outage like any other to the
+    supervisor's backoff and the producer's error handling, not a crash.  Also for
+    pipelines, which execute on a path of their own."""
+
+    def execute_command(self, *args, **kwargs):
+        with _unreachable_as_connection_error():
+            return super().execute_command(*args, **kwargs)
+
+    def pipeline(self, *args, **kwargs):
+        pipe = super().pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def guarded(*a, **kw):
+            with _unreachable_as_connection_error():
+                return execute(*a, **kw)
+
+        pipe.execute = guarded
+        return pipe
+
+
+@contextlib.contextmanager
+def _unreachable_as_connection_error():
+    try:
+        yield
+    except RedisClusterException as e:
+        raise redis.ConnectionError(f"Redis Cluster unreachable: {e}") from e
+
+
 def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
     """A RedisCluster client: it learns the slot map from the nodes named and sends each
     command to the node of its keys.  Its own retries (on a lost connection it would
     send a script again) are off, as everywhere: ``retry`` sets the count, 0 unless
     the caller asks."""
-    from redis.cluster import ClusterNode, RedisCluster
-    from redis.exceptions import RedisClusterException
-
     options = dict(kwargs)
     retry = options.pop("retry", None)
     options.pop("health_check_interval", None)  # per node pool, not meaningful here
@@ -212,7 +245,7 @@ def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
     if target.tls:
         options["ssl"] = True
     try:
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.hosts],
+        return ClusterRedis(startup_nodes=[ClusterNode(h, p) for h, p in target.hosts],
                             username=target.username, password=target.password,
                             retry=retry or Retry(NoBackoff(), 0), **options)
     except RedisClusterException as e:
