@@ -257,6 +257,44 @@ def test_a_primary_killed_and_restarted_mid_run_loses_nothing(r, keys, redis_url
             rc.close()
 
 
+def test_the_whole_cluster_away_is_an_outage_the_daemon_waits_out(tmp_path):
+    """Every node down: redis-py cannot rebuild its slot map and raises its own
+    RedisClusterException, which is not a RedisError; topology.ClusterRedis turns it into
+    a ConnectionError, so the supervisor backs off instead of crashing."""
+    import redis
+    from helpers import Daemon
+    from redpool.connection import connect
+    from redpool.server import EmbeddedCluster
+
+    with EmbeddedCluster(3) as c:
+        url = c.url.replace("redis://", "redis+cluster://")
+        d = Daemon(url, "away", "--queue", "a", "--queue", "b").start(tmp_path).wait_started()
+        rc = connect(url, socket_timeout=2, socket_connect_timeout=1)
+        try:
+            for n in c.nodes:
+                n.stop()
+            with pytest.raises(redis.ConnectionError, match="Redis Cluster unreachable"):
+                rc.get("anything")
+            pipe = rc.pipeline(transaction=False)
+            pipe.get("x")
+            with pytest.raises(redis.ConnectionError):
+                pipe.execute()
+            wait_for(lambda: any(e.get("event") == "redis_down" for e in d.events()),
+                     what="redis_down")
+            time.sleep(1.0)
+            for n in c.nodes:
+                n.start()
+            c.wait_ok(30)
+            ck = Keys("away", cluster=True)
+            push(rc, ck, "b", task="t.add", id="back", args=[1, 2])
+            wait_for(lambda: result(rc, ck, "back"), timeout=30, what="a job after the outage")
+            assert any(e.get("event") == "redis_up" for e in d.events())
+            assert d.proc.poll() is None
+        finally:
+            d.kill()
+            rc.close()
+
+
 # -- the two steps of a completion, fencing, the reaper (the Redis side alone) --------------------------
 
 def completion(keys, queue: str, raw: bytes, job_id: str, reply_to: str | None = None):

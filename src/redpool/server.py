@@ -225,7 +225,7 @@ class EmbeddedCluster:
             for node, bus in zip(self.nodes[1:], self.bus_ports[1:]):
                 self._call(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", str(node.port),
                            str(bus))
-            self._wait_ok(timeout)
+            self.wait_ok(timeout)
         except BaseException:
             self.cleanup()
             raise
@@ -242,7 +242,7 @@ class EmbeddedCluster:
         """Start a stopped (or killed) node again, on its port and directory: it comes
         back with its identity and slots (nodes.conf), and its data if ``appendonly``."""
         node.start()
-        self._wait_ok(timeout)
+        self.wait_ok(timeout)
 
     def _call(self, node: EmbeddedServer, *args: str):
         import redis
@@ -250,7 +250,7 @@ class EmbeddedCluster:
         with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5) as r:
             return r.execute_command(*args)
 
-    def _wait_ok(self, timeout: float) -> None:
+    def wait_ok(self, timeout: float) -> None:
         """Until every node says the cluster is ok and knows every other node."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
