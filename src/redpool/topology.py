@@ -204,7 +204,7 @@ class ClusterRedis(RedisCluster):
     pipelines, which execute on a path of their own."""
 
     def execute_command(self, *args, **kwargs):
-        with _unreachable_as_connection_error():
+        with unreachable_as_connection_error():
             return super().execute_command(*args, **kwargs)
 
     def pipeline(self, *args, **kwargs):
@@ -212,7 +212,7 @@ class ClusterRedis(RedisCluster):
         execute = pipe.execute
 
         def guarded(*a, **kw):
-            with _unreachable_as_connection_error():
+            with unreachable_as_connection_error():
                 return execute(*a, **kw)
 
         pipe.execute = guarded
@@ -220,7 +220,7 @@ class ClusterRedis(RedisCluster):
 
 
 @contextlib.contextmanager
-def _unreachable_as_connection_error():
+def unreachable_as_connection_error():
     try:
         yield
     except RedisClusterException as e:

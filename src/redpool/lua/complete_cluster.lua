@@ -14,7 +14,11 @@
 -- KEYS[4]      <ns>:crashes:{q}            (hash; the job's count is dropped)
 -- KEYS[5]      <ns>:scheduled:{q}          (sorted set; the retry, ZADD)
 -- ARGV[1]      the dead-letter list's length cap
--- then per job j (5 args each, offset a = 1 + 5(j-1)):
+-- ARGV[2]      D: how many answers of earlier calls were delivered since (cluster.py
+--              removes them here, in the round trip it makes anyway)
+-- ARGV[3..2+D] those outbox entries, removed by value (LREM 1 each: a reaper that
+--              delivered one too, racing us, cannot make us drop another)
+-- then per job j (5 args each, offset a = 2 + D + 5(j-1)):
 --   ARGV[a+1]  the raw job, byte for byte as it sits in the processing list
 --   ARGV[a+2]  the outbox entry (JSON [result key, ttl, reply_to, envelope]), or ""
 --   ARGV[a+3]  the dead-letter entry JSON, or ""
@@ -26,7 +30,11 @@ local counted = redis.call('EXISTS', KEYS[4]) == 1
 local now_ms = nil
 local missing = 0
 local dead_added = false
-for a = 1, #ARGV - 1, 5 do
+local delivered = tonumber(ARGV[2])
+for i = 3, 2 + delivered do
+  redis.call('LREM', KEYS[2], 1, ARGV[i])
+end
+for a = 2 + delivered, #ARGV - 1, 5 do
   local raw = ARGV[a + 1]
   if redis.call('LREM', KEYS[1], -1, raw) == 0 then
     missing = missing + 1
