@@ -86,6 +86,18 @@ def test_one_queues_keys_share_a_slot_and_the_test_queues_sit_on_three_primaries
     assert len({rc.get_node_from_key(k.queue(q)).name for q in SPREAD_QUEUES}) == 3
 
 
+def test_a_cluster_url_gives_a_cluster_client_that_never_retries_blindly(cluster):
+    from redpool import topology
+    from redpool.queue import connect as supervisor_connect
+
+    r = supervisor_connect(cluster.url.replace("redis://", "redis+cluster://"))
+    try:
+        assert isinstance(r, topology.ClusterRedis) and r.retry.get_retries() == 0
+        assert r.ping()
+    finally:
+        r.close()
+
+
 # -- the daemon on a cluster ------------------------------------------------------------------------
 
 def test_jobs_on_queues_spread_over_three_primaries_all_get_their_answers(

@@ -10,7 +10,8 @@ from redis.sentinel import MasterNotFoundError
 
 from redpool import connection, topology
 from redpool.client import Client
-from redpool.connection import (SentinelRedis, connect, explain, parse_sentinel_url,
+from redpool.connection import (SentinelRedis, connect, explain, is_cluster_url,
+                                parse_cluster_url, parse_sentinel_url,
                                 tls_options, with_tls)
 from redpool.errors import ConfigError
 from redpool.queue import connect as supervisor_connect
@@ -83,6 +84,29 @@ def test_a_password_that_cuts_the_address_short_is_not_quoted_as_a_port():
     with pytest.raises(ConfigError, match="percent-encode") as e:
         parse_sentinel_url("redis+sentinel://:s3cr3t/x@h1:26379/m")
     assert "s3cr3t" not in str(e.value)
+
+
+# -- Redis Cluster URLs ---------------------------------------------------------------------------
+
+def test_a_cluster_url_names_nodes_credentials_and_options():
+    t = parse_cluster_url("redis+cluster://app:p%40ss@n1:7000,n2,[::1]:7001?socket_keepalive=true")
+    assert t.hosts == [("n1", 7000), ("n2", 6379), ("::1", 7001)]
+    assert (t.username, t.password, t.tls, t.options) == \
+        ("app", "p@ss", False, {"socket_keepalive": "true"})
+    assert parse_cluster_url("rediss+cluster://n1/0").tls is True
+    assert is_cluster_url("REDIS+CLUSTER://n1") and not is_cluster_url("redis://n1")
+
+
+@pytest.mark.parametrize("url, why", [
+    ("redis+cluster://n1/2", "only database 0"),
+    ("redis+cluster://n1?db=1", "only database 0"),
+    ("redis+cluster://n1:port", "port is not a number"),
+    ("redis+cluster://n1,,n2", "empty"),
+])
+def test_a_bad_cluster_url_says_what_is_wrong_without_its_password(url, why):
+    with pytest.raises(ConfigError, match=why) as e:
+        parse_cluster_url(url.replace("://", "://u:s3cret@"))
+    assert "s3cret" not in str(e.value) and "use redis+cluster://" in str(e.value)
 
 
 def test_the_supervisor_policy_holds_for_the_primary_and_the_sentinels():

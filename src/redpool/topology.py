@@ -54,26 +54,33 @@ def parse_sentinel_url(url: str) -> SentinelURL:
                            "redis+sentinel://[user:password@]host[:port],host[:port].../"
                            "service[/db]")
 
-    try:
-        parts = urlsplit(url)
-        username, password = parts.username, parts.password
-    except ValueError:
-        raise bad("it does not parse") from None
-    if parts.scheme.lower() not in SENTINEL_SCHEMES:
-        raise bad(f"the scheme is {parts.scheme!r}")
-    hosts = _hosts(parts.netloc.rpartition("@")[2], SENTINEL_PORT, bad)
-    path = [unquote(p) for p in parts.path.split("/") if p]
+    hosts, path, options, creds = _several_hosts(url, SENTINEL_SCHEMES, SENTINEL_PORT, bad)
     if not path or len(path) > 2:
         raise bad("name the service (the name the sentinels monitor), then optionally the db")
-    options = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
     db = options.pop("db", path[1] if len(path) == 2 else "0")
     try:
         db = int(db)
     except ValueError:
         raise bad(f"db {db!r} is not a number") from None
-    return SentinelURL(hosts, path[0], db, unquote(username) if username else None,
-                       unquote(password) if password else None,
-                       parts.scheme.lower() == "rediss+sentinel", options)
+    return SentinelURL(hosts, path[0], db, *creds, options)
+
+
+def _several_hosts(url: str, schemes: tuple[str, ...], default_port: int, bad):
+    """What a URL naming several hosts holds: (hosts, path segments, query options,
+    (user name, password, TLS?)), everything unquoted."""
+    try:
+        parts = urlsplit(url)
+        username, password = parts.username, parts.password
+    except ValueError:
+        raise bad("it does not parse") from None
+    if parts.scheme.lower() not in schemes:
+        raise bad(f"the scheme is {parts.scheme!r}")
+    hosts = _hosts(parts.netloc.rpartition("@")[2], default_port, bad)
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    options = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
+    return hosts, path, options, (unquote(username) if username else None,
+                                  unquote(password) if password else None,
+                                  parts.scheme.lower().startswith("rediss"))
 
 
 def _hosts(netloc: str, default_port: int, bad) -> list[tuple[str, int]]:
@@ -176,22 +183,10 @@ def parse_cluster_url(url: str) -> ClusterURL:
         return ConfigError(f"invalid Redis Cluster URL {redact_url(url)}: {why}; use "
                            "redis+cluster://[user:password@]host[:port],host[:port]...")
 
-    try:
-        parts = urlsplit(url)
-        username, password = parts.username, parts.password
-    except ValueError:
-        raise bad("it does not parse") from None
-    if parts.scheme.lower() not in CLUSTER_SCHEMES:
-        raise bad(f"the scheme is {parts.scheme!r}")
-    if parts.path.strip("/") not in ("", "0"):
+    hosts, path, options, creds = _several_hosts(url, CLUSTER_SCHEMES, REDIS_PORT, bad)
+    if path not in ([], ["0"]) or options.pop("db", "0") != "0":
         raise bad("Redis Cluster has only database 0")
-    hosts = _hosts(parts.netloc.rpartition("@")[2], REDIS_PORT, bad)
-    options = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
-    if options.pop("db", "0") != "0":
-        raise bad("Redis Cluster has only database 0")
-    return ClusterURL(hosts, unquote(username) if username else None,
-                      unquote(password) if password else None,
-                      parts.scheme.lower() == "rediss+cluster", options)
+    return ClusterURL(hosts, *creds, options)
 
 
 class ClusterRedis(RedisCluster):
