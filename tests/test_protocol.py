@@ -259,7 +259,7 @@ def test_processing_key_round_trip(queue):
 
 def test_queue_of_processing_refuses_another_supervisors_list():
     k = p.Keys()
-    with pytest.raises(ValueError, match="not a processing list"):
+    with pytest.raises(ValueError, match="not a processing key"):
         k.queue_of_processing("web-1", k.processing("web-10", "default"))
 
 

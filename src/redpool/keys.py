@@ -88,13 +88,20 @@ class Keys:
         return f"{self.ns}:processing:{supervisor}:{self._tag(queue)}"
 
     def processing_pattern(self, supervisor: str) -> str:
-        # The namespace is escaped too: it may legally contain glob characters.
-        return f"{glob_escape(self.ns)}:processing:{glob_escape(supervisor)}:*"
+        return self._pattern("processing", supervisor)
 
     def queue_of_processing(self, supervisor: str, key: str) -> str:
-        prefix = f"{self.ns}:processing:{supervisor}:"
+        return self._queue_of("processing", supervisor, key)
+
+    def _pattern(self, kind: str, supervisor: str) -> str:
+        """SCAN pattern of a supervisor's per-queue keys of one kind.  The namespace is
+        escaped too: it may legally contain glob characters."""
+        return f"{glob_escape(self.ns)}:{kind}:{glob_escape(supervisor)}:*"
+
+    def _queue_of(self, kind: str, supervisor: str, key: str) -> str:
+        prefix = f"{self.ns}:{kind}:{supervisor}:"
         if not key.startswith(prefix):
-            raise ValueError(f"{key!r} is not a processing list of {supervisor!r}")
+            raise ValueError(f"{key!r} is not a {kind} key of {supervisor!r}")
         return self._untag(key[len(prefix):])
 
     def supervisor(self, name: str) -> str:
@@ -129,13 +136,10 @@ class Keys:
         return f"{self.ns}:outbox:{supervisor}:{self._tag(queue)}"
 
     def outbox_pattern(self, supervisor: str) -> str:
-        return f"{glob_escape(self.ns)}:outbox:{glob_escape(supervisor)}:*"
+        return self._pattern("outbox", supervisor)
 
     def queue_of_outbox(self, supervisor: str, key: str) -> str:
-        prefix = f"{self.ns}:outbox:{supervisor}:"
-        if not key.startswith(prefix):
-            raise ValueError(f"{key!r} is not an outbox of {supervisor!r}")
-        return self._untag(key[len(prefix):])
+        return self._queue_of("outbox", supervisor, key)
 
     @property
     def reaper(self) -> str:
