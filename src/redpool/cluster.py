@@ -12,22 +12,27 @@ differently, keeping the same guarantees:
 * **Completion in two steps.**  The result key and the reply list hash to slots of their
   own.  complete_cluster.lua, in the queue's slot, removes each job from our processing
   list and -- only if it was there -- puts its answer on our outbox for that queue, all
-  in one step; then ``deliver()`` writes the answers and removes them from the outbox.  A
-  job thus never leaves Redis without its answer, and a fenced job writes none.  If we
-  die between the steps, our next start (``recover``), a reconcile (``settle``) or the
-  reaper delivers the outbox: a result key is written again (the same bytes), and a
-  reply may arrive twice (the envelope's id tells; the Python client drops the second).
+  in one step; then the answers are written (nodes.write_answers), and removed from the
+  outbox by the next round trip to that node.  A job thus never leaves Redis without
+  its answer, and a fenced job writes none.  Answers still in an outbox when we die, or
+  when a write fails, are delivered again by our next start (``recover``), a reconcile
+  (``settle``), the housekeeping (``promote``) or the reaper: a result key gets the same
+  bytes again, and a reply may arrive twice (the envelope's id tells; the Python client
+  drops the second).
 * **Priority across queues.**  reserve.lua runs per queue, in priority order, until the
-  batch is full: one round trip per queue visited (one, while the first has work).
+  batch is full: the first queue's with the completions, then one round trip per
+  further queue visited.
+* **One node down is not the whole cluster down.**  Commands go per node
+  (nodes.send_by_node), and a node's failure fails only its own queues: completions for
+  them wait here, the others go on.
 * **The reaper, per queue.**  A supervisor whose lease expired is reaped queue by queue
   (reap_queue.lua, which finds the fence expired too), its outboxes delivered, and its
   name forgotten last (forget.lua), so a round cut short is finished by the next.
 
 The standalone path (queue.py, lease.py) is untouched by any of this, and keeps its one
-round trip per loop iteration; here an iteration costs one round trip per queue touched,
-plus one per queue whose answers are delivered.
+round trip per loop iteration; here an iteration costs two (completions with the first
+queue's reservation, then the answers), plus one per further queue it reserves from.
 """
-
 from __future__ import annotations
 
 import json
@@ -37,9 +42,9 @@ from typing import Iterable
 import redis
 
 from .lease import Lease, Reaper
-from .topology import unreachable_as_connection_error
+from .nodes import deliver, rerun_unknown, send_by_node, write_answers
 from .protocol import Keys
-from .queue import MAX_RESERVE, REPLY_TTL_WHEN_NO_RESULT, Completion, RedisQueue, Reserved, load_script
+from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, load_script
 
 
 class ClusterQueue(RedisQueue):
@@ -53,58 +58,92 @@ class ClusterQueue(RedisQueue):
                                 keys.processing(name, q)] for q in self.queues}
         # Answers delivered but still in their outbox, per queue: removed in the next
         # round trip to that queue's node (by its next completion script, or with the
-        # promotion every PROMOTE_EVERY), not in one of their own.
+        # periodic housekeeping), not in one of their own.
         self._delivered: dict[str, list[bytes]] = defaultdict(list)
+        # Completions whose node could not be reached, sent again with the next call.
+        self._unsent: list[Completion] = []
+        # Queues whose answers could not all be written: the housekeeping tries again,
+        # skipping the parts of an answer that went through (_progress).
+        self._undelivered: set[str] = set()
+        self._progress: dict[bytes, set[int]] = {}
 
     def exchange(self, done: list[Completion], n: int, epoch: str
                  ) -> tuple[int, int, list[Reserved] | None]:
-        """As RedisQueue.exchange.  One pipeline carries every queue's completion
-        script and the first queue's reservation (a round trip: one node, or a few in
-        parallel); then the answers are delivered (another); then, while the batch is
-        not full, one round trip per further queue, in priority order.  ``done`` keeps
-        only what was not acknowledged when a Redis error interrupts."""
-        groups = _by_queue(done)
+        """As RedisQueue.exchange, in a pipeline per step: every queue's completion
+        script and the first queue's reservation (one round trip, the nodes in
+        parallel), the answers (another), then, while the batch is not full, one per
+        further queue in priority order.
+
+        One node that cannot be reached must not hold up the others' queues, nor make
+        us hoard what they gave.  So ``done`` is always taken over (emptied):
+        completions whose node failed stay here and go again with the next call or the
+        housekeeping (promote(), settle()); answers that could not be written stay in
+        their outbox; a queue whose reservation fails is passed over this time.  The
+        first error is raised only when no queue could be reserved from (or, for a
+        bare acknowledgement, when one failed), so that the supervisor backs off (and
+        reconciles afterwards) without losing track of any job."""
+        items, self._unsent = self._unsent + done, []
+        done.clear()
+        groups = _by_queue(items)
         calls = [(self._complete_q, self._complete_keys(q),
-                  self._complete_args(items, self._delivered.get(q, ())))
-                 for q, items in groups.items()]
+                  self._complete_args(batch, self._delivered.get(q, ())))
+                 for q, batch in groups.items()]
         if n > 0:
             calls.append((self._reserve, self._queue_keys[self.queues[0]],
                           [min(n, MAX_RESERVE), epoch]))
         replies = self._scripts(calls, [])
-        acknowledged = {q for q, reply in zip(groups, replies) if not isinstance(reply, Exception)}
-        done[:] = [c for c in done if c.queue not in acknowledged]
-        for q in acknowledged:  # the script removed them from the outbox
-            self._delivered.pop(q, None)
-        _raise_first(replies)  # answers already in an outbox are delivered by settle()
-        missing = sum(int(m) for m, _ in replies[:len(groups)])
-        skipped = self._deliver({q: e for q, (_, e) in zip(groups, replies)})
-        if n <= 0:
-            return missing, skipped, []
+        errors: list[Exception] = []
+        missing, answers = 0, {}
+        for (q, batch), reply in zip(groups.items(), replies):
+            if isinstance(reply, Exception):
+                errors.append(reply)
+                self._unsent += batch
+            else:
+                self._delivered.pop(q, None)  # the script removed them from the outbox
+                missing += int(reply[0])
+                answers[q] = reply[1]
+        skipped = self._deliver(answers, errors)
         got: list[Reserved] = []
-        counted = False
-        flat = replies[-1]
-        for q in self.queues:
-            if q != self.queues[0]:
+        answered = False  # some queue's reservation went through (empty or not)
+        fenced_out = 0
+        if n > 0:
+            counted, flat = False, replies[-1]
+            for q in self.queues:
                 if n <= 0:
                     break
-                flat = self._reserve(keys=self._queue_keys[q], args=[min(n, MAX_RESERVE), epoch])
-            if not flat[0]:
-                # Jobs taken from earlier queues in this call are in our processing lists:
-                # the re-registration that follows reconciles them back to their queues.
-                return missing, skipped, None
-            counted = counted or bool(flat[1])
-            got += [Reserved(q, flat[i + 1], int(flat[i + 2])) for i in range(2, len(flat), 3)]
-            n -= (len(flat) - 2) // 3
-        self.crashes_exist = counted
+                if q != self.queues[0]:
+                    try:
+                        flat = self._reserve(keys=self._queue_keys[q],
+                                             args=[min(n, MAX_RESERVE), epoch])
+                    except redis.RedisError as e:
+                        flat = e
+                if isinstance(flat, Exception):
+                    errors.append(flat)
+                    continue
+                if not flat[0]:  # that queue's fence is not ours (see ClusterLease)
+                    fenced_out += 1
+                    continue
+                answered = True
+                counted = counted or bool(flat[1])
+                got += [Reserved(q, flat[i + 1], int(flat[i + 2]))
+                        for i in range(2, len(flat), 3)]
+                n -= (len(flat) - 2) // 3
+            if not errors:
+                self.crashes_exist = counted
+        if errors and not answered:
+            raise errors[0]
+        if fenced_out and not answered:
+            # Every queue asked says our lease is lost (a frozen host: all fences expired
+            # together); one fence alone is set again by the next renewal.
+            return missing, skipped, None
         return missing, skipped, got
 
     def _scripts(self, calls: list, trim: list[str]) -> list:
-        """Run scripts in one cluster pipeline, after removing the delivered answers of
-        the queues ``trim`` from their outboxes (the same node, so in that order).  As
-        RedisQueue._evalsha_pipeline: a script a node does not know (restarted, SCRIPT
-        FLUSH) answers NOSCRIPT without running, and only that one is loaded and sent
-        again.  Errors are returned in place of their replies (_raise_first): the
-        calls that went through must count as done."""
+        """Run scripts by EVALSHA in one round trip (send_by_node), after removing the
+        delivered answers of the queues ``trim`` from their outboxes (the same node, so
+        in that order).  As RedisQueue._evalsha_pipeline: a script a node does not know
+        (restarted, SCRIPT FLUSH) answers NOSCRIPT without running, and only that one
+        is loaded and sent again.  Errors come back in place of their replies."""
         commands = []
         trimmed = [q for q in trim if self._delivered.get(q)]
         for q in trimmed:
@@ -117,27 +156,33 @@ class ClusterQueue(RedisQueue):
         if not any(isinstance(x, Exception) for x in out[:skip]):
             for q in trimmed:  # else they are removed next time (LREM of a gone one: a no-op)
                 del self._delivered[q]
-        replies = out[skip:]
-        for i, (reply, (script, keys, args)) in enumerate(zip(replies, calls)):
-            if isinstance(reply, redis.exceptions.NoScriptError):
-                try:
-                    replies[i] = script(keys=keys, args=args)
-                except redis.RedisError as e:
-                    replies[i] = e
-        return replies
+        return [rerun_unknown(script, keys, args, reply)
+                for reply, (script, keys, args) in zip(out[skip:], calls)]
 
-    def _deliver(self, outboxes: dict[str, list[bytes]]) -> int:
+    def _deliver(self, outboxes: dict[str, list[bytes]], errors: list[Exception]) -> int:
         """Write the answers the completion scripts returned; their removal from the
-        outboxes waits for the next round trip to each queue's node."""
-        skipped = write_answers(self.r, self.keys, [e for es in outboxes.values() for e in es])
+        outboxes waits for the next round trip to each queue's node.  An answer not
+        fully written stays in its outbox (the housekeeping tries again; what of it
+        went through is remembered, so a reply is not pushed twice) and its error
+        joins ``errors``."""
+        written = write_answers(self.r, self.keys, [e for es in outboxes.values() for e in es],
+                                self._progress)
         for q, entries in outboxes.items():
-            self._delivered[q].extend(entries)
-        return skipped
+            for e in entries:
+                if e in written.failed:
+                    self._undelivered.add(q)
+                else:
+                    self._progress.pop(e, None)
+                    self._delivered[q].append(e)
+        self._progress.update(written.failed)
+        if written.error is not None:
+            errors.append(written.error)
+        return written.skipped
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
-        """As RedisQueue.complete; a list passed in is emptied once acknowledged."""
+        """As RedisQueue.complete; the items are taken over (see exchange)."""
         items = items if isinstance(items, list) else list(items)
-        return self.exchange(items, 0, "")[:2] if items else (0, 0)
+        return self.exchange(items, 0, "")[:2] if items or self._unsent else (0, 0)
 
     def _complete_keys(self, q: str) -> list[str]:
         k = self.keys
@@ -160,124 +205,63 @@ class ClusterQueue(RedisQueue):
                    for q, raws in _grouped(items).items())
 
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
-        """Every queue's promote.lua in one pipeline; delivered answers are removed from
-        their outboxes on the way (so they wait there at most PROMOTE_EVERY)."""
-        replies = _raise_first(self._scripts(
+        """Every queue's promote.lua in one round trip, and the housekeeping that rides
+        on it (every PROMOTE_EVERY): delivered answers are removed from their outboxes
+        on the way, and completions or answers a failed node held up go again."""
+        if self._unsent:
+            self.complete([])
+        for q in list(self._undelivered):
+            self._undelivered.discard(q)
+            entries = self.r.lrange(self.keys.outbox(self.name, q), 0, -1)
+            self._deliver({q: [e for e in entries if e not in self._delivered[q]]}, [])
+        replies = self._scripts(
             [(self._promote, [self.keys.scheduled(q), self.keys.queue(q)], [limit])
-             for q in self.queues], list(self._delivered)))
+             for q in self.queues], list(self._delivered))
+        if all(isinstance(x, Exception) for x in replies):
+            _raise_first(replies)
+        replies = [x for x in replies if not isinstance(x, Exception)]  # a node away: later
         due = [int(ms) / 1000 for _, ms in replies if int(ms) >= 0]
         return sum(int(m) for m, _ in replies), min(due) if due else None
 
     def settle(self) -> int:
-        """Deliver what our outboxes hold (answers accepted before a lost reply or a
-        crash); returns how many."""
-        self._scripts([], list(self._delivered))
+        """Before a reconcile: send the completions a failed node held up, then write
+        what our outboxes hold (answers accepted before a lost reply or a crash, or
+        left by a failed write; parts already written are not written again).  Returns
+        how many answers.  Raises if a node is still away: a reconcile must not take
+        finished jobs for strays, and it needs every node's lists anyway."""
+        if self._unsent:
+            self.complete([])
+            if self._unsent:
+                raise redis.ConnectionError("completions wait for a Redis Cluster node")
+        errors: list[Exception] = []
         count = 0
         for key in list(self.r.scan_iter(match=self.keys.outbox_pattern(self.name), count=1000)):
-            entries = self.r.lrange(key, 0, -1)
-            deliver(self.r, self.keys, key.decode(), entries)
+            q = self.keys.queue_of_outbox(self.name, key.decode())
+            entries = [e for e in self.r.lrange(key, 0, -1) if e not in self._delivered[q]]
+            self._deliver({q: entries}, errors)
             count += len(entries)
+        _raise_first(errors)
+        self._undelivered.clear()
         return count
 
     def recover(self, *, crashed: bool) -> dict[str, int]:
+        """At start and at an orderly stop: settle, and trim what was delivered (so a
+        restart does not deliver it again), then put back what our lists hold."""
         self.settle()
+        _raise_first(self._scripts([], list(self._delivered)))
         return super().recover(crashed=crashed)
 
     def close(self) -> None:
         pass  # no hot-path connection of our own: RedisCluster holds one pool per node
 
 
-def deliver(r, keys: Keys, outbox: str, entries: list[bytes]) -> int:
-    """Write the answers of an outbox's ``entries`` and remove them from it (by value:
-    two deliverers racing cannot drop an entry the other has not written).  Returns
-    the replies skipped (write_answers)."""
-    if not entries:
-        return 0
-    skipped = write_answers(r, keys, entries)
-    pipe = r.pipeline(transaction=False)
-    for raw in entries:
-        pipe.lrem(outbox, 1, raw)
-    pipe.execute()
-    return skipped
-
-
-def write_answers(r, keys: Keys, entries: list[bytes]) -> int:
-    """Write outbox entries' answers (result keys, reply lists) into their own slots,
-    one pipeline per node (send_by_node).  Returns the replies skipped: a reply_to that
-    is one of our own keys (it could be a queue), holds another type, or that our ACL
-    user may not write.  Any other error propagates: the entries stay in their outbox,
-    to be delivered again."""
-    own, replies = (f"{keys.ns}:", f"{{{keys.ns}}}:"), keys.reply("")
-    commands: list[tuple] = []
-    pushes: set[int] = set()  # where each reply's LPUSH is (its EXPIRE next)
-    skipped = 0
-    for raw in entries:
-        result_key, ttl, reply_to, env = json.loads(raw)
-        if result_key and ttl > 0:
-            commands.append((result_key, ("SET", result_key, env, "EX", ttl)))
-        if reply_to and reply_to.startswith(own) and not reply_to.startswith(replies):
-            skipped += 1
-        elif reply_to:
-            pushes.add(len(commands))
-            commands += [(reply_to, ("LPUSH", reply_to, env)),
-                         (reply_to, ("EXPIRE", reply_to, ttl if ttl > 0 else
-                                     REPLY_TTL_WHEN_NO_RESULT))]
-    for i, reply in enumerate(send_by_node(r, commands)):
-        if not isinstance(reply, Exception):
-            continue
-        if not isinstance(reply, redis.ResponseError) or not ({i, i - 1} & pushes):
-            raise reply  # not the reply's fault (WRONGTYPE, NOPERM): deliver again later
-        skipped += i in pushes
-    return skipped
-
-
-def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
-    """Commands, each given as (the key that routes it, the command), all of whose keys
-    share that key's slot: packed and sent per node on one of its connections, every
-    node's writes before any read.  One round trip however many nodes, and none of a
-    ClusterPipeline's per-command cost: ~30 us of CPU each, more than the rest of a
-    tiny job's handling, and for EVALSHA a COMMAND GETKEYS round trip to the server to
-    find the keys (measured: 4,900 -> 12,600 jobs/s for the supervisor's side alone).
-    Replies in order, a ResponseError in place of its reply.  A command redirected
-    (MOVED, ASK: slots moving) or refused with TRYAGAIN goes again through the client,
-    which follows the cluster and refreshes its map."""
-    if not commands:
-        return []
-    by_node: dict = defaultdict(list)
-    with unreachable_as_connection_error():
-        for i, (key, _) in enumerate(commands):
-            by_node[r.get_node_from_key(key).name].append(i)
-    replies: list = [None] * len(commands)
-    held = []
-    try:
-        for name, idx in by_node.items():
-            conn = r.get_node(node_name=name).redis_connection.connection_pool.get_connection()
-            held.append((conn, name, idx))
-            conn.send_packed_command(conn.pack_commands([commands[i][1] for i in idx]))
-        for conn, _, idx in held:
-            for i in idx:
-                try:
-                    replies[i] = conn.read_response()
-                except redis.ResponseError as e:  # read in full: the connection stays in step
-                    replies[i] = e
-    except BaseException:
-        for conn, _, _ in held:
-            conn.disconnect()  # a reply may be half read
-        raise
-    finally:
-        for conn, name, _ in held:
-            r.get_node(node_name=name).redis_connection.connection_pool.release(conn)
-    for i, reply in enumerate(replies):
-        if isinstance(reply, (redis.exceptions.AskError, redis.exceptions.TryAgainError)):
-            try:  # (MovedError is an AskError)
-                replies[i] = r.execute_command(*commands[i][1])
-            except redis.ResponseError as e:
-                replies[i] = e
-    return replies
-
-
 class ClusterLease(Lease):
-    """Lease plus a fence per queue in that queue's slot (fence.lua)."""
+    """Lease plus a fence per queue in that queue's slot (fence.lua).
+
+    The lease decides: it is lost only when its own hash says so.  A fence whose node
+    cannot be reached is passed over (its queue is not reserved from meanwhile: the
+    fence is missing or stale there), and set again by the next renewal that reaches
+    it; so one node away does not stop the queues of the others."""
 
     def __init__(self, r, keys: Keys, name: str, queues: list[str]) -> None:
         super().__init__(r, keys, name)
@@ -286,28 +270,29 @@ class ClusterLease(Lease):
 
     def register(self, info: dict, lease: float, **kwargs) -> None:
         super().register(info, lease, **kwargs)
-        self._fences("set", lease)
+        self._fences("set", lease, self.queues)
 
     def renew(self, info: dict, lease: float) -> bool:
         """The lease, then each fence.  A fence found lost while the lease held (it
-        outlived a shard's absence, or the TTLs drifted) is set again: with our lease
+        outlived a node's absence, or the TTLs drifted) is set again: with our lease
         alive all along, no reaper can have taken that queue's jobs."""
         if not super().renew(info, lease):
             return False
-        for q, ok in zip(self.queues, self._fences("renew", lease)):
-            if not ok:
-                self._fence(keys=[self.keys.fence(self.name, q)],
-                            args=["set", self.epoch, int(lease * 1000)])
+        renewed = self._fences("renew", lease, self.queues)
+        self._fences("set", lease, [q for q, ok in zip(self.queues, renewed) if ok == 0])
         return True
 
     def unregister(self) -> None:
-        self._fences("drop", 0)
+        self._fences("drop", 0, self.queues)
         super().unregister()
 
-    def _fences(self, op: str, lease: float) -> list[bool]:
-        return [bool(self._fence(keys=[self.keys.fence(self.name, q)],
-                                 args=[op, self.epoch, int(lease * 1000)]))
-                for q in self.queues]
+    def _fences(self, op: str, lease: float, queues: list[str]) -> list:
+        """fence.lua for each queue, in one round trip: 1 done, 0 not ours, or the
+        error of a node that could not be reached."""
+        keys = [self.keys.fence(self.name, q) for q in queues]
+        args = [op, self.epoch, int(lease * 1000)]
+        out = send_by_node(self.r, [(k, ("EVALSHA", self._fence.sha, 1, k, *args)) for k in keys])
+        return [rerun_unknown(self._fence, [k], args, reply) for k, reply in zip(keys, out)]
 
 
 class ClusterReaper(Reaper):
@@ -319,13 +304,9 @@ class ClusterReaper(Reaper):
         self._forget = load_script(r, "forget")
 
     def reap(self, dead: str) -> int:
-        k = self.keys
-        queues = {k.queue_of_processing(dead, key.decode())
-                  for key in self.r.scan_iter(match=k.processing_pattern(dead), count=1000)}
-        boxes = {k.queue_of_outbox(dead, key.decode())
-                 for key in self.r.scan_iter(match=k.outbox_pattern(dead), count=1000)}
         moved, done = 0, True
-        for q in sorted(queues | boxes):
+        for q in self._queues_of(dead):
+            k = self.keys
             n = int(self._reap_queue(keys=[k.fence(dead, q), k.processing(dead, q), k.queue(q),
                                            k.crashes_of(q)]))
             if n < 0:  # its fence for this queue is alive: not dead there (yet)
@@ -334,9 +315,21 @@ class ClusterReaper(Reaper):
             moved += n
             box = k.outbox(dead, q)
             deliver(self.r, k, box, self.r.lrange(box, 0, -1))
-        if done:
-            self._forget(keys=[k.supervisor(dead), k.supervisors], args=[dead])
+        # Forgotten only once a fresh look finds nothing of it left: a key moving between
+        # nodes (resharding) can escape one SCAN, and a forgotten name is never reaped.
+        if done and not self._queues_of(dead):
+            self._forget(keys=[self.keys.supervisor(dead), self.keys.supervisors], args=[dead])
         return moved
+
+    def _queues_of(self, dead: str) -> list[str]:
+        """The queues of which ``dead`` left a processing list or an outbox (SCAN of
+        every primary)."""
+        k = self.keys
+        found = {k.queue_of_processing(dead, key.decode())
+                 for key in self.r.scan_iter(match=k.processing_pattern(dead), count=1000)}
+        found |= {k.queue_of_outbox(dead, key.decode())
+                  for key in self.r.scan_iter(match=k.outbox_pattern(dead), count=1000)}
+        return sorted(found)
 
 
 def _raise_first(replies: list) -> list:

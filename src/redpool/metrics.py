@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from . import __version__, logs
 from . import protocol as p
 from .deployment import read_queues
-from .errors import ConfigError
+from .errors import ConfigError, RedisUnavailable
 
 INVALID_TASK = "(invalid)"
 # error types of jobs that never ran: their task name is not to be trusted as a label
@@ -177,7 +177,7 @@ class QueueCollector:
             now, states = read_queues(self._r, self.keys, self.queues)
             dead_len = (sum(s.dead for s in states) if self.keys.cluster
                         else self._r.llen(self.keys.dead))
-        except (redis.RedisError, OSError) as e:
+        except (redis.RedisError, RedisUnavailable, OSError) as e:
             if not self._failing:  # once per outage, like the loop's redis_down
                 self._log.warning("metrics_redis_error", error=str(e),
                                   note="queue metrics are left out of scrapes until Redis answers")

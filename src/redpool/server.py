@@ -183,22 +183,26 @@ class EmbeddedSentinel(EmbeddedServer):
 
 
 class EmbeddedCluster:
-    """A private Redis Cluster of ``primaries`` nodes (no replicas) on loopback ports,
-    for tests: every node is an EmbeddedServer in cluster mode, the 16384 slots are
-    split evenly among them (CLUSTER ADDSLOTSRANGE), and the nodes are introduced
-    with CLUSTER MEET -- no valkey-cli, no fixed ports.  ``url`` names the first node;
-    a cluster client finds the others from it.  ``with EmbeddedCluster() as c: c.url``."""
+    """A private Redis Cluster of ``primaries`` nodes, each with ``replicas`` replicas, on
+    loopback ports, for tests: every node is an EmbeddedServer in cluster mode, the
+    16384 slots are split evenly among the primaries (CLUSTER ADDSLOTSRANGE), the nodes
+    are introduced with CLUSTER MEET and the replicas attached with CLUSTER REPLICATE --
+    no valkey-cli, no fixed ports.  ``url`` names the first primary; a cluster client
+    finds the others from it.  ``with EmbeddedCluster() as c: c.url``."""
 
     SLOTS = 16384
 
-    def __init__(self, primaries: int = 3, *, binary: str | None = None,
-                 node_timeout_ms: int = 2000, appendonly: bool = False) -> None:
+    def __init__(self, primaries: int = 3, *, replicas: int = 0, binary: str | None = None,
+                 node_timeout_ms: int = 2000, appendonly: bool = False,
+                 extra_args: list[str] | None = None) -> None:
         self.binary = binary or find_server_binary()
+        self.extra_args = list(extra_args or [])
         self.count = primaries
+        self.replica_count = replicas
         self.node_timeout_ms = node_timeout_ms
         self.appendonly = appendonly
-        self.nodes: list[EmbeddedServer] = []
-        self.bus_ports: list[int] = []
+        self.nodes: list[EmbeddedServer] = []              # the primaries, in slot order
+        self.replicas: dict[int, list[EmbeddedServer]] = {}  # primary's port -> its replicas
 
     @property
     def url(self) -> str:
@@ -208,31 +212,44 @@ class EmbeddedCluster:
     def urls(self) -> list[str]:
         return [f"redis://127.0.0.1:{n.port}" for n in self.nodes]
 
+    @property
+    def everyone(self) -> list[EmbeddedServer]:
+        return self.nodes + [r for rs in self.replicas.values() for r in rs]
+
     def start(self, timeout: float = 30.0) -> "EmbeddedCluster":
         try:
-            for _ in range(self.count):
-                bus = free_port()
-                node = EmbeddedServer(binary=self.binary, appendonly=self.appendonly, extra_args=[
-                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                    "--cluster-port", str(bus),
-                    "--cluster-node-timeout", str(self.node_timeout_ms)])
-                self.nodes.append(node.start())
-                self.bus_ports.append(bus)
+            self.nodes = [self._node() for _ in range(self.count)]
+            self.replicas = {p.port: [self._node() for _ in range(self.replica_count)]
+                             for p in self.nodes}
             per = self.SLOTS // self.count
             for i, node in enumerate(self.nodes):
                 last = self.SLOTS - 1 if i == self.count - 1 else (i + 1) * per - 1
                 self._call(node, "CLUSTER", "ADDSLOTSRANGE", str(i * per), str(last))
-            for node, bus in zip(self.nodes[1:], self.bus_ports[1:]):
+            for node in self.everyone[1:]:
                 self._call(self.nodes[0], "CLUSTER", "MEET", "127.0.0.1", str(node.port),
-                           str(bus))
+                           str(node.bus_port))
+            self._wait(timeout, lambda: all(self._known(n) for n in self.everyone))
+            for primary in self.nodes:
+                me = self._call(primary, "CLUSTER", "MYID")
+                for replica in self.replicas[primary.port]:
+                    self._call(replica, "CLUSTER", "REPLICATE", me)
             self.wait_ok(timeout)
         except BaseException:
             self.cleanup()
             raise
         return self
 
+    def _node(self) -> EmbeddedServer:
+        bus = free_port()
+        node = EmbeddedServer(binary=self.binary, appendonly=self.appendonly, extra_args=[
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(bus), "--cluster-node-timeout", str(self.node_timeout_ms),
+            *self.extra_args])
+        node.bus_port = bus
+        return node.start()
+
     def node_of(self, key: str) -> EmbeddedServer:
-        """The node that serves ``key``'s slot (the slots were split evenly at start)."""
+        """The primary that served ``key``'s slot at start (the slots were split evenly)."""
         import redis
 
         slot = redis.cluster.key_slot(key.encode())
@@ -248,24 +265,33 @@ class EmbeddedCluster:
         import redis
 
         with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5) as r:
-            return r.execute_command(*args)
+            out = r.execute_command(*args)
+        return out.decode() if isinstance(out, bytes) else out
+
+    def _known(self, node: EmbeddedServer) -> bool:
+        return f"cluster_known_nodes:{len(self.everyone)}" in self._call(node, "CLUSTER", "INFO")
+
+    def _wait(self, timeout: float, cond) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if time.monotonic() > deadline:
+                raise ConfigError(f"the private cluster did not come up in {timeout} s")
+            time.sleep(0.05)
 
     def wait_ok(self, timeout: float) -> None:
-        """Until every node says the cluster is ok and knows every other node."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            infos = [self._call(n, "CLUSTER", "INFO") for n in self.nodes]
-            infos = [i.decode() if isinstance(i, bytes) else i for i in infos]
-            if all("cluster_state:ok" in i and f"cluster_known_nodes:{self.count}" in i
-                   for i in infos):
-                return
-            time.sleep(0.05)
-        raise ConfigError(f"the private cluster did not come up in {timeout} s: {infos}")
+        """Until every node says the cluster is ok and knows every other node, and every
+        replica is in step with its primary."""
+        def ok() -> bool:
+            return all("cluster_state:ok" in self._call(n, "CLUSTER", "INFO") and self._known(n)
+                       for n in self.everyone) and \
+                all(self._call(r, "INFO", "replication").get("master_link_status") == "up"
+                    for rs in self.replicas.values() for r in rs)
+        self._wait(timeout, ok)
 
     def cleanup(self) -> None:
-        for node in self.nodes:
+        for node in self.everyone:
             node.cleanup()
-        self.nodes = []
+        self.nodes, self.replicas = [], {}
 
     def __enter__(self) -> "EmbeddedCluster":
         return self.start()

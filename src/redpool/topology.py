@@ -202,6 +202,20 @@ class ClusterRedis(RedisCluster):
         with unreachable_as_connection_error():
             return super().execute_command(*args, **kwargs)
 
+    def script_load(self, script):
+        """SCRIPT LOAD on every primary that answers.  redis-py sends it to all of them
+        and fails if one is away; a Script whose node answered NOSCRIPT (restarted)
+        would then stay unable to run while any other node is down."""
+        sha, error = None, None
+        for node in self.get_primaries():
+            try:
+                sha = node.redis_connection.script_load(script)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                error = e
+        if sha is None:
+            raise error or redis.ConnectionError("no Redis Cluster primary answered")
+        return sha
+
     def pipeline(self, *args, **kwargs):
         pipe = super().pipeline(*args, **kwargs)
         execute = pipe.execute

@@ -20,6 +20,7 @@ from typing import Callable
 
 import redis
 
+from .errors import RedisUnavailable
 from .queue import RedisQueue, Reserved
 from .wakeup import Wakeup
 
@@ -101,7 +102,8 @@ class Waiter:
                     with self._count_lock:
                         self._in_call -= 1
                 backoff = 0.0
-            except redis.RedisError as e:
+            except (redis.RedisError, RedisUnavailable) as e:
+                # (RedisUnavailable: connecting anew found no node of a Redis Cluster)
                 self.errors.append(e)
                 self._pipe.wake()
                 if conn is not None:
