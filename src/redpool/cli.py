@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(run=cmd_status)
 
     ins = sub.add_parser("inspect", help="where a job is now (queued, scheduled, running, "
-                                         "finished, dead) and its JSON; exit 1 if not found")
+                                         "finishing, finished, dead) and its JSON; exit 1 "
+                                         "if not found")
     ins.add_argument("job_id", metavar="JOB_ID")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
     ins.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
