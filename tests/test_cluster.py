@@ -471,11 +471,15 @@ def test_a_waiter_outlives_a_cluster_it_cannot_reach():
 
     attempts = []
 
+    class Connection:
+        def close(self):
+            pass
+
     def connect():
         attempts.append(1)
         if len(attempts) < 3:
             raise RedisUnavailable("no Redis Cluster node answered")
-        return object()
+        return Connection()
 
     class Queue:
         queues = ["a"]
