@@ -462,6 +462,41 @@ def test_one_node_down_leaves_the_other_queues_served_and_nothing_hoarded(tmp_pa
             rc.close()
 
 
+def test_a_drain_waits_for_completions_a_node_away_holds_up(tmp_path):
+    """Jobs of queue c finish while c's node is away: their acknowledgements wait in
+    the supervisor.  SIGTERM then must not stop before they are sent (within --grace):
+    once the node is back they go, and the daemon exits 0 with every answer written."""
+    from helpers import Daemon
+    from redis.cluster import RedisCluster
+    from redpool.server import EmbeddedCluster
+
+    with EmbeddedCluster(3, appendonly=True,
+                         extra_args=["--cluster-require-full-coverage", "no"]) as c:
+        ck = Keys("drain", cluster=True)
+        victim = c.node_of(ck.queue("c"))
+        assert victim is not c.nodes[0] and victim is not c.node_of(ck.supervisors)
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in c.nodes)
+        d = Daemon(url, "drain", "--concurrency", "2", "--queue", "c", "--grace", "20",
+                   name="w-drain").start(tmp_path).wait_started()
+        rc = RedisCluster.from_url(c.url, socket_timeout=5)
+        try:
+            for i in range(2):
+                push(rc, ck, "c", task="t.sleep", id=f"s{i}", args=[1.0, i])
+            wait_for(lambda: rc.llen(ck.processing("w-drain", "c")) == 2, what="both running")
+            victim.stop()
+            time.sleep(1.5)  # they finish meanwhile; their acknowledgements cannot go
+            d.signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert d.proc.poll() is None, "stopped with acknowledgements unsent"
+            c.restart(victim)
+            assert d.wait(30) == 0
+            assert all(result(rc, ck, f"s{i}")["status"] == "succeeded" for i in range(2))
+            assert rc.llen(ck.processing("w-drain", "c")) == 0
+        finally:
+            d.kill()
+            rc.close()
+
+
 def test_a_waiter_outlives_a_cluster_it_cannot_reach():
     """Connecting anew to a cluster none of whose nodes answers raises RedisUnavailable
     (not a RedisError): the waiter thread reports it and tries again, and lives on."""
@@ -529,6 +564,42 @@ def test_answers_left_in_an_outbox_by_a_crash_are_delivered_at_the_next_start(rc
     assert result(rc, keys, "a1")["id"] == "a1" and result(rc, keys, "b1")["id"] == "b1"
     assert rc.llen(f"{keys.ns}-r") == 2 and rc.ttl(f"{keys.ns}-r") > 0
     assert not rc.exists(keys.outbox("sup", "a"), keys.outbox("sup", "b"))
+
+
+def test_completions_taken_over_are_kept_when_the_call_fails_outright(rc, cluster_keys,
+                                                                     monkeypatch):
+    import redpool.cluster
+
+    keys = cluster_keys
+    rq, lease = reserved_by(rc, keys, "sup", ["a", "b"])
+    raw = push(rc, keys, "a", task="t", id="a1")
+    assert len(rq.reserve(5, lease.epoch)) == 1
+    done = [completion(keys, "a", raw, "a1")]
+
+    def broken(r, commands):
+        raise redis.exceptions.InvalidResponse("garbled")
+    monkeypatch.setattr(redpool.cluster, "send_by_node", broken)
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        rq.exchange(done, 5, lease.epoch)
+    assert done == [] and rq.unsent == 1  # taken over, and still held
+    monkeypatch.undo()
+    assert rq.complete([]) == (0, 0) and rq.unsent == 0  # sent with the next call
+    assert result(rc, keys, "a1")["id"] == "a1"
+
+
+def test_a_lost_reply_on_one_queue_while_others_answer_asks_for_a_reconcile(rc, cluster_keys):
+    keys = cluster_keys
+    rq, lease = reserved_by(rc, keys, "sup", ["a", "b"])
+    push(rc, keys, "a", task="t", id="a1")
+
+    class Lost:  # queue b's reservation (a's goes out with the completions, by its sha)
+        sha = rq._reserve.sha
+
+        def __call__(self, **kw):
+            raise redis.ConnectionError("Connection reset by peer (the reply was lost)")
+    rq._reserve = Lost()
+    assert [g.queue for g in rq.exchange([], 5, lease.epoch)[2]] == ["a"]
+    assert rq.suspect  # the duties reconcile before anything else
 
 
 def test_a_fenced_completion_writes_nothing_and_lost_fences_stop_reserving(rc, cluster_keys):

@@ -196,6 +196,9 @@ class FakeQueue:
         self.processing = []
         return dict(moved)
 
+    unsent = 0        # as RedisQueue's: nothing is held back on one server
+    suspect = False
+
     def settle(self):
         return 0  # as RedisQueue's: on one server no acknowledgement is left half done
 

@@ -91,9 +91,15 @@ class ClusterQueue(RedisQueue):
         if n > 0:
             calls.append((self._reserve, self._queue_keys[self.queues[0]],
                           [min(n, MAX_RESERVE), epoch]))
-        replies = self._scripts(calls, [])
+        try:
+            replies = self._scripts(calls, [])
+        except BaseException:
+            self._unsent[:0] = items  # whether they ran or not: sent again (at worst, missing)
+            raise
         errors: list[Exception] = []
         missing, answers = 0, {}
+        if any(isinstance(x, (redis.ConnectionError, redis.TimeoutError)) for x in replies):
+            self.suspect = True  # a script may have run with its reply lost
         for (q, batch), reply in zip(groups.items(), replies):
             if isinstance(reply, Exception):
                 errors.append(reply)
@@ -117,6 +123,8 @@ class ClusterQueue(RedisQueue):
                                              args=[min(n, MAX_RESERVE), epoch])
                     except redis.RedisError as e:
                         flat = e
+                        if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+                            self.suspect = True  # it may have run: see RedisQueue.suspect
                 if isinstance(flat, Exception):
                     errors.append(flat)
                     continue
@@ -179,6 +187,10 @@ class ClusterQueue(RedisQueue):
             errors.append(written.error)
         return written.skipped
 
+    @property
+    def unsent(self) -> int:
+        return len(self._unsent)
+
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """As RedisQueue.complete; the items are taken over (see exchange)."""
         items = items if isinstance(items, list) else list(items)
@@ -208,12 +220,15 @@ class ClusterQueue(RedisQueue):
         """Every queue's promote.lua in one round trip, and the housekeeping that rides
         on it (every PROMOTE_EVERY): delivered answers are removed from their outboxes
         on the way, and completions or answers a failed node held up go again."""
-        if self._unsent:
-            self.complete([])
-        for q in list(self._undelivered):
-            self._undelivered.discard(q)
-            entries = self.r.lrange(self.keys.outbox(self.name, q), 0, -1)
-            self._deliver({q: [e for e in entries if e not in self._delivered[q]]}, [])
+        try:  # best effort: what a node away holds up waits for the next round
+            if self._unsent:
+                self.complete([])
+            for q in list(self._undelivered):
+                entries = self.r.lrange(self.keys.outbox(self.name, q), 0, -1)
+                self._undelivered.discard(q)
+                self._deliver({q: [e for e in entries if e not in self._delivered[q]]}, [])
+        except redis.RedisError:
+            pass
         replies = self._scripts(
             [(self._promote, [self.keys.scheduled(q), self.keys.queue(q)], [limit])
              for q in self.queues], list(self._delivered))

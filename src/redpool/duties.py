@@ -119,7 +119,7 @@ class Duties:
             return
         s = self.sup
         try:
-            if s is not None and s.pending:
+            if s is not None and (s.pending or self.rq.unsent):
                 self.retry_at = 0.0
                 s.flush(self.clock())
             moved = self.rq.recover(crashed=False)
@@ -151,7 +151,8 @@ class Duties:
         try:
             if not self.leased and not self.name_lost:
                 self.reregister(now)
-            if self.reconcile_pending:
+            if self.reconcile_pending or self.rq.suspect:
+                self.rq.suspect = False
                 self.reconcile()
             if now >= self.next_renew:
                 self.next_renew = now + self.cfg.lease / 3
@@ -218,8 +219,8 @@ class Duties:
             self.hooks.emit("redis_down", error=str(e), during=during)
 
     def redis_ok(self, now: float) -> None:
-        self._backoff = 0.0
         if not self.redis_down:
+            self._backoff = 0.0
             return
         self.redis_down = False
         self.hooks.emit("redis_up")
@@ -228,7 +229,11 @@ class Duties:
         try:
             self.reconcile()
         except redis.RedisError as e:
+            # (the backoff goes on growing: a reconcile that keeps failing while other
+            # calls succeed -- a Redis Cluster node away -- must not spin)
             self.redis_failed(e, now, "reconcile")
+            return
+        self._backoff = 0.0
 
     def reconcile(self) -> None:
         """Make our processing lists hold exactly what we hold.  A script whose reply

@@ -61,7 +61,7 @@ class Lifecycle:
 
     def tick_draining(self, now: float) -> None:
         self.requeue_backlog(now)
-        if not self.inflight and not self.pending and not self.backlog:
+        if not self.inflight and not self.pending and not self.backlog and not self.rq.unsent:
             self.state = STOPPED
         elif now >= self.drain_deadline:
             self.hooks.emit("grace_expired", running=len(self.inflight))

@@ -172,7 +172,10 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
             raise
     if failed:
         try:
-            r.nodes_manager.initialize(last_failed_node_name=failed)
+            try:
+                r.nodes_manager.initialize(last_failed_node_name=failed)
+            except TypeError:  # redis-py before the hint: the same, asking in any order
+                r.nodes_manager.initialize()
         except (redis.RedisError, RedisClusterException):
             pass  # the whole cluster is away: the next call tries again
     for i, reply in enumerate(replies):

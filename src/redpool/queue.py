@@ -274,6 +274,13 @@ class RedisQueue:
                 moved[q] = n
         return moved
 
+    #: Acknowledgements taken over but not yet sent (cluster.ClusterQueue: those a node
+    #: away holds up); the supervisor does not stop while there are any.
+    unsent = 0
+    #: A call's reply was lost while other calls went through, so no outage is seen: a
+    #: script may have reserved jobs nobody heard of.  The duties reconcile and reset it.
+    suspect = False
+
     def settle(self) -> int:
         """Finish acknowledgements a lost reply or a crash left half done; returns how
         many.  Nothing to do on one server, where one script acknowledges a job whole

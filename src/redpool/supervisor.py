@@ -159,7 +159,7 @@ class Supervisor(ChildEvents, Lifecycle):
 
     def flush(self, now: float) -> None:
         """Acknowledge every finished job in one round trip."""
-        if not self.pending or not self.duties.redis_ready(now):
+        if not (self.pending or self.rq.unsent) or not self.duties.redis_ready(now):
             return
         try:
             missing, skipped = self.rq.complete(self.pending)
@@ -318,7 +318,7 @@ class Supervisor(ChildEvents, Lifecycle):
         """The loop's state for the heartbeat event (systemd status, metrics, titles)."""
         return {"state": self.state, "inflight": len(self.inflight), "held": len(self.backlog),
                 "busy": len(self.pool.busy()),
-                "unacknowledged": len(self.pending), "concurrency": self.pool.size,
+                "unacknowledged": len(self.pending) + self.rq.unsent, "concurrency": self.pool.size,
                 "children": len(self.pool.children), "redis_down": self.duties.redis_down,
                 "drain_left": max(0.0, self.drain_deadline - now)
                 if self.state == DRAINING else None, **self.stats}

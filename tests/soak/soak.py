@@ -5,7 +5,7 @@ nothing but define things):
 
     .venv/bin/python -m tests.soak.soak [--jobs 10000] [--supervisors 3] [--kills 50]
         [--seed N] [--concurrency 2] [--lease 3] [--job-ms 5-30] [--timeout-s 600]
-        [--keep-logs DIR]
+        [--keep-logs DIR] [--cluster]
 
 What it does:
 
@@ -25,6 +25,12 @@ What it does:
    duplicates, dead letters and failed results, summarises the supervisor logs and
    prints a summary table.  Exit 1 on any lost job or on the timeout, else 0;
 7. always kills what it started and removes its temporary directories.
+
+With ``--cluster`` the jobs go round-robin to queues "a", "b" and "c" of a private
+Redis Cluster of three primaries (AOF, appendfsync always; the three queues live on
+three different primaries), every supervisor takes all three (``redis+cluster://``),
+the ledger is on a separate plain server, and the restart in step 4 kills -9 the
+primary of queue "b" and starts it again on the same port and dir.
 """
 
 from __future__ import annotations
@@ -48,10 +54,13 @@ from pathlib import Path
 
 import redis
 
+from redpool.keys import Keys, glob_escape
+
+from .servers import Cluster, Single, keep_logs
+
 ROOT = Path(__file__).resolve().parents[2]
 TASK_MODULE = "tests.soak.tasks"
 TASK = "soak.run"
-QUEUE = "default"
 TICK = 0.05                    # seconds between iterations of the monitor loop
 STOP_GRACE = 40.0              # seconds supervisors get to exit after SIGTERM
 CHUNK = 1000                   # keys per EXISTS / MGET / LPUSH
@@ -89,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-logs", metavar="DIR", default=None,
                     help="copy the supervisor and server logs here before cleaning up")
     ap.add_argument("--namespace", default=None)
+    ap.add_argument("--cluster", action="store_true",
+                    help="a private three-primary Redis Cluster, queues a, b and c")
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.supervisors < 1 or args.kills < 0 or args.concurrency < 1:
         ap.error("--jobs, --supervisors and --concurrency must be positive, --kills >= 0")
@@ -164,6 +175,7 @@ class Stats:
     redis_down_s: float = 0.0
     aof_notes: list[str] = field(default_factory=list)
     unexpected_exits: list[str] = field(default_factory=list)
+    killed_pids: set[int] = field(default_factory=set)   # pool children we SIGKILLed
     stop_codes: dict[str, int | None] = field(default_factory=dict)
 
 
@@ -175,9 +187,11 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.ns = args.namespace
         self.tmp: Path | None = None
-        self.server = None
-        self.port: int | None = None
+        self.b: Single | Cluster | None = None   # the private Redis
+        self.keys = Keys(self.ns, cluster=args.cluster)
+        self.queues = Cluster.queues if args.cluster else Single.queues
         self.r: redis.Redis | None = None
+        self.ledger: redis.Redis | None = None
         self.sups: dict[int, Sup] = {}           # slot -> current process
         self.all_sups: list[Sup] = []            # every process ever started
         self.gen: Counter = Counter()            # slot -> restarts
@@ -187,6 +201,8 @@ class Soak:
         self.jobs: dict[str, tuple[int, int]] = {}  # id -> (ms, n)
         self.ids: list[str] = []
         self.result_keys: list[str] = []
+        self.queue_of: dict[str, str] = {}       # id -> its queue
+        self.complete: set[int] = set()          # chunks of result_keys all in
         self.t0 = time.monotonic()
         self.t_run = self.t_end = 0.0
         self.done = 0
@@ -200,65 +216,50 @@ class Soak:
 
     # -- keys ------------------------------------------------------------------------------
 
-    def k(self, *parts: str) -> str:
-        return ":".join((self.ns, *parts))
-
     @property
     def ledger_key(self) -> str:
-        return self.k("ledger")
+        return f"{self.ns}:ledger"
+
+    def pattern(self, kind: str) -> str:
+        """SCAN pattern of every key of one kind (processing, scheduled, outbox, ...)."""
+        return f"{glob_escape(self.ns)}:{kind}:*"
+
+    def crashes_key(self, raw: bytes) -> str:
+        return self.keys.crashes_of(self.queue_of.get(job_id_of(raw) or "", self.queues[0]))
+
+    @property
+    def dead_keys(self) -> list[str]:
+        return sorted({self.keys.dead_of(q) for q in self.queues})
 
     # -- setup -----------------------------------------------------------------------------
 
-    def start_server(self) -> None:
-        from redpool.server import EmbeddedServer
-
-        srv_dir = self.tmp / "server"
-        srv_dir.mkdir(exist_ok=True)
-        deadline = time.monotonic() + 30.0
-        while True:
-            srv = EmbeddedServer(port=self.port, dir=str(srv_dir), appendonly=True)
-            try:
-                srv.start()
-                break
-            except Exception as e:  # a fixed port may take a moment to be free again
-                srv.stop()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"could not (re)start the server: {e}") from e
-                time.sleep(0.2)
-        self.server = srv
-        self.port = srv.port
-
-    def connect(self) -> None:
-        self.r = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10.0,
-                             socket_connect_timeout=2.0)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
     def enqueue(self) -> None:
         lo, hi = self.a.job_ms
-        raws = []
+        raws: dict[str, list[str]] = {q: [] for q in self.queues}
         for n in range(self.a.jobs):
             jid = f"soak-{n:06d}"
             ms = self.rng.randint(lo, hi)
             self.jobs[jid] = (ms, n)
             self.ids.append(jid)
-            raws.append(json.dumps({"task": TASK, "id": jid, "args": [ms, n],
-                                    "enqueued_at": time.time()}, separators=(",", ":")))
-        self.result_keys = [self.k("result", j) for j in self.ids]
+            self.queue_of[jid] = q = self.queues[n % len(self.queues)]
+            raws[q].append(json.dumps({"task": TASK, "id": jid, "args": [ms, n],
+                                       "enqueued_at": time.time()}, separators=(",", ":")))
+        self.result_keys = [self.keys.result(j) for j in self.ids]
         pipe = self.r.pipeline(transaction=False)
-        for part in chunks(raws):
-            pipe.lpush(self.k("queue", QUEUE), *part)
+        for q in self.queues:
+            for part in chunks(raws[q]):
+                pipe.lpush(self.keys.queue(q), *part)
         pipe.execute()
 
     def start_sup(self, slot: int, name: str) -> Sup:
         cmd = [sys.executable, "-m", "redpool", "worker", TASK_MODULE,
-               "--redis-url", self.url, "--namespace", self.ns, "--name", name,
+               "--redis-url", self.b.url, "--namespace", self.ns, "--name", name,
                "--lease", f"{self.a.lease:g}", "--concurrency", str(self.a.concurrency),
                "--log-format", "json", "--log-level", "warning", "--max-crashes", "1000"]
+        if self.a.cluster:
+            cmd += [arg for q in self.queues for arg in ("--queue", q)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("REDPOOL_")}
-        env.update(PYTHONUNBUFFERED="1", REDPOOL_LEDGER_URL=self.url,
+        env.update(PYTHONUNBUFFERED="1", REDPOOL_LEDGER_URL=self.b.ledger_url,
                    REDPOOL_LEDGER=self.ledger_key)
         log_path = self.tmp / "logs" / f"{name}.{len(self.all_sups):03d}.log"
         with open(log_path, "ab") as log:
@@ -272,11 +273,16 @@ class Soak:
 
     # -- measuring ---------------------------------------------------------------------------
 
-    def count_done(self) -> int:
-        pipe = self.r.pipeline(transaction=False)
-        for part in chunks(self.result_keys):
-            pipe.exists(*part)
-        return sum(pipe.execute())
+    def count_done(self, full: bool = False) -> int:
+        """Jobs with a result.  A chunk found complete is not asked again unless ``full``
+        (results outlive the soak); on a cluster redis-py splits EXISTS per slot."""
+        done = 0
+        for i, part in enumerate(chunks(self.result_keys)):
+            n = len(part) if i in self.complete and not full else self.r.exists(*part)
+            if n == len(part):
+                self.complete.add(i)
+            done += n
+        return done
 
     def rate(self) -> float:
         """Jobs per second over the last ~10 s."""
@@ -298,16 +304,16 @@ class Soak:
             pipe = self.r.pipeline(transaction=False)
             for key in rec.keys:
                 pipe.lrange(key, 0, -1)
-            pipe.hmget(self.k("crashes"), [sha1(j) for j in rec.jobs])
-            ids = [job_id_of(j) for j in rec.jobs]
-            for jid in ids:
-                pipe.exists(self.k("result", jid or "?"))
+            for j in rec.jobs:
+                pipe.hget(self.crashes_key(j), sha1(j))
+            for j in rec.jobs:
+                pipe.exists(self.keys.result(job_id_of(j) or "?"))
             out = pipe.execute()
             still = set()
             for lst in out[:len(rec.keys)]:
                 still.update(lst)
-            crashes = out[len(rec.keys)]
-            results = out[len(rec.keys) + 1:]
+            n = len(rec.keys) + len(rec.jobs)
+            crashes, results = out[len(rec.keys):n], out[n:]
             left = 0
             for raw, c, res in zip(rec.jobs, crashes, results):
                 if raw not in still or int(c or 0) > rec.crashes0.get(sha1(raw), 0) or res:
@@ -342,6 +348,7 @@ class Soak:
                 except ProcessLookupError:
                     continue
                 self.stats.child_kills += 1
+                self.stats.killed_pids.add(pid)
                 self.say(f"kill -9 child {pid} of {sup.name}")
                 return True
         return False
@@ -386,13 +393,16 @@ class Soak:
         while True:
             try:
                 keys = [k.decode() for k in self.r.scan_iter(
-                    match=self.k("processing", name, "*"), count=1000)]
-                keys = sorted(set(keys) | {self.k("processing", name, QUEUE)})
+                    match=self.keys.processing_pattern(name), count=1000)]
+                keys = sorted(set(keys) | {self.keys.processing(name, q) for q in self.queues})
                 pipe = self.r.pipeline(transaction=False)
                 for key in keys:
                     pipe.lrange(key, 0, -1)
                 jobs = [j for lst in pipe.execute() for j in lst]
-                counts = self.r.hmget(self.k("crashes"), [sha1(j) for j in jobs]) if jobs else []
+                pipe = self.r.pipeline(transaction=False)
+                for j in jobs:
+                    pipe.hget(self.crashes_key(j), sha1(j))
+                counts = pipe.execute() if jobs else []
                 return jobs, keys, {sha1(j): int(c or 0) for j, c in zip(jobs, counts)}
             except redis.RedisError:
                 if time.monotonic() > deadline:
@@ -400,24 +410,20 @@ class Soak:
                 time.sleep(0.1)
 
     def restart_redis(self) -> None:
-        before_done, before_ledger = self.count_done(), self.r.llen(self.ledger_key)
+        before_done, before_ledger = self.count_done(True), self.ledger.llen(self.ledger_key)
         for rec in self.recoveries:
             if rec.done_at is None:
                 rec.overlap = True  # reapers hold off for a while after an outage
-        pid = self.server.proc.pid
-        self.say(f"kill -9 the server (pid {pid}) at {before_done} results")
         t = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        self.server.proc.wait()
-        self.server.proc = None
+        what = self.b.kill()
+        self.say(f"kill -9 {what} at {before_done} results")
         time.sleep(self.rng.uniform(0.5, 1.5))
-        self.start_server()
+        back = self.b.restart(self.r)
         self.stats.redis_down_s = time.monotonic() - t
         self.stats.redis_restarts += 1
         self.redis_restart_at = time.monotonic()
-        self.r.connection_pool.disconnect()
-        after_done, after_ledger = self.count_done(), self.r.llen(self.ledger_key)
-        self.say(f"server back on port {self.port} (pid {self.server.proc.pid}) after "
+        after_done, after_ledger = self.count_done(True), self.ledger.llen(self.ledger_key)
+        self.say(f"{back} after "
                  f"{self.stats.redis_down_s:.2f} s: {after_done} results, ledger "
                  f"{after_ledger} (before: {before_done}, {before_ledger})")
         if after_done < before_done:
@@ -443,9 +449,11 @@ class Soak:
         a = self.a
         self.tmp = Path(tempfile.mkdtemp(prefix="redpool-soak-"))
         (self.tmp / "logs").mkdir()
-        self.start_server()
-        self.connect()
-        self.say(f"server {self.url} (AOF, appendfsync always) in {self.tmp / 'server'}; "
+        self.b = (Cluster if a.cluster else Single)(self.tmp, self.ns)
+        self.b.start()
+        self.r = self.b.client()
+        self.ledger = self.b.ledger_client()
+        self.say(f"{self.b.describe()}; "
                  f"namespace {self.ns}; seed {a.seed}")
         t = time.monotonic()
         self.enqueue()
@@ -545,22 +553,34 @@ class Soak:
             if jid:
                 where.setdefault(jid, []).append(place)
 
-        for raw in self.r.lrange(self.k("queue", QUEUE), 0, -1):
-            note(raw, f"queue:{QUEUE}")
-        for key in self.r.scan_iter(match=self.k("processing", "*"), count=1000):
+        for q in self.queues:
+            for raw in self.r.lrange(self.keys.queue(q), 0, -1):
+                note(raw, f"queue:{q}")
+        for key in self.r.scan_iter(match=self.pattern("processing"), count=1000):
             for raw in self.r.lrange(key, 0, -1):
                 note(raw, key.decode())
-        for key in self.r.scan_iter(match=self.k("scheduled", "*"), count=1000):
+        for key in self.r.scan_iter(match=self.pattern("scheduled"), count=1000):
             for raw in self.r.zrange(key, 0, -1):
                 note(raw, key.decode())
-        for raw in self.r.lrange(self.k("dead"), 0, -1):
-            try:
-                entry = json.loads(raw)
-                jid = entry.get("id") if isinstance(entry, dict) else None
-            except ValueError:
-                jid = None
-            if jid:
-                where.setdefault(jid, []).append("dead")
+        for key in self.dead_keys:
+            for raw in self.r.lrange(key, 0, -1):
+                try:
+                    entry = json.loads(raw)
+                    jid = entry.get("id") if isinstance(entry, dict) else None
+                except ValueError:
+                    jid = None
+                if jid:
+                    where.setdefault(jid, []).append("dead")
+        # Redis Cluster: answers accepted, not yet written (JSON [result key, ttl, ...])
+        prefix = self.keys.result("")
+        for key in self.r.scan_iter(match=self.pattern("outbox"), count=1000):
+            for raw in self.r.lrange(key, 0, -1):
+                try:
+                    rkey = json.loads(raw)[0]
+                except (ValueError, IndexError, KeyError, TypeError):
+                    continue
+                if isinstance(rkey, str) and rkey.startswith(prefix):
+                    where.setdefault(rkey[len(prefix):], []).append(key.decode())
         return where
 
     def stop_all(self) -> None:
@@ -607,16 +627,24 @@ class Soak:
                  and e.get("result") != list(self.jobs[j])]
         # the ledger: one entry per run (retried writes repeat the run token)
         runs: dict[str, set] = {}
-        entries = self.r.lrange(self.ledger_key, 0, -1)
+        entries = self.ledger.lrange(self.ledger_key, 0, -1)
+        last: dict[str, tuple[str, str]] = {}   # pid -> its last run (job id, run)
         for e in entries:
             jid, _, rest = e.decode().partition(":")
             runs.setdefault(jid, set()).add(rest)
+            last[rest.partition(":")[0]] = (jid, rest)
         n_runs = sum(len(v) for v in runs.values())
         duplicates = n_runs - len(runs)
         most = max((len(v) for v in runs.values()), default=0)
+        # a repeat is explained by a kill: the job was held by a supervisor we killed,
+        # or an earlier run was the last one of a pool child we killed
+        held = {job_id_of(j) for r in self.recoveries for j in r.jobs}
+        cut = Counter(last[str(p)][0] for p in self.stats.killed_pids if str(p) in last)
+        unexplained = {j: sorted(v) for j, v in runs.items()
+                       if len(v) - 1 > cut[j] and j not in held}
         no_run = [j for j, e in envs.items() if e is not None and e.get("status") == "succeeded"
                   and j not in runs]
-        dead_len = self.r.llen(self.k("dead"))
+        dead_len = sum(self.r.llen(k) for k in self.dead_keys)
         leftovers = self.leftovers()
 
         self.print_logs()
@@ -648,7 +676,8 @@ class Soak:
             ("jobs lost", str(len(lost))),
             ("jobs unfinished", str(len(missing) - len(lost))),
             ("runs (ledger)", f"{n_runs} ({len(entries)} entries)"),
-            ("duplicate runs", f"{duplicates} (most runs of one job: {most})"),
+            ("duplicate runs", f"{duplicates} (most runs of one job: {most}; "
+                               f"{len(unexplained)} job(s) not explained by a kill)"),
             ("results not 'succeeded'", str(len(not_ok))),
             ("results != input", str(len(wrong))),
             ("succeeded without a run", str(len(no_run))),
@@ -688,6 +717,10 @@ class Soak:
                 print(f"  {j}: {e.get('status')} {err.get('type')}: {err.get('message')}")
         if wrong:
             print(f"\nresults that differ from their input: {wrong[:20]}")
+        if unexplained:
+            print("\nrepeated runs no kill explains (job: pid:run ...; first 20):")
+            for j, v in list(unexplained.items())[:20]:
+                print(f"  {j} ({self.queue_of.get(j)}): {' '.join(v)}")
         if slow or unrecovered:
             print("\nslow or missing recoveries:")
             for r in slow + unrecovered:
@@ -705,26 +738,31 @@ class Soak:
 
     def mget_results(self) -> dict[str, dict | None]:
         out: dict[str, dict | None] = {}
+        mget = self.r.mget_nonatomic if self.a.cluster else self.r.mget
         for ids, keys in zip(chunks(self.ids), chunks(self.result_keys)):
-            for jid, raw in zip(ids, self.r.mget(keys)):
+            for jid, raw in zip(ids, mget(keys)):
                 out[jid] = json.loads(raw) if raw else None
         return out
 
     def leftovers(self) -> str:
         parts = []
-        qlen = self.r.llen(self.k("queue", QUEUE))
-        if qlen:
-            parts.append(f"queue {qlen}")
-        for key in self.r.scan_iter(match=self.k("processing", "*"), count=1000):
-            n = self.r.llen(key)
-            if n:
-                parts.append(f"{key.decode()} {n}")
-        for key in self.r.scan_iter(match=self.k("scheduled", "*"), count=1000):
+        for q in self.queues:
+            qlen = self.r.llen(self.keys.queue(q))
+            if qlen:
+                parts.append(f"queue {qlen}" if len(self.queues) == 1 else f"queue {q} {qlen}")
+        for kind in ("processing", "outbox"):
+            for key in self.r.scan_iter(match=self.pattern(kind), count=1000):
+                n = self.r.llen(key)
+                if n:
+                    parts.append(f"{key.decode()} {n}")
+        for key in self.r.scan_iter(match=self.pattern("scheduled"), count=1000):
             parts.append(f"{key.decode()} {self.r.zcard(key)}")
-        names = sorted(n.decode() for n in self.r.smembers(self.k("supervisors")))
+        names = sorted(n.decode() for n in self.r.smembers(self.keys.supervisors))
         if names:
             parts.append(f"registered supervisors {names}")
-        leases = [k.decode() for k in self.r.scan_iter(match=self.k("supervisor", "*"))]
+        leases = [k.decode() for k in self.r.scan_iter(match=self.keys.supervisor("*"))]
+        if self.a.cluster:
+            leases += [k.decode() for k in self.r.scan_iter(match=self.pattern("lease"))]
         if leases:
             parts.append(f"leases {leases}")
         return "; ".join(parts)
@@ -788,30 +826,27 @@ class Soak:
                     sup.proc.wait(10)
                 except subprocess.TimeoutExpired:
                     pass
-        if self.server is not None:
+        if self.b is not None:
             try:
-                self.server.stop()
+                self.b.stop()
             except Exception:
                 pass
-        if self.r is not None:
+        for client in (self.r, self.ledger):
             try:
-                self.r.close()
+                client.close()
             except Exception:
                 pass
         if self.tmp is not None:
-            if self.a.keep_logs:
+            if self.a.keep_logs and self.b is not None:
                 dest = Path(self.a.keep_logs)
                 try:
-                    dest.mkdir(parents=True, exist_ok=True)
-                    for f in (self.tmp / "logs").glob("*.log"):
-                        shutil.copy2(f, dest / f.name)
-                    srv_log = self.tmp / "server" / "server.log"
-                    if srv_log.exists():
-                        shutil.copy2(srv_log, dest / "server.log")
+                    keep_logs(self.b, self.tmp, dest)
                     print(f"logs kept in {dest}", flush=True)
                 except OSError as e:
                     print(f"could not keep the logs: {e}", file=sys.stderr)
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.b is not None:
+            self.b.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,14 @@
 --   ARGV[a+3]  the dead-letter entry JSON, or ""
 --   ARGV[a+4]  the next attempt's raw job, or ""
 --   ARGV[a+5]  its delay in milliseconds (due = Redis server time + delay)
--- Returns      {jobs no longer in the processing list, the outbox's entries: all of
---              them, those of earlier calls not yet delivered included}
+-- Returns      {jobs no longer in the processing list, the entries this call pushed
+--              onto the outbox} (older ones a failed write left there are cluster.py's
+--              housekeeping's, so that a node away does not make every call heavier)
 local counted = redis.call('EXISTS', KEYS[4]) == 1
 local now_ms = nil
 local missing = 0
 local dead_added = false
+local pushed = {}
 local delivered = tonumber(ARGV[2])
 for i = 3, 2 + delivered do
   redis.call('LREM', KEYS[2], 1, ARGV[i])
@@ -41,6 +43,7 @@ for a = 2 + delivered, #ARGV - 1, 5 do
   else
     if ARGV[a + 2] ~= '' then
       redis.call('RPUSH', KEYS[2], ARGV[a + 2])
+      pushed[#pushed + 1] = ARGV[a + 2]
     end
     if ARGV[a + 3] ~= '' then
       redis.call('LPUSH', KEYS[3], ARGV[a + 3])
@@ -61,4 +64,4 @@ end
 if dead_added then
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
 end
-return {missing, redis.call('LRANGE', KEYS[2], 0, -1)}
+return {missing, pushed}
