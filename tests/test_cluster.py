@@ -587,6 +587,18 @@ def test_completions_taken_over_are_kept_when_the_call_fails_outright(rc, cluste
     assert result(rc, keys, "a1")["id"] == "a1"
 
 
+def test_only_an_error_after_sending_counts_as_a_lost_reply():
+    from redpool.nodes import lost_reply
+
+    assert not lost_reply(redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. "
+                                                "Connection refused."))  # never sent
+    assert lost_reply(redis.ConnectionError("Connection reset by peer"))
+    assert lost_reply(redis.TimeoutError("Timeout reading from socket"))
+    sent = redis.ConnectionError("Error 111 connecting to x")
+    sent.sent = True  # send_by_node's mark: written, then the read failed
+    assert lost_reply(sent) and not lost_reply(redis.ResponseError("WRONGTYPE"))
+
+
 def test_a_lost_reply_on_one_queue_while_others_answer_asks_for_a_reconcile(rc, cluster_keys):
     keys = cluster_keys
     rq, lease = reserved_by(rc, keys, "sup", ["a", "b"])

@@ -42,7 +42,7 @@ from typing import Iterable
 import redis
 
 from .lease import Lease, Reaper
-from .nodes import deliver, rerun_unknown, send_by_node, write_answers
+from .nodes import deliver, lost_reply, rerun_unknown, send_by_node, write_answers
 from .protocol import Keys
 from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, load_script
 
@@ -98,7 +98,7 @@ class ClusterQueue(RedisQueue):
             raise
         errors: list[Exception] = []
         missing, answers = 0, {}
-        if any(isinstance(x, (redis.ConnectionError, redis.TimeoutError)) for x in replies):
+        if any(lost_reply(x) for x in replies):
             self.suspect = True  # a script may have run with its reply lost
         for (q, batch), reply in zip(groups.items(), replies):
             if isinstance(reply, Exception):
@@ -123,8 +123,7 @@ class ClusterQueue(RedisQueue):
                                              args=[min(n, MAX_RESERVE), epoch])
                     except redis.RedisError as e:
                         flat = e
-                        if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
-                            self.suspect = True  # it may have run: see RedisQueue.suspect
+                        self.suspect = self.suspect or lost_reply(e)  # see RedisQueue.suspect
                 if isinstance(flat, Exception):
                     errors.append(flat)
                     continue

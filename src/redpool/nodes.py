@@ -164,6 +164,7 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
         except (redis.ConnectionError, redis.TimeoutError) as e:
             failed = conn.host and f"{conn.host}:{conn.port}"
             _put_back(pool, conn, broken=True)
+            e.sent = True  # these commands went out: they may have run (lost_reply())
             for i in idx:
                 if replies[i] is None:
                     replies[i] = e
@@ -185,6 +186,14 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
             except redis.RedisError as e:
                 replies[i] = e
     return replies
+
+
+def lost_reply(e: BaseException) -> bool:
+    """A connection error after the command went out: it may have run.  (One that never
+    reached the node -- refused, unreachable -- ran nowhere.)"""
+    if not isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        return False
+    return getattr(e, "sent", False) or "connecting to" not in str(e)
 
 
 def _put_back(pool, conn, broken: bool = False) -> None:
