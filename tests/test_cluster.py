@@ -604,7 +604,8 @@ def test_a_lost_reply_on_one_queue_while_others_answer_asks_for_a_reconcile(rc, 
     rq, lease = reserved_by(rc, keys, "sup", ["a", "b"])
     push(rc, keys, "a", task="t", id="a1")
 
-    class Lost:  # queue b's reservation (a's goes out with the completions, by its sha)
+    rc.script_load(rq._reserve.script)  # a's goes out by its sha, with the completions
+    class Lost:  # queue b's reservation
         sha = rq._reserve.sha
 
         def __call__(self, **kw):
