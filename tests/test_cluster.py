@@ -587,6 +587,26 @@ def test_completions_taken_over_are_kept_when_the_call_fails_outright(rc, cluste
     assert result(rc, keys, "a1")["id"] == "a1"
 
 
+def test_a_requeue_a_node_fails_for_leaves_those_jobs_to_a_reconcile(rc, cluster_keys):
+    keys = cluster_keys
+    rq, lease = reserved_by(rc, keys, "sup", ["a", "c"])
+    raws = {q: push(rc, keys, q, task="t", id=f"{q}1") for q in ("a", "c")}
+    assert len(rq.reserve(5, lease.epoch)) == 2
+    real = rq._requeue
+
+    def failing_for_c(keys, args):
+        if any("{c}" in k for k in keys):
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+        return real(keys=keys, args=args)
+    rq._requeue = failing_for_c
+    assert rq.requeue([("a", raws["a"]), ("c", raws["c"])]) == 1
+    assert rc.lrange(keys.queue("a"), 0, -1) == [raws["a"]]  # a's went back at once
+    assert rc.lrange(keys.processing("sup", "c"), 0, -1) == [raws["c"]]  # c's waits...
+    assert rq.suspect  # ...for the reconcile, which puts it back once c's node answers
+    with pytest.raises(redis.ConnectionError):  # every queue failing: nothing moved
+        rq.requeue([("c", raws["c"])])
+
+
 def test_only_an_error_after_sending_counts_as_a_lost_reply():
     from redpool.nodes import lost_reply
 

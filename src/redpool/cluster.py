@@ -211,9 +211,21 @@ class ClusterQueue(RedisQueue):
         return args
 
     def requeue(self, items: list[tuple[str, bytes]]) -> int:
-        """RedisQueue.requeue, one script per queue (each keeps its jobs' order)."""
-        return sum(super(ClusterQueue, self).requeue([(q, raw) for raw in raws])
-                   for q, raws in _grouped(items).items())
+        """RedisQueue.requeue, one script per queue (each keeps its jobs' order).  A
+        queue whose node fails keeps its jobs in our processing list, and we ask for a
+        reconcile (``suspect``), which puts them back once the node answers: the caller
+        may forget them either way, and nothing runs twice.  Raises only if every queue
+        failed (then nothing moved, and the caller keeps them)."""
+        moved, errors, groups = 0, [], _grouped(items)
+        for q, raws in groups.items():
+            try:
+                moved += super().requeue([(q, raw) for raw in raws])
+            except redis.RedisError as e:
+                errors.append(e)
+        if errors and len(errors) == len(groups):
+            raise errors[0]
+        self.suspect = self.suspect or bool(errors)
+        return moved
 
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
         """Every queue's promote.lua in one round trip, and the housekeeping that rides

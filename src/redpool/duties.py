@@ -152,8 +152,8 @@ class Duties:
             if not self.leased and not self.name_lost:
                 self.reregister(now)
             if self.reconcile_pending or self.rq.suspect:
-                self.rq.suspect = False
                 self.reconcile()
+                self.rq.suspect = False  # (after it: one that failed is tried again)
             if now >= self.next_renew:
                 self.next_renew = now + self.cfg.lease / 3
                 if not self.lease.renew(self.info(), self.cfg.lease):
