@@ -216,10 +216,10 @@ class ClusterQueue(RedisQueue):
         reconcile (``suspect``), which puts them back once the node answers: the caller
         may forget them either way, and nothing runs twice.  Raises only if every queue
         failed (then nothing moved, and the caller keeps them)."""
-        moved, errors, groups = 0, [], _grouped(items)
-        for q, raws in groups.items():
+        moved, errors, groups = 0, [], _by_queue(items)
+        for pairs in groups.values():
             try:
-                moved += super().requeue([(q, raw) for raw in raws])
+                moved += super().requeue(pairs)
             except redis.RedisError as e:
                 errors.append(e)
         if errors and len(errors) == len(groups):
@@ -365,15 +365,9 @@ def _raise_first(replies: list) -> list:
     return replies
 
 
-def _by_queue(done: list[Completion]) -> dict[str, list[Completion]]:
-    groups: dict[str, list[Completion]] = defaultdict(list)
-    for c in done:
-        groups[c.queue].append(c)
-    return groups
-
-
-def _grouped(items: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
-    groups: dict[str, list[bytes]] = defaultdict(list)
-    for q, raw in items:
-        groups[q].append(raw)
+def _by_queue(items: list) -> dict[str, list]:
+    """Completions, or (queue, raw) pairs, grouped by their queue (first seen first)."""
+    groups: dict[str, list] = defaultdict(list)
+    for item in items:
+        groups[item.queue if isinstance(item, Completion) else item[0]].append(item)
     return groups

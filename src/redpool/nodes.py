@@ -69,7 +69,7 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
     the parts already written, from an earlier Written.failed) keeps a reply that went
     through from being pushed twice while, say, the result key's node is away."""
     own, replies = (f"{keys.ns}:", f"{{{keys.ns}}}:"), keys.reply("")
-    reply_script = _reply_script(r)
+    reply_script = load_script(r, "reply")
     out = Written()
     commands: list[tuple] = []
     parts: list[tuple[bytes, int]] = []
@@ -106,16 +106,6 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
     for raw, done in out.failed.items():
         done |= ok[raw]
     return out
-
-
-_REPLY_SOURCE: list = []
-
-
-def _reply_script(r):
-    """reply.lua as a Script of ``r`` (its source read once)."""
-    if not _REPLY_SOURCE:
-        _REPLY_SOURCE.append(load_script(r, "reply").script)
-    return r.register_script(_REPLY_SOURCE[0])
 
 
 def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:

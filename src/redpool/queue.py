@@ -8,6 +8,7 @@ supervisor's lease and the reaper are in lease.py.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass
@@ -29,9 +30,14 @@ MAX_RESERVE = 1000
 IDLE_CHECK = 1.0
 
 
+@functools.cache
+def script_source(name: str) -> str:
+    """The text of src/redpool/lua/<name>.lua (read once)."""
+    return resources.files("redpool").joinpath("lua", f"{name}.lua").read_text()
+
+
 def load_script(r: redis.Redis, name: str):
-    source = resources.files("redpool").joinpath("lua", f"{name}.lua").read_text()
-    return r.register_script(source)
+    return r.register_script(script_source(name))
 
 
 def connect(url: str, *, blocking_timeout: float = 0.0, **kwargs) -> redis.Redis:
