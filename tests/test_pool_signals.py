@@ -28,11 +28,14 @@ def test_sigttin_adds_a_child_and_sigttou_removes_one_after_its_job(r, keys, dae
     d = daemons("--concurrency", "2", "--prefetch", "0", ledger=ledger).wait_started()
     assert len(d.children()) == 2
 
-    # SIGTTIN: a third child, and it takes work (three jobs run at the same time)
+    # SIGTTIN: a third child, and it takes work (three jobs run at the same time).  The
+    # jobs go in once it has booted (child_ready): one pushed before would wait for the
+    # first free process, and on a busy machine that can be one of the two busy ones
     d.signal(signal.SIGTTIN)
-    wait_for(lambda: len(d.children()) == 3, what="a third child")
     wait_for(lambda: named(d, "resized"), what="the resized event")
     assert named(d, "resized")[-1]["concurrency"] == 3
+    wait_for(lambda: named(d, "child_ready"), timeout=60, what="the third child to boot")
+    assert len(d.children()) == 3
     lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"s{i}", "args": [2.0]} for i in range(3)])
     wait_for(lambda: ledger_counts(r, ledger).get(f"s2:start"), what="three jobs running")
     running = {x.decode().rsplit(":", 1)[1] for x in r.lrange(ledger, 0, -1)}

@@ -29,7 +29,7 @@ from redpool.config import WorkerConfig
 from redpool.duties import BACKOFF_MAX, PROMOTE_EVERY, REAP_EVERY, Duties
 from redpool.errors import NameInUse
 from redpool.hooks import Hooks
-from redpool.pool import BootFailed, Died, Done, Started, describe_exit
+from redpool.pool import BootFailed, Died, Done, Ready, Started, describe_exit
 from redpool.queue import Reserved
 from redpool.registry import Registry
 from redpool.runner import Policy, Runner
@@ -2585,6 +2585,26 @@ def test_sigttin_and_sigttou_resize_the_pool_never_below_one():
     assert w.pool.size == 1
     assert w.named("signal_ignored")[-1] == {"signal": "SIGTTOU",
                                              "reason": "the pool is at one child"}
+
+
+def test_a_long_job_held_while_a_new_child_boots_goes_to_it_not_behind_a_busy_one():
+    # Given two children busy with long jobs and a third being added (SIGTTIN)
+    w = World(jobs(1, 2), size=2, prefetch=0)
+    w.tick()
+    w.sup.handle_signal(signal.SIGTTIN, w.clock.t)
+    w.tick()
+    (new,) = [c for c in w.pool.children if not c.ready]
+    # When a third job arrives before the new child has booted
+    w.rq.push(("default", job(3)))
+    w.tick()
+    # Then no busy child is handed it to hold (jobs of unknown length go one at a time)
+    assert all(len(c.tokens) == 1 for c in w.pool.children if c.ready)
+    # and once the new child says it is ready, it runs the job, and says so in the log
+    w.pool.boot()
+    w.pool.events.append(Ready(new.pid, 0))
+    w.tick()
+    assert [s.raw for s in w.pool.sent if s.pid == new.pid] == [job(3)]
+    assert w.named("child_ready") == [{"pid": new.pid, "generation": 0}]
 
 
 def test_resize_and_reload_signals_are_ignored_while_draining():

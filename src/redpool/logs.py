@@ -54,7 +54,7 @@ _LEVELS = {
     "redis_down": "error", "redis_up": "warning", "results_dropped": "error", "replies_skipped": "warning",
     "shutdown_redis_error": "error", "lease_lost": "error", "name_taken": "error",
     "reregistered": "warning", "reaped": "warning", "reconciled": "warning",
-    "job_timeout": "warning", "child_retired": "info", "promoted": "debug",
+    "job_timeout": "warning", "child_retired": "info", "child_ready": "info", "promoted": "debug",
     "heartbeat": "debug", "resized": "info", "reloading": "info", "reloaded": "info",
     "reload_failed": "error", "signal_ignored": "warning",
 }

@@ -14,7 +14,7 @@ import signal
 import redis
 
 from . import protocol as p
-from .pool import BootFailed, Died, Done, Returned, Started
+from .pool import BootFailed, Died, Done, Ready, Returned, Started
 from .child import decode_done
 from .queue import Completion
 from .work import Work
@@ -48,6 +48,9 @@ class ChildEvents:
             self.backlog.extendleft(reversed([w.again() for w in rest]))
             if running is not None:
                 self.job_died(running, ev, now)
+        elif isinstance(ev, Ready):
+            # a child spawned after start-up (resize, replacement, reload) takes jobs now
+            self.hooks.emit("child_ready", pid=ev.pid, generation=ev.generation)
         elif isinstance(ev, Returned):
             # first in line again, in their order (the batch was too long)
             self.backlog.extendleft(reversed([self.inflight.pop(t).again() for t in ev.tokens

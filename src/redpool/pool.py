@@ -85,6 +85,7 @@ class BootFailed:
 @dataclass
 class Ready:
     pid: int
+    generation: int = 0
 
 
 @dataclass
@@ -360,7 +361,7 @@ class ProcessPool:
         elif kind == child_mod.MSG_READY:
             c.ready = True
             self.respawn_backoff = 0.0
-            events.append(Ready(c.pid))
+            events.append(Ready(c.pid, c.generation))
         elif kind == child_mod.MSG_BOOT_ERROR:
             c.boot_error = msg[1:].decode("utf-8", "replace")
 

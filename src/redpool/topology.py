@@ -230,10 +230,20 @@ class ClusterRedis(RedisCluster):
 
 @contextlib.contextmanager
 def unreachable_as_connection_error():
+    """Failures to reach the cluster, as redis.ConnectionError, with a message that says
+    it is a cluster.  redis-py up to 8.1 rebuilt its slot map at once after a connection
+    error, and raised RedisClusterException when no node answered; 8.2 defers that
+    rebuild (at most one a second, run by a later command) and raises the node's own
+    ConnectionError meanwhile.  Both are an outage to us; the second is named as a node's."""
     try:
         yield
     except RedisClusterException as e:
         raise redis.ConnectionError(f"Redis Cluster unreachable: {e}") from e
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        if type(e) not in (redis.ConnectionError, redis.TimeoutError) \
+                or str(e).startswith("Redis Cluster"):
+            raise  # a refused login, say, is not an outage: as it is
+        raise type(e)(f"Redis Cluster node unreachable: {e}") from e
 
 
 def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
