@@ -145,10 +145,10 @@ def test_sigterm_drains_running_jobs_within_grace_and_loses_nothing(r, keys, dae
     ledger = keys.ns + ":ledger"
     wait_for(lambda: r.llen(ledger) >= 2, what="two jobs running")
     # When SIGTERM arrives while two long jobs run
-    t0 = time.monotonic()
     d.signal(signal.SIGTERM)
-    assert d.wait(30) == 0, d.log()
-    assert time.monotonic() - t0 < 20
+    assert d.wait(60) == 0, d.log()
+    # within the grace: the running jobs were not cut short
+    assert not [e for e in d.events() if e.get("event") in ("grace_expired", "stop_now")]
     # Then the running jobs finished, the rest went back to the head of the queue
     finished = [f"d{i}" for i in range(6) if envelope(r, keys, f"d{i}")]
     queued = [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)]
