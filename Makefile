@@ -12,7 +12,7 @@ EXTRAS := server,test
 # `make test-latest` and `make lock`: the newest releases pyproject.toml allows
 LATEST := .venv-latest
 
-.PHONY: demo test dev bench clean venv test-latest lock
+.PHONY: demo test dev bench clean venv test-latest lock polyglot
 
 venv: $(STAMP)
 
@@ -31,6 +31,13 @@ test: $(STAMP)
 
 dev: $(STAMP)
 	$(BIN)/redpool dev examples.tasks
+
+# The Node.js, Ruby and Go toolchains (Debian packages, and `npm ci` of the pinned
+# tests/polyglot/node) that tests/test_docs_polyglot.py needs to run the examples of
+# docs/protocol.md.  Without them those tests skip; .ci/run installs them first and sets
+# REDPOOL_REQUIRE_POLYGLOT=1, under which a missing toolchain fails instead.
+polyglot:
+	@tests/polyglot/install.sh
 
 # Benchmarks (not part of `make test`): make bench BENCH_ARGS="--quick --reps 1"
 bench: $(STAMP)
