@@ -42,7 +42,14 @@ MAX_LOST = 10              # at ~50 pushes a second, a few at most even on a slo
 def sentinel_view(s: EmbeddedSentinel) -> dict:
     c = redis.Redis(host="127.0.0.1", port=s.port, socket_timeout=2, decode_responses=True)
     try:
-        return c.sentinel_master(SERVICE)
+        # not sentinel_master(): redis-py 7.0's parser of it breaks on an argument its own
+        # client passes.  The reply is parsed into a dict, or left a flat list of names
+        # and values, depending on the version
+        view = c.execute_command("SENTINEL", "MASTER", SERVICE)
+        if isinstance(view, list):
+            view = dict(zip(view[::2], view[1::2]))
+        return {k: int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v
+                for k, v in view.items()}
     finally:
         c.close()
 

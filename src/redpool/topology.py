@@ -135,7 +135,16 @@ class SentinelRedis(redis.Redis):
             super().close()
         finally:
             if self.sentinel is not None:
-                self.sentinel.close()
+                close_sentinels(self.sentinel)
+
+
+def close_sentinels(manager: Sentinel) -> None:
+    """Sentinel.close() exists from redis-py 8.1; before, each sentinel's client is closed."""
+    if hasattr(manager, "close"):
+        manager.close()
+    else:
+        for client in manager.sentinels:
+            client.close()
 
 
 def sentinel_client(url: str, target: SentinelURL, kwargs: dict) -> redis.Redis:
