@@ -93,7 +93,7 @@ class ConsoleRenderer:
         if exc:
             buf = StringIO()
             self.exception_formatter(buf, exc)
-            out.write("\n" + buf.getvalue().rstrip("\n"))
+            out.write("\n" + buf.getvalue().strip("\n"))
         return out.getvalue()
 
     # -- the parts of a line -----------------------------------------------------------------
@@ -226,8 +226,8 @@ def duration(seconds: float) -> str:
 
 def clock_time(ts: float) -> str:
     """Local wall-clock time to the millisecond: 12:04:05.123."""
-    whole = int(ts)
-    return time.strftime("%H:%M:%S", time.localtime(whole)) + f".{int((ts - whole) * 1000):03d}"
+    whole, ms = divmod(round(ts * 1000), 1000)   # (not int(): 0.123 is 0.12299...)
+    return time.strftime("%H:%M:%S", time.localtime(whole)) + f".{ms:03d}"
 
 
 def when(value: float, ts) -> str:
