@@ -612,6 +612,12 @@ def test_task_code_logging_comes_out_in_the_workers_format(daemons, r, keys):
                                       if not x.startswith("{"))   # never as bare text
 
 
+def test_task_code_with_logging_of_its_own_is_left_alone(daemons, r, keys):
+    d = daemons("--concurrency", "1", modules=("tests.taskmods.own_logging",)).wait_started()
+    lpush_jobs(r, keys, [{"task": "own.say", "id": "o1", "args": ["hi"]}])
+    wait_for(lambda: "OWN INFO own says hi" in d.log(), what="the module's own format")
+
+
 def test_a_worker_on_a_terminal_prints_lines_for_people(redis_url, namespace, r, keys):
     ledger = f"{namespace}:ledger"
 

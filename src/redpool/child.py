@@ -146,7 +146,6 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.path[:0] = [x for x in sys_path if x not in sys.path]
-    logs.configure_child()  # task code's logging in the worker's format
     registry = default_registry
     mod = hook = None
     try:
@@ -161,6 +160,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
         message = boot.describe(e, mod, name)
         conn.send_bytes(MSG_BOOT_ERROR + message.encode("utf-8", "replace"))
         os._exit(3)
+    logs.configure_child()  # task code's logging in the worker's format, unless it has its own
     conn.send_bytes(MSG_READY)
     policy = Policy(**(defaults or {}))
     runner = Runner(registry, worker, max_payload, namespace, policy)

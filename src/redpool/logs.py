@@ -185,10 +185,15 @@ def configure(level: str = "info", fmt: str = "auto", stream=None, *,
 
 
 def configure_child() -> None:
-    """In a pool child: the supervisor's level and format (CHILD_ENV), for task code's
-    and libraries' stdlib logging.  Losing stderr never stops a child (the supervisor
-    decides), and a task must not fail because its log line could not be written."""
+    """In a pool child, once the task modules and @on_child_start hooks ran: the
+    supervisor's level and format (CHILD_ENV) for the stdlib logging of task code and
+    the libraries it uses, unless that code set up logging of its own (handlers on the
+    root logger: then it is left alone, as logging.basicConfig would leave it).
+    Losing stderr never stops a child (the supervisor decides), and a task must not
+    fail because its log line could not be written."""
     level, _, fmt = os.environ.get(CHILD_ENV, "").partition(":")
+    if logging.getLogger().handlers:
+        return
     if level in LEVELS and fmt in ("json", "console"):
         configure(level, fmt, daemon=False, clock=True)
 
