@@ -14,6 +14,7 @@ not an error that could crash the daemon or print a traceback (see Sink).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -46,6 +47,11 @@ QUIETED = "redis"
 REPEAT_WINDOW = 60.0
 
 
+# Write errors that mean the reader is gone: a closed pipe or socket, or a terminal
+# that was hung up (EIO, once its session ended).
+GONE = (errno.EPIPE, errno.ECONNRESET, errno.EIO)
+
+
 class Sink:
     """Writes lines to a stream; the logger structlog wraps, and the stdlib handler's
     output.  A reader gone (EPIPE) is never raised into the code that logs: the
@@ -69,10 +75,13 @@ class Sink:
             try:
                 self.stream.write(line + "\n")
                 self.stream.flush()
-            except BrokenPipeError:
-                self._lose()
             except ValueError:  # the stream was closed under us (at exit): nothing to say
                 pass
+            except OSError as e:
+                if e.errno in GONE:
+                    self._lose()
+                # else (a full disk, say) this line is lost, with nowhere to say so; a
+                # daemon does not stop for its log
 
     log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
     failure = msg
