@@ -172,8 +172,10 @@ def test_console_values_are_quoted_only_when_needed(utc):
 
 
 @pytest.mark.parametrize("seconds, shown", [
-    (0.00031, "0.31ms"), (0.0123, "12ms"), (0.999, "999ms"), (1.5, "1.50s"), (12.34, "12.3s"),
-    (30, "30s"), (15.0, "15s"), (245, "4m05s"), (3600, "1h00m"), (5400, "1h30m")])
+    (0, "0s"), (0.00031, "0.31ms"), (0.0123, "12ms"), (0.999, "999ms"), (1.5, "1.50s"), (12.34, "12.3s"),
+    (30, "30s"), (15.0, "15s"), (245, "4m05s"), (3600, "1h00m"), (5400, "1h30m"),
+    # at each unit's edge, the rounding moves to the next unit
+    (0.0009996, "1ms"), (0.9996, "1.00s"), (9.996, "10.0s"), (59.96, "1m00s"), (3599.6, "1h00m")])
 def test_durations(seconds, shown):
     assert duration(seconds) == shown
 

@@ -208,16 +208,22 @@ def quote(s: str) -> str:
 
 
 def duration(seconds: float) -> str:
+    """12ms, 1.52s, 30s, 4m05s, 1h30m (each unit until its rounding reaches the next)."""
     s = float(seconds)
-    if s < 0:
+    if s <= 0:
         return f"{s:g}s"
-    if s < 0.001:
-        return f"{s * 1000:.2f}ms"
-    if s < 1:
-        return f"{s * 1000:.0f}ms"
-    if s < 60:
-        return f"{s:.0f}s" if s.is_integer() else (f"{s:.2f}s" if s < 10 else f"{s:.1f}s")
-    if s < 3600:
+    ms = s * 1000
+    if round(ms, 2) < 1:
+        return f"{ms:.2f}ms"
+    if round(ms) < 1000:
+        return f"{ms:.0f}ms"
+    if s.is_integer() and s < 60:
+        return f"{s:.0f}s"
+    if round(s, 2) < 10:
+        return f"{s:.2f}s"
+    if round(s, 1) < 60:
+        return f"{s:.1f}s"
+    if round(s) < 3600:
         m, rest = divmod(round(s), 60)
         return f"{m}m{rest:02d}s"
     h, rest = divmod(round(s), 3600)
