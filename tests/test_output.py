@@ -531,7 +531,8 @@ def test_an_unexpected_error_is_one_message_with_its_traceback(monkeypatch, caps
     got = json.loads(line)
     assert got["event"] == "fatal" and got["exit_code"] == 1
     assert "RuntimeError: a bug" in got["error"] and "please report" in got["error"]
-    assert 'raise RuntimeError("a bug")' in got["exception"]
+    assert got["exception"].startswith("Traceback (most recent call last):")
+    assert ", in broken" in got["exception"] and got["exception"].endswith("RuntimeError: a bug")
 
 
 def test_on_a_terminal_an_error_is_one_readable_line():
