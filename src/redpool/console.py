@@ -126,7 +126,7 @@ class ConsoleRenderer:
             padded = _BOLD + padded + _RESET
         if not self.clock:
             if head.startswith("redpool: "):
-                return padded + (" " if fields else "")
+                return padded
             return f"redpool: {self._level(level, pad=False)}: {padded}"
         when = clock_time(ts) if ts is not None else clock_time(time.time())
         if self.colors:
