@@ -195,10 +195,13 @@ def test_a_worker_refused_by_tls_exits_4_and_says_what_to_fix(tls_url, certs, fi
     flags = [x for name in files for x in (f"--redis-{name.removeprefix('other_')}", certs[name])]
     res = redpool("worker", "tests.taskmods.jobs", "--redis-url", tls_url, "--burst", *flags)
     assert res.returncode == EXIT_REDIS, res.stderr
-    message = res.stderr.strip().splitlines()[-1]
+    # one message, said once: a JSON line, since stderr is not a terminal
+    fatal = [json.loads(x) for x in res.stderr.splitlines() if '"fatal"' in x]
+    assert len(fatal) == 1 and "redpool: " not in res.stderr, res.stderr
+    message = fatal[0]["error"]
     for part in says:
         assert part in message, message
-    assert message.startswith("redpool: ") and "rediss://127.0.0.1:" in message
+    assert "rediss://127.0.0.1:" in message
 
 
 def test_tls_mistakes_are_configuration_errors_found_before_connecting(redis_url, tls_url, certs):

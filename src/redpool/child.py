@@ -17,8 +17,8 @@ import struct
 import sys
 import threading
 import time
-import traceback
 
+from . import boot, logs
 from . import protocol as p
 from .registry import default_registry
 from .runner import Outcome, Policy, Runner
@@ -147,14 +147,20 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.path[:0] = [x for x in sys_path if x not in sys.path]
     registry = default_registry
+    mod = hook = None
     try:
         for mod in modules:
             importlib.import_module(mod)
+        mod = None
         for hook in registry.child_init:
             hook()
-    except BaseException:
-        conn.send_bytes(MSG_BOOT_ERROR + traceback.format_exc().encode("utf-8", "replace"))
+    except BaseException as e:
+        # one line for a module that is not there; the traceback for one that raised
+        name = getattr(hook, "__qualname__", None) and f"{hook.__module__}.{hook.__qualname__}"
+        message = boot.describe(e, mod, name)
+        conn.send_bytes(MSG_BOOT_ERROR + message.encode("utf-8", "replace"))
         os._exit(3)
+    logs.configure_child()  # task code's logging in the worker's format, unless it has its own
     conn.send_bytes(MSG_READY)
     policy = Policy(**(defaults or {}))
     runner = Runner(registry, worker, max_payload, namespace, policy)

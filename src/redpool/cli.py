@@ -9,25 +9,73 @@ import os
 import sys
 
 from . import __version__, config, logs
-from .errors import EXIT_OK, ConfigError, RedpoolError
+from .errors import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_OK, ConfigError, RedpoolError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command.  Whatever it prints, a reader that goes away (``| head -1``)
+    ends it quietly with EXIT_BROKEN_PIPE, the status a shell reports for any writer
+    SIGPIPE stopped (cat, grep, git): no traceback, and ``set -o pipefail`` sees
+    redpool as it sees them.  Not 0 (the output was cut short: a script must not take
+    it as delivered) and not 1 (redpool's "unexpected error")."""
+    try:
+        try:
+            code = _run(argv)
+        finally:
+            # inside the try: a reader gone is seen here, not by the interpreter's
+            # final flush (which would print "Exception ignored ... BrokenPipeError")
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        gone = [s for s in (sys.stdout, sys.stderr) if logs.reader_gone(s)]
+        for stream in gone or [sys.stdout]:
+            logs.silence(stream)
+        return EXIT_BROKEN_PIPE
+    return EXIT_BROKEN_PIPE if logs.lost() else code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    # Before anything can fail: an error is said once, in the format the command's
+    # log uses (the worker's --log-format, else JSON unless stderr is a terminal).
+    logs.configure(**_early_logging(args))
     try:
         if args.command not in ("worker", "dev") and hasattr(args, "redis_ca"):
             tls_into_url(args)
         return args.run(args)
     except RedpoolError as e:
-        logs.get("redpool").error("fatal", error=str(e), exit_code=e.exit_code)
-        print(f"redpool: {e}", file=sys.stderr)
+        logs.fatal(str(e), e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if logs.reader_gone(sys.stdout) or logs.reader_gone(sys.stderr):
+            raise  # our reader left: main() ends quietly
+        return _unexpected()  # a socket's, say: a bug to report like any other
+    except Exception:
+        return _unexpected()
+
+
+def _unexpected() -> int:
+    e = sys.exc_info()[1]
+    logs.fatal(f"unexpected error: {type(e).__name__}: {e} (a bug: please report it with "
+               "the traceback)", EXIT_ERROR, exc_info=True)
+    return EXIT_ERROR
+
+
+def _early_logging(args: argparse.Namespace) -> dict:
+    """The worker's --log-level / --log-format (or environment) as far as they can be
+    read before config.resolve() checks them; auto and warning for other commands."""
+    if args.command not in ("worker", "dev"):
+        return {"level": "warning", "fmt": "auto"}
+    level = (args.log_level or os.environ.get("REDPOOL_LOG_LEVEL") or "info").lower()
+    fmt = (args.log_format or os.environ.get("REDPOOL_LOG_FORMAT") or "auto").lower()
+    return {"level": level if level in logs.LEVELS else "info",
+            "fmt": fmt if fmt in logs.FORMATS else "auto", "daemon": True}
 
 
 def tls_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     cfg = config.resolve(args)
-    logs.configure(cfg.log_level, cfg.log_format)
+    logs.configure(cfg.log_level, cfg.log_format, daemon=True)
     return run_worker(cfg)
 
 
@@ -247,7 +295,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     with private_server(url) as url:
         args.redis_url = url
         cfg = config.resolve(args)
-        logs.configure(cfg.log_level, cfg.log_format)
+        logs.configure(cfg.log_level, cfg.log_format, daemon=True)
         return run_worker(cfg)
 
 
@@ -316,20 +364,17 @@ def cmd_dead(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import run_status
 
-    logs.configure("warning", "console" if sys.stderr.isatty() else "json")
     return run_status(args)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .status import run_inspect
 
-    logs.configure("warning", "console" if sys.stderr.isatty() else "json")
     return run_inspect(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    logs.configure("warning", "console" if sys.stderr.isatty() else "json")
     with private_server(args.redis_url) as url:
         return run_demo(url, jobs=args.jobs)

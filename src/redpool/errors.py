@@ -10,6 +10,8 @@ EXIT_USAGE = 2          # bad command line or environment (argparse uses 2 too)
 EXIT_BOOT = 3           # a child could not import the task modules or run its init hook
 EXIT_REDIS = 4          # Redis unreachable at start-up, or refused our credentials
 EXIT_NAME_IN_USE = 5    # another live supervisor already uses this --name
+EXIT_BROKEN_PIPE = 141  # our reader went away (`| head`): 128 + SIGPIPE, as a shell
+                        # reports for any writer SIGPIPE stopped (cli.main says why)
 
 
 class RedpoolError(Exception):

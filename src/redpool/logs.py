@@ -1,48 +1,283 @@
-"""Logging through structlog: JSON lines for machines, readable lines for people.
+"""Everything redpool prints on stderr: its events, fatal errors, and the stdlib
+`logging` of libraries (redis-py) and of task code, all through one renderer.
 
-JSON when stderr is not a terminal (journald, Procfile runners, containers), the
-console renderer when it is.  Levels below the configured one cost a no-op call
-(make_filtering_bound_logger), so per-job lines can stay in the hot path.
+Two formats.  JSON lines for machines (journald, Procfile runners, containers):
+every field as emitted, an ISO UTC ``timestamp``.  Console lines for people (stderr a
+terminal, or ``--log-format console``): see console.py.  ``auto`` picks by terminal.
+
+Levels below the configured one cost a no-op call (make_filtering_bound_logger), so
+per-job lines can stay in the hot path.  Lines are written by one ``Sink`` per
+process (structlog's events and stdlib records alike): one write per line under one
+lock, so lines never interleave; and a reader that went away (``2>&1 | head``) is
+not an error that could crash the daemon or print a traceback (see Sink).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import select
+import signal
 import sys
+import threading
+import time
 
 import structlog
 
+from .console import ConsoleRenderer
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
+FORMATS = ("auto", "json", "console")
 _min_level = logging.DEBUG  # as configured: events below it are dropped before any work
 
+# Pool children configure their logging from this (set by the supervisor's configure,
+# inherited through the environment by spawned children): task code and the
+# libraries it uses log in the worker's format, not as bare text among JSON lines.
+CHILD_ENV = "REDPOOL_CHILD_LOGGING"
 
-def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
+# A library logger the daemon speaks for: during an outage it reports once
+# (redis_down, then redis_up), while redis-py logs each failed attempt, e.g. "Topology
+# refresh failed, keeping the current one: ..." at ERROR once a second in a Redis
+# Cluster outage.  Those add nothing to redis_down and would bury every other line, so
+# during an outage they are demoted to debug; outside one, each of its call sites is
+# shown at most once a minute (the next one says how many were left out meanwhile).
+QUIETED = "redis"
+REPEAT_WINDOW = 60.0
+
+
+# Write errors that mean the reader is gone: a closed pipe or socket, or a terminal
+# that was hung up (EIO, once its session ended).
+GONE = (errno.EPIPE, errno.ECONNRESET, errno.EIO)
+
+
+class Sink:
+    """Writes lines to a stream; the logger structlog wraps, and the stdlib handler's
+    output.  A reader gone (EPIPE) is never raised into the code that logs: the
+    stream's descriptor is pointed at /dev/null (so neither this nor the interpreter's
+    final flush can fail again, as CPython's docs on SIGPIPE recommend), ``lost`` is
+    set (the CLI exits 141 for it), and a daemon stops as on SIGTERM: its jobs finish
+    within the grace or go back to their queues, as a writer stops on SIGPIPE."""
+
+    def __init__(self, stream, *, daemon: bool = False) -> None:
+        self.stream = stream
+        self.daemon = daemon
+        self.lost = False
+        self._stop_pending = False
+        self._lock = threading.Lock()
+
+    def msg(self, line: str) -> None:
+        with self._lock:
+            if self.lost:
+                self._stop_if_pending()
+                return
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except ValueError:  # the stream was closed under us (at exit): nothing to say
+                pass
+            except OSError as e:
+                if e.errno in GONE:
+                    self._lose()
+                # else (a full disk, say) this line is lost, with nowhere to say so; a
+                # daemon does not stop for its log
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = msg
+    failure = msg
+
+    def _lose(self) -> None:
+        self.lost = True
+        silence(self.stream)
+        if self.daemon:
+            self._stop_pending = True
+            self._stop_if_pending()
+
+    def _stop_if_pending(self) -> None:
+        # Until the supervisor's signal inbox is installed, SIGTERM would kill us on the
+        # spot; before that there is nothing to drain, and the first line logged after
+        # it (`started`) sends the signal.
+        if self._stop_pending and callable(signal.getsignal(signal.SIGTERM)):
+            self._stop_pending = False
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Quiet(logging.Filter):
+    """See QUIETED.  Also drops records below the configured level (after demotion)."""
+
+    def __init__(self, min_level: int) -> None:
+        super().__init__()
+        self.min_level = min_level
+        self.outage = False
+        self._sites: dict[tuple, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != QUIETED and not record.name.startswith(QUIETED + "."):
+            return record.levelno >= self.min_level
+        if self.outage and record.levelno > logging.DEBUG:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        if record.levelno < self.min_level:
+            return False
+        site = (record.name, record.levelno, record.pathname, record.lineno)
+        with self._lock:
+            shown, left_out = self._sites.get(site, (None, 0))
+            if shown is not None and record.created - shown < REPEAT_WINDOW:
+                self._sites[site] = (shown, left_out + 1)
+                return False
+            self._sites[site] = (record.created, 0)
+        if left_out:
+            record.left_out = left_out
+        return True
+
+
+class _Handler(logging.Handler):
+    """The root logger's one handler: records rendered as our events are, written by
+    the same Sink."""
+
+    def __init__(self, sink: Sink, formatter: logging.Formatter, quiet: _Quiet) -> None:
+        super().__init__()
+        self.sink = sink
+        self.setFormatter(formatter)
+        self.addFilter(quiet)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self.sink.msg(line)
+
+
+class _State:
+    sink: Sink | None = None
+    quiet: _Quiet | None = None
+    handler: _Handler | None = None
+
+
+_state = _State()
+
+
+def configure(level: str = "info", fmt: str = "auto", stream=None, *,
+              daemon: bool = False, clock: bool | None = None) -> str:
+    """Set up every output of this process; returns the format chosen ("json" or
+    "console").  ``daemon``: a worker (losing its stderr reader stops it as SIGTERM
+    would; its pool children log in its format).  ``clock``: console lines start with
+    the time and level (by default, a daemon's do; a one-shot command's read
+    ``redpool: ...``)."""
     global _min_level
     _min_level = LEVELS[level.lower()]
     stream = stream or sys.stderr
     if fmt == "auto":
-        fmt = "console" if stream.isatty() else "json"
-    processors: list = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+        fmt = "console" if _isatty(stream) else "json"
+    sink = Sink(stream, daemon=daemon)
     if fmt == "json":
-        processors += [structlog.processors.format_exc_info,
-                       structlog.processors.JSONRenderer()]
+        stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+        render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        stamp = _unix_time
+        colors = _isatty(stream) and not os.environ.get("NO_COLOR")
+        render = [ConsoleRenderer(clock=daemon if clock is None else clock, colors=colors)]
     structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level.lower()]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        processors=[structlog.contextvars.merge_contextvars,
+                    structlog.processors.add_log_level, stamp, *render],
+        wrapper_class=structlog.make_filtering_bound_logger(_min_level),
+        logger_factory=lambda *args: sink,
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(sink, stamp, render)
+    _state.sink = sink
+    if daemon:
+        os.environ[CHILD_ENV] = f"{level.lower()}:{fmt}"
+    return fmt
+
+
+def configure_child() -> None:
+    """In a pool child, once the task modules and @on_child_start hooks ran: the
+    supervisor's level and format (CHILD_ENV) for the stdlib logging of task code and
+    the libraries it uses, unless that code set up logging of its own (handlers on the
+    root logger: then it is left alone, as logging.basicConfig would leave it).
+    Losing stderr never stops a child (the supervisor decides), and a task must not
+    fail because its log line could not be written."""
+    level, _, fmt = os.environ.get(CHILD_ENV, "").partition(":")
+    if logging.getLogger().handlers:
+        return
+    if level in LEVELS and fmt in ("json", "console"):
+        configure(level, fmt, daemon=False, clock=True)
+
+
+def _route_stdlib(sink: Sink, stamp, render: list) -> None:
+    """stdlib logging (libraries, task code, warnings.warn) through our renderer, in
+    our format: no bare text among JSON lines from logging's last-resort handler."""
+    quiet = _Quiet(_min_level)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name,
+                           structlog.stdlib.ExtraAdder(allow=["left_out"]), stamp],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+    )
+    root = logging.getLogger()
+    if _state.handler is not None:
+        root.removeHandler(_state.handler)
+    handler = _Handler(sink, formatter, quiet)
+    root.addHandler(handler)
+    root.setLevel(_min_level)
+    logging.captureWarnings(True)
+    _state.handler, _state.quiet = handler, quiet
+
+
+def _unix_time(logger, method: str, event_dict: dict) -> dict:
+    event_dict.setdefault("timestamp", time.time())
+    return event_dict
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def get(name: str = "redpool"):
     return structlog.get_logger(name)
+
+
+def fatal(message: str, exit_code: int, *, exc_info=None) -> None:
+    """The one message of an error that ends a command, in the configured format."""
+    get("redpool").error("fatal", error=message, exit_code=exit_code, exc_info=exc_info)
+
+
+def lost() -> bool:
+    """Did this process lose its log's reader (EPIPE on stderr)?"""
+    return _state.sink is not None and _state.sink.lost
+
+
+# -- standard streams whose reader went away -------------------------------------------------
+
+def reader_gone(stream) -> bool:
+    """Is ``stream`` a pipe (or socket) whose reading end is closed?  poll() says so
+    without writing (POLLERR on a pipe, POLLHUP on a socket)."""
+    try:
+        fd = stream.fileno()
+        p = select.poll()
+        p.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def silence(stream) -> None:
+    """Point ``stream``'s descriptor at /dev/null: whatever is still buffered, and the
+    interpreter's final flush, go nowhere instead of raising BrokenPipeError again."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 # How each supervisor event is logged.  Per-job lines are at info ("job"), so
@@ -65,6 +300,8 @@ def event_logger(logger=None):
     log = logger or get("redpool.supervisor")
 
     def on_event(event: str, fields: dict) -> None:
+        if event in ("redis_down", "redis_up") and _state.quiet is not None:
+            _state.quiet.outage = event == "redis_down"   # see QUIETED
         level = _LEVELS.get(event, "info")
         if event == "job_finished" and fields.get("status") == "failed":
             level = "warning"
@@ -74,7 +311,20 @@ def event_logger(logger=None):
             fields = dict(fields)
             fields["duration"] = round(fields.get("duration") or 0.0, 6)
             fields.pop("t", None)
-            fields.pop("result_id", None)
+        elif event == "draining":
+            fields = {**fields, "message": draining_message(fields)}
         getattr(log, level)(event, **fields)
 
     return on_event
+
+
+def draining_message(fields: dict) -> str:
+    """What a first Ctrl-C / SIGTERM started, and how to cut it short: said once."""
+    running, grace = fields.get("running") or 0, fields.get("grace") or 0
+    again = {"SIGINT": "press Ctrl-C again", "SIGTERM": "send SIGTERM again"}.get(
+        fields.get("signal"), "a second SIGTERM or Ctrl-C")
+    if not running:
+        return "no job running: stopping"
+    jobs = "1 job running gets" if running == 1 else f"{running} jobs running get"
+    return (f"{jobs} up to {grace:g} s to finish; {again} to stop now (unfinished jobs go "
+            "back to their queues)")

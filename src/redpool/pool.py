@@ -175,8 +175,7 @@ class ProcessPool:
             for ev in self.poll(ready):
                 if isinstance(ev, BootFailed) and ev.import_error:
                     self.kill_all()
-                    raise BootError(f"a pool child could not load the task modules "
-                                    f"{self.modules}:\n{ev.message}")
+                    raise BootError(ev.message)  # the child's own words (boot.py)
                 if isinstance(ev, BootFailed):
                     # killed while booting (by an operator, or the OOM killer): that says
                     # nothing about the code; try again, a few times
