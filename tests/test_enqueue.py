@@ -291,3 +291,14 @@ def test_client_enqueue_many_with_own_fields_per_job_and_progress(redis_url, nam
     assert {j["id"]: j["max_retries"] for j in jobs}["first"] == 5
     assert sum(j["max_retries"] == 1 for j in jobs) == 1199
     assert not any("reply_to" in j for j in jobs)
+
+
+def test_on_redis_cluster_the_job_lands_in_its_queues_slot_and_leases_are_read(
+        cluster_url, cluster_namespace, cluster_keys, rc):
+    res = redpool(cluster_url, cluster_namespace, "t.add", "1", "2", "--queue", "b",
+                  "--id", "c-1", "--job-timeout", "5")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "c-1\n"
+    assert "no worker is running in namespace" in res.stderr
+    [job] = [json.loads(raw) for raw in rc.lrange(cluster_keys.queue("b"), 0, -1)]
+    assert job["id"] == "c-1" and job["timeout"] == 5.0 and "reply_to" not in job
