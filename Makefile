@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   := constraints.txt
 # every extra the lock covers (what `make test`, `make demo` and `make bench` use)
-EXTRAS := server,test
+EXTRAS := server,dev,test
 # `make test-latest` and `make lock`: the newest releases pyproject.toml allows
 LATEST := .venv-latest
 

@@ -1,18 +1,16 @@
-"""The commands a person types: demo, dev, enqueue (real processes, real servers)."""
+"""The commands a person types: demo and worker (dev: test_dev.py; enqueue: test_enqueue.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT, Daemon, wait_for
+from helpers import ROOT
 
 pytestmark = pytest.mark.daemon
 
@@ -40,58 +38,17 @@ def test_demo_runs_on_its_own_private_server_and_exits_0():
     assert len(re.findall(r"job +\d+ slept", res.stdout)) == 6
     assert "faster than one process" in res.stdout
     assert "map: squares of 0..9 -> [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in res.stdout
+    # its server keeps what it acknowledges (AOF), so the worker has nothing to warn about
+    assert '"level": "warning"' not in res.stderr and "warning" not in res.stderr.lower()
 
 
-def test_dev_starts_a_private_server_prints_its_url_and_stops_it(tmp_path):
+def test_the_demos_private_server_keeps_its_data_on_disk():
     import redis
 
-    log = open(tmp_path / "dev.log", "w+")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("REDPOOL_REDIS_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "redpool", "dev", "tests.taskmods.jobs",
-                             "--concurrency", "1", "--log-format", "json"], cwd=ROOT, env=env,
-                            stdout=log, stderr=log, start_new_session=True)
-    try:
-        url = wait_for(lambda: (m := re.search(r"REDPOOL_REDIS_URL=(redis://\S+)",
-                                               (tmp_path / "dev.log").read_text())) and m.group(1),
-                       timeout=30, what="the printed URL")
-        r = redis.Redis.from_url(url)
-        wait_for(lambda: r.scard("redpool:supervisors"), timeout=60, what="worker start")
-        r.lpush("redpool:queue:default", json.dumps({"task": "t.add", "id": "d1", "args": [2, 3],
-                                                     "reply_to": "dev-r"}))
-        item = r.brpop("dev-r", timeout=20)
-        assert item and json.loads(item[1])["result"] == 5
-        r.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        port = int(url.rsplit(":", 1)[1].split("/")[0])
-        with pytest.raises(OSError):  # the private server is gone with it
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    from redpool.cli import private_server
 
-
-def test_enqueue_prints_the_id_and_wait_prints_the_envelope(redis_url, namespace, r, tmp_path):
-    d = Daemon(redis_url, namespace, "--concurrency", "1").start(tmp_path).wait_started()
-    try:
-        common = ["--redis-url", redis_url, "--namespace", namespace]
-        res = redpool("enqueue", "t.add", "2", "3", "--id", "cli-1", *common)
-        assert res.returncode == 0 and res.stdout.strip() == "cli-1", res.stderr
-        wait_for(lambda: r.get(f"{namespace}:result:cli-1"), what="result of cli-1")
-
-        res = redpool("enqueue", "t.add", '"a"', "b", "--wait", "--timeout", "30", *common)
-        assert res.returncode == 0, res.stderr
-        assert json.loads(res.stdout)["result"] == "ab"  # "b" is not JSON: taken as a string
-
-        res = redpool("enqueue", "t.boom", "--kwargs", '{"msg": "nope"}', "--wait", *common)
-        assert res.returncode == 1
-        env = json.loads(res.stdout)
-        assert env["status"] == "failed" and env["error"]["type"] == "ValueError"
-        assert env["error"]["message"] == "nope" and "Traceback" in env["error"]["traceback"]
-    finally:
-        d.kill()
+    with private_server(None, announce=False) as url, redis.Redis.from_url(url) as r:
+        assert r.info("persistence")["aof_enabled"] == 1
 
 
 def test_worker_without_modules_or_with_a_bad_url_says_what_to_do(redis_url):

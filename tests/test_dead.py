@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -16,6 +18,7 @@ import redis
 from helpers import ROOT
 from redpool import dead, protocol
 from redpool.errors import ConfigError
+from terminal import on_a_terminal
 
 NOW = 1_732_492_800.0  # 2024-11-25T00:00:00Z
 
@@ -202,6 +205,57 @@ def test_cli_purge_needs_a_flag_and_all_removes_corrupt_entries(redis_url, names
     res = redpool_dead(redis_url, namespace, "purge", "--all")
     assert res.returncode == 0 and res.stdout.strip() == "purged 2 entries"
     assert r.exists(keys.dead) == 0
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+def bury_many(r, keys, n: int, queue: str = "default") -> None:
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):
+        pipe.lpush(keys.dead, protocol.dumps(protocol.dead_entry(
+            f'{{"task":"t.add","id":"m{i}"}}'.encode(), queue=queue, reason="r", job_id=f"m{i}",
+            error_type=protocol.E_UNKNOWN_TASK, worker="w1", now=NOW + i)))
+    pipe.execute()
+
+
+def test_requeue_and_purge_of_many_print_only_their_summary_off_a_terminal(
+        redis_url, namespace, r, keys):
+    bury_many(r, keys, 700)
+    res = redpool_dead(redis_url, namespace, "requeue", "--all")
+    assert res.returncode == 0
+    assert res.stdout == "requeued 700 jobs (default: 700)\n" and res.stderr == ""
+    bury_many(r, keys, 700)
+    res = redpool_dead(redis_url, namespace, "purge", "--all")
+    assert res.returncode == 0
+    assert res.stdout == "purged 700 entries\n" and res.stderr == ""
+
+
+def test_requeue_all_draws_a_progress_bar_on_a_terminal_then_its_summary(
+        redis_url, namespace, r, keys):
+    bury_many(r, keys, 700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDPOOL_")}
+    code, out, drawn = on_a_terminal(
+        [sys.executable, "-m", "redpool", "dead", "requeue", "--all", "--redis-url", redis_url,
+         "--namespace", namespace], env=env, cwd=ROOT)
+    assert code == 0, drawn
+    assert out == "requeued 700 jobs (default: 700)\n"      # unchanged on stdout
+    assert "requeue:" in drawn and "/700" in drawn            # tqdm's bar, on stderr
+    assert drawn.split("\r")[-2].strip() == ""               # and blanked when done
+    assert r.llen(keys.queue("default")) == 700
+
+
+def test_a_bar_is_given_the_number_of_entries_it_will_go_through(r, keys):
+    bury_many(r, keys, 250, queue="a")
+    bury_many(r, keys, 50, queue="b")
+    totals, done = [], []
+
+    @contextlib.contextmanager
+    def progress(total):
+        totals.append(total)
+        yield SimpleNamespace(update=done.append)
+
+    assert dead.purge(r, keys, all=True, queue="a", progress=progress) == 250
+    assert totals == [250] and sum(done) == 250 and max(done) <= dead.BATCH
 
 
 def test_purge_removes_identical_copies_and_never_new_entries(r, keys):

@@ -166,10 +166,10 @@ def test_a_worker_client_and_cli_run_jobs_over_tls_with_a_client_certificate(
             with pytest.raises(JobFailed, match="over tls"):
                 job.get(timeout=30)
         # and the CLI reads its files from the environment...
-        res = redpool("enqueue", "t.add", "20", "22", "--wait", "--timeout", "30",
+        res = redpool("enqueue", "t.add", "20", "22", "--wait", "--wait-timeout", "30",
                       "--redis-url", tls_url, "--namespace", namespace, env=files)
         assert res.returncode == 0, res.stderr
-        assert json.loads(res.stdout)["result"] == 42
+        assert json.loads(res.stdout.split("\n", 1)[1])["result"] == 42  # after the job id
         # ... or its flags, for every command that connects
         flags = ["--redis-url", tls_url, "--namespace", namespace, "--redis-ca", certs["ca"],
                  "--redis-cert", certs["cert"], "--redis-key", certs["key"]]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
+from typing import Callable
 
-from . import __version__, config, logs
+from . import __version__, config, enqueue, logs
+from .cliparser import Parser
 from .errors import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_OK, ConfigError, RedpoolError
 
 
@@ -78,6 +79,12 @@ def _early_logging(args: argparse.Namespace) -> dict:
             "fmt": fmt if fmt in logs.FORMATS else "auto", "daemon": True}
 
 
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 1-65535, got {text!r}")
+    return int(text)
+
+
 def tls_arguments(parser: argparse.ArgumentParser) -> None:
     """--redis-ca, --redis-cert, --redis-key for a command that connects to Redis (the
     worker has them from config.SETTINGS); main() folds them into its --redis-url."""
@@ -99,7 +106,7 @@ def tls_into_url(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="redpool", description="A multiprocessing.Pool that spans hosts, fed by Redis lists.")
     parser.add_argument("--version", action="version", version=f"redpool {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -108,9 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_worker_arguments(w)
     w.set_defaults(run=cmd_worker)
 
-    d = sub.add_parser("dev", help="run a worker; without a Redis URL, on a private "
-                                   "embedded server whose URL is printed")
+    d = sub.add_parser("dev", help="run a worker for development: without a Redis URL, on "
+                                   "this project's private server (its port and data kept in "
+                                   ".redpool/dev between runs)")
     config.add_worker_arguments(d)
+    dev = d.add_argument_group("redpool dev")
+    dev.add_argument("--fresh", action="store_true",
+                     help="start the private server empty (same port): drop the jobs, results "
+                          "and dead letters of earlier runs")
+    dev.add_argument("--port", type=port_number, default=None,
+                     help="the private server's port (default: the last run's, else a free one "
+                          "in 20000-29999); kept for the next runs")
+    dev.add_argument("--reload", action="store_true",
+                     help="restart the pool's processes when a .py file under the working "
+                          "directory changes (graceful, as SIGHUP: running jobs finish)")
+    dev.add_argument("--reload-dir", action="append", default=None, metavar="DIR",
+                     help="with --reload: watch DIR instead of the working directory "
+                          "(repeat for several)")
     d.set_defaults(run=cmd_dev)
 
     demo = sub.add_parser("demo", help="show what redpool does, on a private server")
@@ -118,21 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=12, help="how many sleeping jobs (default 12)")
     demo.set_defaults(run=cmd_demo)
 
-    e = sub.add_parser("enqueue", help="enqueue one job and print its id (or, with --wait, "
-                                       "its result envelope)")
-    e.add_argument("task", help="the registered task name, e.g. examples.tasks.add")
-    e.add_argument("args", nargs="*", metavar="ARG",
-                   help="arguments as JSON values (2, 2.5, true, null, [1,2], '\"text\"'); "
-                        "anything that is not JSON is taken as a string")
-    e.add_argument("--kwargs", default=None, help="keyword arguments as a JSON object")
-    e.add_argument("--queue", default="default")
-    e.add_argument("--id", default=None, help="the job id (default: a new UUID)")
-    e.add_argument("--result-ttl", type=int, default=None)
-    e.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    e.add_argument("--timeout", type=float, default=60.0, help="with --wait: seconds (default 60)")
-    e.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
-    tls_arguments(e)
-    e.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
+    e = sub.add_parser("enqueue", help="queue a job and print its id (--wait: and its result "
+                                       "envelope); --from FILE queues one job per JSON line",
+                       epilog=enqueue.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    enqueue.add_arguments(e)
+    where = e.add_argument_group("where (the worker's settings)")
+    where.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
+    tls_arguments(where)
+    where.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     e.set_defaults(run=cmd_enqueue)
 
     dead = sub.add_parser("dead", help="list, requeue or purge dead-letter entries")
@@ -201,7 +215,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(cfg)
 
 
-def run_worker(cfg: config.WorkerConfig) -> int:
+def run_worker(cfg: config.WorkerConfig, *,
+               watch: Callable[[], contextlib.AbstractContextManager] | None = None) -> int:
+    """Run the daemon until it stops.  ``watch``: a context to hold while it runs, with
+    its signal handlers in place (`redpool dev --reload` sends it SIGHUP)."""
     from . import titles
     from .connection import check, check_cluster, is_cluster_url, with_tls
     from .duties import Duties
@@ -266,7 +283,8 @@ def run_worker(cfg: config.WorkerConfig) -> int:
     duties = Duties(cfg, rq, lease, reaper, hooks)
     inbox = SignalInbox()
     try:
-        Supervisor(cfg, rq, pool, duties, waiter=waiter, inbox=inbox, hooks=hooks).run()
+        with watch() if watch else contextlib.nullcontext():
+            Supervisor(cfg, rq, pool, duties, waiter=waiter, inbox=inbox, hooks=hooks).run()
     finally:
         inbox.close()
         rq.close()
@@ -276,67 +294,55 @@ def run_worker(cfg: config.WorkerConfig) -> int:
 
 @contextlib.contextmanager
 def private_server(url: str | None, *, announce: bool = True):
-    """Yield ``url``, or the URL of an embedded server started (and stopped) here."""
+    """Yield ``url``, or the URL of an embedded server started (and stopped) here, in a
+    temporary directory.  It keeps what it acknowledges (AOF), as a production server
+    must: the worker warns about a server that would lose its jobs on a restart."""
     if url:
         yield url
         return
     from .server import EmbeddedServer
 
-    with EmbeddedServer() as srv:
+    with EmbeddedServer(appendonly=True, appendfsync="everysec") as srv:
         if announce:
-            print(f"redpool: started a private server at {srv.url}\n"
-                  f"redpool: producers in other terminals: export REDPOOL_REDIS_URL={srv.url}",
-                  file=sys.stderr, flush=True)
+            print(f"redpool: started a private server at {srv.url}", file=sys.stderr, flush=True)
         yield srv.url
 
 
-def cmd_dev(args: argparse.Namespace) -> int:
+def dev_server(args: argparse.Namespace):
+    """The server `redpool dev` runs on: the URL given (unless it is the one this
+    project's private server had), else that private server (dev.py)."""
+    from pathlib import Path
+
+    from . import dev
+
     url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL")
-    with private_server(url) as url:
+    root = Path.cwd()
+    if url and not dev.is_ours(url, root):
+        if args.fresh or args.port:
+            raise ConfigError("--fresh and --port are for the private server: they cannot go "
+                              "with a Redis URL of yours (--redis-url or REDPOOL_REDIS_URL)")
+        return contextlib.nullcontext(url)
+    return dev.dev_server(root, fresh=args.fresh, port=args.port,
+                          announce=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from . import dev
+
+    if args.reload_dir and not args.reload:
+        raise ConfigError("--reload-dir goes with --reload")
+    reload_dirs = dev.check_dirs(args.reload_dir or [os.getcwd()]) if args.reload else None
+    with dev_server(args) as url:
         args.redis_url = url
         cfg = config.resolve(args)
         logs.configure(cfg.log_level, cfg.log_format, daemon=True)
-        return run_worker(cfg)
+        return dev.run(cfg, run_worker, reload_dirs, logs.get("redpool.dev"))
 
 
 # -- producer commands -------------------------------------------------------------------------
 
-def _parse_arg(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    from .client import Client
-    from .connection import check
-
-    kwargs = None
-    if args.kwargs:
-        try:
-            kwargs = json.loads(args.kwargs)
-        except ValueError as e:
-            raise ConfigError(f"--kwargs is not JSON: {e}") from None
-        if not isinstance(kwargs, dict):
-            raise ConfigError("--kwargs must be a JSON object, e.g. '{\"size\": 3}'")
-    with Client(args.redis_url, namespace=args.namespace) as client:
-        check(client.redis, client.url)
-        try:
-            res = client.enqueue(args.task, *[_parse_arg(a) for a in args.args], queue=args.queue,
-                                 kwargs=kwargs, id=args.id, result_ttl=args.result_ttl)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if not args.wait:
-            print(res.id)
-            return EXIT_OK
-        res.wait(args.timeout)
-        if not res.ready():
-            print(f"redpool: no result for job {res.id} within {args.timeout:g} s "
-                  "(is a worker running on that queue?)", file=sys.stderr)
-            return 1
-        print(json.dumps(res.envelope, indent=2))
-        return EXIT_OK if res.successful() else 1
+    return enqueue.run(args)
 
 
 def cmd_acl(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """The producer API: Client enqueues jobs and delivers their results.
 
 Results come back by push, not by polling: every job names this client's reply list
-(``Keys.reply``) unless the caller chose another ``reply_to``, and one listener thread
-per Client pops envelopes and resolves the waiting AsyncResult.  Ten thousand
+(``Keys.reply``) unless the caller chose another ``reply_to`` (or none, False), and one
+listener thread per Client pops envelopes and resolves the waiting AsyncResult.  Ten thousand
 outstanding jobs cost one blocking connection, not ten thousand pollers.  A result that
 is not pushed here (the caller's own ``reply_to``, or ``Client.result(id)`` for a job
 enqueued elsewhere) is read from its result key, polled with a short backoff.
@@ -114,8 +114,8 @@ class Client:
         self._listener: threading.Thread | None = None
 
     def enqueue(self, task: Any, *args: Any, queue: str = "default", kwargs: dict | None = None,
-                id: str | None = None, result_ttl: int | None = None, reply_to: str | None = None,
-                callback: Callable[[Any], Any] | None = None,
+                id: str | None = None, result_ttl: int | None = None,
+                reply_to: str | bool | None = None, callback: Callable[[Any], Any] | None = None,
                 error_callback: Callable[[BaseException], Any] | None = None,
                 delay: float | None = None, at: datetime | None = None,
                 **options: Any) -> AsyncResult:
@@ -124,7 +124,10 @@ class Client:
         ``delay`` (seconds, measured on the Redis server's clock) or ``at`` (a datetime)
         schedule the job for later.  ``options``: the job's delivery policy, overriding
         the task's and the worker's: max_retries, retry_backoff, retry_backoff_max,
-        timeout, dead_letter."""
+        timeout, dead_letter.  ``reply_to``: None (the default) delivers the result to
+        this client; a list key of yours has the worker push it there; False asks for no
+        reply at all (only the result key, which the AsyncResult polls): nothing is left
+        in Redis for a result nobody waits for."""
         return self._submit(task_name(task), [(args, kwargs)], queue=queue, id=id,
                             result_ttl=result_ttl, reply_to=reply_to,
                             callback=callback, error_callback=error_callback,
@@ -132,15 +135,27 @@ class Client:
 
     def enqueue_many(self, task: Any, arg_tuples: Iterable[tuple], *, queue: str = "default",
                      kwargs_list: Iterable[dict | None] | None = None, result_ttl: int | None = None,
-                     reply_to: str | None = None) -> list[AsyncResult]:
+                     reply_to: str | bool | None = None,
+                     options_list: Iterable[dict | None] | None = None,
+                     delay: float | None = None, at: datetime | None = None,
+                     on_pushed: Callable[[int], Any] | None = None,
+                     **options: Any) -> list[AsyncResult]:
         """Queue one job per argument tuple, BATCH jobs per round trip.  If Redis fails
-        midway, the batches before the failure are already queued."""
+        midway, the batches before the failure are already queued.  ``options``,
+        ``result_ttl``, ``reply_to``, ``delay``, ``at``: for every job, as in enqueue().
+        ``options_list``: per job, a dict (or None) of its own ``id``, ``result_ttl`` or
+        options, winning over the shared ones.  ``on_pushed(n)``: after each round trip,
+        with the number of jobs it queued (a progress bar's update)."""
         arg_list = list(arg_tuples)
         kw_list = [None] * len(arg_list) if kwargs_list is None else list(kwargs_list)
+        own_list = [None] * len(arg_list) if options_list is None else list(options_list)
         if len(kw_list) != len(arg_list):
             raise ValueError(f"{len(arg_list)} argument tuples but {len(kw_list)} kwargs dicts")
-        return self._submit(task_name(task), zip(arg_list, kw_list), queue=queue,
-                            result_ttl=result_ttl, reply_to=reply_to)
+        if len(own_list) != len(arg_list):
+            raise ValueError(f"{len(arg_list)} argument tuples but {len(own_list)} options dicts")
+        return self._submit(task_name(task), zip(arg_list, kw_list, own_list), queue=queue,
+                            result_ttl=result_ttl, reply_to=reply_to, due=_due(delay, at),
+                            options=options, on_pushed=on_pushed)
 
     def result(self, job_id: str) -> AsyncResult:
         """The result of any job by id, including one enqueued by another client."""
@@ -195,26 +210,32 @@ class Client:
 
     # -- enqueueing ----------------------------------------------------------------------------
 
-    def _submit(self, name: str, calls: Iterable[tuple[Any, dict | None]], *, queue: str,
-                id: str | None = None, result_ttl: int | None = None, reply_to: str | None = None,
+    def _submit(self, name: str, calls: Iterable[tuple], *, queue: str,
+                id: str | None = None, result_ttl: int | None = None,
+                reply_to: str | bool | None = None,
                 callback: Callable | None = None, error_callback: Callable | None = None,
                 on_done: Callable[[int, AsyncResult], Any] | None = None,
-                due: tuple[str, float] | None = None,
-                options: dict | None = None) -> list[AsyncResult]:
-        """Build, validate and push jobs; ``on_done(i, result)`` runs when call ``i`` ends."""
+                due: tuple[str, float] | None = None, options: dict | None = None,
+                on_pushed: Callable[[int], Any] | None = None) -> list[AsyncResult]:
+        """Build, validate and push calls, (args, kwargs[, own id/result_ttl/options]);
+        ``on_done(i, result)`` runs when call ``i`` ends."""
         if not isinstance(queue, str) or not queue:
             raise ValueError(f"queue must be a non-empty string, got {queue!r}")
         self.keys.check_queue(queue)
+        if reply_to is True or reply_to == "":
+            raise ValueError("reply_to must be a list key, None (this client) or False (none)")
         pushed = reply_to is None
         if not pushed and (callback or error_callback or on_done):
             raise ValueError("callbacks need the result delivered to this client: drop reply_to")
         if pushed:
             self._start_listener()
+        shared = {"id": id, "result_ttl": result_ttl, **(options or {})}
+        reply = self.reply_key if pushed else (reply_to or None)
         qkey, results, batch, size = self.keys.queue(queue), [], [], 0
-        for i, (args, kwargs) in enumerate(calls):
+        for i, (args, kwargs, *own) in enumerate(calls):
+            fields = {**shared, **own[0]} if own and own[0] else shared
             try:
-                job = protocol.make_job(name, args, kwargs, id=id, result_ttl=result_ttl,
-                                        reply_to=reply_to or self.reply_key, **(options or {}))
+                job = protocol.make_job(name, args, kwargs, reply_to=reply, **fields)
             except protocol.InvalidJob as e:
                 raise ValueError(str(e)) from None
             try:
@@ -227,14 +248,15 @@ class Client:
             batch.append(data)
             size += len(data)
             if len(batch) >= BATCH or size >= BATCH_BYTES:
-                self._push(qkey, batch, results[-len(batch):], queue, due)
+                self._push(qkey, batch, results[-len(batch):], queue, due, on_pushed)
                 batch, size = [], 0
         if batch:
-            self._push(qkey, batch, results[-len(batch):], queue, due)
+            self._push(qkey, batch, results[-len(batch):], queue, due, on_pushed)
         return results
 
     def _push(self, qkey: str, batch: list[bytes], results: list[AsyncResult], queue: str = "",
-              due: tuple[str, float] | None = None) -> None:
+              due: tuple[str, float] | None = None,
+              on_pushed: Callable[[int], Any] | None = None) -> None:
         # Register before pushing: a fast worker's reply must find its AsyncResult waiting.
         with self._lock:
             if self._closed:
@@ -264,6 +286,8 @@ class Client:
                                   "connect with redis+cluster://host:port (see docs/deploy.md, "
                                   "\"Redis Cluster\")") from None
             raise
+        if on_pushed is not None:
+            on_pushed(len(batch))
 
     def _read_result(self, job_id: str) -> dict[str, Any] | None:
         if self._closed:

@@ -14,6 +14,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .cliparser import suggestion
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, NAME_RE
 from .urls import DEFAULT_URL
@@ -74,10 +75,24 @@ def _size(v: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", re.IGNORECASE)
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``30s``, ``15m``, ``12h``, ``7d`` or a plain number of seconds."""
+    m = _DURATION.fullmatch(text.strip())
+    if not m:
+        raise ConfigError(f"invalid duration {text!r}: use seconds (3600) or a number "
+                          "with a unit: 30s, 15m, 12h, 7d")
+    return float(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(v: str) -> str:
         if v.lower() not in options:
-            raise ValueError(f"expected {', '.join(options[:-1])} or {options[-1]}, got {v!r}")
+            raise ValueError(f"expected {', '.join(options[:-1])} or {options[-1]}, got {v!r}"
+                             + suggestion(v.lower(), options))
         return v.lower()
     return parse
 

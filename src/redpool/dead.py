@@ -25,23 +25,26 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import hashlib
 import heapq
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, TextIO
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator, TextIO
 
 import redis
 
+from . import progress
 from .connection import check_cluster, explain, is_cluster_url
+from .config import parse_duration  # noqa: F401  (dead.parse_duration, as before)
 from .deployment import dead_label, dead_lists
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
 from .protocol import DEFAULT_NAMESPACE, Keys
@@ -186,14 +189,21 @@ class RequeueReport:
         return [i for i in self.requested if i not in done]
 
 
+def _no_progress(total: int) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext(SimpleNamespace(update=lambda n=1: None))
+
+
 def requeue(r: redis.Redis, keys: Keys, ids: list[str] | tuple[str, ...] = (), *,
-            all: bool = False, queue: str | None = None) -> RequeueReport:
-    """Put the raw job of each matching entry on the left end (tail) of its queue."""
+            all: bool = False, queue: str | None = None,
+            progress: Callable[[int], Any] = _no_progress) -> RequeueReport:
+    """Put the raw job of each matching entry on the left end (tail) of its queue.
+    ``progress(total)``: a context manager giving a bar to ``update(n)`` as entries go."""
     if bool(ids) == bool(all):
         raise ConfigError(REQUEUE_NEEDS)
     report = RequeueReport(requested=list(dict.fromkeys(ids)))
     wanted = set(ids)
     script = load_script(r, "dead_requeue")
+    found: list[tuple[str, list[tuple[Entry, bytes]]]] = []
     for key in dead_lists(r, keys, queue):
         todo: list[tuple[Entry, bytes]] = []
         for e in scan(r, key):
@@ -208,20 +218,26 @@ def requeue(r: redis.Redis, keys: Keys, ids: list[str] | tuple[str, ...] = (), *
                 except ValueError as why:
                     report.skipped.append((e, str(why)))
         todo.reverse()  # oldest first: pushed first, so taken first
-        for i in range(0, len(todo), BATCH):
-            batch = todo[i:i + BATCH]
-            counts = script(keys=[key, *(keys.queue(e.queue) for e, _ in batch)],
-                            args=[x for e, job in batch for x in (e.raw, job)])
-            for (e, _), n in zip(batch, counts):
-                (report.done if n else report.gone).append(e)
-                report.pushed[e.queue] += int(n)
+        found.append((key, todo))
+    with progress(sum(len(todo) for _, todo in found)) as bar:
+        for key, todo in found:
+            for i in range(0, len(todo), BATCH):
+                batch = todo[i:i + BATCH]
+                counts = script(keys=[key, *(keys.queue(e.queue) for e, _ in batch)],
+                                args=[x for e, job in batch for x in (e.raw, job)])
+                for (e, _), n in zip(batch, counts):
+                    (report.done if n else report.gone).append(e)
+                    report.pushed[e.queue] += int(n)
+                bar.update(len(batch))
     return report
 
 
 def purge(r: redis.Redis, keys: Keys, *, older_than: float | None = None, all: bool = False,
-          queue: str | None = None, now: float | None = None) -> int:
+          queue: str | None = None, now: float | None = None,
+          progress: Callable[[int], Any] = _no_progress) -> int:
     """Remove the entries that failed more than ``older_than`` seconds ago, or ``all``
-    (of ``queue`` only, if given).  Returns how many were removed."""
+    (of ``queue`` only, if given).  Returns how many were removed.  ``progress``: as
+    for requeue()."""
     if (older_than is None) == (not all):
         raise ConfigError(PURGE_NEEDS)
     cutoff = None if older_than is None else (time.time() if now is None else now) - older_than
@@ -231,28 +247,18 @@ def purge(r: redis.Redis, keys: Keys, *, older_than: float | None = None, all: b
             return False
         return cutoff is None or (e.failed_at is not None and e.failed_at < cutoff)
 
+    found = [(key, [e.raw for e in scan(r, key) if doomed(e)])
+             for key in dead_lists(r, keys, queue)]
     removed = 0
-    for key in dead_lists(r, keys, queue):
-        raws = [e.raw for e in scan(r, key) if doomed(e)]
-        for i in range(0, len(raws), BATCH):
-            pipe = r.pipeline(transaction=False)
-            for raw in raws[i:i + BATCH]:
-                pipe.lrem(key, 0, raw)
-            removed += sum(pipe.execute())
+    with progress(sum(len(raws) for _, raws in found)) as bar:
+        for key, raws in found:
+            for i in range(0, len(raws), BATCH):
+                pipe = r.pipeline(transaction=False)
+                for raw in raws[i:i + BATCH]:
+                    pipe.lrem(key, 0, raw)
+                removed += sum(pipe.execute())
+                bar.update(len(raws[i:i + BATCH]))
     return removed
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", re.IGNORECASE)
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``30s``, ``15m``, ``12h``, ``7d`` or a plain number of seconds."""
-    m = _DURATION.fullmatch(text.strip())
-    if not m:
-        raise ConfigError(f"invalid duration {text!r}: use seconds (3600) or a number "
-                          "with a unit: 30s, 15m, 12h, 7d")
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 # -- the `redpool dead` command ---------------------------------------------------------------
@@ -284,7 +290,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             return _list(r, keys, args, out, err)
         if args.action == "requeue":
             return _requeue(r, keys, args, out, err)
-        n = purge(r, keys, older_than=older_than, all=args.all, queue=args.queue)
+        n = purge(r, keys, older_than=older_than, all=args.all, queue=args.queue,
+                  progress=lambda total: progress.bar(total, "purge", "entry", err))
         print(f"purged {_plural(n, 'entry', 'entries')}", file=out)
         return EXIT_OK
     except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -365,7 +372,8 @@ def format_table(entries: list[Entry], width: int | None = None) -> str:
 
 
 def _requeue(r, keys: Keys, args, out: TextIO, err: TextIO) -> int:
-    report = requeue(r, keys, args.ids, all=args.all, queue=args.queue)
+    report = requeue(r, keys, args.ids, all=args.all, queue=args.queue,
+                     progress=lambda total: progress.bar(total, "requeue", "job", err))
     for e, why in report.skipped:
         print(f"redpool: cannot requeue {e.describe(keys)}: {why}", file=err)
     for e in report.gone:

