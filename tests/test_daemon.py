@@ -71,6 +71,7 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
         json.dumps("a string").encode(),
         json.dumps({"id": "no-task", "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "no.such.task", "id": "unknown", "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.ad", "id": "typo", "args": [1, 2], "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "t.add", "id": "argtype", "args": {"a": 1}, "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "t.add", "id": "kwtype", "kwargs": [1], "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "t.add", "id": "bad id!", "reply_to": "bad-r"}).encode(),
@@ -97,7 +98,9 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
     assert len(dead) == len(bad), dead
     by_reason = " | ".join(e["reason"] for e in dead)
     for phrase in ["not valid JSON", "not UTF-8", "must be a JSON object", "no 'task' field",
-                   "unknown task 'no.such.task'", "'args' must be a JSON array",
+                   "unknown task 'no.such.task' (registered: t.",
+                   "unknown task 't.ad' (did you mean 't.add'?; registered: t.",
+                   "'args' must be a JSON array",
                    "'kwargs' must be a JSON object", "'id' must be", "'result_ttl' must be",
                    "arguments do not match", "over the limit of 1048576", "not JSON-serialisable",
                    "nested too deeply"]:
@@ -105,12 +108,12 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
     assert all(e["queue"] == "default" and e["failed_at"] > 0 for e in dead)
     # Producers that can be reached got a failed envelope: a waiting producer always gets an answer
     replies = {json.loads(x)["id"]: json.loads(x) for x in r.lrange("bad-r", 0, -1)}
-    for jid in ["unknown", "argtype", "kwtype", "ttltype", "arity", "big", "unser"]:
+    for jid in ["unknown", "typo", "argtype", "kwtype", "ttltype", "arity", "big", "unser"]:
         assert replies[jid]["status"] == "failed", jid
-    assert replies["unknown"]["error"]["type"] == "UnknownTask"
+    assert replies["unknown"]["error"]["type"] == replies["typo"]["error"]["type"] == "UnknownTask"
     assert replies["big"]["error"]["type"] == "PayloadTooLarge"
     assert replies["unser"]["error"]["type"] == "UnserializableResult"
-    assert len(replies) == 9  # also "no-task" and "bad id!" (reply_to only, id assigned)
+    assert len(replies) == 10  # also "no-task" and "bad id!" (reply_to only, id assigned)
     assert r.llen(keys.processing("w1", "default")) == 0
     r.delete("bad-r")
 

@@ -321,3 +321,46 @@ def test_outcomes_round_trip_through_the_done_message(runner):
     out = runner.run("q", raw_job("tests.careful", attempt=4))
     meta, env, dead, retry = decode_done(encode_done(78, out))
     assert (env, dead, retry) == (out.envelope, out.dead, None)
+
+
+# -- unknown tasks: what the producer probably meant ----------------------------------------------
+
+def test_an_unknown_task_suggests_the_closest_registered_name():
+    reg = Registry()
+    for name in ("myapp.tasks.send", "myapp.tasks.sendmail", "myapp.tasks.resize",
+                 "myapp.billing.charge"):
+        reg.task(name=name)(lambda: None)
+    r = Runner(reg, WORKER, p.DEFAULT_MAX_PAYLOAD)
+    out = r.run("default", raw_job("myapp.tasks.sned", reply_to="replies"))
+    env = env_of(out)
+    assert env["error"]["type"] == p.E_UNKNOWN_TASK
+    assert env["error"]["message"].startswith(
+        "unknown task 'myapp.tasks.sned' (did you mean 'myapp.tasks.send'?; registered: "
+        "myapp.billing.charge, myapp.tasks.resize, myapp.tasks.send, myapp.tasks.sendmail)")
+    assert p.loads(out.dead)["reason"] == env["error"]["message"]
+
+
+@pytest.mark.parametrize("name, meant", [
+    ("myapp.tasks.sned", ["myapp.tasks.send"]),              # a typo
+    ("myapp.task.send", ["myapp.tasks.send"]),               # in the module part
+    ("send", ["myapp.tasks.send"]),                          # without its module
+    ("myapp.tasks.charge", ["myapp.billing.charge"]),        # in another module
+    ("t.ad", ["t.add"]),
+    ("no.such.thing", []),                                   # nothing close: no guess
+    ("myapp.tasks.report", []),                              # a prefix in common is not enough
+])
+def test_suggestions_are_the_names_meant_not_every_name_alike(name, meant):
+    from redpool.runner import suggest
+
+    names = ("myapp.billing.charge", "myapp.tasks.resize", "myapp.tasks.send",
+             "myapp.tasks.sendmail", "t.add", "t.pid")
+    assert suggest(name, names) == meant
+
+
+def test_several_equally_close_names_are_all_suggested():
+    from redpool.runner import suggest
+
+    assert suggest("app.a.run", ("app.b.run", "app.c.run", "app.other")) == ["app.b.run", "app.c.run"]
+    r = Runner(Registry(), WORKER, p.DEFAULT_MAX_PAYLOAD)
+    msg = env_of(r.run("default", raw_job("x.y", reply_to="rr")))["error"]["message"]
+    assert msg.startswith("unknown task 'x.y' (registered: none); check the name")

@@ -9,6 +9,8 @@ then task option, then the worker's default.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import random
 import time
 import traceback
@@ -168,8 +170,10 @@ class Runner:
         if t is None:
             names = self.registry.names()
             shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-            raise p.InvalidJob(f"unknown task {job.task!r} (registered: {shown or 'none'}); check "
-                               "the name, or start the worker with the module that defines it",
+            close = suggest(job.task, tuple(names))
+            hint = f"did you mean {' or '.join(map(repr, close))}?; " if close else ""
+            raise p.InvalidJob(f"unknown task {job.task!r} ({hint}registered: {shown or 'none'}); "
+                               "check the name, or start the worker with the module that defines it",
                                p.E_UNKNOWN_TASK, reply_to=rt, **known)
         why = t.check_arguments(job.args, job.kwargs)
         if why:
@@ -179,6 +183,27 @@ class Runner:
     def _own_key(self, key: str | None) -> bool:
         """A reply pushed onto one of our own keys (a queue!) would corrupt it."""
         return bool(key) and key.startswith(self.own_prefixes) and not key.startswith(self.reply_prefix)
+
+
+@functools.lru_cache(maxsize=256)
+def suggest(name: str, names: tuple[str, ...], limit: int = 3) -> list[str]:
+    """The registered names ``name`` was probably meant to be.
+
+    Task names share long module prefixes (``myapp.tasks.``), which make every name of
+    a module look alike to a plain similarity ratio; so a name whose function part is
+    exactly ours comes first (a task moved to another module, or named without its
+    module), and otherwise only the closest names by difflib's ratio, those within a
+    hair of the best one.  Cached: a producer sending thousands of jobs of a wrong name
+    must not make each one cost a comparison with every registered name."""
+    tail = name.rsplit(".", 1)[-1]
+    same = [n for n in names if n.rsplit(".", 1)[-1] == tail]
+    if same:
+        return same[:limit]
+    scored = sorted((-difflib.SequenceMatcher(None, name, n).ratio(), n) for n in names)
+    if not scored or -scored[0][0] < 0.8:
+        return []
+    best = -scored[0][0]
+    return [n for score, n in scored[:limit] if -score >= best - 0.04]
 
 
 def _type_name(e: BaseException) -> str:
