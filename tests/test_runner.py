@@ -364,3 +364,19 @@ def test_several_equally_close_names_are_all_suggested():
     r = Runner(Registry(), WORKER, p.DEFAULT_MAX_PAYLOAD)
     msg = env_of(r.run("default", raw_job("x.y", reply_to="rr")))["error"]["message"]
     assert msg.startswith("unknown task 'x.y' (registered: none); check the name")
+
+
+# -- what the job_finished event says (the outcome's meta) ------------------------------------------
+
+def test_the_meta_of_a_failure_carries_its_message_cut_for_a_log_line(runner):
+    assert "error" not in runner.run("q", raw_job("tests.add", args=[1, 2])).meta
+    retrying = runner.run("q", raw_job("tests.flaky"))
+    assert retrying.meta["status"] == "retrying" and retrying.meta["error"] == "flaky"
+    failed = runner.run("q", raw_job("tests.flaky", attempt=2))
+    assert failed.meta["status"] == p.FAILED and failed.meta["error"] == "flaky"
+    bad = runner.run("q", raw_job("tests.add", args=[1]))
+    assert bad.meta["error_type"] == p.E_INVALID_JOB and "do not match" in bad.meta["error"]
+    long = runner.fail("q", raw_job("tests.add", args=[1, 2], max_retries=0), 0, "TimeoutError",
+                       "x" * 5000, retry=True, dead=False)
+    assert len(long.meta["error"]) == 300 and long.meta["error"].endswith("…")
+    assert env_of(long)["error"]["message"] == "x" * 5000   # the envelope keeps it whole

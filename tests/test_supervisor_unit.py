@@ -786,6 +786,26 @@ def test_a_retrying_outcome_becomes_a_completion_with_the_next_attempt():
     assert w.sup.stats["retrying"] == 1 and w.sup.stats["failed"] == 0
     (finished,) = w.named("job_finished")
     assert finished["status"] == "retrying" and finished["retry_delay"] == c.retry_delay
+    assert finished["error"] == "boom"   # what went wrong, for the log line
+
+
+def test_job_finished_says_what_went_wrong_and_nothing_more_when_all_went_well():
+    w = World([job(1), job(2, task="tests.boom"), b'{"id":"j3","task":"t.nope"}'], size=1,
+              prefetch=0)
+    for _ in range(3):
+        w.tick()
+        w.pool.finish_all()
+    w.tick()
+    ok, failed, bad = w.named("job_finished")
+    assert ok["status"] == "succeeded" and "error" not in ok
+    assert (failed["status"], failed["error_type"], failed["error"]) == ("failed", "RuntimeError",
+                                                                         "boom")
+    assert bad["error_type"] == p.E_UNKNOWN_TASK
+    assert bad["error"].startswith("unknown task 't.nope' (registered: tests.")
+    # the fields every job_finished has stay as they were
+    assert set(ok) == {"queue", "id", "task", "status", "error_type", "result_id", "ttl",
+                       "reply_to", "attempt", "duration", "dead"}
+    assert set(failed) == set(ok) | {"error"}
 
 
 def test_results_dropped_by_fencing_are_reported():

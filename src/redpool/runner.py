@@ -120,6 +120,7 @@ class Runner:
             delay = policy.backoff(job.attempt)
             meta = self._meta(job, "retrying", error_type, t0)
             meta["retry_delay"] = delay
+            meta["error"] = brief(message)
             return Outcome(meta, retry=job.retry())
         base = self._base(job, queue, crashes, started)
         env = p.envelope(status=p.FAILED, error=p.error_dict(error_type, message, tb), **base)
@@ -128,7 +129,9 @@ class Runner:
             reason = message if dead else f"failed after {job.attempt} attempt(s): {error_type}: {message}"
             entry = p.dumps(p.dead_entry(raw, queue=queue, reason=reason, error_type=error_type,
                                          worker=self.worker, job_id=job.id))
-        return Outcome(self._meta(job, p.FAILED, error_type, t0), p.dumps(env), entry)
+        meta = self._meta(job, p.FAILED, error_type, t0)
+        meta["error"] = brief(message)
+        return Outcome(meta, p.dumps(env), entry)
 
     def _invalid(self, queue, raw, bad: p.InvalidJob, started, t0) -> Outcome:
         if self._own_key(bad.reply_to):
@@ -139,7 +142,7 @@ class Runner:
         meta = {"id": bad.job_id, "task": bad.task, "status": p.FAILED,
                 "error_type": bad.error_type, "result_id": bad.job_id if bad.result_ttl > 0 else None,
                 "ttl": bad.result_ttl, "reply_to": bad.reply_to,
-                "duration": time.perf_counter() - t0}
+                "duration": time.perf_counter() - t0, "error": brief(bad.reason)}
         return Outcome(meta, p.dumps(env) if env else None, p.dumps(dead))
 
     def _base(self, job: p.Job, queue: str, crashes: int, started) -> dict:
@@ -183,6 +186,15 @@ class Runner:
     def _own_key(self, key: str | None) -> bool:
         """A reply pushed onto one of our own keys (a queue!) would corrupt it."""
         return bool(key) and key.startswith(self.own_prefixes) and not key.startswith(self.reply_prefix)
+
+
+#: The longest exception message a job_finished event carries (the envelope keeps it whole).
+ERROR_IN_EVENT = 300
+
+
+def brief(message: str, limit: int = ERROR_IN_EVENT) -> str:
+    """``message`` cut to ``limit`` characters for a log line, saying that it was cut."""
+    return message if len(message) <= limit else message[:limit - 1] + "…"
 
 
 @functools.lru_cache(maxsize=256)
