@@ -292,3 +292,38 @@ def test_a_batch_that_runs_long_is_shared_out_again(r, keys, daemons):
     # it had not started, and its sibling took a share
     pids = Counter(envelope(r, keys, f"l{i}")["result"] for i in range(20))
     assert len(pids) == 2 and min(pids.values()) >= 5, pids
+
+
+def test_a_task_modules_own_exception_is_named_by_module_and_qualified_name(
+        redis_url, namespace, r, keys, daemons):
+    from redpool import Client
+    from redpool.errors import JobFailed
+    from test_protocol import DEAD, ENVELOPE
+
+    d = daemons("--concurrency", "1").wait_started()
+    with Client(redis_url, namespace=namespace) as c:
+        # Given a task raising a class of its module's own, retried once and dead-lettered
+        own = c.enqueue("t.quota", 5, id="quota", max_retries=1, retry_backoff=0.05,
+                        dead_letter=True)
+        # and one raising a built-in
+        builtin = c.enqueue("t.boom", "no", id="builtin")
+        with pytest.raises(JobFailed) as failed:
+            own.get(timeout=30)
+        with pytest.raises(JobFailed) as plain:
+            builtin.get(timeout=30)
+    # Then every place that names the error says the same: module and qualified name
+    qualified = "tests.taskmods.jobs.QuotaExceeded"
+    assert failed.value.type == qualified and failed.value.message == "over the quota of 5"
+    env = envelope(r, keys, "quota")
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == qualified and env["attempts"] == 2
+    assert f"{qualified}: over the quota of 5" in env["error"]["traceback"]
+    (dead,) = [json.loads(x) for x in r.lrange(keys.dead, 0, -1)]
+    DEAD.validate(dead)
+    assert dead["error_type"] == qualified
+    assert dead["reason"] == f"failed after 2 attempt(s): {qualified}: over the quota of 5"
+    finished = [e for e in d.events() if e.get("event") == "job_finished" and e["id"] == "quota"]
+    assert [(e["status"], e["error_type"], e["error"]) for e in finished] == [
+        ("retrying", qualified, "over the quota of 5"), ("failed", qualified, "over the quota of 5")]
+    # while a built-in keeps its bare name
+    assert plain.value.type == "ValueError" == envelope(r, keys, "builtin")["error"]["type"]

@@ -85,7 +85,7 @@ class Runner:
         try:
             result = task.fn(*job.args, **job.kwargs)
         except BaseException as e:  # a task calling sys.exit() fails its job, not the child
-            return self._failed(queue, raw, job, policy, crashes, _type_name(e), str(e),
+            return self._failed(queue, raw, job, policy, crashes, error_type_of(e), str(e),
                                 traceback.format_exc(), started, t0)
         finally:
             _current.reset(ctx)
@@ -218,6 +218,9 @@ def suggest(name: str, names: tuple[str, ...], limit: int = 3) -> list[str]:
     return [n for score, n in scored[:limit] if -score >= best - 0.04]
 
 
-def _type_name(e: BaseException) -> str:
+def error_type_of(e: BaseException) -> str:
+    """``error.type`` of a task's exception: a built-in by its bare name (ValueError), any
+    other class as module.QualName (myapp.errors.QuotaExceeded), so that a task's own
+    class never passes for a built-in or for another module's class of the same name."""
     t = type(e)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
