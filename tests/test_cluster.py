@@ -11,6 +11,7 @@ queue; and a worker whose URL does not match the server says so at start.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from conftest import SPREAD_QUEUES
 from helpers import ROOT, wait_for
 from redpool.cluster import ClusterLease, ClusterQueue, ClusterReaper
 from redpool.nodes import deliver, write_answers
-from redpool.keys import Keys
+from redpool.keys import Keys, crash_started
 from redpool.queue import Completion
 
 pytestmark = pytest.mark.daemon
@@ -729,7 +730,10 @@ def test_the_reaper_waits_for_each_queues_fence_and_delivers_the_dead_ones_outbo
     assert rc.lrange(keys.queue("b"), 0, -1) == [raws["b"]]
     assert rc.get(keys.result("done1")) == b"{}" and not rc.exists(keys.outbox("dead", "b"))
     assert not rc.sismember(keys.supervisors, "dead")
-    assert rc.hvals(keys.crashes_of("a")) == [b"1"]  # a reaped job counts as a crash
+    # a reaped job counts as a crash, and the reap's time stands for its run's start
+    sha = hashlib.sha1(raws["a"]).hexdigest()
+    counts = rc.hgetall(keys.crashes_of("a"))
+    assert counts[sha.encode()] == b"1" and float(counts[crash_started(sha).encode()]) > 0
 
 
 # -- the URL must match the server -------------------------------------------------------------------

@@ -113,6 +113,11 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
     assert replies["unknown"]["error"]["type"] == replies["typo"]["error"]["type"] == "UnknownTask"
     assert replies["big"]["error"]["type"] == "PayloadTooLarge"
     assert replies["unser"]["error"]["type"] == "UnserializableResult"
+    # started_at is null exactly for the jobs that never ran: a producer may send them again
+    from test_protocol import ENVELOPE
+    for env in replies.values():
+        ENVELOPE.validate(env)
+        assert (env["started_at"] is None) == (env["id"] != "unser"), env
     assert len(replies) == 10  # also "no-task" and "bad id!" (reply_to only, id assigned)
     assert r.llen(keys.processing("w1", "default")) == 0
     r.delete("bad-r")

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from helpers import Daemon, envelope, lpush_jobs, wait_for
+from test_protocol import ENVELOPE
 from redpool.server import EmbeddedServer
 
 pytestmark = pytest.mark.daemon
@@ -105,6 +106,7 @@ def test_a_frozen_supervisor_loses_its_lease_and_does_not_write_fenced_results(r
 def test_poison_pill_is_dead_lettered_after_max_crashes(r, keys, daemons):
     led = keys.ns + ":ledger"
     daemons("--concurrency", "1", "--max-crashes", "2", ledger=led).wait_started()
+    t0 = time.time()
     lpush_jobs(r, keys, [{"task": "t.die", "id": "poison", "reply_to": keys.ns + "-r"},
                          {"task": "t.add", "id": "fine", "args": [1, 2]}])
     item = r.brpop(keys.ns + "-r", timeout=60)
@@ -113,6 +115,8 @@ def test_poison_pill_is_dead_lettered_after_max_crashes(r, keys, daemons):
     assert env["status"] == "failed" and env["error"]["type"] == "WorkerCrashed"
     assert "poison pill" in env["error"]["message"] and "SIGKILL" in env["error"]["message"]
     assert runs(r, keys, "die")["poison"] == 3  # max-crashes 2: the third crash ends it
+    ENVELOPE.validate(env)
+    assert t0 <= env["started_at"] <= env["finished_at"]  # it ran: never null
     dead = [json.loads(x) for x in r.lrange(keys.dead, 0, -1)]
     assert [d["id"] for d in dead] == ["poison"] and "--max-crashes 2" in dead[0]["reason"]
     wait_for(lambda: envelope(r, keys, "fine"), what="the good job")
@@ -133,6 +137,14 @@ def test_hung_task_is_killed_at_its_timeout_and_retried_per_its_policy(r, keys, 
     assert runs(r, keys, "start")["hung"] == 2 and runs(r, keys, "end")["hung"] == 0
     assert envelope(r, keys, "ok")["result"] == "fine"  # the other job was untouched
     assert any(e.get("event") == "job_timeout" for e in d.events())
+    # It ran: started_at is the start of the attempt that timed out (the second), and
+    # the log's duration is how long that attempt ran, past its timeout
+    ENVELOPE.validate(env)
+    attempts = [e for e in d.events() if e.get("event") == "job_finished" and e["id"] == "hung"]
+    assert [e["status"] for e in attempts] == ["retrying", "failed"]
+    assert all(e["duration"] >= 1.0 for e in attempts), attempts
+    assert env["started_at"] is not None
+    assert env["started_at"] + attempts[1]["duration"] <= env["finished_at"] + 0.001
 
 
 def test_retries_run_in_order_with_backoff_then_succeed(r, keys, daemons):
@@ -249,3 +261,29 @@ def test_redis_frozen_for_a_few_seconds(aof_server, namespace, tmp_path):
     finally:
         os.kill(aof_server.proc.pid, signal.SIGCONT)
         d.kill()
+
+
+def test_a_poison_pill_judged_after_its_supervisor_died_did_run(r, keys, daemons):
+    # Given a supervisor killed (with its pool) while it runs a job
+    led = keys.ns + ":ledger"
+    a = daemons("--concurrency", "1", name="host-a", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "victim", "args": [30],
+                          "reply_to": keys.ns + "-r"}])
+    wait_for(lambda: runs(r, keys, "start")["victim"] == 1, what="victim started")
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait(10)
+    killed = time.time()
+    # When it restarts with --max-crashes 0: the job it held counts one crash, and is
+    # judged a poison pill when reserved again (which of its jobs had started, the
+    # restart cannot know)
+    daemons("--concurrency", "1", "--max-crashes", "0", name="host-a", ledger=led)
+    item = r.brpop(keys.ns + "-r", timeout=60)
+    assert item is not None
+    env = json.loads(item[1])
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == "WorkerCrashed" and env["attempts"] == 2
+    # Then its envelope does not say it never ran: started_at is the time the crash was
+    # counted, the latest it can have started
+    assert killed <= env["started_at"] <= env["finished_at"]
+    assert runs(r, keys, "start")["victim"] == 1
+    r.delete(keys.ns + "-r")

@@ -28,6 +28,7 @@ import redis
 
 from redpool import protocol as p
 from redpool.lease import Lease
+from redpool.keys import crash_started
 from redpool.queue import REPLY_TTL_WHEN_NO_RESULT, Completion, RedisQueue, Reserved, connect
 
 SUP = "sup-1"
@@ -322,17 +323,18 @@ class TestRedisQueueContract:
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
         assert q.reserve(1, epoch) == [Reserved("a", job(1), 0)]
 
-        # When the child running job 1 dies
-        assert q.crashed("a", job(1)) == 1
+        # When the child running job 1 (started at T) dies
+        assert q.crashed("a", job(1), started_at=1700000100.25) == 1
 
         # Then job 1 is at the head of its queue (taken next), not in processing
         assert lrange(b, b.keys.queue("a")) == [job(2), job(1)]
         assert lrange(b, b.keys.processing(SUP, "a")) == []
         assert crash_count(b, job(1)) == 1
-        # and its next delivery says how often it crashed
-        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1)]
-        assert q.crashed("a", job(1)) == 2
-        assert q.reserve(2, epoch) == [Reserved("a", job(1), 2), Reserved("a", job(2), 0)]
+        # and its next delivery says how often it crashed, and when that run started
+        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1, 1700000100.25)]
+        assert q.crashed("a", job(1), started_at=1700000200.5) == 2
+        assert q.reserve(2, epoch) == [Reserved("a", job(1), 2, 1700000200.5),
+                                       Reserved("a", job(2), 0)]
         assert crash_count(b, job(1)) == 2
         assert crash_count(b, job(2)) is None
 
@@ -368,12 +370,12 @@ class TestRedisQueueContract:
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
         q.reserve(1, epoch)
-        q.crashed("a", job(1))
+        q.crashed("a", job(1), started_at=1700000100.0)
 
         taken = q.reserve(1, epoch)
         assert q.requeue(pairs(taken)) == 1   # an orderly put-back is not a crash
 
-        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1)]
+        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1, 1700000100.0)]
 
     def test_complete_clears_the_crash_count(self, backend, epoch):
         b = backend
@@ -388,7 +390,9 @@ class TestRedisQueueContract:
 
         assert crash_count(b, job(1)) is None          # HDEL, not a zero left behind
         assert b.r.hexists(b.keys.crashes, sha1(job(1))) == 0
+        assert b.r.hexists(b.keys.crashes, crash_started(sha1(job(1)))) == 0   # nor its start
         assert crash_count(b, job(2)) == 1             # the other job's count stays
+        assert b.r.hexists(b.keys.crashes, crash_started(sha1(job(2)))) == 1
 
     def test_completing_a_fenced_job_keeps_its_crash_count(self, backend, epoch):
         b = backend
@@ -418,11 +422,11 @@ class TestRedisQueueContract:
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
         q.reserve(1, epoch)
-        q.crashed("a", job(1))
+        q.crashed("a", job(1), started_at=1700000100.125)
 
         got = q.block_reserve(b.connect(), "a", 0.05)
 
-        assert got == Reserved("a", job(1), 1)
+        assert got == Reserved("a", job(1), 1, 1700000100.125)
         assert lists_holding(b, job(1)) == [b.keys.processing(SUP, "a")]
 
     def test_block_reserve_returns_a_job_pushed_while_it_waits(self, backend):
@@ -913,16 +917,27 @@ class TestRedisQueueContract:
         q.reserve(2, epoch)
 
         # When the jobs were left by a run that died
+        before = server_now(b)
         assert q.recover(crashed=True) == {"a": 2}
 
         assert crash_count(b, job(1)) == 1 and crash_count(b, job(2)) == 1
-        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1), Reserved("a", job(2), 1)]
+        # Then which of them had started is unknown: the time of the recovery stands for
+        # it (they may have run by then), on the server's clock
+        got = q.reserve(2, epoch)
+        assert pairs(got) == [("a", job(1)), ("a", job(2))] and [x.crashes for x in got] == [1, 1]
+        at = got[0].crashed_at
+        assert at == got[1].crashed_at and before <= at <= server_now(b)
 
         # When they are put back by an orderly shutdown: no crash is counted
         assert q.recover(crashed=False) == {"a": 2}
 
         assert crash_count(b, job(1)) == 1 and crash_count(b, job(2)) == 1
-        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1), Reserved("a", job(2), 1)]
+        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1, at), Reserved("a", job(2), 1, at)]
+        # and a known start is not replaced by the time of a later recovery
+        q.crashed("a", job(1), started_at=1700000100.5)
+        q.reserve(1, epoch)
+        q.recover(crashed=True)
+        assert Reserved("a", job(1), 3, 1700000100.5) in q.reserve(2, epoch)
 
     def test_recover_leaves_other_supervisors_alone(self, backend, epoch):
         b = backend
@@ -938,7 +953,8 @@ class TestRedisQueueContract:
         for name in ("sup-1x", "sup-10", "sup-"):
             assert b.r.llen(b.keys.processing(name, "a")) == 1
         assert b.r.llen(b.keys.queue("a")) == 3
-        assert sorted(int(v) for v in b.r.hvals(b.keys.crashes)) == [1, 1]
+        counts = {k: v for k, v in b.r.hgetall(b.keys.crashes).items() if b":" not in k}
+        assert sorted(int(v) for v in counts.values()) == [1, 1]
 
     def test_recover_escapes_a_namespace_that_looks_like_a_glob(self, backend):
         b = backend

@@ -93,6 +93,7 @@ class FakeQueue:
         self.ready: deque[tuple[str, bytes]] = deque(jobs)   # left end: taken next
         self.processing: list[tuple[str, bytes]] = []
         self.crashes: Counter = Counter()                    # raw -> crashed deliveries
+        self.crash_started: dict[bytes, float] = {}          # raw -> its last crashed run's start
         self.epoch: str | None = None                         # of the live lease
         self.calls: list[str] = []
         self.exchange_calls: list[tuple[int, int]] = []  # (completions carried, n to reserve)
@@ -129,6 +130,7 @@ class FakeQueue:
             if (c.queue, c.raw) in self.processing:
                 self.processing.remove((c.queue, c.raw))
                 self.crashes.pop(c.raw, None)
+                self.crash_started.pop(c.raw, None)
             else:
                 missing += 1
         return missing, 0
@@ -149,7 +151,8 @@ class FakeQueue:
             else:
                 taken = [self.ready.popleft() for _ in range(min(n, len(self.ready)))]
                 self.processing += taken
-                got = [Reserved(q, raw, self.crashes[raw]) for q, raw in taken]
+                got = [Reserved(q, raw, self.crashes[raw], self.crash_started.get(raw))
+                       for q, raw in taken]
         return self._reply("exchange", (missing, skipped, got))
 
     def complete(self, items):
@@ -165,14 +168,16 @@ class FakeQueue:
         self.ready.extendleft(reversed(back))   # back at the head, oldest first
         return len(back)
 
-    def crashed(self, queue, raw, max_crashes=2 ** 31):
-        """crashed.lua: one crash more; back to the head of its queue unless that makes
-        it a poison pill (it then stays in our processing list).  0: not ours."""
+    def crashed(self, queue, raw, max_crashes=2 ** 31, started_at=None):
+        """crashed.lua: one crash more, and when the run that crashed started; back to
+        the head of its queue unless that makes it a poison pill (it then stays in our
+        processing list).  0: not ours."""
         self._io("crashed")
         self.crashed_calls.append((queue, raw))
         if (queue, raw) not in self.processing:
             return 0
         self.crashes[raw] += 1
+        self.crash_started[raw] = started_at
         if self.crashes[raw] <= max_crashes:
             self.processing.remove((queue, raw))
             self.ready.appendleft((queue, raw))
@@ -482,7 +487,8 @@ class FakePool:
             out = self.runner.run(s.queue, s.raw, s.crashes)
         else:
             out = self.runner.fail(s.queue, s.raw, s.crashes, s.fail["type"], s.fail["message"],
-                                   retry=s.fail["retry"], dead=s.fail["dead"])
+                                   retry=s.fail["retry"], dead=s.fail["dead"],
+                                   started_at=s.fail["started_at"], ran=s.fail["ran"])
         if duration is DEFAULT:
             duration = self.duration
         if duration is not REAL:
@@ -988,6 +994,102 @@ def test_a_child_dying_while_settling_a_failure_is_settled_by_the_supervisor():
     assert "then the process settling it was killed by SIGKILL" in env["error"]["message"]
     assert p.loads(c.dead)["id"] == "job-1"
 
+
+
+# -- started_at of jobs the supervisor stopped: they ran, and the envelope says when --------------
+
+def _wall_ago(w: World, seconds: float) -> tuple[float, float]:
+    """The unix-time window of "``seconds`` ago on the fake clock", around now."""
+    import time
+    return time.time() - seconds - 1.0, time.time() - seconds + 1.0
+
+
+def test_a_timed_out_job_says_when_its_attempt_started_and_ran_for_its_real_duration():
+    from test_protocol import ENVELOPE
+
+    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=10.0, max_retries=0)
+    w.tick()
+    w.tick(10.0)                                  # SIGTERM at the deadline
+    w.tick(0.5)
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGTERM)
+    lo, _ = _wall_ago(w, 10.5)
+    w.tick()
+    _, hi = _wall_ago(w, 10.5)
+    w.pool.boot()
+    w.tick()
+    w.pool.finish_all(duration=REAL)
+    w.tick()
+    (c,) = w.rq.completed
+    env = env_of(c)
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == "TimeoutError"
+    assert lo <= env["started_at"] <= hi          # the attempt's start, not null
+    (finished,) = w.named("job_finished")
+    assert finished["duration"] == 10.5           # from its start to its death, not ~0
+
+
+def test_a_job_that_crashes_once_too_often_here_says_when_that_run_started():
+    from test_protocol import ENVELOPE
+
+    pill = job(1, reply_to="r")
+    w = World([pill], size=1, prefetch=0, max_crashes=0)
+    w.tick()
+    w.tick(3.0)
+    lo, _ = _wall_ago(w, 3.0)
+    w.pool.die(w.tokens()[0])
+    w.tick()
+    _, hi = _wall_ago(w, 3.0)
+    # the start is kept with the crash count in Redis, for any worker judging it later
+    assert lo <= w.rq.crash_started[pill] <= hi
+    w.pool.boot()
+    w.tick()
+    w.pool.finish_all(duration=REAL)
+    w.tick()
+    env = env_of(w.rq.completed[0])
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == p.E_WORKER_CRASHED and lo <= env["started_at"] <= hi
+    assert w.named("job_finished")[0]["duration"] == 3.0
+
+
+def test_a_poison_pill_judged_after_crashes_elsewhere_says_when_its_last_crashed_run_started():
+    from test_protocol import ENVELOPE
+
+    # Given a job that crashed 4 times elsewhere, the last run started at T
+    pill = job(1, reply_to="r")
+    w = World([pill, job(2, reply_to="r")], size=1, prefetch=1, max_crashes=3)
+    w.rq.crashes[pill] = 4
+    w.rq.crash_started[pill] = 1700000500.25
+    # and one whose count was left without a start (an older redpool counted it)
+    w.rq.crashes[job(2, reply_to="r")] = 5
+    w.tick()
+    w.pool.finish_everything(duration=REAL)
+    w.tick()
+    w.pool.finish_everything(duration=REAL)
+    w.tick()
+    envs = {e["id"]: e for e in (env_of(c) for c in w.rq.completed)}
+    for env in envs.values():
+        ENVELOPE.validate(env)
+        assert env["error"]["type"] == p.E_WORKER_CRASHED
+    assert envs["job-1"]["started_at"] == 1700000500.25
+    # it did run: never null, which would tell its producer it is safe to send again
+    assert envs["job-2"]["started_at"] is not None
+
+
+def test_a_failure_the_supervisor_writes_itself_keeps_the_start_of_the_stopped_run():
+    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=5.0, max_retries=0)
+    w.tick()
+    w.tick(5.0)
+    w.tick(0.25)
+    lo, _ = _wall_ago(w, 5.25)
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGTERM)
+    w.replace_dead()
+    _, hi = _wall_ago(w, 5.25)
+    assert w.pool.sent[-1].kind == FAIL
+    # When even the child settling the timeout dies
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGKILL)
+    w.tick()
+    env = env_of(w.rq.completed[0])
+    assert env["error"]["type"] == "TimeoutError" and lo <= env["started_at"] <= hi
 
 def test_boot_failure_of_a_replacement_is_reported_with_its_backoff():
     w = World(size=1)

@@ -44,7 +44,7 @@ import redis
 from .lease import Lease, Reaper
 from .nodes import deliver, lost_reply, rerun_unknown, send_by_node, write_answers
 from .protocol import Keys
-from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, load_script
+from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, crash_info, load_script
 
 
 class ClusterQueue(RedisQueue):
@@ -132,7 +132,7 @@ class ClusterQueue(RedisQueue):
                     continue
                 answered = True
                 counted = counted or bool(flat[1])
-                got += [Reserved(q, flat[i + 1], int(flat[i + 2]))
+                got += [Reserved(q, flat[i + 1], *crash_info(flat[i + 2]))
                         for i in range(2, len(flat), 3)]
                 n -= (len(flat) - 2) // 3
             if not errors:

@@ -115,7 +115,8 @@ class Keys:
 
     @property
     def crashes(self) -> str:
-        """A hash: SHA-1 of a raw job -> deliveries of it that ended in a crash (one
+        """A hash: SHA-1 of a raw job -> deliveries of it that ended in a crash, and
+        ``crash_started(sha1)`` -> the unix time its last crashed run started (one
         server; on Redis Cluster one per queue, ``crashes_of``)."""
         if self.cluster:
             raise ValueError("on Redis Cluster each queue has its own crash counts")
@@ -169,6 +170,14 @@ class Keys:
                     return self._untag(name) if name[0] == "{" and name[-1] == "}" else None
                 return name
         return None
+
+
+def crash_started(sha1_hex: str) -> str:
+    """The field of a crashes hash holding when the job's last crashed run started (unix
+    seconds, as text): exact when its process died under us (crashed.lua), the time of
+    the step when its supervisor died and which of its jobs had started is unknown
+    (reap.lua, requeue_all.lua)."""
+    return f"{sha1_hex}:started"
 
 
 def glob_escape(s: str) -> str:

@@ -111,11 +111,14 @@ class ChildEvents:
 
     def job_died(self, work: Work, ev: Died, now: float) -> None:
         """A child died holding ``work``: settle exactly that job, nothing else."""
+        # the run that died: when it started, and how long it ran (for the envelope and
+        # the job_finished event of a job failed for it)
+        ran = dict(started_at=self.wall(work.started, now), ran=max(0.0, now - work.started))
         if work.timed_out:
             self.stats["timed_out"] += 1
-            self.settle(work, "TimeoutError", f"the job ran past its timeout of "
+            self.settle(work, p.E_TIMEOUT, f"the job ran past its timeout of "
                         f"{work.timed_out:g} s and its process was stopped ({ev.description})",
-                        retry=True, dead=False)
+                        retry=True, dead=False, **ran)
             return
         if work.fail is not None:  # the child died settling a failure: write it ourselves
             self.pending.append(self.duties.crash_completion(work, ev.description))
@@ -124,7 +127,8 @@ class ChildEvents:
         what = f"the pool process (pid {ev.pid}) running this job {ev.description}"
         try:
             # counted in Redis, which knows every crash of this job on every host
-            crashes = self.rq.crashed(work.queue, work.raw, self.cfg.max_crashes)
+            crashes = self.rq.crashed(work.queue, work.raw, self.cfg.max_crashes,
+                                      ran["started_at"])
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "crashed")
             crashes = work.crashes + 1
@@ -137,15 +141,18 @@ class ChildEvents:
             self.settle(work.again(crashes=crashes - 1), p.E_WORKER_CRASHED,
                         f"{what}; it has now crashed {crashes} times (--max-crashes "
                         f"{self.cfg.max_crashes}): dead-lettered as a poison pill",
-                        retry=False, dead=True)
+                        retry=False, dead=True, **ran)
             return
         self.hooks.emit("job_crashed", queue=work.queue, crashes=crashes, description=what)
 
-    def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool) -> None:
+    def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool,
+               started_at: float | None, ran: float | None = None) -> None:
         """Have a child fail a job as if its task had raised (it knows the task's
-        retry policy): first in line, before any new job."""
-        self.backlog.appendleft(work.again(fail=dict(error_type=error_type, message=message,
-                                                     retry=retry, dead=dead)))
+        retry policy): first in line, before any new job.  ``started_at``: when the run
+        that was stopped started (unix seconds); ``ran``: for how long."""
+        self.backlog.appendleft(work.again(fail=dict(
+            error_type=error_type, message=message, retry=retry, dead=dead,
+            started_at=started_at, ran=ran)))
 
     def running(self):
         """(child, work) for each child's running job: the only ones with a deadline."""

@@ -19,6 +19,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .keys import crash_started
 from .protocol import Keys
 
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
@@ -81,6 +82,15 @@ class Reserved:
     queue: str
     raw: bytes
     crashes: int = 0            # earlier deliveries of it that ended in a crash
+    crashed_at: float | None = None   # when the last of those started (unix seconds)
+
+
+def crash_info(reply) -> tuple[int, float | None]:
+    """(crashes, crashed_at) from reserve.lua's per-job count: a number, or for a job
+    that crashed before {count, start time or ""}."""
+    if isinstance(reply, list):
+        return int(reply[0]), float(reply[1]) if reply[1] else None
+    return int(reply), None
 
 
 class RedisQueue:
@@ -139,7 +149,7 @@ class RedisQueue:
             got = None
             if flat[0]:
                 self.crashes_exist = bool(flat[1])
-                got = [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
+                got = [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], *crash_info(flat[i + 2]))
                        for i in range(2, len(flat), 3)]
         return missing, skipped, got
 
@@ -154,8 +164,12 @@ class RedisQueue:
         # lives in Redis, and crashed.lua judges poison pills by it.
         if not self.crashes_exist:
             return Reserved(queue, raw, 0)
-        crashes = conn.hget(self.keys.crashes_of(queue), hashlib.sha1(raw).hexdigest())
-        return Reserved(queue, raw, int(crashes or 0))
+        sha = hashlib.sha1(raw).hexdigest()
+        crashes = int(conn.hget(self.keys.crashes_of(queue), sha) or 0)
+        if not crashes:
+            return Reserved(queue, raw, 0)
+        started = conn.hget(self.keys.crashes_of(queue), crash_started(sha))  # (rare)
+        return Reserved(queue, raw, crashes, float(started) if started else None)
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose
@@ -238,14 +252,18 @@ class RedisQueue:
             keys += [self._proc_key(q), self.keys.queue(q)]
         return int(self._requeue(keys=keys, args=[raw for _, raw in items]))
 
-    def crashed(self, queue: str, raw: bytes, max_crashes: int = 2 ** 31) -> int:
+    def crashed(self, queue: str, raw: bytes, max_crashes: int = 2 ** 31,
+                started_at: float | None = None) -> int:
         """The child running ``raw`` died: one crash more on its count, and back to
         the head of its queue -- unless the count is now over ``max_crashes``: then it
-        stays in our processing list, to be dead-lettered.  Returns the new count
-        (0: it was no longer ours)."""
+        stays in our processing list, to be dead-lettered.  ``started_at`` (unix
+        seconds, default now) is when the run that crashed started, kept with the count.
+        Returns the new count (0: it was no longer ours)."""
         self.crashes_exist = True
+        started = f"{time.time() if started_at is None else started_at:.6f}"
         return int(self._crashed(keys=[self._proc_key(queue), self.keys.queue(queue),
-                                       self.keys.crashes_of(queue)], args=[raw, max_crashes]))
+                                       self.keys.crashes_of(queue)],
+                                 args=[raw, max_crashes, started]))
 
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
         """Move due scheduled jobs onto their queues.  Returns (moved, seconds until

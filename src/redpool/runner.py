@@ -73,14 +73,14 @@ class Runner:
 
     def run(self, queue: str, raw: bytes, crashes: int = 0, on_start=None) -> Outcome:
         """Run one job.  ``on_start(timeout)`` is called just before the task runs."""
-        started = time.time()
         t0 = time.perf_counter()
         try:
             job, task, policy = self.prepare(raw)
         except p.InvalidJob as bad:
-            return self._invalid(queue, raw, bad, started, t0)
+            return self._invalid(queue, raw, bad, t0)  # started_at null: nothing ran
         if on_start is not None:
             on_start(policy.timeout)
+        started = time.time()
         ctx = _current.set(JobInfo(job.id, job.task, queue, job.attempt, self.worker, crashes))
         try:
             result = task.fn(*job.args, **job.kwargs)
@@ -100,25 +100,33 @@ class Runner:
         return Outcome(self._meta(job, p.SUCCEEDED, None, t0), env)
 
     def fail(self, queue: str, raw: bytes, crashes: int, error_type: str, message: str, *,
-             retry: bool, dead: bool) -> Outcome:
+             retry: bool, dead: bool, started_at: float | None = None,
+             ran: float | None = None) -> Outcome:
         """Fail a job the supervisor had to stop (timeout, poison pill) as if its task
-        had raised: retried per its policy when ``retry``, dead-lettered when ``dead``."""
-        started = time.time()
+        had raised: retried per its policy when ``retry``, dead-lettered when ``dead``.
+        ``started_at``: when the run that was stopped started (unix seconds; None if no
+        run of it ever started); ``ran``: how long it ran (the event's duration)."""
         t0 = time.perf_counter()
         try:
             job, _task, policy = self.prepare(raw)
         except p.InvalidJob as bad:
-            return self._invalid(queue, raw, bad, started, t0)
+            # It ran, so it read well when it started; a reload since may have taken its
+            # task away or changed its signature.  The verdict stands, with our defaults.
+            try:
+                job, policy = p.decode_job(raw, self.max_payload), self.defaults
+            except p.InvalidJob:
+                return self._invalid(queue, raw, bad, t0)
         return self._failed(queue, raw, job, policy, crashes, error_type, message, None,
-                            None, t0, retry=retry, dead=dead)
+                            started_at, t0, retry=retry, dead=dead, ran=ran)
 
     # -- outcomes ----------------------------------------------------------------------------
 
     def _failed(self, queue, raw, job: p.Job, policy: Policy, crashes, error_type, message,
-                tb, started, t0, *, retry: bool = True, dead: bool = False) -> Outcome:
+                tb, started, t0, *, retry: bool = True, dead: bool = False,
+                ran: float | None = None) -> Outcome:
         if retry and job.attempt <= policy.max_retries:
             delay = policy.backoff(job.attempt)
-            meta = self._meta(job, "retrying", error_type, t0)
+            meta = self._meta(job, "retrying", error_type, t0, ran)
             meta["retry_delay"] = delay
             meta["error"] = brief(message)
             return Outcome(meta, retry=job.retry())
@@ -129,14 +137,14 @@ class Runner:
             reason = message if dead else f"failed after {job.attempt} attempt(s): {error_type}: {message}"
             entry = p.dumps(p.dead_entry(raw, queue=queue, reason=reason, error_type=error_type,
                                          worker=self.worker, job_id=job.id))
-        meta = self._meta(job, p.FAILED, error_type, t0)
+        meta = self._meta(job, p.FAILED, error_type, t0, ran)
         meta["error"] = brief(message)
         return Outcome(meta, p.dumps(env), entry)
 
-    def _invalid(self, queue, raw, bad: p.InvalidJob, started, t0) -> Outcome:
+    def _invalid(self, queue, raw, bad: p.InvalidJob, t0) -> Outcome:
         if self._own_key(bad.reply_to):
             bad.reply_to = None  # answered through the result key only
-        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker, started_at=started)
+        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker)
         dead = p.dead_entry(raw, queue=queue, reason=bad.reason, error_type=bad.error_type,
                             worker=self.worker, job_id=bad.job_id)
         meta = {"id": bad.job_id, "task": bad.task, "status": p.FAILED,
@@ -151,12 +159,14 @@ class Runner:
                     started_at=started)
 
     @staticmethod
-    def _meta(job: p.Job, status: str, error_type: str | None, t0: float) -> dict:
+    def _meta(job: p.Job, status: str, error_type: str | None, t0: float,
+              ran: float | None = None) -> dict:
         # The result key is only worth writing when the producer knows the id.
         rid = None if job.id_assigned or job.result_ttl <= 0 else job.id
         return {"id": job.id, "task": job.task, "status": status, "error_type": error_type,
                 "result_id": rid, "ttl": job.result_ttl, "reply_to": job.reply_to,
-                "attempt": job.attempt, "duration": time.perf_counter() - t0}
+                "attempt": job.attempt,
+                "duration": time.perf_counter() - t0 if ran is None else ran}
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -188,6 +188,11 @@ class Supervisor(ChildEvents, Lifecycle):
             return 1
         return max(2, min(MAX_BATCH, int(BATCH_SECONDS / self.avg_duration)))
 
+    def wall(self, t: float, now: float) -> float:
+        """Unix time of ``t`` on the loop's clock (monotonic), ``now`` being the same
+        clock's present: for envelopes of runs the supervisor stopped."""
+        return time.time() - (now - t)
+
     def started(self, w: Work, now: float) -> None:
         """``w`` starts running now: its timeout starts counting."""
         w.started = now
@@ -217,7 +222,8 @@ class Supervisor(ChildEvents, Lifecycle):
                 else:
                     f = w.fail
                     entries.append(fail_entry(token, w.queue, w.raw, w.crashes, f["error_type"],
-                                              f["message"], retry=f["retry"], dead=f["dead"]))
+                                              f["message"], retry=f["retry"], dead=f["dead"],
+                                              started_at=f.get("started_at"), ran=f.get("ran")))
                 tokens.append(token)
                 self.inflight[token] = w
             if tokens:
@@ -306,7 +312,11 @@ class Supervisor(ChildEvents, Lifecycle):
         more than --max-crashes times is dead-lettered instead of run again."""
         w = Work(r.queue, r.raw, r.crashes)
         if r.crashes > self.cfg.max_crashes:
+            # It did run (that is how it crashed): its envelope says when its last crashed
+            # run started, as recorded with the count; never null, which would tell the
+            # producer it is safe to submit again.
             w.fail = dict(error_type=p.E_WORKER_CRASHED, retry=False, dead=True,
+                          started_at=r.crashed_at if r.crashed_at is not None else time.time(),
                           message=f"its host or pool process died while running it {r.crashes} "
                                   f"times (--max-crashes {self.cfg.max_crashes}): dead-lettered "
                                   "as a poison pill")
