@@ -136,7 +136,15 @@ def test_hung_task_is_killed_at_its_timeout_and_retried_per_its_policy(r, keys, 
     assert "timeout of 1 s" in env["error"]["message"]
     assert runs(r, keys, "start")["hung"] == 2 and runs(r, keys, "end")["hung"] == 0
     assert envelope(r, keys, "ok")["result"] == "fine"  # the other job was untouched
-    assert any(e.get("event") == "job_timeout" for e in d.events())
+    # Each timeout names its job, and the stop that follows is logged as expected, at
+    # info; no child_died error
+    timeouts = [e for e in d.events() if e.get("event") == "job_timeout"]
+    assert [(e["id"], e["task"], e["queue"], e["attempt"], e["timeout"], e["level"])
+            for e in timeouts] == [("hung", "t.sleep", "default", n, 1.0, "warning") for n in (1, 2)]
+    stopped = [e for e in d.events() if e.get("event") == "child_stopped"]
+    assert [e["pid"] for e in stopped] == [e["pid"] for e in timeouts]
+    assert all(e["level"] == "info" and e["had_job"] for e in stopped)
+    assert not [e for e in d.events() if e.get("event") == "child_died"]
     # It ran: started_at is the start of the attempt that timed out (the second), and
     # the log's duration is how long that attempt ran, past its timeout
     ENVELOPE.validate(env)

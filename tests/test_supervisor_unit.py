@@ -1116,7 +1116,8 @@ def test_a_job_past_its_timeout_is_terminated_then_killed_and_retried():
     w.tick(0.1)
     assert w.pool.signals == [(pid, signal.SIGTERM)]
     (timeout,) = w.named("job_timeout")
-    assert timeout == {"queue": "default", "timeout": 10.0, "pid": pid}
+    assert timeout == {"id": "job-1", "task": "tests.add", "queue": "default", "attempt": 1,
+                       "timeout": 10.0, "pid": pid}
 
     # When it has not died KILL_GRACE later: SIGKILL, once
     w.tick(KILL_GRACE - 0.1)
@@ -1128,6 +1129,12 @@ def test_a_job_past_its_timeout_is_terminated_then_killed_and_retried():
     # When its death is reported, the job is settled as a TimeoutError to retry
     w.pool.die(s.token, exitcode=-signal.SIGKILL)
     w.replace_dead()
+    # and the death, which we asked for, is no error
+    assert w.named("child_died") == []
+    (stopped,) = w.named("child_stopped")
+    assert stopped == {"pid": pid, "exitcode": -signal.SIGKILL, "had_job": True,
+                       "description": describe_exit(-signal.SIGKILL),
+                       "reason": "its job ran past its timeout"}
     assert w.rq.crashed_calls == []       # a timeout is not a crash
     f = w.pool.sent[-1]
     assert (f.kind, f.raw, f.fail["type"], f.fail["retry"], f.fail["dead"]) == \
@@ -2828,3 +2835,35 @@ def test_abort_reload_stops_the_new_children_and_keeps_the_old_ones():
     assert booting.stopping and booting.proc.killed    # stopped while booting
     assert booted.retiring and booted.stopping         # booted: retired (it held nothing)
     assert not pool.reloading
+
+
+
+def test_job_timeout_names_the_job_even_one_without_an_id_of_its_own():
+    raw = p.encode_job({"task": "tests.add", "args": [1, 2], "attempt": 3})
+    w = World([raw], size=1, prefetch=0, timeout=2.0, max_retries=5)
+    w.tick()
+    w.tick(2.0)
+    (timeout,) = w.named("job_timeout")
+    assert (timeout["id"], timeout["task"], timeout["attempt"]) == (None, "tests.add", 3)
+
+
+def test_a_child_that_dies_by_itself_after_its_timeout_answered_is_stopped_not_died():
+    # A job answers just as it is stopped for its timeout: the death that follows was
+    # asked for; an unrelated death stays an error
+    w = World([job(1), job(2, task="tests.slow")], size=2, prefetch=0, timeout=5.0)
+    w.tick()
+    t1 = next(s.token for s in w.pool.sent if s.raw == job(1))
+    w.tick(5.0)
+    assert len(w.pool.signals) == 1               # job 1 only: tests.slow has 60 s
+    doomed = w.pool.busy()[t1]
+    w.pool.finish(t1)
+    w.tick()
+    w.pool.die(None, exitcode=-signal.SIGTERM, pid=doomed.pid)
+    w.tick()
+    (stopped,) = w.named("child_stopped")
+    assert stopped["had_job"] is False and "answered" in stopped["reason"]
+    other = next(c for c in w.pool.children if c.tokens)
+    w.pool.die(other.token, exitcode=-signal.SIGSEGV)
+    w.tick()
+    (died,) = w.named("child_died")
+    assert died["had_job"] is True and "segmentation" in died["description"]

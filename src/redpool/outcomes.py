@@ -22,6 +22,18 @@ from .work import Work
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child past its timeout
 
 
+def job_names(raw: bytes) -> dict:
+    """id, task and attempt of a raw job, for an event about it.  The supervisor only
+    moves bytes: this decodes, so it is for rare events (a timeout) or for observers
+    that asked (job_started at debug).  The id is null when the job had none (the one
+    its child made up is not known here)."""
+    job = p.salvage(raw)
+    if isinstance(job, p.Job):
+        return {"id": None if job.id_assigned else job.id, "task": job.task,
+                "attempt": job.attempt}
+    return {"id": job.job_id, "task": job.task, "attempt": None}
+
+
 class ChildEvents:
     """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, clock, backlog,
     inflight, pending, stats, avg_duration, reloading and started()."""
@@ -41,8 +53,16 @@ class ChildEvents:
                 # the job it had moved on to did not crash it
                 rest.insert(0, running)
                 running = None
-            self.hooks.emit("child_died", pid=ev.pid, exitcode=ev.exitcode,
-                            description=ev.description, had_job=running is not None)
+            if ev.doomed:
+                # we asked for this death (a timeout): expected, so not an error
+                self.hooks.emit("child_stopped", pid=ev.pid, exitcode=ev.exitcode,
+                                description=ev.description, had_job=running is not None,
+                                reason="its job ran past its timeout" if running is not None
+                                else "its job overran its timeout, then answered as it was "
+                                     "stopped")
+            else:
+                self.hooks.emit("child_died", pid=ev.pid, exitcode=ev.exitcode,
+                                description=ev.description, had_job=running is not None)
             # The rest of its batch: not started, or finished in the last ~2 ms with the
             # answer not yet sent.  First in line again, as they were, with no crash.
             self.backlog.extendleft(reversed([w.again() for w in rest]))
@@ -170,7 +190,7 @@ class ChildEvents:
                 w.timed_out = w.deadline - w.started
                 w.deadline = math.inf  # from now on only kill_at matters
                 w.kill_at = now + KILL_GRACE
-                self.hooks.emit("job_timeout", queue=w.queue, timeout=round(w.timed_out, 3),
-                                pid=c.pid)
+                self.hooks.emit("job_timeout", **job_names(w.raw), queue=w.queue,
+                                timeout=round(w.timed_out, 3), pid=c.pid)
                 c.doomed = True
                 self.pool.signal(c, signal.SIGTERM)
