@@ -332,3 +332,25 @@ def test_a_task_modules_own_exception_is_named_by_module_and_qualified_name(
         ("retrying", qualified, "over the quota of 5"), ("failed", qualified, "over the quota of 5")]
     # while a built-in keeps its bare name
     assert plain.value.type == "ValueError" == envelope(r, keys, "builtin")["error"]["type"]
+
+
+def test_at_debug_a_long_job_is_seen_starting(r, keys, daemons):
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "1", "--log-level", "debug", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "long", "args": [30]}])
+    # While it runs, the log already says which job started, in which process
+    started = wait_for(lambda: [e for e in d.events() if e.get("event") == "job_started"],
+                       what="job_started")
+    assert [(e["id"], e["task"], e["queue"], e["attempt"], e["level"]) for e in started] == [
+        ("long", "t.sleep", "default", 1, "debug")]
+    wait_for(lambda: r.llen(led), what="the task's own start")
+    assert r.lrange(led, 0, -1)[0] == f"long:start:{started[0]['pid']}".encode()
+    assert not [e for e in d.events() if e.get("event") == "job_finished"]
+
+
+def test_below_debug_no_job_started_is_logged(r, keys, daemons):
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"a{i}", "args": [i, i]} for i in range(3)])
+    d = daemons("--concurrency", "1", "--burst")
+    assert d.wait(60) == 0, d.log()
+    events = [e.get("event") for e in d.events()]
+    assert events.count("job_finished") == 3 and "job_started" not in events

@@ -2867,3 +2867,50 @@ def test_a_child_that_dies_by_itself_after_its_timeout_answered_is_stopped_not_d
     w.tick()
     (died,) = w.named("child_died")
     assert died["had_job"] is True and "segmentation" in died["description"]
+
+
+# -- job_started: for whoever listens at debug, and free for everyone else --------------------------
+
+def test_job_started_names_each_job_as_a_process_starts_it_when_the_log_is_at_debug():
+    w = World([job(1), job(2), job(3, task="tests.boom")], size=2, prefetch=0,
+              log_level="debug")
+    w.tick()
+    started = w.named("job_started")
+    assert [(e["id"], e["task"], e["queue"], e["attempt"]) for e in started] == [
+        ("job-1", "tests.add", "default", 1), ("job-2", "tests.add", "default", 1)]
+    assert {e["pid"] for e in started} == {c.pid for c in w.pool.children}
+    w.finish_running()
+    w.tick()
+    assert [e["id"] for e in w.named("job_started")] == ["job-1", "job-2", "job-3"]
+    # and within a batch, each job as the one before it is answered
+    w = World([job(n) for n in range(1, 6)], size=1, prefetch=0, log_level="debug")
+    w.pool.duration = SHORT
+    w.tick()
+    w.finish_running()        # one answer teaches the supervisor that jobs are short
+    w.pool.finish_everything()
+    w.tick()
+    assert [e["id"] for e in w.named("job_started")] == [f"job-{n}" for n in range(1, 6)]
+
+
+def test_a_failure_being_settled_is_not_a_start():
+    w = World([job(1)], size=1, prefetch=0, log_level="debug", max_crashes=0)
+    w.tick()
+    w.pool.die(w.tokens()[0])
+    w.replace_dead()
+    assert w.pool.sent[-1].kind == FAIL
+    assert [e["id"] for e in w.named("job_started")] == ["job-1"]
+
+
+def test_below_debug_the_loop_never_decodes_a_job_to_announce_it(monkeypatch):
+    import redpool.supervisor as sup_mod
+
+    def decoded(raw):
+        raise AssertionError("a job was decoded for job_started although nobody listens")
+
+    monkeypatch.setattr(sup_mod, "job_names", decoded)
+    w = World([job(n) for n in range(1, 8)], size=2, prefetch=1)   # log level: info
+    for _ in range(8):
+        w.tick()
+        w.pool.finish_all()
+    w.tick()
+    assert len(w.rq.completed) == 7 and w.named("job_started") == []

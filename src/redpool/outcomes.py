@@ -36,7 +36,8 @@ def job_names(raw: bytes) -> dict:
 
 class ChildEvents:
     """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, clock, backlog,
-    inflight, pending, stats, avg_duration, reloading and started()."""
+    inflight, pending, stats, avg_duration, reloading, announce_starts, started(),
+    announce() and wall()."""
 
     def handle_event(self, ev, now: float) -> None:
         if isinstance(ev, Done):
@@ -88,6 +89,8 @@ class ChildEvents:
 
     def job_done(self, ev: Done) -> None:
         work = self.inflight.pop(ev.token)
+        if self.announce_starts:
+            self.announce(work, ev.pid)
         meta, env, dead, retry = decode_done(ev.msg)
         if work.fail is None:  # settling a failure takes no time: it says nothing of jobs
             d = meta["duration"]
@@ -110,7 +113,7 @@ class ChildEvents:
             self.pool.retire(c)
             return
         if c.tokens:  # the next job of its batch starts now
-            self.started(self.inflight[c.tokens[0]], self.clock())
+            self.started(self.inflight[c.tokens[0]], self.clock(), c.pid)
         if not c.stopping and not c.retiring:
             self.maybe_retire(c)
 

@@ -28,7 +28,7 @@ from .config import WorkerConfig
 from .duties import Duties
 from .hooks import Hooks
 from .lifecycle import DRAINING, RUNNING, STOPPED, Lifecycle
-from .outcomes import ChildEvents
+from .outcomes import ChildEvents, job_names
 from .poller import Poller
 from .pool import ProcessPool
 from .queue import Completion, RedisQueue, Reserved
@@ -81,6 +81,9 @@ class Supervisor(ChildEvents, Lifecycle):
         self.woken = False                         # this tick, the waiters brought jobs
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
+        # job_started (debug) costs a decode of every job, which the loop otherwise never
+        # does (it only moves bytes): it is emitted only when the log listens at debug.
+        self.announce_starts = cfg.log_level == "debug"
         duties.bind(self)
 
     # -- the outer loop ----------------------------------------------------------------------
@@ -193,11 +196,22 @@ class Supervisor(ChildEvents, Lifecycle):
         clock's present: for envelopes of runs the supervisor stopped."""
         return time.time() - (now - t)
 
-    def started(self, w: Work, now: float) -> None:
-        """``w`` starts running now: its timeout starts counting."""
+    def started(self, w: Work, now: float, pid: int) -> None:
+        """``w`` starts running now, in child ``pid``: its timeout starts counting.  (For
+        a job in a batch, "now" is when the answer of the one before it arrived.)"""
         w.started = now
-        if w.fail is None and self.cfg.timeout > 0:
-            w.deadline = now + self.cfg.timeout
+        if w.fail is None:
+            if self.cfg.timeout > 0:
+                w.deadline = now + self.cfg.timeout
+            if self.announce_starts:
+                self.announce(w, pid)
+
+    def announce(self, w: Work, pid: int) -> None:
+        """job_started, once per run (debug only: see announce_starts).  A job of a batch
+        whose answer came with the one before it is announced with its answer."""
+        if not w.announced and w.fail is None:
+            w.announced = True
+            self.hooks.emit("job_started", **job_names(w.raw), queue=w.queue, pid=pid)
 
     def dispatch(self, settle_only: bool = False) -> None:
         """Hand out held work: a child gets a batch when it has room for at least half
@@ -216,7 +230,7 @@ class Supervisor(ChildEvents, Lifecycle):
                 w = self.backlog.popleft()
                 token = next(self._tokens) & 0xFFFFFFFF
                 if not c.tokens and not tokens:
-                    self.started(w, now)
+                    self.started(w, now, c.pid)
                 if w.fail is None:
                     entries.append(job_entry(token, w.queue, w.raw, w.crashes))
                 else:
