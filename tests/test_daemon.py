@@ -177,6 +177,24 @@ def test_grace_expiry_requeues_unfinished_jobs_and_exits_0(r, keys, daemons):
     assert not envelope(r, keys, "long")
 
 
+
+def test_ctrl_c_counts_each_job_that_went_back_once(r, keys, daemons):
+    # Given two 20 s jobs running and a third held (prefetch), the idle waiter blocked in
+    # BLMOVE: the issue's --grace 8 and three 20 s jobs, with a shorter grace
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "2", "--grace", "2", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"long{i}", "args": [20]} for i in range(3)])
+    wait_for(lambda: r.llen(led) >= 2, what="two jobs running")
+    wait_for(lambda: r.llen(keys.queue("default")) == 0, what="the third one held")
+    # When Ctrl-C arrives (SIGINT) and the grace runs out
+    d.signal(signal.SIGINT)
+    assert d.wait(30) == 0, d.log()
+    # Then all three are back in the queue, and the stopped event says three, not more
+    back = [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)]
+    assert sorted(back) == ["long0", "long1", "long2"]
+    (stopped,) = [e for e in d.events() if e.get("event") == "stopped"]
+    assert stopped["requeued"] == 3, d.log()
+
 def test_second_sigterm_stops_now_and_still_requeues(r, keys, daemons):
     d = daemons("--concurrency", "1", "--grace", "60", ledger=keys.ns + ":ledger").wait_started()
     lpush_jobs(r, keys, [{"task": "t.sleep", "id": "long", "args": [60]}])

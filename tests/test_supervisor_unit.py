@@ -1618,6 +1618,33 @@ def test_sigterm_drains_requeues_backlog_and_stops_when_work_is_done():
     assert not w.pool.terminated
 
 
+
+def test_a_job_put_back_and_taken_again_by_a_waiter_in_blmove_is_counted_once():
+    # Given two long jobs running and one held, the waiter blocked in BLMOVE
+    w = World([job(1), job(2), job(3)], size=2, prefetch=1, waiter=True, grace=8.0)
+    w.tick()
+    assert len(w.sup.inflight) == 2 and w.backlog() == [("default", job(3))]
+    w.waiter.in_call = True
+
+    # When Ctrl-C puts the held job back, and the BLMOVE already in flight takes it again
+    w.sup.handle_signal(signal.SIGINT, w.clock.t)
+    assert w.rq.ready == deque([("default", job(3))])
+    w.rq.processing.append(w.rq.ready.popleft())
+    w.waiter.inbox.append(Reserved("default", job(3)))
+    w.waiter.in_call = False
+    w.tick(0.1)
+
+    # Then it goes back again (nothing is run while draining) ...
+    assert w.rq.ready == deque([("default", job(3))]) and not w.sup.backlog
+    # ... and when the grace runs out, the running ones go back too
+    w.tick(8.0)
+    assert w.sup.state == STOPPED
+    w.sup.shutdown()
+    assert sorted(raw for _, raw in w.rq.ready) == sorted(jobs(1, 2, 3))
+    # and the stopped event counts what went back: three jobs, each once
+    (stopped,) = w.named("stopped")
+    assert stopped["requeued"] == 3 == len(w.rq.ready)
+
 def test_sigint_drains_like_sigterm():
     w = World([job(1)], size=1)
     w.tick()

@@ -247,7 +247,7 @@ class Duties:
             if s.waiter.busy():
                 self.reconcile_pending = True
                 return
-            s.backlog.extend(s.admit(r) for r in s.waiter.take())
+            s.receive(s.waiter.take())
         self.reconcile_pending = False
         self.rq.settle()
         held = s.held()

@@ -76,6 +76,7 @@ class Supervisor(ChildEvents, Lifecycle):
         self._tokens = count(1)
         self.avg_duration = 0.0                    # moving average of job run times
         self.drain_deadline = 0.0
+        self.put_back: Counter = Counter()         # (queue, raw) requeued since the drain began
         self.poller = Poller()
         self.reloading = False                     # SIGHUP: a new generation is taking over
         self.woken = False                         # this tick, the waiters brought jobs
@@ -141,7 +142,7 @@ class Supervisor(ChildEvents, Lifecycle):
         if self.waiter is not None:
             taken = self.waiter.take(pipe=self.waiter.fileno() in ready)
             self.woken = bool(taken)
-            self.backlog.extend(self.admit(r) for r in taken)
+            self.receive(taken)
             while self.waiter.errors:
                 self.duties.redis_failed(self.waiter.errors.popleft(), now, "wait")
         if self.state == DRAINING:
@@ -320,6 +321,17 @@ class Supervisor(ChildEvents, Lifecycle):
             return False
         children = self.pool.accepting()
         return bool(children) and all(len(c.tokens) >= 2 for c in children)
+
+    def receive(self, taken: list[Reserved]) -> None:
+        """Hold what the waiters took.  A waiter already inside BLMOVE when the drain
+        began may take back a job the drain has just put back: it goes back again, and
+        is counted as requeued once, not twice."""
+        if self.put_back:
+            for r in taken:
+                if self.put_back[(r.queue, r.raw)] > 0:
+                    self.put_back[(r.queue, r.raw)] -= 1
+                    self.stats["requeued"] -= 1
+        self.backlog.extend(self.admit(r) for r in taken)
 
     def admit(self, r: Reserved) -> Work:
         """A reserved job, or a poison pill: one whose host or process died running it
