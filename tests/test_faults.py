@@ -295,3 +295,80 @@ def test_a_poison_pill_judged_after_its_supervisor_died_did_run(r, keys, daemons
     assert killed <= env["started_at"] <= env["finished_at"]
     assert runs(r, keys, "start")["victim"] == 1
     r.delete(keys.ns + "-r")
+
+
+# -- Redis restarted without persistence ------------------------------------------------------
+
+@pytest.fixture
+def bare_server(tmp_path):
+    """A private server of this test's own that keeps nothing on disk, on a fixed port:
+    stopped and started again, it comes back empty."""
+    (tmp_path / "bare").mkdir()
+    srv = EmbeddedServer(dir=str(tmp_path / "bare")).start()
+    yield srv
+    srv.stop()
+
+
+def test_redis_restarted_without_persistence_is_said_once_and_held_jobs_are_answered(
+        bare_server, namespace, redis_url, r, tmp_path):
+    from redpool.logs import _LEVELS
+    from redpool.protocol import Keys
+
+    keys = Keys(namespace)
+    led = keys.ns + ":ledger"          # on the session's server: it survives the restart
+    bare = redis.Redis.from_url(bare_server.url)
+    # Given a worker holding four jobs (two running, two reserved) and two more queued
+    lpush_jobs(bare, keys, [{"task": "t.sleep", "id": "long", "args": [5, "L"]},
+                            {"task": "t.sleep", "id": "short", "args": [1, "S"]},
+                            {"task": "t.sleep", "id": "h1", "args": [0.2, "1"]},
+                            {"task": "t.sleep", "id": "h2", "args": [0.2, "2"]},
+                            {"task": "t.add", "id": "q1", "args": [1, 1]},
+                            {"task": "t.add", "id": "q2", "args": [2, 2]}])
+    d = Daemon(bare_server.url, namespace, "--concurrency", "2", "--prefetch", "2",
+               "--lease", "5", env={"REDPOOL_LEDGER_URL": redis_url, "REDPOOL_LEDGER": led}
+               ).start(tmp_path)
+    try:
+        d.wait_started()
+        wait_for(lambda: runs(r, keys, "start")["long"] and runs(r, keys, "start")["short"],
+                 what="long and short running")
+        assert bare.llen(keys.queue("default")) == 2       # q1, q2 wait in the queue
+        # When Redis stops and comes back empty (no AOF, no snapshots), after "short"
+        # finished meanwhile (its result not yet written)
+        bare_server.stop()
+        wait_for(lambda: runs(r, keys, "end")["short"], what="short finished during the outage")
+        bare_server.start()
+        bare = redis.Redis.from_url(bare_server.url)
+        # Then every job it held is answered: the running, the finished, the reserved
+        wait_for(lambda: all(envelope(bare, keys, j) for j in ("long", "short", "h1", "h2")),
+                 timeout=60, what="the held jobs' results on the new server")
+        assert [envelope(bare, keys, j)["result"] for j in ("long", "short", "h1", "h2")] == \
+            ["L", "S", "1", "2"]
+        # and the loss was said once, as what it is, with what this supervisor held
+        events = d.events()
+        (lost,) = [e for e in events if e.get("event") == "redis_data_lost"]
+        assert lost["level"] == _LEVELS["redis_data_lost"] == "error"
+        assert lost["held"] == lost["restored"] == 4, lost
+        assert "restarted without its data" in lost["cause"]
+        assert "cannot be known" in lost["note"]
+        assert not [e for e in events if e.get("event") in ("lease_lost", "results_dropped")]
+        # The jobs that waited in the queue are gone with the server's data: nobody has them
+        assert not envelope(bare, keys, "q1") and bare.llen(keys.queue("default")) == 0
+        assert runs(r, keys, "start")["long"] == 1                 # nothing ran twice
+        wait_for(lambda: bare.llen(keys.processing("w1", "default")) == 0, what="all acknowledged")
+        assert d.proc.poll() is None
+        # (and at start it warned, once, that this server keeps nothing)
+        assert [e["level"] for e in events if e.get("event") == "redis_not_persistent"] == \
+            ["warning"]
+    finally:
+        d.kill()
+        r.delete(led)
+
+
+def test_a_server_with_aof_is_not_warned_about(aof_server, namespace, tmp_path):
+    d = Daemon(aof_server.url, namespace, "--concurrency", "1").start(tmp_path)
+    try:
+        d.wait_started()
+        names = [e.get("event") for e in d.events()]
+        assert "redis_not_persistent" not in names and "started" in names
+    finally:
+        d.kill()

@@ -992,3 +992,101 @@ class TestRedisQueueContract:
         # per queue, as the lists stand (newest first), with a queue we no longer listen
         # on, our empty ones, and nothing of another supervisor's
         assert q.processing_contents() == {"a": [job(4), job(3)], "b": [], "old": [job(1)]}
+
+    # the dataset: did the server keep its data? ------------------------------------------------
+
+    def test_the_dataset_marker_is_claimed_once_and_read_back(self, backend):
+        b = backend
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+        assert q.read_markers() == {b.keys.dataset: None}      # one marker on one server
+        mine = q.claim_markers()
+        theirs = RedisQueue(b.r, b.keys, "sup-2", ["b"]).claim_markers()
+        # the first claim wins; later ones adopt it; it has no TTL
+        assert mine == theirs == q.read_markers() and mine[b.keys.dataset]
+        assert b.r.ttl(b.keys.dataset) == -1
+        # a server that lost it reads as such
+        b.r.delete(b.keys.dataset)
+        assert q.read_markers() == {b.keys.dataset: None}
+        assert q.claim_markers() != mine
+
+    def test_restore_puts_held_jobs_back_into_our_processing_lists(self, backend, epoch):
+        from collections import Counter
+
+        b = backend
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+        n = q.restore(Counter({("a", job(1)): 1, ("a", job(2)): 2, ("b", job(3)): 1}))
+        assert n == 4
+        assert sorted(lrange(b, b.keys.processing(SUP, "a"))) == sorted([job(1), job(2), job(2)])
+        assert lrange(b, b.keys.processing(SUP, "b")) == [job(3)]
+        assert q.restore(Counter()) == 0
+        # and they are ours as any reserved job: completed, their results written
+        assert q.complete([completion("a", job(1)), completion("b", job(3))]) == (0, 0)
+        assert b.r.exists(b.keys.result("job-1"), b.keys.result("job-3")) == 2
+
+    def test_completions_that_found_their_job_gone_are_kept_to_be_judged(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(2, epoch)
+        assert q.complete([completion("a", job(1))]) == (0, 0) and q.missed == []
+        b.r.delete(b.keys.processing(SUP, "a"))     # gone (reaped, or the server's data lost)
+        done = [completion("a", job(2))]
+        assert q.complete(done) == (1, 0)
+        assert q.missed == done
+
+    def test_the_server_says_who_it_is_and_whether_it_keeps_its_data(self, backend):
+        b = backend
+        if b.name == "fakeredis":
+            pytest.skip("fakeredis has no run_id nor persistence settings")
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        (addr, run_id), = q.run_ids().items()
+        assert len(run_id) == 40 and addr.endswith(str(b.r.connection_pool.connection_kwargs["port"]))
+        # the test session's server keeps nothing on disk (--save "", no AOF)
+        assert q.persistence() == (False, addr)
+
+
+class _Node:
+    """A server as RedisQueue.persistence() asks it: INFO persistence, CONFIG GET save."""
+
+    def __init__(self, port, *, aof=0, save="", user=None, config_refused=False):
+        self.aof, self.save, self.config_refused = aof, save, config_refused
+        self.connection_pool = type("Pool", (), {"connection_kwargs": {
+            "host": "10.0.0.1", "port": port, "username": user}})()
+        self.config_calls = 0
+
+    def info(self, section):
+        return {"aof_enabled": self.aof}
+
+    def config_get(self, name):
+        self.config_calls += 1
+        if self.config_refused:
+            raise redis.ResponseError("unknown command 'CONFIG'")
+        return {"save": self.save}
+
+
+@pytest.mark.parametrize("nodes, verdict", [
+    ([_Node(1, aof=1)], (True, "AOF")),
+    ([_Node(1, save="3600 1 300 100")], (True, "RDB snapshots")),
+    ([_Node(1, aof=1), _Node(2, save="60 1")], (True, "AOF and RDB snapshots")),
+    ([_Node(1, aof=1), _Node(2)], (False, "10.0.0.1:2")),
+    ([_Node(1, save=""), _Node(2, save=" ")], (False, "10.0.0.1:1, 10.0.0.1:2")),
+    ([_Node(1, user="default")], (False, "10.0.0.1:1")),
+])
+def test_persistence_is_aof_or_rdb_on_every_primary(nodes, verdict):
+    q = RedisQueue(fakeredis.FakeRedis(), p.Keys("t"), SUP, ["a"])
+    q.nodes = lambda: nodes
+    assert q.persistence() == verdict
+
+
+def test_persistence_is_not_asked_with_config_of_a_named_acl_user_nor_where_refused():
+    q = RedisQueue(fakeredis.FakeRedis(), p.Keys("t"), SUP, ["a"])
+    acl_user = _Node(1, user="redpool-worker")
+    q.nodes = lambda: [acl_user]
+    kept, why = q.persistence()
+    assert kept is None and "'redpool-worker'" in why and acl_user.config_calls == 0
+    # (AOF needs no CONFIG: it is read from INFO, which the worker's ACL grants)
+    q.nodes = lambda: [_Node(1, aof=1, user="redpool-worker")]
+    assert q.persistence() == (True, "AOF")
+    q.nodes = lambda: [_Node(1, config_refused=True)]
+    kept, why = q.persistence()
+    assert kept is None and "unknown command 'CONFIG'" in why

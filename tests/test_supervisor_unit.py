@@ -108,6 +108,11 @@ class FakeQueue:
         self.down = False
         self.lose_reply: str | None = None      # the next call of this name runs, then fails
         self.clock = None
+        self.markers: dict[str, bytes] = {}     # keys.dataset: None until a claim
+        self.run_id = "run-1"
+        self.kept: tuple = (True, "AOF")        # what persistence() says
+        self.missed: list = []                  # as RedisQueue.missed
+        self.restore_calls: list[Counter] = []
 
     def _io(self, what: str) -> None:
         self.calls.append(what)
@@ -133,7 +138,41 @@ class FakeQueue:
                 self.crash_started.pop(c.raw, None)
             else:
                 missing += 1
+        if missing:
+            self.missed += batch
         return missing, 0
+
+    # the server itself
+    def lose_data(self) -> None:
+        """What a restart without persistence does: everything is gone."""
+        self.ready.clear()
+        self.processing.clear()
+        self.crashes.clear()
+        self.epoch = None
+        self.markers = {}
+        self.run_id = "run-2"
+
+    def read_markers(self):
+        self._io("read_markers")
+        return {"dataset": self.markers.get("dataset")}
+
+    def claim_markers(self):
+        self._io("claim_markers")
+        self.markers.setdefault("dataset", f"token-{self.run_id}".encode())
+        return dict(self.markers)
+
+    def run_ids(self):
+        return {"127.0.0.1:6379": self.run_id}
+
+    def persistence(self):
+        return self.kept
+
+    def restore(self, items):
+        self._io("restore")
+        self.restore_calls.append(Counter(items))
+        for (q, raw), n in items.items():
+            self.processing += [(q, raw)] * n
+        return sum(items.values())
 
     # the surface the supervisor and the duties use
     def exchange(self, done, n, epoch):
@@ -2941,3 +2980,183 @@ def test_below_debug_the_loop_never_decodes_a_job_to_announce_it(monkeypatch):
         w.pool.finish_all()
     w.tick()
     assert len(w.rq.completed) == 7 and w.named("job_started") == []
+
+
+# -- Redis losing its data (restarted without persistence) -----------------------------------------
+
+def test_startup_claims_the_dataset_marker_and_warns_once_of_a_server_that_keeps_nothing():
+    w = World(start=False)
+    w.rq.kept = (False, "127.0.0.1:6379")
+    w.sup.startup()
+    assert w.rq.markers == {"dataset": b"token-run-1"} and w.duties.markers == w.rq.markers
+    (warning,) = w.named("redis_not_persistent")
+    assert warning["servers"] == "127.0.0.1:6379" and "appendonly yes" in warning["note"]
+    w.ticks(T0 + 10.0, 0.5)
+    assert len(w.named("redis_not_persistent")) == 1
+    # a server that keeps its data says nothing; one that cannot be asked, at debug
+    assert World().named("redis_not_persistent") == []
+    w = World(start=False)
+    w.rq.kept = (None, "CONFIG GET is not tried as ACL user 'worker'")
+    w.sup.startup()
+    assert w.named("redis_not_persistent") == []
+    assert w.named("redis_persistence_unknown") == [
+        {"reason": "CONFIG GET is not tried as ACL user 'worker'"}]
+
+
+def lost_world() -> World:
+    """Running job 1, job 2 finished but not acknowledged, job 3 held; then Redis comes
+    back from a restart without its data."""
+    w = World([job(1), job(2), job(3)], size=2, prefetch=1)
+    w.tick()
+    assert len(w.sup.inflight) == 2 and w.backlog() == [("default", job(3))]
+    t2 = next(s.token for s in w.pool.sent if s.raw == job(2))
+    w.pool.finish(t2)
+    w.rq.down = True
+    w.tick()                                   # the completion fails: Redis is down
+    assert len(w.sup.pending) == 1
+    w.rq.lose_data()
+    w.rq.down = False
+    return w
+
+
+def test_a_server_back_without_its_data_is_said_once_and_the_held_jobs_are_restored():
+    from redpool.logs import _LEVELS
+
+    w = lost_world()
+    w.tick(1.0)
+
+    # Then one error event says what happened, and what this supervisor held
+    (lost,) = w.named("redis_data_lost")
+    assert _LEVELS["redis_data_lost"] == "error"
+    # (job 3 went to the child that finished job 2 meanwhile)
+    assert (lost["held"], lost["running"], lost["reserved"], lost["unacknowledged"],
+            lost["restored"]) == (3, 2, 0, 1, 3)
+    assert "restarted without its data" in lost["cause"] and "cannot be known" in lost["note"]
+    # and it is not taken for a lost lease or for jobs that ran elsewhere
+    assert not w.named("lease_lost") and not w.named("results_dropped")
+    # The jobs are ours again in Redis, under a new registration
+    assert w.rq.restore_calls == [Counter({("default", job(1)): 1, ("default", job(2)): 1,
+                                           ("default", job(3)): 1})]
+    assert w.duties.leased and w.rq.epoch == w.lease.epoch == "epoch-2"
+    assert w.rq.markers == w.duties.markers == {"dataset": b"token-run-2"}
+    # and every one of them is answered: the finished one, the running one, the held one
+    w.tick()
+    w.pool.finish_everything()
+    w.tick()
+    w.pool.finish_everything()
+    w.tick()
+    # (job 2's first completion found nothing: it was sent again once restored)
+    assert sorted({c.raw for c in w.rq.completed if c.envelope}) == sorted(jobs(1, 2, 3))
+    assert w.rq.processing == [] and not w.named("results_dropped")
+    assert len(w.named("redis_data_lost")) == 1
+
+
+def test_a_restart_found_by_a_completion_resends_it_rather_than_dropping_it():
+    # Given Redis restarted empty between two calls, unseen (no error on our side)
+    w = World([job(1)], size=1, prefetch=0)
+    w.tick()
+    w.rq.lose_data()
+    w.pool.finish_all()
+    w.tick()
+    # Then the completion finds its job gone: the dataset marker says why
+    (lost,) = w.named("redis_data_lost")
+    assert lost["during"] == "complete" and lost["unacknowledged"] == 1
+    assert not w.named("results_dropped") and not w.named("lease_lost")
+    w.tick()
+    assert [c.raw for c in w.rq.completed if c.raw == job(1)] == [job(1), job(1)]
+    assert w.rq.processing == []
+
+
+def test_an_idle_supervisor_finds_it_instead_of_a_lost_lease():
+    w = World([], size=1, lease=9.0)
+    w.tick()
+    w.rq.lose_data()
+    w.tick(3.0)
+    (lost,) = w.named("redis_data_lost")
+    assert lost["during"] == "reserve"      # (the renewal would, had the loop not)
+    assert lost["held"] == 0 and lost["restored"] == 0
+    assert not w.named("lease_lost") and w.duties.leased
+
+
+def test_a_supervisor_that_registered_anew_still_knows_a_restart_another_one_found():
+    # Given another supervisor found the loss first and set a new marker
+    w = World([job(1)], size=1, prefetch=0, lease=9.0)
+    w.tick()
+    w.rq.lose_data()
+    w.rq.markers = {"dataset": b"set-by-another-supervisor"}
+    w.tick(3.0)
+    assert w.named("redis_data_lost")[0]["running"] == 1
+    assert w.rq.processing == [("default", job(1))]
+    assert w.duties.markers == {"dataset": b"set-by-another-supervisor"}
+
+
+def test_a_renewal_finding_the_loss_says_so_instead_of_a_lost_lease():
+    w = World([job(1)], size=1, prefetch=0, lease=9.0)
+    w.tick()                       # busy: the loop does not reserve, the renewal finds it
+    w.rq.lose_data()
+    w.tick(3.0)
+    (lost,) = w.named("redis_data_lost")
+    assert lost["during"] == "renew" and lost["running"] == 1 and lost["restored"] == 1
+    assert not w.named("lease_lost") and w.duties.leased
+
+
+def test_a_reaper_taking_our_jobs_is_still_a_lost_lease_not_a_loss_of_data():
+    w = World([job(1)], size=1, prefetch=0, lease=9.0)
+    w.tick()
+    w.rq.epoch = None
+    reap(w.rq)
+    w.tick(3.0)
+    w.pool.finish_all()
+    w.tick()
+    assert w.named("lease_lost") and w.named("results_dropped")
+    assert not w.named("redis_data_lost") and w.rq.restore_calls == []
+
+
+def test_a_loss_found_while_draining_puts_the_held_jobs_back_in_their_queues():
+    w = World([job(1), job(2)], size=1, prefetch=1)
+    w.tick()
+    w.rq.lose_data()
+    w.sup.handle_signal(signal.SIGTERM, w.clock.t)   # requeue finds nothing: lost?
+    assert w.named("redis_data_lost")[0]["during"] == "requeue"
+    w.tick()
+    assert w.rq.ready == deque([("default", job(2))])   # back in its queue after all
+    w.pool.finish_all()
+    w.tick()
+    assert w.sup.state == STOPPED and [c.raw for c in w.rq.completed] == [job(1)]
+    assert w.rq.processing == [] and not w.named("results_dropped")
+
+
+def test_a_child_dying_after_the_loss_runs_its_job_again_here():
+    w = World([job(1)], size=1, prefetch=0, max_crashes=3)
+    w.tick()
+    w.rq.lose_data()
+    w.pool.die(w.tokens()[0])
+    w.tick()
+    assert w.named("redis_data_lost")[0]["during"] == "crashed"
+    assert w.rq.processing == [("default", job(1))]
+    assert [(x.raw, x.crashes) for x in w.sup.backlog] == [(job(1), 1)]
+
+
+def test_handling_a_loss_cut_short_by_redis_failing_again_is_finished_and_said_once():
+    w = lost_world()
+    real_register, fails = w.lease.register, [3]
+
+    def register(info, lease, **kw):      # Redis fails again as we re-register
+        if fails[0]:
+            fails[0] -= 1
+            raise redis.ConnectionError("down again")
+        return real_register(info, lease, **kw)
+
+    w.lease.register = register
+    w.tick(1.0)
+    assert w.named("redis_data_lost") == [] and w.duties.data_lost_during is not None
+    assert not w.named("results_dropped") and not w.named("lease_lost")
+    w.ticks(w.clock.t + 5.0, 0.5)
+    (lost,) = w.named("redis_data_lost")
+    assert (lost["held"], lost["restored"]) == (3, 3)   # (restored the first time round)
+    # running ones ours again in Redis; the finished one sent again, and written
+    assert sorted(raw for _, raw in w.rq.processing) == sorted(jobs(1, 3))
+    assert w.rq.complete_calls[-1][0].raw == job(2) and job(2) not in w.rq.missed
+    assert w.rq.restore_calls[0] == Counter({("default", j): 1 for j in jobs(1, 2, 3)})
+    assert all(c == Counter() for c in w.rq.restore_calls[1:])
+    assert not w.named("results_dropped") and not w.named("lease_lost")

@@ -107,6 +107,8 @@ class ClusterQueue(RedisQueue):
             else:
                 self._delivered.pop(q, None)  # the script removed them from the outbox
                 missing += int(reply[0])
+                if int(reply[0]):
+                    self.missed += batch  # (see RedisQueue.missed)
                 answers[q] = reply[1]
         skipped = self._deliver(answers, errors)
         got: list[Reserved] = []
@@ -189,6 +191,13 @@ class ClusterQueue(RedisQueue):
     @property
     def unsent(self) -> int:
         return len(self._unsent)
+
+    def _each(self, commands: list[tuple[str, tuple]]) -> list:
+        """As RedisQueue._each, per node (send_by_node): one round trip."""
+        return _raise_first(send_by_node(self.r, commands))
+
+    def nodes(self) -> list:
+        return [n.redis_connection for n in self.r.get_primaries()]
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """As RedisQueue.complete; the items are taken over (see exchange)."""

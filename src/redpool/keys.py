@@ -143,6 +143,21 @@ class Keys:
         return self._queue_of("outbox", supervisor, key)
 
     @property
+    def dataset(self) -> str:
+        """A marker of the dataset the namespace lives in: a random token without a TTL,
+        set by the first supervisor that finds none.  Gone, or another token in its
+        place, since a supervisor last looked: the server lost its data meanwhile
+        (restarted without persistence, flushed).  On Redis Cluster it sits in the
+        namespace's slot (the leases' node) as ``<ns>:dataset:{<ns>}``: under ``<ns>:``,
+        the prefix the worker's ACL rule grants."""
+        return self.dataset_of(self.ns) if self.cluster else f"{self.ns}:dataset"
+
+    def dataset_of(self, queue: str) -> str:
+        """The marker in ``queue``'s slot on Redis Cluster, where each node can lose its
+        data alone; the namespace's one on one server."""
+        return f"{self.ns}:dataset:{self._tag(queue)}" if self.cluster else self.dataset
+
+    @property
     def reaper(self) -> str:
         """A short lock: at most one supervisor reaps dead ones at a time."""
         return f"{self._global}:reaper"

@@ -76,6 +76,8 @@ class Lifecycle:
             return
         try:
             moved = self.rq.requeue(items)
+            if moved < len(items) and self.duties.check_dataset(now, "requeue"):
+                return  # Redis lost them: restored into our lists, put back next tick
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "requeue")
             return

@@ -159,7 +159,15 @@ class ChildEvents:
                 self.backlog.appendleft(work.again(crashes=crashes))  # retry it here
                 return
         if crashes == 0:
-            return  # no longer ours (taken back while we were cut off): it runs elsewhere
+            # no longer ours: taken back while we were cut off (it runs elsewhere), or
+            # lost with the server's data (then it runs again here, restored)
+            again = work.again(crashes=work.crashes + 1)
+            try:
+                if self.duties.check_dataset(now, "crashed", also=[(work.queue, work.raw)]):
+                    self.backlog.appendleft(again)
+            except redis.RedisError as e:
+                self.duties.redis_failed(e, now, "dataset")
+            return
         if crashes > self.cfg.max_crashes:
             self.settle(work.again(crashes=crashes - 1), p.E_WORKER_CRASHED,
                         f"{what}; it has now crashed {crashes} times (--max-crashes "

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
@@ -19,6 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import dataset
 from .keys import crash_started
 from .protocol import Keys
 
@@ -119,6 +122,10 @@ class RedisQueue:
         self._promote = load_script(r, "promote")
         self._hot = None  # the connection of _evalsha_pipeline
         self._hot_used = 0.0
+        #: Completions of a batch that found jobs missing from our processing lists:
+        #: kept for the supervisor to look into (fenced by a reaper, or lost with the
+        #: server's data), which takes them.
+        self.missed: list[Completion] = []
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -143,6 +150,8 @@ class RedisQueue:
         missing = skipped = 0
         if done:
             missing, skipped = (int(x) for x in replies.pop(0))
+            if missing:
+                self.missed += done   # (one script: which of them, it does not say)
         got: list[Reserved] | None = []
         if n > 0:
             flat = replies[0]
@@ -310,6 +319,52 @@ class RedisQueue:
         many.  Nothing to do on one server, where one script acknowledges a job whole
         (cluster.py has the two-step kind)."""
         return 0
+
+    # -- the server itself: did it keep its data? -------------------------------------------
+
+    def dataset_keys(self) -> list[str]:
+        return list(dict.fromkeys([self.keys.dataset, *map(self.keys.dataset_of, self.queues)]))
+
+    def read_markers(self) -> dict[str, bytes | None]:
+        """The dataset markers as they stand (keys.dataset): one round trip."""
+        keys = self.dataset_keys()
+        return dict(zip(keys, self._each([(k, ("GET", k)) for k in keys])))
+
+    def claim_markers(self) -> dict[str, bytes]:
+        """Set each missing marker to a fresh token (SET NX: the first supervisor's
+        wins) and return the ones that stand now."""
+        keys, token = self.dataset_keys(), uuid.uuid4().hex
+        out = self._each([c for k in keys for c in ((k, ("SET", k, token, "NX")),
+                                                     (k, ("GET", k)))])
+        return dict(zip(keys, out[1::2]))
+
+    def _each(self, commands: list[tuple[str, tuple]]) -> list:
+        """(routing key, command) pairs in one round trip; the first error raised."""
+        pipe = self.r.pipeline(transaction=False)
+        for _, cmd in commands:
+            pipe.execute_command(*cmd)
+        return pipe.execute()
+
+    def restore(self, items: Counter) -> int:
+        """Push (queue, raw) jobs back into our processing lists, as many times as
+        counted: after the server lost its data, the jobs we still hold are ours again,
+        so that their results are written and a stop puts them back.  Returns how many."""
+        by_key: dict[str, list[bytes]] = {}
+        for (q, raw), n in items.items():
+            by_key.setdefault(self._proc_key(q), []).extend([raw] * n)
+        if by_key:
+            self._each([(k, ("LPUSH", k, *raws)) for k, raws in by_key.items()])
+        return sum(len(v) for v in by_key.values())
+
+    def nodes(self) -> list[redis.Redis]:
+        """A client per primary (one here; every primary on Redis Cluster)."""
+        return [self.r]
+
+    def run_ids(self) -> dict[str, str]:
+        return dataset.run_ids(self.nodes())
+
+    def persistence(self) -> tuple[bool | None, str]:
+        return dataset.persistence(self.nodes())
 
     def processing_contents(self) -> dict[str, list[bytes]]:
         """What Redis says we hold, per queue (to reconcile after a lost reply)."""

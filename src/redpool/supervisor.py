@@ -170,17 +170,17 @@ class Supervisor(ChildEvents, Lifecycle):
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "complete")
             return
-        self.acknowledged(missing, skipped)
+        self.acknowledged(missing, skipped, now)
         self.duties.redis_ok(now)
 
-    def acknowledged(self, missing: int, skipped: int) -> None:
-        """The pending completions reached Redis (all of them: one script)."""
+    def acknowledged(self, missing: int, skipped: int, now: float) -> None:
+        """The pending completions reached Redis (all of them: one script).  Those that
+        found their job gone from our processing list are judged by the duties: fenced
+        (a reaper took them), or lost with the server's data (restored, sent again)."""
         self.pending.clear()
         self.ack_due = 0.0
         if missing:
-            self.hooks.emit("results_dropped", count=missing,
-                            reason="jobs were no longer in our processing list (taken back "
-                                   "after our lease expired): they ran elsewhere")
+            self.duties.judge_missing(now, missing)
         if skipped:
             self.hooks.emit("replies_skipped", count=skipped,
                             reason="reply_to names a key that is not a list, or one of ours")
@@ -283,15 +283,17 @@ class Supervisor(ChildEvents, Lifecycle):
             if self.waiter is not None:
                 self.waiter.disarm()
             return
+        epoch = self.duties.epoch
         try:
-            missing, skipped, got = self.rq.exchange(done, n, self.duties.epoch)
+            missing, skipped, got = self.rq.exchange(done, n, epoch)
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "exchange")
             return
-        self.acknowledged(missing, skipped)
+        self.acknowledged(missing, skipped, now)
         if got is None:
             self.duties.redis_ok(now)
-            self.duties.lease_lost(now, "reserve")
+            if self.duties.epoch == epoch:  # (else: registered anew since, data lost)
+                self.duties.lease_lost(now, "reserve")
             return
         # held before redis_ok(): after an outage it reconciles, and must see these as ours
         self.backlog.extend(self.admit(r) for r in got)
