@@ -372,3 +372,29 @@ def test_a_server_with_aof_is_not_warned_about(aof_server, namespace, tmp_path):
         assert "redis_not_persistent" not in names and "started" in names
     finally:
         d.kill()
+
+
+def test_an_idle_worker_finds_a_server_restarted_empty_and_serves_it_at_once(
+        bare_server, namespace, tmp_path):
+    from redpool.protocol import Keys
+
+    keys = Keys(namespace)
+    d = Daemon(bare_server.url, namespace, "--concurrency", "1", "--lease", "3").start(tmp_path)
+    try:
+        d.wait_started()
+        # When the server restarts empty while the worker has nothing to do
+        bare_server.stop()
+        bare_server.start()
+        bare = redis.Redis.from_url(bare_server.url)
+        # Then it says so, once, holding nothing, and takes new work from the new server
+        wait_for(lambda: any(e.get("event") == "redis_data_lost" for e in d.events()),
+                 timeout=30, what="redis_data_lost")
+        lpush_jobs(bare, keys, [{"task": "t.add", "id": "after", "args": [1, 2]}])
+        wait_for(lambda: envelope(bare, keys, "after"), timeout=30, what="a job after the restart")
+        events = d.events()
+        (lost,) = [e for e in events if e.get("event") == "redis_data_lost"]
+        assert lost["held"] == 0 and lost["restored"] == 0
+        assert not [e for e in events if e.get("event") in ("lease_lost", "results_dropped")]
+        assert bare.sismember(keys.supervisors, "w1") and bare.exists(keys.dataset)
+    finally:
+        d.kill()
