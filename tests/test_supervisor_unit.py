@@ -1115,6 +1115,8 @@ def test_a_poison_pill_judged_after_crashes_elsewhere_says_when_its_last_crashed
 
 
 def test_a_failure_the_supervisor_writes_itself_keeps_the_start_of_the_stopped_run():
+    from test_protocol import ENVELOPE
+
     w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=5.0, max_retries=0)
     w.tick()
     w.tick(5.0)
@@ -1128,6 +1130,7 @@ def test_a_failure_the_supervisor_writes_itself_keeps_the_start_of_the_stopped_r
     w.pool.die(w.tokens()[0], exitcode=-signal.SIGKILL)
     w.tick()
     env = env_of(w.rq.completed[0])
+    ENVELOPE.validate(env)
     assert env["error"]["type"] == "TimeoutError" and lo <= env["started_at"] <= hi
 
 def test_boot_failure_of_a_replacement_is_reported_with_its_backoff():
