@@ -134,7 +134,8 @@ class ClusterQueue(RedisQueue):
                     continue
                 answered = True
                 counted = counted or bool(flat[1])
-                got += [Reserved(q, flat[i + 1], *crash_info(flat[i + 2]))
+                got += [Reserved(q, flat[i + 1], c) if (c := flat[i + 2]).__class__ is int
+                        else Reserved(q, flat[i + 1], *crash_info(c))
                         for i in range(2, len(flat), 3)]
                 n -= (len(flat) - 2) // 3
             if not errors:

@@ -158,7 +158,9 @@ class RedisQueue:
             got = None
             if flat[0]:
                 self.crashes_exist = bool(flat[1])
-                got = [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], *crash_info(flat[i + 2]))
+                qs = self.queues  # (the hot path: a count is nearly always a plain 0)
+                got = [Reserved(qs[flat[i] - 1], flat[i + 1], c) if (c := flat[i + 2]).__class__
+                       is int else Reserved(qs[flat[i] - 1], flat[i + 1], *crash_info(c))
                        for i in range(2, len(flat), 3)]
         return missing, skipped, got
 

@@ -18,8 +18,10 @@ class Work:
     deadline: float = math.inf   # monotonic time its timeout expires
     kill_at: float = math.inf    # SIGKILL time, once it has been sent SIGTERM
     timed_out: float = 0.0       # the timeout it overran (0: it did not)
-    announced: bool = False      # job_started was emitted for this run (debug only)
     started: float = field(default_factory=time.monotonic)
+    # job_started was emitted for this run (debug only).  Not a field: set on the
+    # instance when it happens, so that holding a job costs nothing more without debug.
+    announced = False
 
     def again(self, crashes: int | None = None, fail: dict | None = None) -> "Work":
         """The same job, held anew (not running: no deadline, no timeout state)."""
