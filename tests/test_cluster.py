@@ -11,6 +11,7 @@ queue; and a worker whose URL does not match the server says so at start.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from conftest import SPREAD_QUEUES
 from helpers import ROOT, wait_for
 from redpool.cluster import ClusterLease, ClusterQueue, ClusterReaper
 from redpool.nodes import deliver, write_answers
-from redpool.keys import Keys
+from redpool.keys import Keys, crash_started
 from redpool.queue import Completion
 
 pytestmark = pytest.mark.daemon
@@ -728,7 +729,10 @@ def test_the_reaper_waits_for_each_queues_fence_and_delivers_the_dead_ones_outbo
     assert rc.lrange(keys.queue("b"), 0, -1) == [raws["b"]]
     assert rc.get(keys.result("done1")) == b"{}" and not rc.exists(keys.outbox("dead", "b"))
     assert not rc.sismember(keys.supervisors, "dead")
-    assert rc.hvals(keys.crashes_of("a")) == [b"1"]  # a reaped job counts as a crash
+    # a reaped job counts as a crash, and the reap's time stands for its run's start
+    sha = hashlib.sha1(raws["a"]).hexdigest()
+    counts = rc.hgetall(keys.crashes_of("a"))
+    assert counts[sha.encode()] == b"1" and float(counts[crash_started(sha).encode()]) > 0
 
 
 # -- the URL must match the server -------------------------------------------------------------------
@@ -755,3 +759,67 @@ def test_a_plain_server_reached_by_a_cluster_url_is_refused(redis_url):
 def test_a_queue_name_with_braces_is_refused_on_a_cluster(cluster_url):
     done = run_worker(cluster_url, "--queue", "a{b}")
     assert done.returncode == 2 and "hash tag" in done.stderr
+
+
+# -- the dataset: a node back without its data ---------------------------------------------------
+
+def test_each_queues_slot_has_its_dataset_marker_and_restore_goes_per_node(rc, cluster_keys):
+    from collections import Counter as C
+
+    keys = cluster_keys
+    rq, lease = reserved_by(rc, keys, "sup", list(SPREAD_QUEUES))
+    markers = rq.claim_markers()
+    assert set(markers) == {keys.dataset, *(keys.dataset_of(q) for q in SPREAD_QUEUES)}
+    assert keys.dataset == f"{keys.ns}:dataset:{{{keys.ns}}}"   # the leases' slot, under <ns>:
+    assert rq.read_markers() == markers and all(markers.values())
+    rc.delete(keys.dataset_of("b"))                    # node of queue b lost its data
+    assert [k for k, v in rq.read_markers().items() if v != markers[k]] == [keys.dataset_of("b")]
+    assert rq.restore(C({("a", b"ja"): 1, ("b", b"jb"): 2})) == 3
+    assert rc.lrange(keys.processing("sup", "b"), 0, -1) == [b"jb", b"jb"]
+    assert rc.lrange(keys.processing("sup", "a"), 0, -1) == [b"ja"]
+    # every primary is asked who it is and whether it keeps its data
+    assert len(rq.run_ids()) == 3
+    kept, where = rq.persistence()
+    assert kept is False and len(where.split(", ")) == 3
+
+
+def test_a_primary_restarted_without_its_data_is_said_and_its_held_job_answered(
+        r, keys, redis_url, tmp_path):
+    from helpers import Daemon
+    from redis.cluster import RedisCluster
+    from redpool.server import EmbeddedCluster
+
+    led = keys.ns + ":ledger"
+    with EmbeddedCluster(3) as c:                    # no AOF, no snapshots
+        ck = Keys("bare", cluster=True)
+        rc = RedisCluster.from_url(c.url)
+        for q in SPREAD_QUEUES:
+            push(rc, ck, q, task="t.sleep", id=f"long-{q}", args=[4, q])
+        d = Daemon(c.url.replace("redis://", "redis+cluster://"), "bare", "--concurrency", "3",
+                   "--lease", "5", *[a for q in SPREAD_QUEUES for a in ("--queue", q)],
+                   env={"REDPOOL_LEDGER_URL": redis_url, "REDPOOL_LEDGER": led}).start(tmp_path)
+        try:
+            d.wait_started()
+            wait_for(lambda: len(ledger(r, led)) == 3, what="three jobs running")
+            # When the primary of queue b dies and comes back empty
+            victim = c.node_of(ck.queue("b"))
+            victim.proc.kill()
+            victim.proc.wait()
+            time.sleep(1.0)
+            c.restart(victim)
+            rc.close()
+            rc = RedisCluster.from_url(c.url)
+            # Then every job is answered, b's too (restored into its new, empty node)
+            wait_for(lambda: all(result(rc, ck, f"long-{q}") for q in SPREAD_QUEUES),
+                     timeout=60, what="every job answered")
+            assert [result(rc, ck, f"long-{q}")["result"] for q in SPREAD_QUEUES] == \
+                list(SPREAD_QUEUES)
+            assert ledger(r, led) == Counter({f"long-{q}": 1 for q in SPREAD_QUEUES})
+            events = d.events()
+            (lost,) = [e for e in events if e.get("event") == "redis_data_lost"]
+            assert lost["restored"] >= 1, lost
+            assert not [e for e in events if e.get("event") == "results_dropped"]
+            assert d.proc.poll() is None
+        finally:
+            d.kill()
+            rc.close()

@@ -71,6 +71,7 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
         json.dumps("a string").encode(),
         json.dumps({"id": "no-task", "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "no.such.task", "id": "unknown", "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.ad", "id": "typo", "args": [1, 2], "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "t.add", "id": "argtype", "args": {"a": 1}, "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "t.add", "id": "kwtype", "kwargs": [1], "reply_to": "bad-r"}).encode(),
         json.dumps({"task": "t.add", "id": "bad id!", "reply_to": "bad-r"}).encode(),
@@ -97,7 +98,9 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
     assert len(dead) == len(bad), dead
     by_reason = " | ".join(e["reason"] for e in dead)
     for phrase in ["not valid JSON", "not UTF-8", "must be a JSON object", "no 'task' field",
-                   "unknown task 'no.such.task'", "'args' must be a JSON array",
+                   "unknown task 'no.such.task' (registered: t.",
+                   "unknown task 't.ad' (did you mean 't.add'?; registered: t.",
+                   "'args' must be a JSON array",
                    "'kwargs' must be a JSON object", "'id' must be", "'result_ttl' must be",
                    "arguments do not match", "over the limit of 1048576", "not JSON-serialisable",
                    "nested too deeply"]:
@@ -105,12 +108,17 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
     assert all(e["queue"] == "default" and e["failed_at"] > 0 for e in dead)
     # Producers that can be reached got a failed envelope: a waiting producer always gets an answer
     replies = {json.loads(x)["id"]: json.loads(x) for x in r.lrange("bad-r", 0, -1)}
-    for jid in ["unknown", "argtype", "kwtype", "ttltype", "arity", "big", "unser"]:
+    for jid in ["unknown", "typo", "argtype", "kwtype", "ttltype", "arity", "big", "unser"]:
         assert replies[jid]["status"] == "failed", jid
-    assert replies["unknown"]["error"]["type"] == "UnknownTask"
+    assert replies["unknown"]["error"]["type"] == replies["typo"]["error"]["type"] == "UnknownTask"
     assert replies["big"]["error"]["type"] == "PayloadTooLarge"
     assert replies["unser"]["error"]["type"] == "UnserializableResult"
-    assert len(replies) == 9  # also "no-task" and "bad id!" (reply_to only, id assigned)
+    # started_at is null exactly for the jobs that never ran: a producer may send them again
+    from test_protocol import ENVELOPE
+    for env in replies.values():
+        ENVELOPE.validate(env)
+        assert (env["started_at"] is None) == (env["id"] != "unser"), env
+    assert len(replies) == 10  # also "no-task" and "bad id!" (reply_to only, id assigned)
     assert r.llen(keys.processing("w1", "default")) == 0
     r.delete("bad-r")
 
@@ -168,6 +176,24 @@ def test_grace_expiry_requeues_unfinished_jobs_and_exits_0(r, keys, daemons):
     assert [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)] == ["long"]
     assert not envelope(r, keys, "long")
 
+
+
+def test_ctrl_c_counts_each_job_that_went_back_once(r, keys, daemons):
+    # Given two 20 s jobs running and a third held (prefetch), the idle waiter blocked in
+    # BLMOVE: the issue's --grace 8 and three 20 s jobs, with a shorter grace
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "2", "--grace", "2", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"long{i}", "args": [20]} for i in range(3)])
+    wait_for(lambda: r.llen(led) >= 2, what="two jobs running")
+    wait_for(lambda: r.llen(keys.queue("default")) == 0, what="the third one held")
+    # When Ctrl-C arrives (SIGINT) and the grace runs out
+    d.signal(signal.SIGINT)
+    assert d.wait(30) == 0, d.log()
+    # Then all three are back in the queue, and the stopped event says three, not more
+    back = [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)]
+    assert sorted(back) == ["long0", "long1", "long2"]
+    (stopped,) = [e for e in d.events() if e.get("event") == "stopped"]
+    assert stopped["requeued"] == 3, d.log()
 
 def test_second_sigterm_stops_now_and_still_requeues(r, keys, daemons):
     d = daemons("--concurrency", "1", "--grace", "60", ledger=keys.ns + ":ledger").wait_started()
@@ -289,3 +315,60 @@ def test_a_batch_that_runs_long_is_shared_out_again(r, keys, daemons):
     # it had not started, and its sibling took a share
     pids = Counter(envelope(r, keys, f"l{i}")["result"] for i in range(20))
     assert len(pids) == 2 and min(pids.values()) >= 5, pids
+
+
+def test_a_task_modules_own_exception_is_named_by_module_and_qualified_name(
+        redis_url, namespace, r, keys, daemons):
+    from redpool import Client
+    from redpool.errors import JobFailed
+    from test_protocol import DEAD, ENVELOPE
+
+    d = daemons("--concurrency", "1").wait_started()
+    with Client(redis_url, namespace=namespace) as c:
+        # Given a task raising a class of its module's own, retried once and dead-lettered
+        own = c.enqueue("t.quota", 5, id="quota", max_retries=1, retry_backoff=0.05,
+                        dead_letter=True)
+        # and one raising a built-in
+        builtin = c.enqueue("t.boom", "no", id="builtin")
+        with pytest.raises(JobFailed) as failed:
+            own.get(timeout=30)
+        with pytest.raises(JobFailed) as plain:
+            builtin.get(timeout=30)
+    # Then every place that names the error says the same: module and qualified name
+    qualified = "tests.taskmods.jobs.QuotaExceeded"
+    assert failed.value.type == qualified and failed.value.message == "over the quota of 5"
+    env = envelope(r, keys, "quota")
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == qualified and env["attempts"] == 2
+    assert f"{qualified}: over the quota of 5" in env["error"]["traceback"]
+    (dead,) = [json.loads(x) for x in r.lrange(keys.dead, 0, -1)]
+    DEAD.validate(dead)
+    assert dead["error_type"] == qualified
+    assert dead["reason"] == f"failed after 2 attempt(s): {qualified}: over the quota of 5"
+    finished = [e for e in d.events() if e.get("event") == "job_finished" and e["id"] == "quota"]
+    assert [(e["status"], e["error_type"], e["error"]) for e in finished] == [
+        ("retrying", qualified, "over the quota of 5"), ("failed", qualified, "over the quota of 5")]
+    # while a built-in keeps its bare name
+    assert plain.value.type == "ValueError" == envelope(r, keys, "builtin")["error"]["type"]
+
+
+def test_at_debug_a_long_job_is_seen_starting(r, keys, daemons):
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "1", "--log-level", "debug", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "long", "args": [30]}])
+    # While it runs, the log already says which job started, in which process
+    started = wait_for(lambda: [e for e in d.events() if e.get("event") == "job_started"],
+                       what="job_started")
+    assert [(e["id"], e["task"], e["queue"], e["attempt"], e["level"]) for e in started] == [
+        ("long", "t.sleep", "default", 1, "debug")]
+    wait_for(lambda: r.llen(led), what="the task's own start")
+    assert r.lrange(led, 0, -1)[0] == f"long:start:{started[0]['pid']}".encode()
+    assert not [e for e in d.events() if e.get("event") == "job_finished"]
+
+
+def test_below_debug_no_job_started_is_logged(r, keys, daemons):
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"a{i}", "args": [i, i]} for i in range(3)])
+    d = daemons("--concurrency", "1", "--burst")
+    assert d.wait(60) == 0, d.log()
+    events = [e.get("event") for e in d.events()]
+    assert events.count("job_finished") == 3 and "job_started" not in events

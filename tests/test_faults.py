@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from helpers import Daemon, envelope, lpush_jobs, wait_for
+from test_protocol import ENVELOPE
 from redpool.server import EmbeddedServer
 
 pytestmark = pytest.mark.daemon
@@ -106,6 +107,7 @@ def test_a_frozen_supervisor_loses_its_lease_and_does_not_write_fenced_results(r
 def test_poison_pill_is_dead_lettered_after_max_crashes(r, keys, daemons):
     led = keys.ns + ":ledger"
     daemons("--concurrency", "1", "--max-crashes", "2", ledger=led).wait_started()
+    t0 = time.time()
     lpush_jobs(r, keys, [{"task": "t.die", "id": "poison", "reply_to": keys.ns + "-r"},
                          {"task": "t.add", "id": "fine", "args": [1, 2]}])
     item = r.brpop(keys.ns + "-r", timeout=60)
@@ -114,6 +116,8 @@ def test_poison_pill_is_dead_lettered_after_max_crashes(r, keys, daemons):
     assert env["status"] == "failed" and env["error"]["type"] == "WorkerCrashed"
     assert "poison pill" in env["error"]["message"] and "SIGKILL" in env["error"]["message"]
     assert runs(r, keys, "die")["poison"] == 3  # max-crashes 2: the third crash ends it
+    ENVELOPE.validate(env)
+    assert t0 <= env["started_at"] <= env["finished_at"]  # it ran: never null
     dead = [json.loads(x) for x in r.lrange(keys.dead, 0, -1)]
     assert [d["id"] for d in dead] == ["poison"] and "--max-crashes 2" in dead[0]["reason"]
     wait_for(lambda: envelope(r, keys, "fine"), what="the good job")
@@ -133,7 +137,23 @@ def test_hung_task_is_killed_at_its_timeout_and_retried_per_its_policy(r, keys, 
     assert "timeout of 1 s" in env["error"]["message"]
     assert runs(r, keys, "start")["hung"] == 2 and runs(r, keys, "end")["hung"] == 0
     assert envelope(r, keys, "ok")["result"] == "fine"  # the other job was untouched
-    assert any(e.get("event") == "job_timeout" for e in d.events())
+    # Each timeout names its job, and the stop that follows is logged as expected, at
+    # info; no child_died error
+    timeouts = [e for e in d.events() if e.get("event") == "job_timeout"]
+    assert [(e["id"], e["task"], e["queue"], e["attempt"], e["timeout"], e["level"])
+            for e in timeouts] == [("hung", "t.sleep", "default", n, 1.0, "warning") for n in (1, 2)]
+    stopped = [e for e in d.events() if e.get("event") == "child_stopped"]
+    assert [e["pid"] for e in stopped] == [e["pid"] for e in timeouts]
+    assert all(e["level"] == "info" and e["had_job"] for e in stopped)
+    assert not [e for e in d.events() if e.get("event") == "child_died"]
+    # It ran: started_at is the start of the attempt that timed out (the second), and
+    # the log's duration is how long that attempt ran, past its timeout
+    ENVELOPE.validate(env)
+    attempts = [e for e in d.events() if e.get("event") == "job_finished" and e["id"] == "hung"]
+    assert [e["status"] for e in attempts] == ["retrying", "failed"]
+    assert all(e["duration"] >= 1.0 for e in attempts), attempts
+    assert env["started_at"] is not None
+    assert env["started_at"] + attempts[1]["duration"] <= env["finished_at"] + 0.001
 
 
 def test_retries_run_in_order_with_backoff_then_succeed(r, keys, daemons):
@@ -249,4 +269,133 @@ def test_redis_frozen_for_a_few_seconds(aof_server, namespace, tmp_path):
         assert d.proc.poll() is None
     finally:
         os.kill(aof_server.proc.pid, signal.SIGCONT)
+        d.kill()
+
+
+def test_a_poison_pill_judged_after_its_supervisor_died_did_run(r, keys, daemons):
+    # Given a supervisor killed (with its pool) while it runs a job
+    led = keys.ns + ":ledger"
+    a = daemons("--concurrency", "1", name="host-a", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.sleep", "id": "victim", "args": [30],
+                          "reply_to": keys.ns + "-r"}])
+    wait_for(lambda: runs(r, keys, "start")["victim"] == 1, what="victim started")
+    os.killpg(a.pid, signal.SIGKILL)
+    a.wait(10)
+    killed = time.time()
+    # When it restarts with --max-crashes 0: the job it held counts one crash, and is
+    # judged a poison pill when reserved again (which of its jobs had started, the
+    # restart cannot know)
+    daemons("--concurrency", "1", "--max-crashes", "0", name="host-a", ledger=led)
+    item = r.brpop(keys.ns + "-r", timeout=60)
+    assert item is not None
+    env = json.loads(item[1])
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == "WorkerCrashed" and env["attempts"] == 2
+    # Then its envelope does not say it never ran: started_at is the time the crash was
+    # counted, the latest it can have started
+    assert killed <= env["started_at"] <= env["finished_at"]
+    assert runs(r, keys, "start")["victim"] == 1
+    r.delete(keys.ns + "-r")
+
+
+# -- Redis restarted without persistence ------------------------------------------------------
+
+@pytest.fixture
+def bare_server(tmp_path):
+    """A private server of this test's own that keeps nothing on disk, on a fixed port:
+    stopped and started again, it comes back empty."""
+    (tmp_path / "bare").mkdir()
+    srv = EmbeddedServer(dir=str(tmp_path / "bare")).start()
+    yield srv
+    srv.stop()
+
+
+def test_redis_restarted_without_persistence_is_said_once_and_held_jobs_are_answered(
+        bare_server, namespace, redis_url, r, tmp_path):
+    from redpool.logs import _LEVELS
+    from redpool.protocol import Keys
+
+    keys = Keys(namespace)
+    led = keys.ns + ":ledger"          # on the session's server: it survives the restart
+    bare = redis.Redis.from_url(bare_server.url)
+    # Given a worker holding four jobs (two running, two reserved) and two more queued
+    lpush_jobs(bare, keys, [{"task": "t.sleep", "id": "long", "args": [5, "L"]},
+                            {"task": "t.sleep", "id": "short", "args": [1, "S"]},
+                            {"task": "t.sleep", "id": "h1", "args": [0.2, "1"]},
+                            {"task": "t.sleep", "id": "h2", "args": [0.2, "2"]},
+                            {"task": "t.add", "id": "q1", "args": [1, 1]},
+                            {"task": "t.add", "id": "q2", "args": [2, 2]}])
+    d = Daemon(bare_server.url, namespace, "--concurrency", "2", "--prefetch", "2",
+               "--lease", "5", env={"REDPOOL_LEDGER_URL": redis_url, "REDPOOL_LEDGER": led}
+               ).start(tmp_path)
+    try:
+        d.wait_started()
+        wait_for(lambda: runs(r, keys, "start")["long"] and runs(r, keys, "start")["short"],
+                 what="long and short running")
+        assert bare.llen(keys.queue("default")) == 2       # q1, q2 wait in the queue
+        # When Redis stops and comes back empty (no AOF, no snapshots), after "short"
+        # finished meanwhile (its result not yet written)
+        bare_server.stop()
+        wait_for(lambda: runs(r, keys, "end")["short"], what="short finished during the outage")
+        bare_server.start()
+        bare = redis.Redis.from_url(bare_server.url)
+        # Then every job it held is answered: the running, the finished, the reserved
+        wait_for(lambda: all(envelope(bare, keys, j) for j in ("long", "short", "h1", "h2")),
+                 timeout=60, what="the held jobs' results on the new server")
+        assert [envelope(bare, keys, j)["result"] for j in ("long", "short", "h1", "h2")] == \
+            ["L", "S", "1", "2"]
+        # and the loss was said once, as what it is, with what this supervisor held
+        events = d.events()
+        (lost,) = [e for e in events if e.get("event") == "redis_data_lost"]
+        assert lost["level"] == _LEVELS["redis_data_lost"] == "error"
+        assert lost["held"] == lost["restored"] == 4, lost
+        assert "restarted without its data" in lost["cause"]
+        assert "cannot be known" in lost["note"]
+        assert not [e for e in events if e.get("event") in ("lease_lost", "results_dropped")]
+        # The jobs that waited in the queue are gone with the server's data: nobody has them
+        assert not envelope(bare, keys, "q1") and bare.llen(keys.queue("default")) == 0
+        assert runs(r, keys, "start")["long"] == 1                 # nothing ran twice
+        wait_for(lambda: bare.llen(keys.processing("w1", "default")) == 0, what="all acknowledged")
+        assert d.proc.poll() is None
+        # (and at start it warned, once, that this server keeps nothing)
+        assert [e["level"] for e in events if e.get("event") == "redis_not_persistent"] == \
+            ["warning"]
+    finally:
+        d.kill()
+        r.delete(led)
+
+
+def test_a_server_with_aof_is_not_warned_about(aof_server, namespace, tmp_path):
+    d = Daemon(aof_server.url, namespace, "--concurrency", "1").start(tmp_path)
+    try:
+        d.wait_started()
+        names = [e.get("event") for e in d.events()]
+        assert "redis_not_persistent" not in names and "started" in names
+    finally:
+        d.kill()
+
+
+def test_an_idle_worker_finds_a_server_restarted_empty_and_serves_it_at_once(
+        bare_server, namespace, tmp_path):
+    from redpool.protocol import Keys
+
+    keys = Keys(namespace)
+    d = Daemon(bare_server.url, namespace, "--concurrency", "1", "--lease", "3").start(tmp_path)
+    try:
+        d.wait_started()
+        # When the server restarts empty while the worker has nothing to do
+        bare_server.stop()
+        bare_server.start()
+        bare = redis.Redis.from_url(bare_server.url)
+        # Then it says so, once, holding nothing, and takes new work from the new server
+        wait_for(lambda: any(e.get("event") == "redis_data_lost" for e in d.events()),
+                 timeout=30, what="redis_data_lost")
+        lpush_jobs(bare, keys, [{"task": "t.add", "id": "after", "args": [1, 2]}])
+        wait_for(lambda: envelope(bare, keys, "after"), timeout=30, what="a job after the restart")
+        events = d.events()
+        (lost,) = [e for e in events if e.get("event") == "redis_data_lost"]
+        assert lost["held"] == 0 and lost["restored"] == 0
+        assert not [e for e in events if e.get("event") in ("lease_lost", "results_dropped")]
+        assert bare.sismember(keys.supervisors, "w1") and bare.exists(keys.dataset)
+    finally:
         d.kill()

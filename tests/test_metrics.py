@@ -73,7 +73,7 @@ def test_events_become_counters_histograms_and_gauges(r, keys):
     for ev, fields in [("child_died", {"pid": 1}), ("child_died", {"pid": 2}),
                        ("child_retired", {"pid": 3, "reason": "x"}), ("redis_down", {}),
                        ("reaped", {"supervisor": "w2", "jobs": 7}),
-                       ("job_timeout", {"queue": "default"}),
+                       ("job_timeout", {"queue": "default"}), ("child_stopped", {"pid": 4}),
                        ("promoted", {"jobs": 3}), ("an_event_of_the_future", {})]:
         m.on_event(ev, fields)
 
@@ -96,6 +96,7 @@ def test_events_become_counters_histograms_and_gauges(r, keys):
     assert value(got, "redpool_dead_lettered_total", queue="default") == 6
     assert value(got, "redpool_job_timeouts_total", queue="default") == 1
     assert value(got, "redpool_child_restarts_total", reason="died") == 2
+    assert value(got, "redpool_child_restarts_total", reason="stopped") == 1
     assert value(got, "redpool_child_restarts_total", reason="retired") == 1
     assert value(got, "redpool_redis_outages_total") == 1
     assert value(got, "redpool_reaped_supervisors_total") == 1

@@ -28,6 +28,7 @@ import redis
 
 from redpool import protocol as p
 from redpool.lease import Lease
+from redpool.keys import crash_started
 from redpool.queue import REPLY_TTL_WHEN_NO_RESULT, Completion, RedisQueue, Reserved, connect
 
 SUP = "sup-1"
@@ -322,17 +323,18 @@ class TestRedisQueueContract:
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
         assert q.reserve(1, epoch) == [Reserved("a", job(1), 0)]
 
-        # When the child running job 1 dies
-        assert q.crashed("a", job(1)) == 1
+        # When the child running job 1 (started at T) dies
+        assert q.crashed("a", job(1), started_at=1700000100.25) == 1
 
         # Then job 1 is at the head of its queue (taken next), not in processing
         assert lrange(b, b.keys.queue("a")) == [job(2), job(1)]
         assert lrange(b, b.keys.processing(SUP, "a")) == []
         assert crash_count(b, job(1)) == 1
-        # and its next delivery says how often it crashed
-        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1)]
-        assert q.crashed("a", job(1)) == 2
-        assert q.reserve(2, epoch) == [Reserved("a", job(1), 2), Reserved("a", job(2), 0)]
+        # and its next delivery says how often it crashed, and when that run started
+        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1, 1700000100.25)]
+        assert q.crashed("a", job(1), started_at=1700000200.5) == 2
+        assert q.reserve(2, epoch) == [Reserved("a", job(1), 2, 1700000200.5),
+                                       Reserved("a", job(2), 0)]
         assert crash_count(b, job(1)) == 2
         assert crash_count(b, job(2)) is None
 
@@ -368,12 +370,12 @@ class TestRedisQueueContract:
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
         q.reserve(1, epoch)
-        q.crashed("a", job(1))
+        q.crashed("a", job(1), started_at=1700000100.0)
 
         taken = q.reserve(1, epoch)
         assert q.requeue(pairs(taken)) == 1   # an orderly put-back is not a crash
 
-        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1)]
+        assert q.reserve(1, epoch) == [Reserved("a", job(1), 1, 1700000100.0)]
 
     def test_complete_clears_the_crash_count(self, backend, epoch):
         b = backend
@@ -388,7 +390,9 @@ class TestRedisQueueContract:
 
         assert crash_count(b, job(1)) is None          # HDEL, not a zero left behind
         assert b.r.hexists(b.keys.crashes, sha1(job(1))) == 0
+        assert b.r.hexists(b.keys.crashes, crash_started(sha1(job(1)))) == 0   # nor its start
         assert crash_count(b, job(2)) == 1             # the other job's count stays
+        assert b.r.hexists(b.keys.crashes, crash_started(sha1(job(2)))) == 1
 
     def test_completing_a_fenced_job_keeps_its_crash_count(self, backend, epoch):
         b = backend
@@ -418,11 +422,11 @@ class TestRedisQueueContract:
         push(b, "a", job(1))
         q = RedisQueue(b.r, b.keys, SUP, ["a"])
         q.reserve(1, epoch)
-        q.crashed("a", job(1))
+        q.crashed("a", job(1), started_at=1700000100.125)
 
         got = q.block_reserve(b.connect(), "a", 0.05)
 
-        assert got == Reserved("a", job(1), 1)
+        assert got == Reserved("a", job(1), 1, 1700000100.125)
         assert lists_holding(b, job(1)) == [b.keys.processing(SUP, "a")]
 
     def test_block_reserve_returns_a_job_pushed_while_it_waits(self, backend):
@@ -913,16 +917,27 @@ class TestRedisQueueContract:
         q.reserve(2, epoch)
 
         # When the jobs were left by a run that died
+        before = server_now(b)
         assert q.recover(crashed=True) == {"a": 2}
 
         assert crash_count(b, job(1)) == 1 and crash_count(b, job(2)) == 1
-        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1), Reserved("a", job(2), 1)]
+        # Then which of them had started is unknown: the time of the recovery stands for
+        # it (they may have run by then), on the server's clock
+        got = q.reserve(2, epoch)
+        assert pairs(got) == [("a", job(1)), ("a", job(2))] and [x.crashes for x in got] == [1, 1]
+        at = got[0].crashed_at
+        assert at == got[1].crashed_at and before <= at <= server_now(b)
 
         # When they are put back by an orderly shutdown: no crash is counted
         assert q.recover(crashed=False) == {"a": 2}
 
         assert crash_count(b, job(1)) == 1 and crash_count(b, job(2)) == 1
-        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1), Reserved("a", job(2), 1)]
+        assert q.reserve(2, epoch) == [Reserved("a", job(1), 1, at), Reserved("a", job(2), 1, at)]
+        # and a known start is not replaced by the time of a later recovery
+        q.crashed("a", job(1), started_at=1700000100.5)
+        q.reserve(1, epoch)
+        q.recover(crashed=True)
+        assert Reserved("a", job(1), 3, 1700000100.5) in q.reserve(2, epoch)
 
     def test_recover_leaves_other_supervisors_alone(self, backend, epoch):
         b = backend
@@ -938,7 +953,8 @@ class TestRedisQueueContract:
         for name in ("sup-1x", "sup-10", "sup-"):
             assert b.r.llen(b.keys.processing(name, "a")) == 1
         assert b.r.llen(b.keys.queue("a")) == 3
-        assert sorted(int(v) for v in b.r.hvals(b.keys.crashes)) == [1, 1]
+        counts = {k: v for k, v in b.r.hgetall(b.keys.crashes).items() if b":" not in k}
+        assert sorted(int(v) for v in counts.values()) == [1, 1]
 
     def test_recover_escapes_a_namespace_that_looks_like_a_glob(self, backend):
         b = backend
@@ -976,3 +992,101 @@ class TestRedisQueueContract:
         # per queue, as the lists stand (newest first), with a queue we no longer listen
         # on, our empty ones, and nothing of another supervisor's
         assert q.processing_contents() == {"a": [job(4), job(3)], "b": [], "old": [job(1)]}
+
+    # the dataset: did the server keep its data? ------------------------------------------------
+
+    def test_the_dataset_marker_is_claimed_once_and_read_back(self, backend):
+        b = backend
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+        assert q.read_markers() == {b.keys.dataset: None}      # one marker on one server
+        mine = q.claim_markers()
+        theirs = RedisQueue(b.r, b.keys, "sup-2", ["b"]).claim_markers()
+        # the first claim wins; later ones adopt it; it has no TTL
+        assert mine == theirs == q.read_markers() and mine[b.keys.dataset]
+        assert b.r.ttl(b.keys.dataset) == -1
+        # a server that lost it reads as such
+        b.r.delete(b.keys.dataset)
+        assert q.read_markers() == {b.keys.dataset: None}
+        assert q.claim_markers() != mine
+
+    def test_restore_puts_held_jobs_back_into_our_processing_lists(self, backend, epoch):
+        from collections import Counter
+
+        b = backend
+        q = RedisQueue(b.r, b.keys, SUP, ["a", "b"])
+        n = q.restore(Counter({("a", job(1)): 1, ("a", job(2)): 2, ("b", job(3)): 1}))
+        assert n == 4
+        assert sorted(lrange(b, b.keys.processing(SUP, "a"))) == sorted([job(1), job(2), job(2)])
+        assert lrange(b, b.keys.processing(SUP, "b")) == [job(3)]
+        assert q.restore(Counter()) == 0
+        # and they are ours as any reserved job: completed, their results written
+        assert q.complete([completion("a", job(1)), completion("b", job(3))]) == (0, 0)
+        assert b.r.exists(b.keys.result("job-1"), b.keys.result("job-3")) == 2
+
+    def test_completions_that_found_their_job_gone_are_kept_to_be_judged(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1), job(2))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(2, epoch)
+        assert q.complete([completion("a", job(1))]) == (0, 0) and q.missed == []
+        b.r.delete(b.keys.processing(SUP, "a"))     # gone (reaped, or the server's data lost)
+        done = [completion("a", job(2))]
+        assert q.complete(done) == (1, 0)
+        assert q.missed == done
+
+    def test_the_server_says_who_it_is_and_whether_it_keeps_its_data(self, backend):
+        b = backend
+        if b.name == "fakeredis":
+            pytest.skip("fakeredis has no run_id nor persistence settings")
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        (addr, run_id), = q.run_ids().items()
+        assert len(run_id) == 40 and addr.endswith(str(b.r.connection_pool.connection_kwargs["port"]))
+        # the test session's server keeps nothing on disk (--save "", no AOF)
+        assert q.persistence() == (False, addr)
+
+
+class _Node:
+    """A server as RedisQueue.persistence() asks it: INFO persistence, CONFIG GET save."""
+
+    def __init__(self, port, *, aof=0, save="", user=None, config_refused=False):
+        self.aof, self.save, self.config_refused = aof, save, config_refused
+        self.connection_pool = type("Pool", (), {"connection_kwargs": {
+            "host": "10.0.0.1", "port": port, "username": user}})()
+        self.config_calls = 0
+
+    def info(self, section):
+        return {"aof_enabled": self.aof}
+
+    def config_get(self, name):
+        self.config_calls += 1
+        if self.config_refused:
+            raise redis.ResponseError("unknown command 'CONFIG'")
+        return {"save": self.save}
+
+
+@pytest.mark.parametrize("nodes, verdict", [
+    ([_Node(1, aof=1)], (True, "AOF")),
+    ([_Node(1, save="3600 1 300 100")], (True, "RDB snapshots")),
+    ([_Node(1, aof=1), _Node(2, save="60 1")], (True, "AOF and RDB snapshots")),
+    ([_Node(1, aof=1), _Node(2)], (False, "10.0.0.1:2")),
+    ([_Node(1, save=""), _Node(2, save=" ")], (False, "10.0.0.1:1, 10.0.0.1:2")),
+    ([_Node(1, user="default")], (False, "10.0.0.1:1")),
+])
+def test_persistence_is_aof_or_rdb_on_every_primary(nodes, verdict):
+    q = RedisQueue(fakeredis.FakeRedis(), p.Keys("t"), SUP, ["a"])
+    q.nodes = lambda: nodes
+    assert q.persistence() == verdict
+
+
+def test_persistence_is_not_asked_with_config_of_a_named_acl_user_nor_where_refused():
+    q = RedisQueue(fakeredis.FakeRedis(), p.Keys("t"), SUP, ["a"])
+    acl_user = _Node(1, user="redpool-worker")
+    q.nodes = lambda: [acl_user]
+    kept, why = q.persistence()
+    assert kept is None and "'redpool-worker'" in why and acl_user.config_calls == 0
+    # (AOF needs no CONFIG: it is read from INFO, which the worker's ACL grants)
+    q.nodes = lambda: [_Node(1, aof=1, user="redpool-worker")]
+    assert q.persistence() == (True, "AOF")
+    q.nodes = lambda: [_Node(1, config_refused=True)]
+    kept, why = q.persistence()
+    assert kept is None and "unknown command 'CONFIG'" in why

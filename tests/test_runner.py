@@ -321,3 +321,139 @@ def test_outcomes_round_trip_through_the_done_message(runner):
     out = runner.run("q", raw_job("tests.careful", attempt=4))
     meta, env, dead, retry = decode_done(encode_done(78, out))
     assert (env, dead, retry) == (out.envelope, out.dead, None)
+
+
+# -- unknown tasks: what the producer probably meant ----------------------------------------------
+
+def test_an_unknown_task_suggests_the_closest_registered_name():
+    reg = Registry()
+    for name in ("myapp.tasks.send", "myapp.tasks.sendmail", "myapp.tasks.resize",
+                 "myapp.billing.charge"):
+        reg.task(name=name)(lambda: None)
+    r = Runner(reg, WORKER, p.DEFAULT_MAX_PAYLOAD)
+    out = r.run("default", raw_job("myapp.tasks.sned", reply_to="replies"))
+    env = env_of(out)
+    assert env["error"]["type"] == p.E_UNKNOWN_TASK
+    assert env["error"]["message"].startswith(
+        "unknown task 'myapp.tasks.sned' (did you mean 'myapp.tasks.send'?; registered: "
+        "myapp.billing.charge, myapp.tasks.resize, myapp.tasks.send, myapp.tasks.sendmail)")
+    assert p.loads(out.dead)["reason"] == env["error"]["message"]
+
+
+@pytest.mark.parametrize("name, meant", [
+    ("myapp.tasks.sned", ["myapp.tasks.send"]),              # a typo
+    ("myapp.task.send", ["myapp.tasks.send"]),               # in the module part
+    ("send", ["myapp.tasks.send"]),                          # without its module
+    ("myapp.tasks.charge", ["myapp.billing.charge"]),        # in another module
+    ("t.ad", ["t.add"]),
+    ("no.such.thing", []),                                   # nothing close: no guess
+    ("myapp.tasks.report", []),                              # a prefix in common is not enough
+])
+def test_suggestions_are_the_names_meant_not_every_name_alike(name, meant):
+    from redpool.runner import suggest
+
+    names = ("myapp.billing.charge", "myapp.tasks.resize", "myapp.tasks.send",
+             "myapp.tasks.sendmail", "t.add", "t.pid")
+    assert suggest(name, names) == meant
+
+
+def test_several_equally_close_names_are_all_suggested():
+    from redpool.runner import suggest
+
+    assert suggest("app.a.run", ("app.b.run", "app.c.run", "app.other")) == ["app.b.run", "app.c.run"]
+    r = Runner(Registry(), WORKER, p.DEFAULT_MAX_PAYLOAD)
+    msg = env_of(r.run("default", raw_job("x.y", reply_to="rr")))["error"]["message"]
+    assert msg.startswith("unknown task 'x.y' (registered: none); check the name")
+
+
+# -- what the job_finished event says (the outcome's meta) ------------------------------------------
+
+def test_the_meta_of_a_failure_carries_its_message_cut_for_a_log_line(runner):
+    assert "error" not in runner.run("q", raw_job("tests.add", args=[1, 2])).meta
+    retrying = runner.run("q", raw_job("tests.flaky"))
+    assert retrying.meta["status"] == "retrying" and retrying.meta["error"] == "flaky"
+    failed = runner.run("q", raw_job("tests.flaky", attempt=2))
+    assert failed.meta["status"] == p.FAILED and failed.meta["error"] == "flaky"
+    bad = runner.run("q", raw_job("tests.add", args=[1]))
+    assert bad.meta["error_type"] == p.E_INVALID_JOB and "do not match" in bad.meta["error"]
+    long = runner.fail("q", raw_job("tests.add", args=[1, 2], max_retries=0), 0, "TimeoutError",
+                       "x" * 5000, retry=True, dead=False)
+    assert len(long.meta["error"]) == 300 and long.meta["error"].endswith("…")
+    assert env_of(long)["error"]["message"] == "x" * 5000   # the envelope keeps it whole
+
+
+# -- started_at: when the task started, null exactly when it never did ---------------------------
+
+@registry.task(name="tests.sleepy")
+def sleepy():
+    return "rested"
+
+
+def test_started_at_is_when_the_task_started_for_every_job_that_ran(runner):
+    import time as _t
+
+    from test_protocol import ENVELOPE
+
+    for raw, status, kind in [
+            (raw_job("tests.sleepy", reply_to="r"), p.SUCCEEDED, None),
+            (raw_job("tests.flaky", attempt=2, reply_to="r"), p.FAILED, "RuntimeError"),
+            (raw_job("tests.unserialisable", reply_to="r"), p.FAILED, p.E_UNSERIALIZABLE_RESULT),
+            (raw_job("tests.exits", max_retries=0), p.FAILED, "SystemExit")]:
+        before = _t.time()
+        out = runner.run("q", raw)
+        after = _t.time()
+        env = env_of(out)
+        ENVELOPE.validate(env)
+        assert env["status"] == status and (env.get("error") or {}).get("type") == kind
+        assert before <= env["started_at"] <= env["finished_at"] <= after, env
+
+
+@pytest.mark.parametrize("raw, kind", [
+    (raw_job("tests.add", args=[1], reply_to="r"), p.E_INVALID_JOB),        # arguments
+    (raw_job("tests.nope", reply_to="r"), p.E_UNKNOWN_TASK),
+    (raw_job("tests.add", args=["x" * 2000, "y"], reply_to="r"), p.E_PAYLOAD_TOO_LARGE),
+    (b'{"task":"tests.add","id":"j","reply_to":"r","v":99}', p.E_INVALID_JOB),  # too new
+    (b'{"id":"j","reply_to":"r"}', p.E_INVALID_JOB),                          # no task
+])
+def test_started_at_is_null_for_a_job_that_never_ran(raw, kind):
+    from test_protocol import ENVELOPE
+
+    runner = Runner(registry, WORKER, 1024, defaults=DEFAULTS)
+    env = env_of(runner.run("q", raw))
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == kind and env["started_at"] is None
+
+
+def test_a_job_stopped_by_the_supervisor_says_when_its_run_started_and_how_long_it_ran(runner):
+    from test_protocol import ENVELOPE
+
+    # a timeout, on the last attempt: the start of the attempt that timed out
+    out = runner.fail("q", raw_job("tests.add", args=[1, 2], attempt=2, reply_to="r"), 0,
+                      p.E_TIMEOUT, "ran past its timeout of 30 s", retry=True, dead=False,
+                      started_at=1700000123.5, ran=30.25)
+    env = env_of(out)
+    ENVELOPE.validate(env)
+    assert env["started_at"] == 1700000123.5 and env["error"]["type"] == p.E_TIMEOUT
+    assert out.meta["duration"] == 30.25      # the event's duration is the run's, not ~0
+    # retried: no envelope, but the event's duration is the run's all the same
+    out = runner.fail("q", raw_job("tests.add", args=[1, 2]), 0, p.E_TIMEOUT, "late",
+                      retry=True, dead=False, started_at=1700000123.5, ran=30.25)
+    assert out.meta["status"] == "retrying" and out.meta["duration"] == 30.25
+    # a poison pill: the start of its last crashed run
+    out = runner.fail("q", raw_job("tests.add", args=[1, 2], reply_to="r"), 4,
+                      p.E_WORKER_CRASHED, "died 4 times", retry=False, dead=True,
+                      started_at=1700000000.25)
+    env = env_of(out)
+    ENVELOPE.validate(env)
+    assert env["started_at"] == 1700000000.25 and env["attempts"] == 5
+
+
+def test_a_stopped_job_whose_task_is_gone_since_keeps_its_verdict(runner):
+    # It ran, then a reload took its task away before the failure was settled: it is
+    # still the timeout that failed it, and it still started
+    out = runner.fail("q", raw_job("tests.removed", reply_to="r"), 0, p.E_TIMEOUT,
+                      "ran past its timeout of 30 s", retry=False, dead=False,
+                      started_at=1700000123.5, ran=31.0)
+    env = env_of(out)
+    assert env["error"]["type"] == p.E_TIMEOUT and env["started_at"] == 1700000123.5
+    assert out.dead is None

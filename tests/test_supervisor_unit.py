@@ -93,6 +93,7 @@ class FakeQueue:
         self.ready: deque[tuple[str, bytes]] = deque(jobs)   # left end: taken next
         self.processing: list[tuple[str, bytes]] = []
         self.crashes: Counter = Counter()                    # raw -> crashed deliveries
+        self.crash_started: dict[bytes, float] = {}          # raw -> its last crashed run's start
         self.epoch: str | None = None                         # of the live lease
         self.calls: list[str] = []
         self.exchange_calls: list[tuple[int, int]] = []  # (completions carried, n to reserve)
@@ -107,6 +108,11 @@ class FakeQueue:
         self.down = False
         self.lose_reply: str | None = None      # the next call of this name runs, then fails
         self.clock = None
+        self.markers: dict[str, bytes] = {}     # keys.dataset: None until a claim
+        self.run_id = "run-1"
+        self.kept: tuple = (True, "AOF")        # what persistence() says
+        self.missed: list = []                  # as RedisQueue.missed
+        self.restore_calls: list[Counter] = []
 
     def _io(self, what: str) -> None:
         self.calls.append(what)
@@ -129,9 +135,44 @@ class FakeQueue:
             if (c.queue, c.raw) in self.processing:
                 self.processing.remove((c.queue, c.raw))
                 self.crashes.pop(c.raw, None)
+                self.crash_started.pop(c.raw, None)
             else:
                 missing += 1
+        if missing:
+            self.missed += batch
         return missing, 0
+
+    # the server itself
+    def lose_data(self) -> None:
+        """What a restart without persistence does: everything is gone."""
+        self.ready.clear()
+        self.processing.clear()
+        self.crashes.clear()
+        self.epoch = None
+        self.markers = {}
+        self.run_id = "run-2"
+
+    def read_markers(self):
+        self._io("read_markers")
+        return {"dataset": self.markers.get("dataset")}
+
+    def claim_markers(self):
+        self._io("claim_markers")
+        self.markers.setdefault("dataset", f"token-{self.run_id}".encode())
+        return dict(self.markers)
+
+    def run_ids(self):
+        return {"127.0.0.1:6379": self.run_id}
+
+    def persistence(self):
+        return self.kept
+
+    def restore(self, items):
+        self._io("restore")
+        self.restore_calls.append(Counter(items))
+        for (q, raw), n in items.items():
+            self.processing += [(q, raw)] * n
+        return sum(items.values())
 
     # the surface the supervisor and the duties use
     def exchange(self, done, n, epoch):
@@ -149,7 +190,8 @@ class FakeQueue:
             else:
                 taken = [self.ready.popleft() for _ in range(min(n, len(self.ready)))]
                 self.processing += taken
-                got = [Reserved(q, raw, self.crashes[raw]) for q, raw in taken]
+                got = [Reserved(q, raw, self.crashes[raw], self.crash_started.get(raw))
+                       for q, raw in taken]
         return self._reply("exchange", (missing, skipped, got))
 
     def complete(self, items):
@@ -165,14 +207,16 @@ class FakeQueue:
         self.ready.extendleft(reversed(back))   # back at the head, oldest first
         return len(back)
 
-    def crashed(self, queue, raw, max_crashes=2 ** 31):
-        """crashed.lua: one crash more; back to the head of its queue unless that makes
-        it a poison pill (it then stays in our processing list).  0: not ours."""
+    def crashed(self, queue, raw, max_crashes=2 ** 31, started_at=None):
+        """crashed.lua: one crash more, and when the run that crashed started; back to
+        the head of its queue unless that makes it a poison pill (it then stays in our
+        processing list).  0: not ours."""
         self._io("crashed")
         self.crashed_calls.append((queue, raw))
         if (queue, raw) not in self.processing:
             return 0
         self.crashes[raw] += 1
+        self.crash_started[raw] = started_at
         if self.crashes[raw] <= max_crashes:
             self.processing.remove((queue, raw))
             self.ready.appendleft((queue, raw))
@@ -482,7 +526,8 @@ class FakePool:
             out = self.runner.run(s.queue, s.raw, s.crashes)
         else:
             out = self.runner.fail(s.queue, s.raw, s.crashes, s.fail["type"], s.fail["message"],
-                                   retry=s.fail["retry"], dead=s.fail["dead"])
+                                   retry=s.fail["retry"], dead=s.fail["dead"],
+                                   started_at=s.fail["started_at"], ran=s.fail["ran"])
         if duration is DEFAULT:
             duration = self.duration
         if duration is not REAL:
@@ -786,6 +831,26 @@ def test_a_retrying_outcome_becomes_a_completion_with_the_next_attempt():
     assert w.sup.stats["retrying"] == 1 and w.sup.stats["failed"] == 0
     (finished,) = w.named("job_finished")
     assert finished["status"] == "retrying" and finished["retry_delay"] == c.retry_delay
+    assert finished["error"] == "boom"   # what went wrong, for the log line
+
+
+def test_job_finished_says_what_went_wrong_and_nothing_more_when_all_went_well():
+    w = World([job(1), job(2, task="tests.boom"), b'{"id":"j3","task":"t.nope"}'], size=1,
+              prefetch=0)
+    for _ in range(3):
+        w.tick()
+        w.pool.finish_all()
+    w.tick()
+    ok, failed, bad = w.named("job_finished")
+    assert ok["status"] == "succeeded" and "error" not in ok
+    assert (failed["status"], failed["error_type"], failed["error"]) == ("failed", "RuntimeError",
+                                                                         "boom")
+    assert bad["error_type"] == p.E_UNKNOWN_TASK
+    assert bad["error"].startswith("unknown task 't.nope' (registered: tests.")
+    # the fields every job_finished has stay as they were
+    assert set(ok) == {"queue", "id", "task", "status", "error_type", "result_id", "ttl",
+                       "reply_to", "attempt", "duration", "dead"}
+    assert set(failed) == set(ok) | {"error"}
 
 
 def test_results_dropped_by_fencing_are_reported():
@@ -969,6 +1034,105 @@ def test_a_child_dying_while_settling_a_failure_is_settled_by_the_supervisor():
     assert p.loads(c.dead)["id"] == "job-1"
 
 
+
+# -- started_at of jobs the supervisor stopped: they ran, and the envelope says when --------------
+
+def _wall_ago(w: World, seconds: float) -> tuple[float, float]:
+    """The unix-time window of "``seconds`` ago on the fake clock", around now."""
+    import time
+    return time.time() - seconds - 1.0, time.time() - seconds + 1.0
+
+
+def test_a_timed_out_job_says_when_its_attempt_started_and_ran_for_its_real_duration():
+    from test_protocol import ENVELOPE
+
+    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=10.0, max_retries=0)
+    w.tick()
+    w.tick(10.0)                                  # SIGTERM at the deadline
+    w.tick(0.5)
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGTERM)
+    lo, _ = _wall_ago(w, 10.5)
+    w.tick()
+    _, hi = _wall_ago(w, 10.5)
+    w.pool.boot()
+    w.tick()
+    w.pool.finish_all(duration=REAL)
+    w.tick()
+    (c,) = w.rq.completed
+    env = env_of(c)
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == "TimeoutError"
+    assert lo <= env["started_at"] <= hi          # the attempt's start, not null
+    (finished,) = w.named("job_finished")
+    assert finished["duration"] == 10.5           # from its start to its death, not ~0
+
+
+def test_a_job_that_crashes_once_too_often_here_says_when_that_run_started():
+    from test_protocol import ENVELOPE
+
+    pill = job(1, reply_to="r")
+    w = World([pill], size=1, prefetch=0, max_crashes=0)
+    w.tick()
+    w.tick(3.0)
+    lo, _ = _wall_ago(w, 3.0)
+    w.pool.die(w.tokens()[0])
+    w.tick()
+    _, hi = _wall_ago(w, 3.0)
+    # the start is kept with the crash count in Redis, for any worker judging it later
+    assert lo <= w.rq.crash_started[pill] <= hi
+    w.pool.boot()
+    w.tick()
+    w.pool.finish_all(duration=REAL)
+    w.tick()
+    env = env_of(w.rq.completed[0])
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == p.E_WORKER_CRASHED and lo <= env["started_at"] <= hi
+    assert w.named("job_finished")[0]["duration"] == 3.0
+
+
+def test_a_poison_pill_judged_after_crashes_elsewhere_says_when_its_last_crashed_run_started():
+    from test_protocol import ENVELOPE
+
+    # Given a job that crashed 4 times elsewhere, the last run started at T
+    pill = job(1, reply_to="r")
+    w = World([pill, job(2, reply_to="r")], size=1, prefetch=1, max_crashes=3)
+    w.rq.crashes[pill] = 4
+    w.rq.crash_started[pill] = 1700000500.25
+    # and one whose count was left without a start (an older redpool counted it)
+    w.rq.crashes[job(2, reply_to="r")] = 5
+    w.tick()
+    w.pool.finish_everything(duration=REAL)
+    w.tick()
+    w.pool.finish_everything(duration=REAL)
+    w.tick()
+    envs = {e["id"]: e for e in (env_of(c) for c in w.rq.completed)}
+    for env in envs.values():
+        ENVELOPE.validate(env)
+        assert env["error"]["type"] == p.E_WORKER_CRASHED
+    assert envs["job-1"]["started_at"] == 1700000500.25
+    # it did run: never null, which would tell its producer it is safe to send again
+    assert envs["job-2"]["started_at"] is not None
+
+
+def test_a_failure_the_supervisor_writes_itself_keeps_the_start_of_the_stopped_run():
+    from test_protocol import ENVELOPE
+
+    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=5.0, max_retries=0)
+    w.tick()
+    w.tick(5.0)
+    w.tick(0.25)
+    lo, _ = _wall_ago(w, 5.25)
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGTERM)
+    w.replace_dead()
+    _, hi = _wall_ago(w, 5.25)
+    assert w.pool.sent[-1].kind == FAIL
+    # When even the child settling the timeout dies
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGKILL)
+    w.tick()
+    env = env_of(w.rq.completed[0])
+    ENVELOPE.validate(env)
+    assert env["error"]["type"] == "TimeoutError" and lo <= env["started_at"] <= hi
+
 def test_boot_failure_of_a_replacement_is_reported_with_its_backoff():
     w = World(size=1)
     w.pool.respawn_backoff = 2.0
@@ -994,7 +1158,8 @@ def test_a_job_past_its_timeout_is_terminated_then_killed_and_retried():
     w.tick(0.1)
     assert w.pool.signals == [(pid, signal.SIGTERM)]
     (timeout,) = w.named("job_timeout")
-    assert timeout == {"queue": "default", "timeout": 10.0, "pid": pid}
+    assert timeout == {"id": "job-1", "task": "tests.add", "queue": "default", "attempt": 1,
+                       "timeout": 10.0, "pid": pid}
 
     # When it has not died KILL_GRACE later: SIGKILL, once
     w.tick(KILL_GRACE - 0.1)
@@ -1006,6 +1171,12 @@ def test_a_job_past_its_timeout_is_terminated_then_killed_and_retried():
     # When its death is reported, the job is settled as a TimeoutError to retry
     w.pool.die(s.token, exitcode=-signal.SIGKILL)
     w.replace_dead()
+    # and the death, which we asked for, is no error
+    assert w.named("child_died") == []
+    (stopped,) = w.named("child_stopped")
+    assert stopped == {"pid": pid, "exitcode": -signal.SIGKILL, "had_job": True,
+                       "description": describe_exit(-signal.SIGKILL),
+                       "reason": "its job ran past its timeout"}
     assert w.rq.crashed_calls == []       # a timeout is not a crash
     f = w.pool.sent[-1]
     assert (f.kind, f.raw, f.fail["type"], f.fail["retry"], f.fail["dead"]) == \
@@ -1488,6 +1659,33 @@ def test_sigterm_drains_requeues_backlog_and_stops_when_work_is_done():
     assert len(w.rq.exchange_calls) == exchanges and w.rq.calls.count("complete") == 1
     assert not w.pool.terminated
 
+
+
+def test_a_job_put_back_and_taken_again_by_a_waiter_in_blmove_is_counted_once():
+    # Given two long jobs running and one held, the waiter blocked in BLMOVE
+    w = World([job(1), job(2), job(3)], size=2, prefetch=1, waiter=True, grace=8.0)
+    w.tick()
+    assert len(w.sup.inflight) == 2 and w.backlog() == [("default", job(3))]
+    w.waiter.in_call = True
+
+    # When Ctrl-C puts the held job back, and the BLMOVE already in flight takes it again
+    w.sup.handle_signal(signal.SIGINT, w.clock.t)
+    assert w.rq.ready == deque([("default", job(3))])
+    w.rq.processing.append(w.rq.ready.popleft())
+    w.waiter.inbox.append(Reserved("default", job(3)))
+    w.waiter.in_call = False
+    w.tick(0.1)
+
+    # Then it goes back again (nothing is run while draining) ...
+    assert w.rq.ready == deque([("default", job(3))]) and not w.sup.backlog
+    # ... and when the grace runs out, the running ones go back too
+    w.tick(8.0)
+    assert w.sup.state == STOPPED
+    w.sup.shutdown()
+    assert sorted(raw for _, raw in w.rq.ready) == sorted(jobs(1, 2, 3))
+    # and the stopped event counts what went back: three jobs, each once
+    (stopped,) = w.named("stopped")
+    assert stopped["requeued"] == 3 == len(w.rq.ready)
 
 def test_sigint_drains_like_sigterm():
     w = World([job(1)], size=1)
@@ -2706,3 +2904,262 @@ def test_abort_reload_stops_the_new_children_and_keeps_the_old_ones():
     assert booting.stopping and booting.proc.killed    # stopped while booting
     assert booted.retiring and booted.stopping         # booted: retired (it held nothing)
     assert not pool.reloading
+
+
+
+def test_job_timeout_names_the_job_even_one_without_an_id_of_its_own():
+    raw = p.encode_job({"task": "tests.add", "args": [1, 2], "attempt": 3})
+    w = World([raw], size=1, prefetch=0, timeout=2.0, max_retries=5)
+    w.tick()
+    w.tick(2.0)
+    (timeout,) = w.named("job_timeout")
+    assert (timeout["id"], timeout["task"], timeout["attempt"]) == (None, "tests.add", 3)
+
+
+def test_a_child_that_dies_by_itself_after_its_timeout_answered_is_stopped_not_died():
+    # A job answers just as it is stopped for its timeout: the death that follows was
+    # asked for; an unrelated death stays an error
+    w = World([job(1), job(2, task="tests.slow")], size=2, prefetch=0, timeout=5.0)
+    w.tick()
+    t1 = next(s.token for s in w.pool.sent if s.raw == job(1))
+    w.tick(5.0)
+    assert len(w.pool.signals) == 1               # job 1 only: tests.slow has 60 s
+    doomed = w.pool.busy()[t1]
+    w.pool.finish(t1)
+    w.tick()
+    w.pool.die(None, exitcode=-signal.SIGTERM, pid=doomed.pid)
+    w.tick()
+    (stopped,) = w.named("child_stopped")
+    assert stopped["had_job"] is False and "answered" in stopped["reason"]
+    other = next(c for c in w.pool.children if c.tokens)
+    w.pool.die(other.token, exitcode=-signal.SIGSEGV)
+    w.tick()
+    (died,) = w.named("child_died")
+    assert died["had_job"] is True and "segmentation" in died["description"]
+
+
+# -- job_started: for whoever listens at debug, and free for everyone else --------------------------
+
+def test_job_started_names_each_job_as_a_process_starts_it_when_the_log_is_at_debug():
+    w = World([job(1), job(2), job(3, task="tests.boom")], size=2, prefetch=0,
+              log_level="debug")
+    w.tick()
+    started = w.named("job_started")
+    assert [(e["id"], e["task"], e["queue"], e["attempt"]) for e in started] == [
+        ("job-1", "tests.add", "default", 1), ("job-2", "tests.add", "default", 1)]
+    assert {e["pid"] for e in started} == {c.pid for c in w.pool.children}
+    w.finish_running()
+    w.tick()
+    assert [e["id"] for e in w.named("job_started")] == ["job-1", "job-2", "job-3"]
+    # and within a batch, each job as the one before it is answered
+    w = World([job(n) for n in range(1, 6)], size=1, prefetch=0, log_level="debug")
+    w.pool.duration = SHORT
+    w.tick()
+    w.finish_running()        # one answer teaches the supervisor that jobs are short
+    w.pool.finish_everything()
+    w.tick()
+    assert [e["id"] for e in w.named("job_started")] == [f"job-{n}" for n in range(1, 6)]
+
+
+def test_a_failure_being_settled_is_not_a_start():
+    w = World([job(1)], size=1, prefetch=0, log_level="debug", max_crashes=0)
+    w.tick()
+    w.pool.die(w.tokens()[0])
+    w.replace_dead()
+    assert w.pool.sent[-1].kind == FAIL
+    assert [e["id"] for e in w.named("job_started")] == ["job-1"]
+
+
+def test_below_debug_the_loop_never_decodes_a_job_to_announce_it(monkeypatch):
+    import redpool.supervisor as sup_mod
+
+    def decoded(raw):
+        raise AssertionError("a job was decoded for job_started although nobody listens")
+
+    monkeypatch.setattr(sup_mod, "job_names", decoded)
+    w = World([job(n) for n in range(1, 8)], size=2, prefetch=1)   # log level: info
+    for _ in range(8):
+        w.tick()
+        w.pool.finish_all()
+    w.tick()
+    assert len(w.rq.completed) == 7 and w.named("job_started") == []
+
+
+# -- Redis losing its data (restarted without persistence) -----------------------------------------
+
+def test_startup_claims_the_dataset_marker_and_warns_once_of_a_server_that_keeps_nothing():
+    w = World(start=False)
+    w.rq.kept = (False, "127.0.0.1:6379")
+    w.sup.startup()
+    assert w.rq.markers == {"dataset": b"token-run-1"} and w.duties.markers == w.rq.markers
+    (warning,) = w.named("redis_not_persistent")
+    assert warning["servers"] == "127.0.0.1:6379" and "appendonly yes" in warning["note"]
+    w.ticks(T0 + 10.0, 0.5)
+    assert len(w.named("redis_not_persistent")) == 1
+    # a server that keeps its data says nothing; one that cannot be asked, at debug
+    assert World().named("redis_not_persistent") == []
+    w = World(start=False)
+    w.rq.kept = (None, "CONFIG GET is not tried as ACL user 'worker'")
+    w.sup.startup()
+    assert w.named("redis_not_persistent") == []
+    assert w.named("redis_persistence_unknown") == [
+        {"reason": "CONFIG GET is not tried as ACL user 'worker'"}]
+
+
+def lost_world() -> World:
+    """Running job 1, job 2 finished but not acknowledged, job 3 held; then Redis comes
+    back from a restart without its data."""
+    w = World([job(1), job(2), job(3)], size=2, prefetch=1)
+    w.tick()
+    assert len(w.sup.inflight) == 2 and w.backlog() == [("default", job(3))]
+    t2 = next(s.token for s in w.pool.sent if s.raw == job(2))
+    w.pool.finish(t2)
+    w.rq.down = True
+    w.tick()                                   # the completion fails: Redis is down
+    assert len(w.sup.pending) == 1
+    w.rq.lose_data()
+    w.rq.down = False
+    return w
+
+
+def test_a_server_back_without_its_data_is_said_once_and_the_held_jobs_are_restored():
+    from redpool.logs import _LEVELS
+
+    w = lost_world()
+    w.tick(1.0)
+
+    # Then one error event says what happened, and what this supervisor held
+    (lost,) = w.named("redis_data_lost")
+    assert _LEVELS["redis_data_lost"] == "error"
+    # (job 3 went to the child that finished job 2 meanwhile)
+    assert (lost["held"], lost["running"], lost["reserved"], lost["unacknowledged"],
+            lost["restored"]) == (3, 2, 0, 1, 3)
+    assert "restarted without its data" in lost["cause"] and "cannot be known" in lost["note"]
+    # and it is not taken for a lost lease or for jobs that ran elsewhere
+    assert not w.named("lease_lost") and not w.named("results_dropped")
+    # The jobs are ours again in Redis, under a new registration
+    assert w.rq.restore_calls == [Counter({("default", job(1)): 1, ("default", job(2)): 1,
+                                           ("default", job(3)): 1})]
+    assert w.duties.leased and w.rq.epoch == w.lease.epoch == "epoch-2"
+    assert w.rq.markers == w.duties.markers == {"dataset": b"token-run-2"}
+    # and every one of them is answered: the finished one, the running one, the held one
+    w.tick()
+    w.pool.finish_everything()
+    w.tick()
+    w.pool.finish_everything()
+    w.tick()
+    # (job 2's first completion found nothing: it was sent again once restored)
+    assert sorted({c.raw for c in w.rq.completed if c.envelope}) == sorted(jobs(1, 2, 3))
+    assert w.rq.processing == [] and not w.named("results_dropped")
+    assert len(w.named("redis_data_lost")) == 1
+
+
+def test_a_restart_found_by_a_completion_resends_it_rather_than_dropping_it():
+    # Given Redis restarted empty between two calls, unseen (no error on our side)
+    w = World([job(1)], size=1, prefetch=0)
+    w.tick()
+    w.rq.lose_data()
+    w.pool.finish_all()
+    w.tick()
+    # Then the completion finds its job gone: the dataset marker says why
+    (lost,) = w.named("redis_data_lost")
+    assert lost["during"] == "complete" and lost["unacknowledged"] == 1
+    assert not w.named("results_dropped") and not w.named("lease_lost")
+    w.tick()
+    assert [c.raw for c in w.rq.completed if c.raw == job(1)] == [job(1), job(1)]
+    assert w.rq.processing == []
+
+
+def test_an_idle_supervisor_finds_it_instead_of_a_lost_lease():
+    w = World([], size=1, lease=9.0)
+    w.tick()
+    w.rq.lose_data()
+    w.tick(3.0)
+    (lost,) = w.named("redis_data_lost")
+    assert lost["during"] == "reserve"      # (the renewal would, had the loop not)
+    assert lost["held"] == 0 and lost["restored"] == 0
+    assert not w.named("lease_lost") and w.duties.leased
+
+
+def test_a_supervisor_that_registered_anew_still_knows_a_restart_another_one_found():
+    # Given another supervisor found the loss first and set a new marker
+    w = World([job(1)], size=1, prefetch=0, lease=9.0)
+    w.tick()
+    w.rq.lose_data()
+    w.rq.markers = {"dataset": b"set-by-another-supervisor"}
+    w.tick(3.0)
+    assert w.named("redis_data_lost")[0]["running"] == 1
+    assert w.rq.processing == [("default", job(1))]
+    assert w.duties.markers == {"dataset": b"set-by-another-supervisor"}
+
+
+def test_a_renewal_finding_the_loss_says_so_instead_of_a_lost_lease():
+    w = World([job(1)], size=1, prefetch=0, lease=9.0)
+    w.tick()                       # busy: the loop does not reserve, the renewal finds it
+    w.rq.lose_data()
+    w.tick(3.0)
+    (lost,) = w.named("redis_data_lost")
+    assert lost["during"] == "renew" and lost["running"] == 1 and lost["restored"] == 1
+    assert not w.named("lease_lost") and w.duties.leased
+
+
+def test_a_reaper_taking_our_jobs_is_still_a_lost_lease_not_a_loss_of_data():
+    w = World([job(1)], size=1, prefetch=0, lease=9.0)
+    w.tick()
+    w.rq.epoch = None
+    reap(w.rq)
+    w.tick(3.0)
+    w.pool.finish_all()
+    w.tick()
+    assert w.named("lease_lost") and w.named("results_dropped")
+    assert not w.named("redis_data_lost") and w.rq.restore_calls == []
+
+
+def test_a_loss_found_while_draining_puts_the_held_jobs_back_in_their_queues():
+    w = World([job(1), job(2)], size=1, prefetch=1)
+    w.tick()
+    w.rq.lose_data()
+    w.sup.handle_signal(signal.SIGTERM, w.clock.t)   # requeue finds nothing: lost?
+    assert w.named("redis_data_lost")[0]["during"] == "requeue"
+    w.tick()
+    assert w.rq.ready == deque([("default", job(2))])   # back in its queue after all
+    w.pool.finish_all()
+    w.tick()
+    assert w.sup.state == STOPPED and [c.raw for c in w.rq.completed] == [job(1)]
+    assert w.rq.processing == [] and not w.named("results_dropped")
+
+
+def test_a_child_dying_after_the_loss_runs_its_job_again_here():
+    w = World([job(1)], size=1, prefetch=0, max_crashes=3)
+    w.tick()
+    w.rq.lose_data()
+    w.pool.die(w.tokens()[0])
+    w.tick()
+    assert w.named("redis_data_lost")[0]["during"] == "crashed"
+    assert w.rq.processing == [("default", job(1))]
+    assert [(x.raw, x.crashes) for x in w.sup.backlog] == [(job(1), 1)]
+
+
+def test_handling_a_loss_cut_short_by_redis_failing_again_is_finished_and_said_once():
+    w = lost_world()
+    real_register, fails = w.lease.register, [3]
+
+    def register(info, lease, **kw):      # Redis fails again as we re-register
+        if fails[0]:
+            fails[0] -= 1
+            raise redis.ConnectionError("down again")
+        return real_register(info, lease, **kw)
+
+    w.lease.register = register
+    w.tick(1.0)
+    assert w.named("redis_data_lost") == [] and w.duties.data_lost_during is not None
+    assert not w.named("results_dropped") and not w.named("lease_lost")
+    w.ticks(w.clock.t + 5.0, 0.5)
+    (lost,) = w.named("redis_data_lost")
+    assert (lost["held"], lost["restored"]) == (3, 3)   # (restored the first time round)
+    # running ones ours again in Redis; the finished one sent again, and written
+    assert sorted(raw for _, raw in w.rq.processing) == sorted(jobs(1, 3))
+    assert w.rq.complete_calls[-1][0].raw == job(2) and job(2) not in w.rq.missed
+    assert w.rq.restore_calls[0] == Counter({("default", j): 1 for j in jobs(1, 2, 3)})
+    assert all(c == Counter() for c in w.rq.restore_calls[1:])
+    assert not w.named("results_dropped") and not w.named("lease_lost")

@@ -27,7 +27,8 @@ from .titles import ChildTitle
 # supervisor -> child: a batch of jobs, run in order, each answered with its own D
 MSG_BATCH = b"B"       # B + !H(count) + entries
 #   entry: !cIIHHI(kind, token, crashes, len(queue), len(error), len(raw)) + queue + error + raw
-#   kind J: run the job; kind F: fail it (error: JSON {type, message, retry, dead})
+#   kind J: run the job; kind F: fail it (error: JSON {type, message, retry, dead,
+#   started_at, ran}: when the stopped run started, unix seconds or null, and how long it ran)
 # child -> supervisor
 MSG_READY = b"R"       # R
 MSG_BOOT_ERROR = b"E"  # E + utf-8 message
@@ -60,9 +61,11 @@ def job_entry(token: int, queue: str, raw: bytes, crashes: int = 0) -> bytes:
 
 
 def fail_entry(token: int, queue: str, raw: bytes, crashes: int, error_type: str,
-               message: str, *, retry: bool, dead: bool) -> bytes:
+               message: str, *, retry: bool, dead: bool, started_at: float | None = None,
+               ran: float | None = None) -> bytes:
     q = queue.encode()
-    err = p.dumps({"type": error_type, "message": message, "retry": retry, "dead": dead})
+    err = p.dumps({"type": error_type, "message": message, "retry": retry, "dead": dead,
+                   "started_at": started_at, "ran": ran})
     return ENTRY.pack(b"F", token, crashes, len(q), len(err), len(raw)) + q + err + raw
 
 
@@ -198,7 +201,8 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
                 out = runner.run(queue, raw, crashes, on_start=started)
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
-                                  retry=err["retry"], dead=err["dead"])
+                                  retry=err["retry"], dead=err["dead"],
+                                  started_at=err.get("started_at"), ran=err.get("ran"))
             answers.add(encode_done(token, out), now=time.perf_counter(), since=t0,
                         last=i == len(batch) - 1)
         if progress is not None:

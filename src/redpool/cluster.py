@@ -44,7 +44,7 @@ import redis
 from .lease import Lease, Reaper
 from .nodes import deliver, lost_reply, rerun_unknown, send_by_node, write_answers
 from .protocol import Keys
-from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, load_script
+from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, crash_info, load_script
 
 
 class ClusterQueue(RedisQueue):
@@ -107,6 +107,8 @@ class ClusterQueue(RedisQueue):
             else:
                 self._delivered.pop(q, None)  # the script removed them from the outbox
                 missing += int(reply[0])
+                if int(reply[0]):
+                    self.missed += batch  # (see RedisQueue.missed)
                 answers[q] = reply[1]
         skipped = self._deliver(answers, errors)
         got: list[Reserved] = []
@@ -132,7 +134,8 @@ class ClusterQueue(RedisQueue):
                     continue
                 answered = True
                 counted = counted or bool(flat[1])
-                got += [Reserved(q, flat[i + 1], int(flat[i + 2]))
+                got += [Reserved(q, flat[i + 1], c) if (c := flat[i + 2]).__class__ is int
+                        else Reserved(q, flat[i + 1], *crash_info(c))
                         for i in range(2, len(flat), 3)]
                 n -= (len(flat) - 2) // 3
             if not errors:
@@ -189,6 +192,13 @@ class ClusterQueue(RedisQueue):
     @property
     def unsent(self) -> int:
         return len(self._unsent)
+
+    def _each(self, commands: list[tuple[str, tuple]]) -> list:
+        """As RedisQueue._each, per node (send_by_node): one round trip."""
+        return _raise_first(send_by_node(self.r, commands))
+
+    def nodes(self) -> list:
+        return [n.redis_connection for n in self.r.get_primaries()]
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """As RedisQueue.complete; the items are taken over (see exchange)."""

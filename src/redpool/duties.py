@@ -8,7 +8,10 @@
 * promotion of due scheduled jobs (delayed jobs, retries) onto their queues;
 * Redis health: one log line when Redis goes away and one when it is back, retries
   with capped backoff in between, and a reconcile after every outage (a reply lost
-  with the connection may hide a script that did run).
+  with the connection may hide a script that did run);
+* Redis losing its data (restarted without persistence, flushed): found by the dataset
+  markers (keys.dataset), said once, and the jobs this supervisor still holds put back
+  into Redis rather than taken for jobs "taken back by a reaper".
 
 Kept apart from the loop so that supervisor.py stays a to-do list.
 """
@@ -26,6 +29,7 @@ import redis
 from . import __version__
 from . import protocol as p
 from .config import WorkerConfig
+from .dataset import DataLoss
 from .errors import NameInUse
 from .hooks import Hooks
 from .lease import Lease, Reaper
@@ -41,7 +45,7 @@ BACKOFF_MAX = 2.0         # Redis retry backoff cap: back within ~2 s of Redis r
 HEARTBEAT_EVERY = 1.0     # the "heartbeat" event: the loop is alive (systemd's watchdog, status)
 
 
-class Duties:
+class Duties(DataLoss):
     def __init__(self, cfg: WorkerConfig, rq: RedisQueue, lease: Lease, reaper: Reaper,
                  hooks: Hooks, clock=time.monotonic) -> None:
         self.cfg = cfg
@@ -62,6 +66,11 @@ class Duties:
         self.reap_not_before = 0.0
         self.reconcile_pending = False
         self._finished_history: list[tuple[float, int]] = []  # (clock, jobs finished): rate_1m
+        self.markers: dict[str, bytes] | None = None  # the dataset markers as we last saw them
+        self.run_ids: dict[str, str] = {}             # the servers' run_id as we last saw them
+        self.data_lost_during: str | None = None      # a loss found, not yet fully handled
+        self.lost_counts: dict[str, int] = {}         # what we held when it was found
+        self.dropped = 0   # completions that found their job gone, not yet judged
 
     def bind(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -108,6 +117,9 @@ class Duties:
         moved = self.rq.recover(crashed=True)
         if moved:
             self.hooks.emit("recovered", jobs=moved)
+        self.markers = self.rq.claim_markers()
+        self.run_ids = self.rq.run_ids()
+        self.check_persistence()
         self.next_renew = now + self.cfg.lease / 3
         self.next_reap = now + REAP_EVERY
         self.next_promote = now
@@ -119,9 +131,10 @@ class Duties:
             return
         s = self.sup
         try:
-            if s is not None and (s.pending or self.rq.unsent):
-                self.retry_at = 0.0
-                s.flush(self.clock())
+            for _ in range(2):  # again if Redis turned out to have lost the jobs: restored
+                if s is not None and (s.pending or self.rq.unsent):
+                    self.retry_at = 0.0
+                    s.flush(self.clock())
             moved = self.rq.recover(crashed=False)
             if s is not None:
                 s.stats["requeued"] += sum(moved.values())
@@ -149,6 +162,8 @@ class Duties:
         if not self.redis_ready(now):
             return
         try:
+            if self.data_lost_during is not None:
+                self.data_lost(now, self.data_lost_during)
             if not self.leased and not self.name_lost:
                 self.reregister(now)
             if self.reconcile_pending or self.rq.suspect:
@@ -180,7 +195,14 @@ class Duties:
     def lease_lost(self, now: float, during: str) -> None:
         """Our lease expired: to the cluster we were dead, and a reaper may have taken
         our jobs back.  Results for those are not written (complete.lua finds them gone);
-        jobs we reserved but had not started go back; we re-register under a new epoch."""
+        jobs we reserved but had not started go back; we re-register under a new epoch.
+        Unless the server lost its data: then nobody took our jobs, they are gone."""
+        try:
+            if self.check_dataset(now, during):
+                return
+        except redis.RedisError as e:
+            self.redis_failed(e, now, "dataset")
+            return
         self.leased = False
         self.hooks.emit("lease_lost", during=during, lease=self.cfg.lease,
                         note="this supervisor was frozen or cut off for longer than its "
@@ -227,6 +249,8 @@ class Duties:
         self.next_renew = now  # renew first thing; others need a moment to renew theirs
         self.reap_not_before = now + self.cfg.lease / 3 + BACKOFF_MAX + 1.0
         try:
+            if not self.check_dataset(now, "outage"):  # (a server back empty: first of all)
+                self.report_dropped()
             self.reconcile()
         except redis.RedisError as e:
             # (the backoff goes on growing: a reconcile that keeps failing while other
@@ -247,7 +271,7 @@ class Duties:
             if s.waiter.busy():
                 self.reconcile_pending = True
                 return
-            s.backlog.extend(s.admit(r) for r in s.waiter.take())
+            s.receive(s.waiter.take())
         self.reconcile_pending = False
         self.rq.settle()
         held = s.held()
@@ -274,6 +298,9 @@ class Duties:
         if job_id or reply_to:
             env = p.dumps(p.envelope(id=job_id or p.new_id(), task=task, queue=work.queue,
                                      status=p.FAILED, worker=self.cfg.name, enqueued_at=enq,
+                                     started_at=work.fail.get("started_at"),
+                                     attempts=(found.attempt if isinstance(found, p.Job) else 1)
+                                     + work.crashes,
                                      error=p.error_dict(work.fail["error_type"], message)))
         dead = p.dumps(p.dead_entry(work.raw, queue=work.queue, reason=message,
                                     error_type=work.fail["error_type"], worker=self.cfg.name,

@@ -115,7 +115,8 @@ class Keys:
 
     @property
     def crashes(self) -> str:
-        """A hash: SHA-1 of a raw job -> deliveries of it that ended in a crash (one
+        """A hash: SHA-1 of a raw job -> deliveries of it that ended in a crash, and
+        ``crash_started(sha1)`` -> the unix time its last crashed run started (one
         server; on Redis Cluster one per queue, ``crashes_of``)."""
         if self.cluster:
             raise ValueError("on Redis Cluster each queue has its own crash counts")
@@ -140,6 +141,21 @@ class Keys:
 
     def queue_of_outbox(self, supervisor: str, key: str) -> str:
         return self._queue_of("outbox", supervisor, key)
+
+    @property
+    def dataset(self) -> str:
+        """A marker of the dataset the namespace lives in: a random token without a TTL,
+        set by the first supervisor that finds none.  Gone, or another token in its
+        place, since a supervisor last looked: the server lost its data meanwhile
+        (restarted without persistence, flushed).  On Redis Cluster it sits in the
+        namespace's slot (the leases' node) as ``<ns>:dataset:{<ns>}``: under ``<ns>:``,
+        the prefix the worker's ACL rule grants."""
+        return self.dataset_of(self.ns) if self.cluster else f"{self.ns}:dataset"
+
+    def dataset_of(self, queue: str) -> str:
+        """The marker in ``queue``'s slot on Redis Cluster, where each node can lose its
+        data alone; the namespace's one on one server."""
+        return f"{self.ns}:dataset:{self._tag(queue)}" if self.cluster else self.dataset
 
     @property
     def reaper(self) -> str:
@@ -169,6 +185,14 @@ class Keys:
                     return self._untag(name) if name[0] == "{" and name[-1] == "}" else None
                 return name
         return None
+
+
+def crash_started(sha1_hex: str) -> str:
+    """The field of a crashes hash holding when the job's last crashed run started (unix
+    seconds, as text): exact when its process died under us (crashed.lua), the time of
+    the step when its supervisor died and which of its jobs had started is unknown
+    (reap.lua, requeue_all.lua)."""
+    return f"{sha1_hex}:started"
 
 
 def glob_escape(s: str) -> str:

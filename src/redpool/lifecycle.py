@@ -23,7 +23,8 @@ RUNNING, DRAINING, STOPPED = "running", "draining", "stopped"
 
 class Lifecycle:
     """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, waiter, state,
-    backlog, inflight, pending, stats, drain_deadline, reloading, admit() and job_done()."""
+    backlog, inflight, pending, stats, drain_deadline, reloading, put_back, receive() and
+    job_done()."""
 
     def handle_signal(self, signum: int, now: float) -> None:
         name = signal.Signals(signum).name
@@ -74,10 +75,15 @@ class Lifecycle:
         if not items or not self.duties.redis_ready(now):
             return
         try:
-            self.stats["requeued"] += self.rq.requeue(items)
+            moved = self.rq.requeue(items)
+            if moved < len(items) and self.duties.check_dataset(now, "requeue"):
+                return  # Redis lost them: restored into our lists, put back next tick
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "requeue")
             return
+        self.stats["requeued"] += moved
+        if self.state != RUNNING and moved == len(items):
+            self.put_back.update(items)  # (see receive(): a waiter may take them back)
         self.backlog = deque(w for w in self.backlog if w.fail is not None)
 
     def stop_now(self) -> None:
@@ -94,7 +100,7 @@ class Lifecycle:
         self.state = STOPPED
         if self.waiter is not None:
             self.waiter.stop()
-            self.backlog.extend(self.admit(r) for r in self.waiter.take())
+            self.receive(self.waiter.take())
             self.waiter.close()
         self.pool.close()
         self.duties.shutdown()

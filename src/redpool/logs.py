@@ -292,6 +292,8 @@ _LEVELS = {
     "job_timeout": "warning", "child_retired": "info", "child_ready": "info", "promoted": "debug",
     "heartbeat": "debug", "resized": "info", "reloading": "info", "reloaded": "info",
     "reload_failed": "error", "signal_ignored": "warning",
+    "child_stopped": "info", "job_started": "debug", "redis_data_lost": "error",
+    "redis_not_persistent": "warning", "redis_persistence_unknown": "debug",
 }
 
 

@@ -63,8 +63,9 @@ class Metrics:
         self.timeouts = Counter("redpool_job_timeouts", "Jobs stopped at their timeout",
                                 ["queue"], registry=reg)
         self.restarts = Counter("redpool_child_restarts", "Pool processes replaced, by "
-                                "reason: died (crash, OOM kill, timeout), retired "
-                                "(--max-jobs/--max-memory-per-child), boot_failed",
+                                "reason: died (crash, OOM kill), stopped (at a job's "
+                                "timeout), retired (--max-jobs/--max-memory-per-child), "
+                                "boot_failed",
                                 ["reason"], registry=reg)
         self.outages = Counter("redpool_redis_outages", "Times Redis became unreachable "
                                "(one per outage, however many calls failed)", registry=reg)
@@ -89,6 +90,7 @@ class Metrics:
         self._handlers: dict[str, Callable[[dict], None]] = {
             "job_finished": self.job_finished, "heartbeat": self.on_heartbeat,
             "child_died": lambda f: self.restarts.labels("died").inc(),
+            "child_stopped": lambda f: self.restarts.labels("stopped").inc(),
             "child_retired": lambda f: self.restarts.labels("retired").inc(),
             "child_boot_failed": lambda f: self.restarts.labels("boot_failed").inc(),
             "job_timeout": lambda f: self.timeouts.labels(f.get("queue", "")).inc(),

@@ -22,9 +22,22 @@ from .work import Work
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child past its timeout
 
 
+def job_names(raw: bytes) -> dict:
+    """id, task and attempt of a raw job, for an event about it.  The supervisor only
+    moves bytes: this decodes, so it is for rare events (a timeout) or for observers
+    that asked (job_started at debug).  The id is null when the job had none (the one
+    its child made up is not known here)."""
+    job = p.salvage(raw)
+    if isinstance(job, p.Job):
+        return {"id": None if job.id_assigned else job.id, "task": job.task,
+                "attempt": job.attempt}
+    return {"id": job.job_id, "task": job.task, "attempt": None}
+
+
 class ChildEvents:
     """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, clock, backlog,
-    inflight, pending, stats, avg_duration, reloading and started()."""
+    inflight, pending, stats, avg_duration, reloading, announce_starts, started(),
+    announce() and wall()."""
 
     def handle_event(self, ev, now: float) -> None:
         if isinstance(ev, Done):
@@ -41,8 +54,16 @@ class ChildEvents:
                 # the job it had moved on to did not crash it
                 rest.insert(0, running)
                 running = None
-            self.hooks.emit("child_died", pid=ev.pid, exitcode=ev.exitcode,
-                            description=ev.description, had_job=running is not None)
+            if ev.doomed:
+                # we asked for this death (a timeout): expected, so not an error
+                self.hooks.emit("child_stopped", pid=ev.pid, exitcode=ev.exitcode,
+                                description=ev.description, had_job=running is not None,
+                                reason="its job ran past its timeout" if running is not None
+                                else "its job overran its timeout, then answered as it was "
+                                     "stopped")
+            else:
+                self.hooks.emit("child_died", pid=ev.pid, exitcode=ev.exitcode,
+                                description=ev.description, had_job=running is not None)
             # The rest of its batch: not started, or finished in the last ~2 ms with the
             # answer not yet sent.  First in line again, as they were, with no crash.
             self.backlog.extendleft(reversed([w.again() for w in rest]))
@@ -68,6 +89,8 @@ class ChildEvents:
 
     def job_done(self, ev: Done) -> None:
         work = self.inflight.pop(ev.token)
+        if self.announce_starts:
+            self.announce(work, ev.pid)
         meta, env, dead, retry = decode_done(ev.msg)
         if work.fail is None:  # settling a failure takes no time: it says nothing of jobs
             d = meta["duration"]
@@ -90,7 +113,7 @@ class ChildEvents:
             self.pool.retire(c)
             return
         if c.tokens:  # the next job of its batch starts now
-            self.started(self.inflight[c.tokens[0]], self.clock())
+            self.started(self.inflight[c.tokens[0]], self.clock(), c.pid)
         if not c.stopping and not c.retiring:
             self.maybe_retire(c)
 
@@ -111,11 +134,14 @@ class ChildEvents:
 
     def job_died(self, work: Work, ev: Died, now: float) -> None:
         """A child died holding ``work``: settle exactly that job, nothing else."""
+        # the run that died: when it started, and how long it ran (for the envelope and
+        # the job_finished event of a job failed for it)
+        ran = dict(started_at=self.wall(work.started, now), ran=max(0.0, now - work.started))
         if work.timed_out:
             self.stats["timed_out"] += 1
-            self.settle(work, "TimeoutError", f"the job ran past its timeout of "
+            self.settle(work, p.E_TIMEOUT, f"the job ran past its timeout of "
                         f"{work.timed_out:g} s and its process was stopped ({ev.description})",
-                        retry=True, dead=False)
+                        retry=True, dead=False, **ran)
             return
         if work.fail is not None:  # the child died settling a failure: write it ourselves
             self.pending.append(self.duties.crash_completion(work, ev.description))
@@ -124,7 +150,8 @@ class ChildEvents:
         what = f"the pool process (pid {ev.pid}) running this job {ev.description}"
         try:
             # counted in Redis, which knows every crash of this job on every host
-            crashes = self.rq.crashed(work.queue, work.raw, self.cfg.max_crashes)
+            crashes = self.rq.crashed(work.queue, work.raw, self.cfg.max_crashes,
+                                      ran["started_at"])
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "crashed")
             crashes = work.crashes + 1
@@ -132,20 +159,31 @@ class ChildEvents:
                 self.backlog.appendleft(work.again(crashes=crashes))  # retry it here
                 return
         if crashes == 0:
-            return  # no longer ours (taken back while we were cut off): it runs elsewhere
+            # no longer ours: taken back while we were cut off (it runs elsewhere), or
+            # lost with the server's data (then it runs again here, restored)
+            again = work.again(crashes=work.crashes + 1)
+            try:
+                if self.duties.check_dataset(now, "crashed", also=[(work.queue, work.raw)]):
+                    self.backlog.appendleft(again)
+            except redis.RedisError as e:
+                self.duties.redis_failed(e, now, "dataset")
+            return
         if crashes > self.cfg.max_crashes:
             self.settle(work.again(crashes=crashes - 1), p.E_WORKER_CRASHED,
                         f"{what}; it has now crashed {crashes} times (--max-crashes "
                         f"{self.cfg.max_crashes}): dead-lettered as a poison pill",
-                        retry=False, dead=True)
+                        retry=False, dead=True, **ran)
             return
         self.hooks.emit("job_crashed", queue=work.queue, crashes=crashes, description=what)
 
-    def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool) -> None:
+    def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool,
+               started_at: float | None, ran: float | None = None) -> None:
         """Have a child fail a job as if its task had raised (it knows the task's
-        retry policy): first in line, before any new job."""
-        self.backlog.appendleft(work.again(fail=dict(error_type=error_type, message=message,
-                                                     retry=retry, dead=dead)))
+        retry policy): first in line, before any new job.  ``started_at``: when the run
+        that was stopped started (unix seconds); ``ran``: for how long."""
+        self.backlog.appendleft(work.again(fail=dict(
+            error_type=error_type, message=message, retry=retry, dead=dead,
+            started_at=started_at, ran=ran)))
 
     def running(self):
         """(child, work) for each child's running job: the only ones with a deadline."""
@@ -163,7 +201,7 @@ class ChildEvents:
                 w.timed_out = w.deadline - w.started
                 w.deadline = math.inf  # from now on only kill_at matters
                 w.kill_at = now + KILL_GRACE
-                self.hooks.emit("job_timeout", queue=w.queue, timeout=round(w.timed_out, 3),
-                                pid=c.pid)
+                self.hooks.emit("job_timeout", **job_names(w.raw), queue=w.queue,
+                                timeout=round(w.timed_out, 3), pid=c.pid)
                 c.doomed = True
                 self.pool.signal(c, signal.SIGTERM)

@@ -38,13 +38,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 
-# Error types a worker puts in a failed envelope / dead-letter entry of its own
-# (a task's own exceptions keep their Python class name).
+# Error types a worker puts in a failed envelope / dead-letter entry of its own, and
+# TimeoutError (an attempt stopped at its timeout).  A task's exception is named by its
+# class: built-ins bare (ValueError), any other class as module.QualName
+# (myapp.errors.QuotaExceeded), so that two classes of one name stay apart
+# (runner.error_type_of).
 E_INVALID_JOB = "InvalidJob"
 E_UNKNOWN_TASK = "UnknownTask"
 E_PAYLOAD_TOO_LARGE = "PayloadTooLarge"
 E_UNSERIALIZABLE_RESULT = "UnserializableResult"
 E_WORKER_CRASHED = "WorkerCrashed"
+E_TIMEOUT = "TimeoutError"
 
 
 class InvalidJob(Exception):

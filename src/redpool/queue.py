@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
@@ -19,6 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import dataset
+from .keys import crash_started
 from .protocol import Keys
 
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
@@ -81,6 +85,15 @@ class Reserved:
     queue: str
     raw: bytes
     crashes: int = 0            # earlier deliveries of it that ended in a crash
+    crashed_at: float | None = None   # when the last of those started (unix seconds)
+
+
+def crash_info(reply) -> tuple[int, float | None]:
+    """(crashes, crashed_at) from reserve.lua's per-job count: a number, or for a job
+    that crashed before {count, start time or ""}."""
+    if isinstance(reply, list):
+        return int(reply[0]), float(reply[1]) if reply[1] else None
+    return int(reply), None
 
 
 class RedisQueue:
@@ -109,6 +122,10 @@ class RedisQueue:
         self._promote = load_script(r, "promote")
         self._hot = None  # the connection of _evalsha_pipeline
         self._hot_used = 0.0
+        #: Completions of a batch that found jobs missing from our processing lists:
+        #: kept for the supervisor to look into (fenced by a reaper, or lost with the
+        #: server's data), which takes them.
+        self.missed: list[Completion] = []
 
     # -- the hot path ------------------------------------------------------------------------
 
@@ -133,13 +150,17 @@ class RedisQueue:
         missing = skipped = 0
         if done:
             missing, skipped = (int(x) for x in replies.pop(0))
+            if missing:
+                self.missed += done   # (one script: which of them, it does not say)
         got: list[Reserved] | None = []
         if n > 0:
             flat = replies[0]
             got = None
             if flat[0]:
                 self.crashes_exist = bool(flat[1])
-                got = [Reserved(self.queues[int(flat[i]) - 1], flat[i + 1], int(flat[i + 2]))
+                qs = self.queues  # (the hot path: a count is nearly always a plain 0)
+                got = [Reserved(qs[flat[i] - 1], flat[i + 1], c) if (c := flat[i + 2]).__class__
+                       is int else Reserved(qs[flat[i] - 1], flat[i + 1], *crash_info(c))
                        for i in range(2, len(flat), 3)]
         return missing, skipped, got
 
@@ -154,8 +175,12 @@ class RedisQueue:
         # lives in Redis, and crashed.lua judges poison pills by it.
         if not self.crashes_exist:
             return Reserved(queue, raw, 0)
-        crashes = conn.hget(self.keys.crashes_of(queue), hashlib.sha1(raw).hexdigest())
-        return Reserved(queue, raw, int(crashes or 0))
+        sha = hashlib.sha1(raw).hexdigest()
+        crashes = int(conn.hget(self.keys.crashes_of(queue), sha) or 0)
+        if not crashes:
+            return Reserved(queue, raw, 0)
+        started = conn.hget(self.keys.crashes_of(queue), crash_started(sha))  # (rare)
+        return Reserved(queue, raw, crashes, float(started) if started else None)
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose
@@ -238,14 +263,18 @@ class RedisQueue:
             keys += [self._proc_key(q), self.keys.queue(q)]
         return int(self._requeue(keys=keys, args=[raw for _, raw in items]))
 
-    def crashed(self, queue: str, raw: bytes, max_crashes: int = 2 ** 31) -> int:
+    def crashed(self, queue: str, raw: bytes, max_crashes: int = 2 ** 31,
+                started_at: float | None = None) -> int:
         """The child running ``raw`` died: one crash more on its count, and back to
         the head of its queue -- unless the count is now over ``max_crashes``: then it
-        stays in our processing list, to be dead-lettered.  Returns the new count
-        (0: it was no longer ours)."""
+        stays in our processing list, to be dead-lettered.  ``started_at`` (unix
+        seconds, default now) is when the run that crashed started, kept with the count.
+        Returns the new count (0: it was no longer ours)."""
         self.crashes_exist = True
+        started = f"{time.time() if started_at is None else started_at:.6f}"
         return int(self._crashed(keys=[self._proc_key(queue), self.keys.queue(queue),
-                                       self.keys.crashes_of(queue)], args=[raw, max_crashes]))
+                                       self.keys.crashes_of(queue)],
+                                 args=[raw, max_crashes, started]))
 
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
         """Move due scheduled jobs onto their queues.  Returns (moved, seconds until
@@ -292,6 +321,52 @@ class RedisQueue:
         many.  Nothing to do on one server, where one script acknowledges a job whole
         (cluster.py has the two-step kind)."""
         return 0
+
+    # -- the server itself: did it keep its data? -------------------------------------------
+
+    def dataset_keys(self) -> list[str]:
+        return list(dict.fromkeys([self.keys.dataset, *map(self.keys.dataset_of, self.queues)]))
+
+    def read_markers(self) -> dict[str, bytes | None]:
+        """The dataset markers as they stand (keys.dataset): one round trip."""
+        keys = self.dataset_keys()
+        return dict(zip(keys, self._each([(k, ("GET", k)) for k in keys])))
+
+    def claim_markers(self) -> dict[str, bytes]:
+        """Set each missing marker to a fresh token (SET NX: the first supervisor's
+        wins) and return the ones that stand now."""
+        keys, token = self.dataset_keys(), uuid.uuid4().hex
+        out = self._each([c for k in keys for c in ((k, ("SET", k, token, "NX")),
+                                                     (k, ("GET", k)))])
+        return dict(zip(keys, out[1::2]))
+
+    def _each(self, commands: list[tuple[str, tuple]]) -> list:
+        """(routing key, command) pairs in one round trip; the first error raised."""
+        pipe = self.r.pipeline(transaction=False)
+        for _, cmd in commands:
+            pipe.execute_command(*cmd)
+        return pipe.execute()
+
+    def restore(self, items: Counter) -> int:
+        """Push (queue, raw) jobs back into our processing lists, as many times as
+        counted: after the server lost its data, the jobs we still hold are ours again,
+        so that their results are written and a stop puts them back.  Returns how many."""
+        by_key: dict[str, list[bytes]] = {}
+        for (q, raw), n in items.items():
+            by_key.setdefault(self._proc_key(q), []).extend([raw] * n)
+        if by_key:
+            self._each([(k, ("LPUSH", k, *raws)) for k, raws in by_key.items()])
+        return sum(len(v) for v in by_key.values())
+
+    def nodes(self) -> list[redis.Redis]:
+        """A client per primary (one here; every primary on Redis Cluster)."""
+        return [self.r]
+
+    def run_ids(self) -> dict[str, str]:
+        return dataset.run_ids(self.nodes())
+
+    def persistence(self) -> tuple[bool | None, str]:
+        return dataset.persistence(self.nodes())
 
     def processing_contents(self) -> dict[str, list[bytes]]:
         """What Redis says we hold, per queue (to reconcile after a lost reply)."""

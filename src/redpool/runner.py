@@ -9,6 +9,8 @@ then task option, then the worker's default.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import random
 import time
 import traceback
@@ -71,19 +73,19 @@ class Runner:
 
     def run(self, queue: str, raw: bytes, crashes: int = 0, on_start=None) -> Outcome:
         """Run one job.  ``on_start(timeout)`` is called just before the task runs."""
-        started = time.time()
         t0 = time.perf_counter()
         try:
             job, task, policy = self.prepare(raw)
         except p.InvalidJob as bad:
-            return self._invalid(queue, raw, bad, started, t0)
+            return self._invalid(queue, raw, bad, t0)  # started_at null: nothing ran
         if on_start is not None:
             on_start(policy.timeout)
+        started = time.time()
         ctx = _current.set(JobInfo(job.id, job.task, queue, job.attempt, self.worker, crashes))
         try:
             result = task.fn(*job.args, **job.kwargs)
         except BaseException as e:  # a task calling sys.exit() fails its job, not the child
-            return self._failed(queue, raw, job, policy, crashes, _type_name(e), str(e),
+            return self._failed(queue, raw, job, policy, crashes, error_type_of(e), str(e),
                                 traceback.format_exc(), started, t0)
         finally:
             _current.reset(ctx)
@@ -98,26 +100,35 @@ class Runner:
         return Outcome(self._meta(job, p.SUCCEEDED, None, t0), env)
 
     def fail(self, queue: str, raw: bytes, crashes: int, error_type: str, message: str, *,
-             retry: bool, dead: bool) -> Outcome:
+             retry: bool, dead: bool, started_at: float | None = None,
+             ran: float | None = None) -> Outcome:
         """Fail a job the supervisor had to stop (timeout, poison pill) as if its task
-        had raised: retried per its policy when ``retry``, dead-lettered when ``dead``."""
-        started = time.time()
+        had raised: retried per its policy when ``retry``, dead-lettered when ``dead``.
+        ``started_at``: when the run that was stopped started (unix seconds; None if no
+        run of it ever started); ``ran``: how long it ran (the event's duration)."""
         t0 = time.perf_counter()
         try:
             job, _task, policy = self.prepare(raw)
         except p.InvalidJob as bad:
-            return self._invalid(queue, raw, bad, started, t0)
+            # It ran, so it read well when it started; a reload since may have taken its
+            # task away or changed its signature.  The verdict stands, with our defaults.
+            try:
+                job, policy = p.decode_job(raw, self.max_payload), self.defaults
+            except p.InvalidJob:
+                return self._invalid(queue, raw, bad, t0)
         return self._failed(queue, raw, job, policy, crashes, error_type, message, None,
-                            None, t0, retry=retry, dead=dead)
+                            started_at, t0, retry=retry, dead=dead, ran=ran)
 
     # -- outcomes ----------------------------------------------------------------------------
 
     def _failed(self, queue, raw, job: p.Job, policy: Policy, crashes, error_type, message,
-                tb, started, t0, *, retry: bool = True, dead: bool = False) -> Outcome:
+                tb, started, t0, *, retry: bool = True, dead: bool = False,
+                ran: float | None = None) -> Outcome:
         if retry and job.attempt <= policy.max_retries:
             delay = policy.backoff(job.attempt)
-            meta = self._meta(job, "retrying", error_type, t0)
+            meta = self._meta(job, "retrying", error_type, t0, ran)
             meta["retry_delay"] = delay
+            meta["error"] = brief(message)
             return Outcome(meta, retry=job.retry())
         base = self._base(job, queue, crashes, started)
         env = p.envelope(status=p.FAILED, error=p.error_dict(error_type, message, tb), **base)
@@ -126,18 +137,20 @@ class Runner:
             reason = message if dead else f"failed after {job.attempt} attempt(s): {error_type}: {message}"
             entry = p.dumps(p.dead_entry(raw, queue=queue, reason=reason, error_type=error_type,
                                          worker=self.worker, job_id=job.id))
-        return Outcome(self._meta(job, p.FAILED, error_type, t0), p.dumps(env), entry)
+        meta = self._meta(job, p.FAILED, error_type, t0, ran)
+        meta["error"] = brief(message)
+        return Outcome(meta, p.dumps(env), entry)
 
-    def _invalid(self, queue, raw, bad: p.InvalidJob, started, t0) -> Outcome:
+    def _invalid(self, queue, raw, bad: p.InvalidJob, t0) -> Outcome:
         if self._own_key(bad.reply_to):
             bad.reply_to = None  # answered through the result key only
-        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker, started_at=started)
+        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker)
         dead = p.dead_entry(raw, queue=queue, reason=bad.reason, error_type=bad.error_type,
                             worker=self.worker, job_id=bad.job_id)
         meta = {"id": bad.job_id, "task": bad.task, "status": p.FAILED,
                 "error_type": bad.error_type, "result_id": bad.job_id if bad.result_ttl > 0 else None,
                 "ttl": bad.result_ttl, "reply_to": bad.reply_to,
-                "duration": time.perf_counter() - t0}
+                "duration": time.perf_counter() - t0, "error": brief(bad.reason)}
         return Outcome(meta, p.dumps(env) if env else None, p.dumps(dead))
 
     def _base(self, job: p.Job, queue: str, crashes: int, started) -> dict:
@@ -146,12 +159,14 @@ class Runner:
                     started_at=started)
 
     @staticmethod
-    def _meta(job: p.Job, status: str, error_type: str | None, t0: float) -> dict:
+    def _meta(job: p.Job, status: str, error_type: str | None, t0: float,
+              ran: float | None = None) -> dict:
         # The result key is only worth writing when the producer knows the id.
         rid = None if job.id_assigned or job.result_ttl <= 0 else job.id
         return {"id": job.id, "task": job.task, "status": status, "error_type": error_type,
                 "result_id": rid, "ttl": job.result_ttl, "reply_to": job.reply_to,
-                "attempt": job.attempt, "duration": time.perf_counter() - t0}
+                "attempt": job.attempt,
+                "duration": time.perf_counter() - t0 if ran is None else ran}
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -168,8 +183,10 @@ class Runner:
         if t is None:
             names = self.registry.names()
             shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
-            raise p.InvalidJob(f"unknown task {job.task!r} (registered: {shown or 'none'}); check "
-                               "the name, or start the worker with the module that defines it",
+            close = suggest(job.task, tuple(names))
+            hint = f"did you mean {' or '.join(map(repr, close))}?; " if close else ""
+            raise p.InvalidJob(f"unknown task {job.task!r} ({hint}registered: {shown or 'none'}); "
+                               "check the name, or start the worker with the module that defines it",
                                p.E_UNKNOWN_TASK, reply_to=rt, **known)
         why = t.check_arguments(job.args, job.kwargs)
         if why:
@@ -181,6 +198,39 @@ class Runner:
         return bool(key) and key.startswith(self.own_prefixes) and not key.startswith(self.reply_prefix)
 
 
-def _type_name(e: BaseException) -> str:
+#: The longest exception message a job_finished event carries (the envelope keeps it whole).
+ERROR_IN_EVENT = 300
+
+
+def brief(message: str, limit: int = ERROR_IN_EVENT) -> str:
+    """``message`` cut to ``limit`` characters for a log line, saying that it was cut."""
+    return message if len(message) <= limit else message[:limit - 1] + "…"
+
+
+@functools.lru_cache(maxsize=256)
+def suggest(name: str, names: tuple[str, ...], limit: int = 3) -> list[str]:
+    """The registered names ``name`` was probably meant to be.
+
+    Task names share long module prefixes (``myapp.tasks.``), which make every name of
+    a module look alike to a plain similarity ratio; so a name whose function part is
+    exactly ours comes first (a task moved to another module, or named without its
+    module), and otherwise only the closest names by difflib's ratio, those within a
+    hair of the best one.  Cached: a producer sending thousands of jobs of a wrong name
+    must not make each one cost a comparison with every registered name."""
+    tail = name.rsplit(".", 1)[-1]
+    same = [n for n in names if n.rsplit(".", 1)[-1] == tail]
+    if same:
+        return same[:limit]
+    scored = sorted((-difflib.SequenceMatcher(None, name, n).ratio(), n) for n in names)
+    if not scored or -scored[0][0] < 0.8:
+        return []
+    best = -scored[0][0]
+    return [n for score, n in scored[:limit] if -score >= best - 0.04]
+
+
+def error_type_of(e: BaseException) -> str:
+    """``error.type`` of a task's exception: a built-in by its bare name (ValueError), any
+    other class as module.QualName (myapp.errors.QuotaExceeded), so that a task's own
+    class never passes for a built-in or for another module's class of the same name."""
     t = type(e)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"

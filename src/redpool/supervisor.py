@@ -28,7 +28,7 @@ from .config import WorkerConfig
 from .duties import Duties
 from .hooks import Hooks
 from .lifecycle import DRAINING, RUNNING, STOPPED, Lifecycle
-from .outcomes import ChildEvents
+from .outcomes import ChildEvents, job_names
 from .poller import Poller
 from .pool import ProcessPool
 from .queue import Completion, RedisQueue, Reserved
@@ -76,11 +76,15 @@ class Supervisor(ChildEvents, Lifecycle):
         self._tokens = count(1)
         self.avg_duration = 0.0                    # moving average of job run times
         self.drain_deadline = 0.0
+        self.put_back: Counter = Counter()         # (queue, raw) requeued since the drain began
         self.poller = Poller()
         self.reloading = False                     # SIGHUP: a new generation is taking over
         self.woken = False                         # this tick, the waiters brought jobs
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
+        # job_started (debug) costs a decode of every job, which the loop otherwise never
+        # does (it only moves bytes): it is emitted only when the log listens at debug.
+        self.announce_starts = cfg.log_level == "debug"
         duties.bind(self)
 
     # -- the outer loop ----------------------------------------------------------------------
@@ -138,7 +142,7 @@ class Supervisor(ChildEvents, Lifecycle):
         if self.waiter is not None:
             taken = self.waiter.take(pipe=self.waiter.fileno() in ready)
             self.woken = bool(taken)
-            self.backlog.extend(self.admit(r) for r in taken)
+            self.receive(taken)
             while self.waiter.errors:
                 self.duties.redis_failed(self.waiter.errors.popleft(), now, "wait")
         if self.state == DRAINING:
@@ -166,17 +170,17 @@ class Supervisor(ChildEvents, Lifecycle):
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "complete")
             return
-        self.acknowledged(missing, skipped)
+        self.acknowledged(missing, skipped, now)
         self.duties.redis_ok(now)
 
-    def acknowledged(self, missing: int, skipped: int) -> None:
-        """The pending completions reached Redis (all of them: one script)."""
+    def acknowledged(self, missing: int, skipped: int, now: float) -> None:
+        """The pending completions reached Redis (all of them: one script).  Those that
+        found their job gone from our processing list are judged by the duties: fenced
+        (a reaper took them), or lost with the server's data (restored, sent again)."""
         self.pending.clear()
         self.ack_due = 0.0
         if missing:
-            self.hooks.emit("results_dropped", count=missing,
-                            reason="jobs were no longer in our processing list (taken back "
-                                   "after our lease expired): they ran elsewhere")
+            self.duties.judge_missing(now, missing)
         if skipped:
             self.hooks.emit("replies_skipped", count=skipped,
                             reason="reply_to names a key that is not a list, or one of ours")
@@ -188,11 +192,27 @@ class Supervisor(ChildEvents, Lifecycle):
             return 1
         return max(2, min(MAX_BATCH, int(BATCH_SECONDS / self.avg_duration)))
 
-    def started(self, w: Work, now: float) -> None:
-        """``w`` starts running now: its timeout starts counting."""
+    def wall(self, t: float, now: float) -> float:
+        """Unix time of ``t`` on the loop's clock (monotonic), ``now`` being the same
+        clock's present: for envelopes of runs the supervisor stopped."""
+        return time.time() - (now - t)
+
+    def started(self, w: Work, now: float, pid: int) -> None:
+        """``w`` starts running now, in child ``pid``: its timeout starts counting.  (For
+        a job in a batch, "now" is when the answer of the one before it arrived.)"""
         w.started = now
-        if w.fail is None and self.cfg.timeout > 0:
-            w.deadline = now + self.cfg.timeout
+        if w.fail is None:
+            if self.cfg.timeout > 0:
+                w.deadline = now + self.cfg.timeout
+            if self.announce_starts:
+                self.announce(w, pid)
+
+    def announce(self, w: Work, pid: int) -> None:
+        """job_started, once per run (debug only: see announce_starts).  A job of a batch
+        whose answer came with the one before it is announced with its answer."""
+        if not w.announced and w.fail is None:
+            w.announced = True
+            self.hooks.emit("job_started", **job_names(w.raw), queue=w.queue, pid=pid)
 
     def dispatch(self, settle_only: bool = False) -> None:
         """Hand out held work: a child gets a batch when it has room for at least half
@@ -211,13 +231,14 @@ class Supervisor(ChildEvents, Lifecycle):
                 w = self.backlog.popleft()
                 token = next(self._tokens) & 0xFFFFFFFF
                 if not c.tokens and not tokens:
-                    self.started(w, now)
+                    self.started(w, now, c.pid)
                 if w.fail is None:
                     entries.append(job_entry(token, w.queue, w.raw, w.crashes))
                 else:
                     f = w.fail
                     entries.append(fail_entry(token, w.queue, w.raw, w.crashes, f["error_type"],
-                                              f["message"], retry=f["retry"], dead=f["dead"]))
+                                              f["message"], retry=f["retry"], dead=f["dead"],
+                                              started_at=f.get("started_at"), ran=f.get("ran")))
                 tokens.append(token)
                 self.inflight[token] = w
             if tokens:
@@ -262,15 +283,17 @@ class Supervisor(ChildEvents, Lifecycle):
             if self.waiter is not None:
                 self.waiter.disarm()
             return
+        epoch = self.duties.epoch
         try:
-            missing, skipped, got = self.rq.exchange(done, n, self.duties.epoch)
+            missing, skipped, got = self.rq.exchange(done, n, epoch)
         except redis.RedisError as e:
             self.duties.redis_failed(e, now, "exchange")
             return
-        self.acknowledged(missing, skipped)
+        self.acknowledged(missing, skipped, now)
         if got is None:
             self.duties.redis_ok(now)
-            self.duties.lease_lost(now, "reserve")
+            if self.duties.epoch == epoch:  # (else: registered anew since, data lost)
+                self.duties.lease_lost(now, "reserve")
             return
         # held before redis_ok(): after an outage it reconciles, and must see these as ours
         self.backlog.extend(self.admit(r) for r in got)
@@ -301,12 +324,27 @@ class Supervisor(ChildEvents, Lifecycle):
         children = self.pool.accepting()
         return bool(children) and all(len(c.tokens) >= 2 for c in children)
 
+    def receive(self, taken: list[Reserved]) -> None:
+        """Hold what the waiters took.  A waiter already inside BLMOVE when the drain
+        began may take back a job the drain has just put back: it goes back again, and
+        is counted as requeued once, not twice."""
+        if self.put_back:
+            for r in taken:
+                if self.put_back[(r.queue, r.raw)] > 0:
+                    self.put_back[(r.queue, r.raw)] -= 1
+                    self.stats["requeued"] -= 1
+        self.backlog.extend(self.admit(r) for r in taken)
+
     def admit(self, r: Reserved) -> Work:
         """A reserved job, or a poison pill: one whose host or process died running it
         more than --max-crashes times is dead-lettered instead of run again."""
         w = Work(r.queue, r.raw, r.crashes)
         if r.crashes > self.cfg.max_crashes:
+            # It did run (that is how it crashed): its envelope says when its last crashed
+            # run started, as recorded with the count; never null, which would tell the
+            # producer it is safe to submit again.
             w.fail = dict(error_type=p.E_WORKER_CRASHED, retry=False, dead=True,
+                          started_at=r.crashed_at if r.crashed_at is not None else time.time(),
                           message=f"its host or pool process died while running it {r.crashes} "
                                   f"times (--max-crashes {self.cfg.max_crashes}): dead-lettered "
                                   "as a poison pill")

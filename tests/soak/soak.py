@@ -66,7 +66,7 @@ STOP_GRACE = 40.0              # seconds supervisors get to exit after SIGTERM
 CHUNK = 1000                   # keys per EXISTS / MGET / LPUSH
 # Events a supervisor is expected to log in a soak with kills and a Redis restart;
 # anything else at warning or above is shown in full in the summary.
-EXPECTED_EVENTS = {"started", "stopped", "draining", "child_died", "job_crashed",
+EXPECTED_EVENTS = {"started", "stopped", "draining", "child_died", "child_stopped", "job_crashed",
                    "recovered", "reaped", "redis_down", "redis_up", "reconciled",
                    "child_retired"}
 

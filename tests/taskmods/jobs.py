@@ -97,3 +97,12 @@ def die_if(n: int, victim: int):
 def nap(seconds: float):
     time.sleep(seconds)
     return os.getpid()
+
+
+class QuotaExceeded(Exception):
+    """A task module's own exception class (error.type: its module and qualified name)."""
+
+
+@task(name="t.quota")
+def quota(limit: int):
+    raise QuotaExceeded(f"over the quota of {limit}")

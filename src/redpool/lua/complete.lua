@@ -7,7 +7,8 @@
 -- anything for it (fencing); it is counted instead.
 --
 -- KEYS[1]          <ns>:dead                       (list of dead-letter entries)
--- KEYS[2]          <ns>:crashes                    (hash; the job's count is dropped)
+-- KEYS[2]          <ns>:crashes                    (hash; the job's count and start
+--                                                  time are dropped)
 -- then per job j (3 keys each, offset o = 2 + 3(j-1)):
 --   KEYS[o+1]      <ns>:processing:<sup>:<queue>   (list; the job is removed from it)
 --   KEYS[o+2]      <ns>:result:<id>, or ""         (string; SET with EX ttl)
@@ -84,7 +85,8 @@ for j = 1, jobs do
       redis.call('ZADD', KEYS[o + 3], (now_ms + tonumber(ARGV[a + 6])) / 1000, ARGV[a + 5])
     end
     if counted then
-      redis.call('HDEL', KEYS[2], redis.sha1hex(raw))
+      local sha = redis.sha1hex(raw)
+      redis.call('HDEL', KEYS[2], sha, sha .. ':started')
     end
   end
 end

@@ -11,7 +11,8 @@
 -- KEYS[1]      <ns>:processing:<sup>:{q}   (list; the job is removed from it)
 -- KEYS[2]      <ns>:outbox:<sup>:{q}       (list; RPUSH of the answer)
 -- KEYS[3]      <ns>:dead:{q}               (list of dead-letter entries; LPUSH, LTRIM)
--- KEYS[4]      <ns>:crashes:{q}            (hash; the job's count is dropped)
+-- KEYS[4]      <ns>:crashes:{q}            (hash; the job's count and start time
+--                                           are dropped)
 -- KEYS[5]      <ns>:scheduled:{q}          (sorted set; the retry, ZADD)
 -- ARGV[1]      the dead-letter list's length cap
 -- ARGV[2]      D: how many answers of earlier calls were delivered since (cluster.py
@@ -57,7 +58,8 @@ for a = 2 + delivered, #ARGV - 1, 5 do
       redis.call('ZADD', KEYS[5], (now_ms + tonumber(ARGV[a + 5])) / 1000, ARGV[a + 4])
     end
     if counted then
-      redis.call('HDEL', KEYS[4], redis.sha1hex(raw))
+      local sha = redis.sha1hex(raw)
+      redis.call('HDEL', KEYS[4], sha, sha .. ':started')
     end
   end
 end

@@ -2,6 +2,10 @@
 -- every job in its processing lists back at the head of its queue, count a crash
 -- for each, and unregister it -- one atomic step, so a job moves exactly once even
 -- if two reapers race, and nothing happens if the supervisor renewed meanwhile.
+-- Which of the jobs had started is not known here, so the time of this step is kept
+-- as the start of a crashed run for those with none yet (sha1(job):started): a
+-- job later dead-lettered as a poison pill may have run by then, and its envelope
+-- must not say it never started.
 --
 -- KEYS[1]      <ns>:supervisor:<dead>      (hash; must not exist)
 -- KEYS[2]      <ns>:supervisors            (set; SREM the dead name)
@@ -14,12 +18,24 @@
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
+local now = nil
+local function stamp(hash, job)
+  if not now then
+    local t = redis.call('TIME')
+    now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  end
+  local sha = redis.sha1hex(job)
+  redis.call('HINCRBY', hash, sha, 1)
+  if not redis.call('HGET', hash, sha .. ':started') then  -- (HSETNX, with the commands
+    redis.call('HSET', hash, sha .. ':started', now)      -- the worker's ACL grants)
+  end
+end
 local moved = 0
 for i = 4, #KEYS, 2 do
   while true do
     local job = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
     if not job then break end
-    redis.call('HINCRBY', KEYS[3], redis.sha1hex(job), 1)
+    stamp(KEYS[3], job)
     moved = moved + 1
   end
 end

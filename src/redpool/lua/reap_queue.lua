@@ -4,6 +4,10 @@
 -- atomic step, so a job moves exactly once even if two reapers race, and nothing
 -- moves if the supervisor registered again meanwhile (a new fence).  Its outbox (answers
 -- it accepted but had not written) is delivered by the reaper afterwards.
+-- Which of the jobs had started is not known here, so the time of this step is kept
+-- as the start of a crashed run for those with none yet (sha1(job):started): a
+-- job later dead-lettered as a poison pill may have run by then, and its envelope
+-- must not say it never started.
 --
 -- KEYS[1]  <ns>:lease:<dead>:{q}         (hash; must not exist)
 -- KEYS[2]  <ns>:processing:<dead>:{q}    (list; emptied)
@@ -13,11 +17,23 @@
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
+local now = nil
+local function stamp(hash, job)
+  if not now then
+    local t = redis.call('TIME')
+    now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  end
+  local sha = redis.sha1hex(job)
+  redis.call('HINCRBY', hash, sha, 1)
+  if not redis.call('HGET', hash, sha .. ':started') then  -- (HSETNX, with the commands
+    redis.call('HSET', hash, sha .. ':started', now)      -- the worker's ACL grants)
+  end
+end
 local moved = 0
 while true do
   local job = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
   if not job then break end
-  redis.call('HINCRBY', KEYS[4], redis.sha1hex(job), 1)
+  stamp(KEYS[4], job)
   moved = moved + 1
 end
 return moved

@@ -2,18 +2,34 @@
 -- queue in one atomic step, keeping the order jobs were taken in (the oldest
 -- ends up rightmost, the next to be taken).  With ARGV[1] = "1" each job's crash
 -- count goes up: its supervisor died (or was found dead) while holding it.
+-- Which of the jobs had started is not known here, so the time of this step is kept
+-- as the start of a crashed run for those with none yet (sha1(job):started): a
+-- job later dead-lettered as a poison pill may have run by then, and its envelope
+-- must not say it never started.
 --
 -- KEYS[1]  <ns>:processing:<supervisor>:<queue>   (list; emptied)
 -- KEYS[2]  <ns>:queue:<queue>                     (list; jobs RPUSHed back)
 -- KEYS[3]  <ns>:crashes                           (hash; HINCRBY sha1(job) when counting)
 -- ARGV[1]  "1" to count a crash for each job, "0" not to
 -- Returns  the number of jobs moved.
+local now = nil
+local function stamp(hash, job)
+  if not now then
+    local t = redis.call('TIME')
+    now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  end
+  local sha = redis.sha1hex(job)
+  redis.call('HINCRBY', hash, sha, 1)
+  if not redis.call('HGET', hash, sha .. ':started') then  -- (HSETNX, with the commands
+    redis.call('HSET', hash, sha .. ':started', now)      -- the worker's ACL grants)
+  end
+end
 local moved = 0
 while true do
   local job = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not job then break end
   if ARGV[1] == '1' then
-    redis.call('HINCRBY', KEYS[3], redis.sha1hex(job), 1)
+    stamp(KEYS[3], job)
   end
   moved = moved + 1
 end

@@ -13,7 +13,9 @@
 -- ARGV[2]      our lease epoch
 -- Returns      {1, counted, i, job, crashes, i, job, crashes, ...} (counted: 1 if any
 --              job has a crash count at all; i: 1-based queue index; oldest job
---              first), or {0} when our lease is lost.
+--              first), or {0} when our lease is lost.  For a job that crashed before,
+--              crashes is {count, started}: started is the unix time its last crashed
+--              run started (a string), or "" when no start is known.
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then
   return {0}
 end
@@ -28,7 +30,11 @@ for i = 3, #KEYS, 2 do
     for _, job in ipairs(jobs) do
       local crashes = 0
       if counted then
-        crashes = tonumber(redis.call('HGET', KEYS[2], redis.sha1hex(job)) or 0)
+        local sha = redis.sha1hex(job)
+        crashes = tonumber(redis.call('HGET', KEYS[2], sha) or 0)
+        if crashes > 0 then
+          crashes = {crashes, redis.call('HGET', KEYS[2], sha .. ':started') or ''}
+        end
       end
       out[#out + 1] = (i - 1) / 2
       out[#out + 1] = job
