@@ -70,9 +70,13 @@ def _unexpected() -> int:
 
 def _early_logging(args: argparse.Namespace) -> dict:
     """The worker's --log-level / --log-format (or environment) as far as they can be
-    read before config.resolve() checks them; auto and warning for other commands."""
+    read before config.resolve() checks them.  The one-shot commands (status, inspect,
+    dead, enqueue, acl, demo) speak to a person, or to a script that keeps data
+    (stdout, --json) apart from messages (stderr): their messages are plain
+    ``redpool: ...`` lines whatever stderr is, as every other line they print; JSON
+    lines are the daemon's format, for journald and log shippers."""
     if args.command not in ("worker", "dev"):
-        return {"level": "warning", "fmt": "auto"}
+        return {"level": "warning", "fmt": "console"}
     level = (args.log_level or os.environ.get("REDPOOL_LOG_LEVEL") or "info").lower()
     fmt = (args.log_format or os.environ.get("REDPOOL_LOG_FORMAT") or "auto").lower()
     return {"level": level if level in logs.LEVELS else "info",
