@@ -11,8 +11,10 @@ LOCK   := constraints.txt
 EXTRAS := server,dev,test
 # `make test-latest` and `make lock`: the newest releases pyproject.toml allows
 LATEST := .venv-latest
+# `make test-oldest`: the oldest ones it claims to accept (tools/floors.py)
+OLDEST := .venv-oldest
 
-.PHONY: demo test dev bench clean venv test-latest lock polyglot
+.PHONY: demo test dev bench clean venv test-latest test-oldest lock polyglot
 
 venv: $(STAMP)
 
@@ -55,6 +57,19 @@ test-latest:
 	$(LATEST)/bin/python -m pip list --format freeze --exclude-editable
 	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The whole suite against the lowest version of each dependency pyproject.toml accepts
+# (its >= bounds, pinned by tools/floors.py), in .venv-oldest: run it after raising or
+# lowering a bound, so that `pip install redpool` into an app never picks a release we
+# have not seen pass.
+test-oldest:
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(OLDEST)/bin/python tools/floors.py > $(OLDEST)/floors.txt
+	$(OLDEST)/bin/python -m pip install --quiet --constraint $(OLDEST)/floors.txt -e '.[$(EXTRAS)]'
+	$(OLDEST)/bin/python -m pip list --format freeze --exclude-editable
+	$(OLDEST)/bin/python -m pytest $(PYTEST_ARGS)
+
 # Refresh constraints.txt: the newest releases, written down only if the suite passes
 # with them (test-latest first).  Commit the new constraints.txt with what it needed.
 lock: test-latest
@@ -67,4 +82,4 @@ lock: test-latest
 	@echo "constraints.txt refreshed; 'make test' installs these versions next time."
 
 clean:
-	rm -rf $(VENV) $(LATEST) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(OLDEST) build src/*.egg-info .pytest_cache

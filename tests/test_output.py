@@ -277,9 +277,16 @@ def test_redis_py_repeats_are_rate_limited_and_quiet_during_an_outage(restore_lo
 def test_redis_py_in_a_real_cluster_outage_says_it_once_as_json(restore_logging):
     """redis-py's own 'Topology refresh failed' (logged at ERROR on each refresh while no
     node answers) comes out as one JSON line, not as bare text every second."""
+    import inspect
+
+    import redis.cluster
+
     from redpool.connection import connect
     from redpool.server import EmbeddedCluster
 
+    if "Topology refresh failed" not in inspect.getsource(redis.cluster):
+        pytest.skip(f"redis-py {redis.__version__} does not log failed topology refreshes "
+                    "(8.2 does); the rate limit itself is tested with made-up records above")
     out = io.StringIO()
     logs.configure("info", "json", stream=out)
     emitted: list[logging.LogRecord] = []   # what redis-py logs, shown or not
