@@ -610,16 +610,23 @@ def given_busy_deployment(s: PageSession, block: dt.Block) -> None:
     default, each running a long job (order-7, order-8), six jobs waiting behind them
     (order-42 last), three scheduled, one failed (order-3) and one dead letter."""
     from redpool import Client
-    for _ in range(2):
-        s.start_daemon("redpool worker examples.tasks --queue high --queue default "
-                       "--concurrency 1 --prefetch 0 --grace 1", block.where + " (given)")
     with Client(s.url, namespace=s.ns) as client:
-        client.enqueue("examples.tasks.fail", id="order-3").wait(60)
-        client.enqueue("examples.tasks.sned", 1, id="order-9").wait(60)
+        # the failures first, on a worker of their own: a worker that has seen only
+        # millisecond jobs reserves short jobs in batches, and would hold the waiting
+        # ones behind its long job, where the example shows them queued
+        failed = [client.enqueue("examples.tasks.fail", id="order-3"),
+                  client.enqueue("examples.tasks.sned", 1, id="order-9")]
+        res = s.run_shell("redpool worker examples.tasks --burst --name burst")
+        assert res.returncode == 0 and all(r.ready() for r in failed), res.stdout
+        for _ in range(2):
+            s.start_daemon("redpool worker examples.tasks --queue high --queue default "
+                           "--concurrency 1 --prefetch 0 --grace 1", block.where + " (given)")
         for job_id in ("order-7", "order-8"):
             client.enqueue("examples.tasks.sleep", 300, id=job_id)
-        wait_for(lambda: sum(s.r.llen(k) for k in s.r.scan_iter(f"{s.ns}:processing:*")) == 2,
-                 60, what="order-7 and order-8 to run")
+            wait_for(lambda: not s.r.llen(f"{s.ns}:queue:default"), 60,
+                     what=f"{job_id} to be taken")
+        held = [s.r.llen(k) for k in s.r.scan_iter(f"{s.ns}:processing:*")]
+        assert sorted(held) == [1, 1], f"the two long jobs are not one per supervisor: {held}"
         for i in range(5):
             client.enqueue("examples.tasks.sleep", 1, id=f"order-{10 + i}")
         client.enqueue("examples.tasks.add", 2, 3, id="order-42")
