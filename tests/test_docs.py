@@ -156,6 +156,18 @@ def test_a_block_without_a_plan_is_refused(tmp_path):
             dt.plan(block)
 
 
+def test_blocks_are_found_in_lists_with_their_directive_and_section(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("## Other languages\n\n<!-- section: not a directive -->\n```js\nx()\n```\n\n"
+                    "## Steps\n\n* a step:\n\n  <!-- docs-test: output of `redpool demo` (numbers vary) -->\n"
+                    "  ```\n  line one\n    indented\n  ```\n")
+    js, out = dt.parse_blocks(page)
+    assert (js.lang, js.directive, js.section, js.line) == ("js", None, "## Other languages", 4)
+    assert out.text == "line one\n  indented\n" and out.section == "## Steps"
+    plan = dt.parse_directive(out.directive, out)
+    assert (plan.kind, plan.command, plan.numbers_vary) == ("output", "redpool demo", True)
+
+
 @pytest.mark.timeout(300)
 def test_the_harness_catches_a_call_whose_arguments_do_not_fit_the_task(redis_url, tmp_path):
     """The README once showed pool.map(resize, [("a.png", 100), ...]): each tuple went to
@@ -205,9 +217,14 @@ def test_the_liveness_probe_of_deploy_md_passes_for_a_live_worker(redis_url, tmp
         port = session.port(9100)
         session.start_daemon(f"redpool worker examples.tasks --metrics-port {port}", "yaml")
         code = command[2].replace(":9100/", f":{port}/")
-        res = subprocess.run([sys.executable, "-c", code], env=session.env, timeout=60,
-                             capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
+
+        def probe() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-c", code], env=session.env, timeout=60,
+                                  capture_output=True, text=True)
+        # (the gauge is set by the loop's first heartbeat, within a second of the start;
+        # the probe's failureThreshold covers that second)
+        wait_for(lambda: probe().returncode == 0, 30, what="the probe to pass")
+        assert "Traceback" not in probe().stderr
 
 
 # -- running a page -----------------------------------------------------------------------------
