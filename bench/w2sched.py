@@ -7,7 +7,7 @@ For each repetition it prints, for redpool and for ``multiprocessing.Pool(2).map
 the pool processes' CPU per job and involuntary context switches per job (from
 ``/proc/<pid>/task/*/schedstat`` and ``status``: nanosecond run times, not the 100 Hz
 ticks of ``/proc/<pid>/stat``), and for redpool also the supervisor's and the Redis
-server's CPU per job.  This is what README.md's "W2, what stands in the way" rests on.
+server's CPU per job.  This is what docs/benchmarks.md's "W2: what stands in the way of 0.95" rests on.
 Not part of ``make bench``: it explains a figure, it does not measure a target.
 """
 

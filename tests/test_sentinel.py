@@ -13,7 +13,7 @@ job the old primary had already reserved or completed is not lost, because the
 replica's state is a consistent earlier one in which it is still queued or reserved:
 it runs again (at least once).  The test counts the jobs that never got a result,
 prints the figures, and checks they were all enqueued in the last instants before the
-kill.
+kill (docs/deploy.md, "Sentinel", says what can be lost and shows the worker's URL).
 """
 
 from __future__ import annotations

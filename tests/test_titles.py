@@ -1,5 +1,6 @@
 """Process titles: how they read, that they change only when their text does, and what
-ps shows for a real supervisor and a real child running a slow job."""
+ps shows for a real supervisor and a real child running a slow job (the titles that
+docs/deploy.md's `ps` example shows)."""
 
 from __future__ import annotations
 
