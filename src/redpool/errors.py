@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# Exit codes of `redpool worker` (documented in the README; systemd units and
+# Exit codes of `redpool worker` (documented in docs/reference.md; systemd units and
 # Procfile runners see them).
 EXIT_OK = 0
 EXIT_ERROR = 1          # an unexpected error; the log says what

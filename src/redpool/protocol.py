@@ -234,7 +234,8 @@ def _validate(obj: dict[str, Any]) -> None:
                       f"got {_short(obj[name])}")
     for name in ("retry_backoff", "retry_backoff_max", "timeout"):
         if name in obj and (not _is_number(obj[name]) or obj[name] <= 0 or obj[name] > MAX_RESULT_TTL):
-            raise bad(f"'{name}' must be a number of seconds > 0, got {_short(obj[name])}")
+            raise bad(f"'{name}' must be a number of seconds > 0 and <= {MAX_RESULT_TTL}, "
+                      f"got {_short(obj[name])}")
     if "dead_letter" in obj and not isinstance(obj["dead_letter"], bool):
         raise bad(f"'dead_letter' must be true or false, got {_short(obj['dead_letter'])}")
     if "v" in obj:
