@@ -91,16 +91,20 @@ class Daemon:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        if self.proc is not None:
+            kill_group(self.proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started in its own session, and everything in its group."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def lpush_jobs(r, keys, jobs: list[dict], queue: str = "default") -> None:

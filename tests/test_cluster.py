@@ -26,7 +26,7 @@ import redis
 from conftest import SPREAD_QUEUES
 from helpers import ROOT, wait_for
 from redpool.cluster import ClusterLease, ClusterQueue, ClusterReaper
-from redpool.nodes import deliver, write_answers
+from redpool.nodes import deliver
 from redpool.keys import Keys, crash_started
 from redpool.queue import Completion
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections import Counter
 
 import pytest
@@ -304,7 +303,7 @@ def test_a_crash_inside_a_batch_of_short_jobs_is_pinned_on_exactly_that_job(r, k
 
 def test_a_batch_that_runs_long_is_shared_out_again(r, keys, daemons):
     # Given a worker that has only seen very short jobs (so it hands out big batches)
-    d = daemons("--concurrency", "2").wait_started()
+    daemons("--concurrency", "2").wait_started()
     lpush_jobs(r, keys, [{"task": "t.add", "id": f"w{i}", "args": [i, 1]} for i in range(300)])
     wait_for(lambda: all(envelope(r, keys, f"w{i}") for i in range(300)), what="warm-up")
     # When long jobs arrive

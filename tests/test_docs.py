@@ -53,7 +53,7 @@ import pytest
 import redis
 
 import doctools as dt
-from helpers import ROOT, wait_for
+from helpers import ROOT, kill_group, wait_for
 from redpool.server import EmbeddedServer, find_server_binary, free_port
 
 pytestmark = pytest.mark.daemon
@@ -240,14 +240,7 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_group(self.proc)
 
 
 class PageSession:

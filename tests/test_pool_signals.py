@@ -37,7 +37,7 @@ def test_sigttin_adds_a_child_and_sigttou_removes_one_after_its_job(r, keys, dae
     wait_for(lambda: named(d, "child_ready"), timeout=60, what="the third child to boot")
     assert len(d.children()) == 3
     lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"s{i}", "args": [2.0]} for i in range(3)])
-    wait_for(lambda: ledger_counts(r, ledger).get(f"s2:start"), what="three jobs running")
+    wait_for(lambda: ledger_counts(r, ledger).get("s2:start"), what="three jobs running")
     running = {x.decode().rsplit(":", 1)[1] for x in r.lrange(ledger, 0, -1)}
     assert len(running) == 3  # three different processes
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import time
 import uuid
 from collections import Counter
@@ -34,10 +35,16 @@ MAX_RESERVE = 1000
 IDLE_CHECK = 1.0
 
 
+_INCLUDE = re.compile(r"^--#include (\w+)$", re.MULTILINE)
+
+
 @functools.cache
 def script_source(name: str) -> str:
-    """The text of src/redpool/lua/<name>.lua (read once)."""
-    return resources.files("redpool").joinpath("lua", f"{name}.lua").read_text()
+    """The text of src/redpool/lua/<name>.lua (read once), with each line
+    ``--#include other`` replaced by lua/other.lua: Redis scripts cannot load code, so
+    a piece several scripts share is pasted in here rather than copied by hand."""
+    text = resources.files("redpool").joinpath("lua", f"{name}.lua").read_text()
+    return _INCLUDE.sub(lambda m: script_source(m.group(1)).rstrip("\n"), text)
 
 
 def load_script(r: redis.Redis, name: str):

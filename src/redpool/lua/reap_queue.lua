@@ -17,18 +17,7 @@
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
-local now = nil
-local function stamp(hash, job)
-  if not now then
-    local t = redis.call('TIME')
-    now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-  end
-  local sha = redis.sha1hex(job)
-  redis.call('HINCRBY', hash, sha, 1)
-  if not redis.call('HGET', hash, sha .. ':started') then  -- (HSETNX, with the commands
-    redis.call('HSET', hash, sha .. ':started', now)      -- the worker's ACL grants)
-  end
-end
+--#include _crash_stamp
 local moved = 0
 while true do
   local job = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')

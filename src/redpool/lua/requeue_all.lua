@@ -12,18 +12,7 @@
 -- KEYS[3]  <ns>:crashes                           (hash; HINCRBY sha1(job) when counting)
 -- ARGV[1]  "1" to count a crash for each job, "0" not to
 -- Returns  the number of jobs moved.
-local now = nil
-local function stamp(hash, job)
-  if not now then
-    local t = redis.call('TIME')
-    now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
-  end
-  local sha = redis.sha1hex(job)
-  redis.call('HINCRBY', hash, sha, 1)
-  if not redis.call('HGET', hash, sha .. ':started') then  -- (HSETNX, with the commands
-    redis.call('HSET', hash, sha .. ':started', now)      -- the worker's ACL grants)
-  end
-end
+--#include _crash_stamp
 local moved = 0
 while true do
   local job = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
