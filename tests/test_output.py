@@ -377,8 +377,8 @@ def run_on_a_terminal(*args: str, env: dict | None = None, timeout: float = 120,
 
 
 def run_reader_gone(*args: str, read_lines: int = 0, both: bool = False, env=None,
-                    then=None, timeout: float = 120,
-                    read_until: bytes | None = None) -> tuple[int, str, bytes]:
+                    then=None, timeout: float = 120, read_until: bytes | None = None,
+                    started=None) -> tuple[int, str, bytes]:
     """Run with stdout into a real pipe whose reader goes away: before the command
     writes anything (``read_lines=0``, as ``| head -0``), or after reading that many
     lines (as ``| head -1``), or until a line holding ``read_until`` came.  ``both``: stderr goes into the pipe too (``2>&1``).
@@ -391,6 +391,8 @@ def run_reader_gone(*args: str, read_lines: int = 0, both: bool = False, env=Non
                             stdin=subprocess.DEVNULL, stdout=wfd,
                             stderr=wfd if both else subprocess.PIPE, start_new_session=True)
     os.close(wfd)
+    if started is not None:
+        started(proc.pid)
     got = b""
     try:
         if read_lines or read_until is not None:
@@ -469,21 +471,37 @@ def test_demo_and_dev_end_quietly_when_their_reader_goes_away():
     assert code == EXIT_BROKEN_PIPE
 
 
-def test_a_worker_whose_log_reader_goes_away_drains_and_exits_141(r, keys, redis_url, namespace):
-    # Given `redpool worker ... 2>&1 | head -N`: head has its lines, up to `started`
-    # (a warning may come before it: the test server keeps nothing on disk), and is gone
-    def then_a_job() -> None:
-        lpush_jobs(r, keys, [{"task": "t.add", "id": "after", "args": [1, 2]}])
+def test_a_worker_whose_log_reader_goes_away_carries_on_and_drains_on_ctrl_c(
+        r, keys, redis_url, namespace):
+    # Given `redpool worker ... 2>&1 | tee log`, its reader gone once the worker started
+    # (a warning may come before `started`: the test server keeps nothing on disk)
+    ledger = f"{namespace}:ledger"
+    state = {}
 
+    def then() -> None:
+        # When jobs come (their log lines find no reader), and Ctrl-C arrives while a
+        # long one runs (the first line of the drain finds no reader either)
+        lpush_jobs(r, keys, [{"task": "t.add", "id": "after", "args": [1, 2]},
+                             {"task": "t.sleep", "id": "long", "args": [2.0, "done"]}])
+        wait_for(lambda: r.exists(keys.result("after")), what="a job after the reader left")
+        wait_for(lambda: b"long:start" in b" ".join(r.lrange(ledger, 0, -1)),
+                 what="the long job running")
+        state["pid"] = next(int(e.decode().rsplit(":", 1)[1])
+                            for e in r.lrange(ledger, 0, -1) if e.startswith(b"long:start"))
+        os.kill(supervisor[0], signal.SIGINT)
+
+    supervisor = []
     code, err, got = run_reader_gone(
         "worker", "tests.taskmods.jobs", "--redis-url", redis_url, "--namespace", namespace,
-        "--concurrency", "1", "--log-format", "json", "--name", "headless",
-        read_until=b'"started"', both=True, then=then_a_job)
-    # Then its next line (the job's) found no reader: it finished that job, stopped as
-    # on SIGTERM (its name given back), and says why by its exit status
-    assert b'"starting"' in got
-    assert code == EXIT_BROKEN_PIPE
-    assert r.exists(keys.result("after"))
+        "--concurrency", "1", "--grace", "60", "--log-format", "json", "--name", "headless",
+        read_until=b'"started"', both=True, then=then, started=supervisor.append,
+        env={"REDPOOL_LEDGER_URL": redis_url, "REDPOOL_LEDGER": ledger})
+    # Then it served on with its log silenced, and the one Ctrl-C drained it: the long
+    # job finished within its grace (not cut short, not run twice), exit 0
+    assert b'"starting"' in got and code == 0, err
+    assert json.loads(r.get(keys.result("long")))["result"] == "done"
+    assert [e for e in r.lrange(ledger, 0, -1) if e.startswith(b"long:")] == \
+        [f"long:start:{state['pid']}".encode(), f"long:end:{state['pid']}".encode()]
     assert not r.smembers(keys.supervisors)
 
 
@@ -645,6 +663,33 @@ def test_task_code_with_logging_of_its_own_is_left_alone(daemons, r, keys):
     d = daemons("--concurrency", "1", modules=("tests.taskmods.own_logging",)).wait_started()
     lpush_jobs(r, keys, [{"task": "own.say", "id": "o1", "args": ["hi"]}])
     wait_for(lambda: "OWN INFO own says hi" in d.log(), what="the module's own format")
+
+
+def test_task_code_with_structlog_of_its_own_is_left_alone(daemons, r, keys):
+    # a worker at --log-level warning would drop the task's info line, and JSON would
+    # replace its key=value format, if the child reconfigured structlog over it
+    d = daemons("--concurrency", "1", "--log-level", "warning",
+                modules=("tests.taskmods.own_structlog",))
+    lpush_jobs(r, keys, [{"task": "own.structlog", "id": "o1", "args": ["hi"]}])
+    wait_for(lambda: r.exists(keys.result("o1")), timeout=60, what="the job's result")
+    wait_for(lambda: "event='own_structlog_says' text='hi'" in d.log(),
+             what="the module's own structlog line")
+
+
+def test_tracebacks_on_a_terminal_never_show_local_variables():
+    # rich's formatter (structlog's default when rich is installed) prints every frame's
+    # locals, a --redis-url with its password among them
+    def boom(redis_url="redis://:S3cret@redis.internal:6379/0"):
+        raise KeyError(redis_url[:7])
+
+    try:
+        boom()
+    except KeyError as e:
+        err = e
+    for colors in (False, True):
+        text = ConsoleRenderer(colors=colors)(None, "error", {"event": "fatal", "error": "x",
+                                                             "exc_info": err})
+        assert "Traceback" in text and "in boom" in text and "S3cret" not in text
 
 
 def test_a_worker_on_a_terminal_prints_lines_for_people(redis_url, namespace, r, keys):

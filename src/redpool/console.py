@@ -19,8 +19,8 @@ a one-shot command's (status, dead, ...) read like any command-line tool's
 Written here rather than with structlog's ConsoleRenderer: that renderer's columns,
 padding and value quoting changed within the structlog versions we accept (the
 golden lines of tests/test_output.py must not move with a library upgrade), and it
-has no notion of per-event noise.  Exceptions still go through structlog's own
-formatter (rich's, when rich is installed and colours are on).
+has no notion of per-event noise.  Exceptions go through structlog's plain
+formatter (not rich's, which would print every frame's local variables).
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ class ConsoleRenderer:
         self.clock = clock       # a worker's lines: time and level first
         self.colors = colors
         if exception_formatter is None:
-            exception_formatter = (structlog.dev.default_exception_formatter if colors
-                                   else structlog.dev.plain_traceback)
+            # Never structlog's default: with rich installed it is rich's traceback with
+            # show_locals, which prints every frame's variables, passwords in Redis URLs
+            # included (redact_url cannot reach them)
+            exception_formatter = structlog.dev.plain_traceback
         self.exception_formatter = exception_formatter
 
     def __call__(self, logger: Any, method: str, event_dict: dict) -> str:

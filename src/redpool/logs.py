@@ -18,7 +18,6 @@ import errno
 import logging
 import os
 import select
-import signal
 import sys
 import threading
 import time
@@ -56,21 +55,20 @@ class Sink:
     """Writes lines to a stream; the logger structlog wraps, and the stdlib handler's
     output.  A reader gone (EPIPE) is never raised into the code that logs: the
     stream's descriptor is pointed at /dev/null (so neither this nor the interpreter's
-    final flush can fail again, as CPython's docs on SIGPIPE recommend), ``lost`` is
-    set (the CLI exits 141 for it), and a daemon stops as on SIGTERM: its jobs finish
-    within the grace or go back to their queues, as a writer stops on SIGPIPE."""
+    final flush can fail again, as CPython's docs on SIGPIPE recommend) and ``lost``
+    is set: a one-shot command exits 141 for it.  A daemon carries on, its log
+    silenced: its log's reader is not its work.  (Stopping it instead, as SIGPIPE stops
+    a writer, turned one Ctrl-C on `redpool worker ... | tee log` into two: the pipe
+    died with the first, and the stop it caused cut the running jobs' grace short.)"""
 
-    def __init__(self, stream, *, daemon: bool = False) -> None:
+    def __init__(self, stream) -> None:
         self.stream = stream
-        self.daemon = daemon
         self.lost = False
-        self._stop_pending = False
         self._lock = threading.Lock()
 
     def msg(self, line: str) -> None:
         with self._lock:
             if self.lost:
-                self._stop_if_pending()
                 return
             try:
                 self.stream.write(line + "\n")
@@ -89,17 +87,6 @@ class Sink:
     def _lose(self) -> None:
         self.lost = True
         silence(self.stream)
-        if self.daemon:
-            self._stop_pending = True
-            self._stop_if_pending()
-
-    def _stop_if_pending(self) -> None:
-        # Until the supervisor's signal inbox is installed, SIGTERM would kill us on the
-        # spot; before that there is nothing to drain, and the first line logged after
-        # it (`started`) sends the signal.
-        if self._stop_pending and callable(signal.getsignal(signal.SIGTERM)):
-            self._stop_pending = False
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Quiet(logging.Filter):
@@ -152,6 +139,7 @@ class _Handler(logging.Handler):
 
 class _State:
     sink: Sink | None = None
+    daemon: bool = False
     quiet: _Quiet | None = None
     handler: _Handler | None = None
 
@@ -162,8 +150,8 @@ _state = _State()
 def configure(level: str = "info", fmt: str = "auto", stream=None, *,
               daemon: bool = False, clock: bool | None = None) -> str:
     """Set up every output of this process; returns the format chosen ("json" or
-    "console").  ``daemon``: a worker (losing its stderr reader stops it as SIGTERM
-    would; its pool children log in its format).  ``clock``: console lines start with
+    "console").  ``daemon``: a worker (its pool children log in its format, and
+    losing its log's reader is not a reason to exit 141: see Sink).  ``clock``: console lines start with
     the time and level (by default, a daemon's do; a one-shot command's read
     ``redpool: ...``)."""
     global _min_level
@@ -171,7 +159,7 @@ def configure(level: str = "info", fmt: str = "auto", stream=None, *,
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if _isatty(stream) else "json"
-    sink = Sink(stream, daemon=daemon)
+    sink = Sink(stream)
     if fmt == "json":
         stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
         render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
@@ -188,6 +176,7 @@ def configure(level: str = "info", fmt: str = "auto", stream=None, *,
     )
     _route_stdlib(sink, stamp, render)
     _state.sink = sink
+    _state.daemon = daemon
     if daemon:
         os.environ[CHILD_ENV] = f"{level.lower()}:{fmt}"
     return fmt
@@ -197,11 +186,12 @@ def configure_child() -> None:
     """In a pool child, once the task modules and @on_child_start hooks ran: the
     supervisor's level and format (CHILD_ENV) for the stdlib logging of task code and
     the libraries it uses, unless that code set up logging of its own (handlers on the
-    root logger: then it is left alone, as logging.basicConfig would leave it).
+    root logger, or structlog configured: then it is left alone, as
+    logging.basicConfig would leave it).
     Losing stderr never stops a child (the supervisor decides), and a task must not
     fail because its log line could not be written."""
     level, _, fmt = os.environ.get(CHILD_ENV, "").partition(":")
-    if logging.getLogger().handlers:
+    if logging.getLogger().handlers or structlog.is_configured():
         return
     if level in LEVELS and fmt in ("json", "console"):
         configure(level, fmt, daemon=False, clock=True)
@@ -248,8 +238,9 @@ def fatal(message: str, exit_code: int, *, exc_info=None) -> None:
 
 
 def lost() -> bool:
-    """Did this process lose its log's reader (EPIPE on stderr)?"""
-    return _state.sink is not None and _state.sink.lost
+    """Did this one-shot command lose its messages' reader (EPIPE on stderr)?  (A
+    daemon's exit status says how its work ended, not whether its log was read.)"""
+    return _state.sink is not None and _state.sink.lost and not _state.daemon
 
 
 # -- standard streams whose reader went away -------------------------------------------------
