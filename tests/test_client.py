@@ -104,11 +104,15 @@ class FakeWorker:
                 type(e).__name__, str(e), traceback.format_exc()))
         data = protocol.dumps(env)
         self.done.append(job.args)  # before answering: a test may look as soon as it has the answer
-        if job.result_ttl > 0:
-            r.set(self.keys.result(job.id), data, ex=job.result_ttl)
-        if job.reply_to and self._may_reply_to(job.reply_to):
-            r.lpush(job.reply_to, data)
-            r.expire(job.reply_to, job.result_ttl or protocol.DEFAULT_RESULT_TTL)
+        # in one step, as complete.lua writes them: a test that sees the result key
+        # sees the reply and its expiry too
+        with r.pipeline(transaction=True) as pipe:
+            if job.result_ttl > 0:
+                pipe.set(self.keys.result(job.id), data, ex=job.result_ttl)
+            if job.reply_to and self._may_reply_to(job.reply_to):
+                pipe.lpush(job.reply_to, data)
+                pipe.expire(job.reply_to, job.result_ttl or protocol.DEFAULT_RESULT_TTL)
+            pipe.execute()
 
     def _may_reply_to(self, key: str) -> bool:
         # As lua/complete.lua: never LPUSH onto one of our own keys but a reply list.
