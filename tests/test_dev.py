@@ -226,3 +226,26 @@ def test_reload_restarts_the_pool_when_a_task_file_changes(project):
         assert changed and changed[-1]["files"] == ["devtasks.py"]
         assert dev.events("reloaded")
     assert dev.stop() == 0
+
+
+def test_a_change_saved_before_anyone_waits_for_it_is_not_missed(tmp_path):
+    # A fix saved while the broken version was still failing to boot (before `dev`
+    # began to wait for a change) must start the next run: one watcher spans the
+    # session and keeps what changed since the run began
+    import threading
+
+    from redpool.dev import Watcher
+
+    class Log:
+        def info(self, *a, **kw):
+            pass
+
+    (tmp_path / "devtasks.py").write_text("x = 1\n")
+    with Watcher([str(tmp_path)], Log()) as watcher:
+        watcher.forget()                              # a run begins
+        (tmp_path / "devtasks.py").write_text("x = 2\n")   # saved during that run
+        got = []
+        waiting = threading.Thread(target=lambda: got.append(watcher.wait()), daemon=True)
+        waiting.start()                               # only now does anyone wait
+        waiting.join(30)
+        assert len(got) == 1 and any(f.endswith("devtasks.py") for f in got[0]), got

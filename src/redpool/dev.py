@@ -49,6 +49,8 @@ from .errors import BootError, ConfigError
 PORTS = range(20000, 30000)
 STEP_MS = 100           # quiet time that ends a burst of changes
 STOP_JOIN = 2.0         # seconds to wait for the watcher thread at exit
+READY_POLL_MS = 200     # the watcher says it is up within this long of starting
+READY_WAIT = 5.0        # seconds to wait for that before the first run (not forever)
 IGNORED_DIRS = (".redpool", "venv", "site-packages", "build", "dist", ".eggs", ".nox",
                 ".ruff_cache")
 
@@ -226,42 +228,76 @@ def _changed(changes) -> list[str]:
     return files if len(files) <= 5 else [*files[:5], f"and {len(files) - 5} more"]
 
 
-class Reloader:
-    """While entered: SIGHUP to this process for each batch of changed Python files
-    under ``dirs``.  The handler is the daemon's (signals.py), installed before this
-    starts and removed after it stops, so no SIGHUP ever meets the default action."""
+class Watcher:
+    """One watcher for the whole dev session, so that no change is missed between two
+    runs of the worker: a fix saved while a broken version was failing to boot is
+    seen, and the next run starts at once.  While the worker runs (``forwarding()``)
+    each batch of changed Python files also sends this process SIGHUP: the daemon's
+    graceful reload (its handler is installed before forwarding starts and stays until
+    it ends, so no SIGHUP meets the default action)."""
 
     def __init__(self, dirs: list[str], log) -> None:
         self.dirs, self.log = dirs, log
         self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._cv = threading.Condition()
+        self._pending: list[str] = []
+        self._forwarding = False
         self._thread = threading.Thread(target=self._watch, name="redpool-reload", daemon=True)
 
     def _watch(self) -> None:
         from watchfiles import watch
 
+        # yield_on_timeout: an empty batch says the watcher is up (ready)
         for changes in watch(*self.dirs, watch_filter=_task_files(), step=STEP_MS,
                              stop_event=self._stop, raise_interrupt=False,
-                             ignore_permission_denied=True):
-            self.log.info("files_changed", files=_changed(changes), action="reloading the pool")
-            os.kill(os.getpid(), signal.SIGHUP)
+                             ignore_permission_denied=True, yield_on_timeout=True,
+                             rust_timeout=READY_POLL_MS):
+            self._ready.set()
+            if not changes:
+                continue
+            files = _changed(changes)
+            with self._cv:
+                self._pending += files
+                self._cv.notify_all()
+                forward = self._forwarding
+            if forward:
+                self.log.info("files_changed", files=files, action="reloading the pool")
+                os.kill(os.getpid(), signal.SIGHUP)
 
-    def __enter__(self) -> "Reloader":
+    def __enter__(self) -> "Watcher":
         self._thread.start()
+        self._ready.wait(READY_WAIT)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(STOP_JOIN)
 
+    @contextlib.contextmanager
+    def forwarding(self):
+        """While the worker runs: changes reload its pool."""
+        with self._cv:
+            self._forwarding = True
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._forwarding = False
 
-def wait_for_change(dirs: list[str]) -> list[str]:
-    """Block until a Python file under ``dirs`` changes (Ctrl-C: KeyboardInterrupt)."""
-    from watchfiles import watch
+    def forget(self) -> None:
+        """A run starts now: what changed before is in the code it loads."""
+        with self._cv:
+            self._pending.clear()
 
-    for changes in watch(*dirs, watch_filter=_task_files(), step=STEP_MS,
-                         ignore_permission_denied=True):
-        return _changed(changes)
-    return []
+    def wait(self) -> list[str]:
+        """The files changed since the last forget(), once there are any (Ctrl-C:
+        KeyboardInterrupt)."""
+        with self._cv:
+            while not self._pending:
+                self._cv.wait(0.5)   # (a timeout: Ctrl-C is seen between waits)
+            files, self._pending = self._pending, []
+            return files
 
 
 def run(cfg, run_worker: Callable[..., int], reload_dirs: list[str] | None, log) -> int:
@@ -273,10 +309,12 @@ def run(cfg, run_worker: Callable[..., int], reload_dirs: list[str] | None, log)
     # an edit within the second of the last import ("return 1" -> "return 2") would
     # reload the old code.  Pool processes of a reloading dev worker write no cache.
     os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
-    while True:
-        try:
-            return run_worker(cfg, watch=lambda: Reloader(reload_dirs, log))
-        except BootError as e:
-            log.error("boot_failed", error=str(e),
-                      action="fix the task code: the next change to a .py file tries again")
-        log.info("files_changed", files=wait_for_change(reload_dirs), action="starting again")
+    with Watcher(reload_dirs, log) as watcher:
+        while True:
+            watcher.forget()
+            try:
+                return run_worker(cfg, watch=watcher.forwarding)
+            except BootError as e:
+                log.error("boot_failed", error=str(e),
+                          action="fix the task code: the next change to a .py file tries again")
+            log.info("files_changed", files=watcher.wait(), action="starting again")
