@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -302,3 +303,23 @@ def test_on_redis_cluster_the_job_lands_in_its_queues_slot_and_leases_are_read(
     assert "no worker is running in namespace" in res.stderr
     [job] = [json.loads(raw) for raw in rc.lrange(cluster_keys.queue("b"), 0, -1)]
     assert job["id"] == "c-1" and job["timeout"] == 5.0 and "reply_to" not in job
+
+
+def test_a_redis_error_after_the_push_is_no_reason_to_say_the_job_was_not_queued():
+    # The job is pushed; then the look at who serves its queue meets a dead connection.
+    # That look is advice: it must not turn into "cannot reach Redis" (exit 4), which a
+    # script would take as "not queued" and push the job again
+    import redis as redispy
+
+    from redpool.enqueue import unserved
+    from redpool.keys import Keys
+
+    class Gone:
+        def __getattr__(self, name):
+            def call(*a, **kw):
+                raise redispy.ConnectionError("Connection reset by peer")
+            return call
+
+    client = SimpleNamespace(redis=Gone(), keys=Keys("redpool"), namespace="redpool",
+                             url="redis://localhost:6379/0")
+    assert unserved(client, "default") is None

@@ -215,6 +215,8 @@ def _flagged(message: str) -> str:
 
 
 def enqueue_one(client, args, options: dict, out: TextIO, err: TextIO) -> int:
+    import redis
+
     fields = {k: v for k, v in options.items() if k != "kwargs"}
     # a result key is what --wait reads; only without one does the job need a reply list
     reply_to = None if args.wait and args.result_ttl == 0 else False
@@ -229,7 +231,14 @@ def enqueue_one(client, args, options: dict, out: TextIO, err: TextIO) -> int:
     if not args.wait:
         return EXIT_OK
     timeout = 60.0 if args.wait_timeout is None else args.wait_timeout
-    res.wait(timeout)
+    try:
+        res.wait(timeout)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        # not exit 4 ("cannot reach Redis"): a script would take the job as not queued
+        # and push it again
+        print(f"redpool: job {res.id} is queued, but Redis went away while waiting for its "
+              f"result ({e}); `redpool inspect {res.id}` shows where it is", file=err)
+        return 1
     if not res.ready():
         print(f"redpool: no result for job {res.id} within {timeout:g} s (--wait-timeout); "
               f"`redpool inspect {res.id}` shows where it is", file=err)
@@ -361,7 +370,9 @@ def unserved(client, queue: str) -> str | None:
     try:
         live = [s for s in read_supervisors(client.redis, client.keys, server_time(client.redis))
                 if s.alive]
-    except redis.ResponseError:  # NOPERM: a producer's ACL user cannot read leases
+    except redis.RedisError:
+        # NOPERM (a producer's ACL user cannot read leases), or Redis gone after the
+        # push: the job is queued all the same, and an error here would say otherwise
         return None
     if any(queue in s.queues for s in live):
         return None
