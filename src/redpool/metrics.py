@@ -35,8 +35,9 @@ from .errors import ConfigError, RedisUnavailable
 INVALID_TASK = "(invalid)"
 # error types of jobs that never ran: their task name is not to be trusted as a label
 NEVER_RAN = frozenset({p.E_INVALID_JOB, p.E_UNKNOWN_TASK, p.E_PAYLOAD_TOO_LARGE})
-# error types settled by the supervisor after the fact: their duration is not the job's
-NOT_TIMED = NEVER_RAN | {p.E_WORKER_CRASHED, "TimeoutError"}
+# error types settled by the supervisor after the fact: their duration is not the job's.
+# (A timed-out attempt is timed: its duration is how long it ran until it was stopped.)
+NOT_TIMED = NEVER_RAN | {p.E_WORKER_CRASHED}
 # from a millisecond to an hour (the default --timeout)
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                     30.0, 60.0, 300.0, 900.0, 3600.0)
