@@ -1033,6 +1033,16 @@ class TestRedisQueueContract:
         done = [completion("a", job(2))]
         assert q.complete(done) == (1, 0)
         assert q.missed == done
+        # in a batch that mixes both, only the gone ones are kept: the rest were written
+        # (sent again, they would answer twice)
+        q.missed = []
+        push(b, "a", job(4), job(5))
+        q.reserve(2, epoch)
+        b.r.lrem(b.keys.processing(SUP, "a"), 0, job(4))
+        mixed = [completion("a", job(3)), completion("a", job(4)), completion("a", job(5))]
+        assert q.complete(mixed) == (2, 0)
+        assert q.missed == mixed[:2]
+        assert b.r.exists(b.keys.result("job-5")) and not b.r.exists(b.keys.result("job-4"))
 
     def test_the_server_says_who_it_is_and_whether_it_keeps_its_data(self, backend):
         b = backend

@@ -138,8 +138,7 @@ class FakeQueue:
                 self.crash_started.pop(c.raw, None)
             else:
                 missing += 1
-        if missing:
-            self.missed += batch
+                self.missed.append(c)   # only those: the rest were written
         return missing, 0
 
     # the server itself
@@ -3163,3 +3162,32 @@ def test_handling_a_loss_cut_short_by_redis_failing_again_is_finished_and_said_o
     assert w.rq.restore_calls[0] == Counter({("default", j): 1 for j in jobs(1, 2, 3)})
     assert all(c == Counter() for c in w.rq.restore_calls[1:])
     assert not w.named("results_dropped") and not w.named("lease_lost")
+
+
+def test_a_job_answered_in_the_same_batch_as_lost_ones_is_answered_once():
+    # Given job 1 running, the waiter armed
+    w = World([job(1)], size=2, prefetch=0, waiter=True)
+    w.tick()
+    assert len(w.sup.inflight) == 1
+    # When Redis goes away (the loop backs off) and comes back empty ...
+    w.rq.down = True
+    w.tick(0.01)
+    w.rq.lose_data()
+    w.rq.down = False
+    # ... job 1 finishes, and the waiter (its own connection, not in backoff) takes job
+    # 5, pushed to the new server, which the free child runs at once
+    w.pool.finish_all()
+    w.rq.processing.append(("default", job(5)))
+    w.waiter.inbox.append(Reserved("default", job(5), 0))
+    w.tick(0.0)
+    w.pool.finish(next(s.token for s in w.pool.sent if s.raw == job(5)))
+    w.tick(0.0)
+    assert {c.raw for c in w.sup.pending} == {job(1), job(5)}
+    # Then one exchange carries both; job 1 is found lost and restored, and only job 1
+    # is sent again: job 5's answer was written with that exchange, once
+    for _ in range(6):
+        w.tick(0.5)
+    assert len(w.named("redis_data_lost")) == 1
+    assert sum(1 for batch in w.rq.complete_calls for c in batch if c.raw == job(5)) == 1
+    assert sum(1 for batch in w.rq.complete_calls for c in batch if c.raw == job(1)) == 2
+    assert not w.rq.processing

@@ -107,8 +107,8 @@ class ClusterQueue(RedisQueue):
             else:
                 self._delivered.pop(q, None)  # the script removed them from the outbox
                 missing += int(reply[0])
-                if int(reply[0]):
-                    self.missed += batch  # (see RedisQueue.missed)
+                if int(reply[0]):  # (see RedisQueue.missed)
+                    self.missed += [batch[int(i) - 1] for i in reply[2:]]
                 answers[q] = reply[1]
         skipped = self._deliver(answers, errors)
         got: list[Reserved] = []

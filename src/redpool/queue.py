@@ -129,9 +129,10 @@ class RedisQueue:
         self._promote = load_script(r, "promote")
         self._hot = None  # the connection of _evalsha_pipeline
         self._hot_used = 0.0
-        #: Completions of a batch that found jobs missing from our processing lists:
-        #: kept for the supervisor to look into (fenced by a reaper, or lost with the
-        #: server's data), which takes them.
+        #: Completions that found their job missing from our processing list (the
+        #: script says which of a batch), so nothing was written for them: kept for the
+        #: supervisor to look into (fenced by a reaper: dropped; or lost with the
+        #: server's data: sent again), which takes them.
         self.missed: list[Completion] = []
 
     # -- the hot path ------------------------------------------------------------------------
@@ -156,9 +157,10 @@ class RedisQueue:
         replies = self._evalsha_pipeline(calls)
         missing = skipped = 0
         if done:
-            missing, skipped = (int(x) for x in replies.pop(0))
-            if missing:
-                self.missed += done   # (one script: which of them, it does not say)
+            reply = replies.pop(0)
+            missing, skipped = int(reply[0]), int(reply[1])
+            if missing:  # (only those: others of the batch were written)
+                self.missed += [done[int(i) - 1] for i in reply[2:]]
         got: list[Reserved] | None = []
         if n > 0:
             flat = replies[0]

@@ -31,7 +31,9 @@
 --                  the worker may not write is skipped (and counted) instead of
 --                  refusing the whole batch, which would wedge the supervisor.
 -- Returns          {jobs no longer in their processing list, replies skipped because
---                  the reply_to key held another type or was one of our own keys}.
+--                  the reply_to key held another type or was one of our own keys,
+--                  then the position (1-based) in the batch of each job no longer
+--                  there: only those were not written (a batch can mix both)}.
 local dead_cap = tonumber(ARGV[1])
 local reply_default_ttl = tonumber(ARGV[2])
 local own, replies = ARGV[3], ARGV[4]
@@ -41,6 +43,7 @@ end
 local counted = redis.call('EXISTS', KEYS[2]) == 1
 local now_ms = nil
 local missing = 0
+local gone = {}
 local skipped = 0
 local dead_added = false
 local jobs = (#KEYS - 2) / 3
@@ -51,6 +54,7 @@ for j = 1, jobs do
   local removed = redis.call('LREM', KEYS[o + 1], -1, raw)
   if removed == 0 then
     missing = missing + 1
+    gone[missing] = j
   else
     local ttl = tonumber(ARGV[a + 2])
     local env = ARGV[a + 3]
@@ -93,4 +97,8 @@ end
 if dead_added then
   redis.call('LTRIM', KEYS[1], 0, dead_cap - 1)
 end
-return {missing, skipped}
+local reply = {missing, skipped}
+for i = 1, missing do
+  reply[i + 2] = gone[i]
+end
+return reply

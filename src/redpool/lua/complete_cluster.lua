@@ -26,11 +26,13 @@
 --   ARGV[a+4]  the next attempt's raw job, or ""
 --   ARGV[a+5]  its delay in milliseconds (due = Redis server time + delay)
 -- Returns      {jobs no longer in the processing list, the entries this call pushed
---              onto the outbox} (older ones a failed write left there are cluster.py's
---              housekeeping's, so that a node away does not make every call heavier)
+--              onto the outbox (older ones a failed write left there are cluster.py's
+--              housekeeping's, so that a node away does not make every call heavier),
+--              then the position (1-based) in the batch of each job no longer there}
 local counted = redis.call('EXISTS', KEYS[4]) == 1
 local now_ms = nil
 local missing = 0
+local gone = {}
 local dead_added = false
 local pushed = {}
 local delivered = tonumber(ARGV[2])
@@ -41,6 +43,7 @@ for a = 2 + delivered, #ARGV - 1, 5 do
   local raw = ARGV[a + 1]
   if redis.call('LREM', KEYS[1], -1, raw) == 0 then
     missing = missing + 1
+    gone[missing] = (a - 2 - delivered) / 5 + 1
   else
     if ARGV[a + 2] ~= '' then
       redis.call('RPUSH', KEYS[2], ARGV[a + 2])
@@ -66,4 +69,8 @@ end
 if dead_added then
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
 end
-return {missing, pushed}
+local reply = {missing, pushed}
+for i = 1, missing do
+  reply[i + 2] = gone[i]
+end
+return reply
