@@ -37,8 +37,11 @@ def test_sigttin_adds_a_child_and_sigttou_removes_one_after_its_job(r, keys, dae
     wait_for(lambda: named(d, "child_ready"), timeout=60, what="the third child to boot")
     assert len(d.children()) == 3
     lpush_jobs(r, keys, [{"task": "t.sleep", "id": f"s{i}", "args": [2.0]} for i in range(3)])
-    wait_for(lambda: ledger_counts(r, ledger).get("s2:start"), what="three jobs running")
-    running = {x.decode().rsplit(":", 1)[1] for x in r.lrange(ledger, 0, -1)}
+    # (each job writes its own start: s2's can come before s1's)
+    wait_for(lambda: all(ledger_counts(r, ledger).get(f"s{i}:start") for i in range(3)),
+             what="three jobs running")
+    running = {x.decode().rsplit(":", 1)[1] for x in r.lrange(ledger, 0, -1)
+               if x.decode().split(":")[1] == "start"}
     assert len(running) == 3  # three different processes
 
     # SIGTTOU twice while they run: children go, but only after their job.  (One at a
