@@ -317,6 +317,53 @@ def test_a_batch_that_runs_long_is_shared_out_again(r, keys, daemons):
     assert len(pids) == 2 and min(pids.values()) >= 5, pids
 
 
+def test_sigterm_sent_to_every_process_of_the_worker_lets_running_jobs_finish(
+        r, keys, daemons, tmp_path):
+    # Given two jobs running on a worker (Heroku's dyno manager stops a dyno by sending
+    # SIGTERM to every one of its processes, pool processes included, by pid)
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "2", "--grace", "60", ledger=led).wait_started()
+    release = tmp_path / "release"
+    lpush_jobs(r, keys, [{"task": "t.hold", "id": f"h{i}", "args": [str(release), i]}
+                         for i in range(2)])
+    wait_for(lambda: r.llen(led) >= 2, what="two jobs running")
+    # When every process of the worker gets SIGTERM
+    procs = _session(d.pid)
+    assert d.pid in procs and set(d.children()) <= set(procs)
+    for pid in procs:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: any(e.get("event") == "draining" for e in d.events()), what="draining")
+    # Then the jobs run on and finish within the grace; the worker exits 0
+    release.touch()
+    assert d.wait(60) == 0, d.log()
+    for i in range(2):
+        env = envelope(r, keys, f"h{i}")
+        assert env is not None, d.log()   # (a process that died of it: the job runs again)
+        assert env["status"] == "succeeded" and env["result"] == i and env["attempts"] == 1
+    # none crashed, none ran twice, nothing was cut short
+    assert sorted(x.decode().split(":")[0] for x in r.lrange(led, 0, -1)) == \
+        ["h0", "h0", "h1", "h1"]  # each: one start, one end
+    names = [e.get("event") for e in d.events()]
+    assert not {"child_died", "job_crashed", "grace_expired", "stop_now"} & set(names), d.log()
+    assert r.hlen(keys.crashes) == 0 and r.llen(keys.queue("default")) == 0
+
+
+def _session(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (the daemon runs in its own: all of its processes,
+    whatever process group they moved to)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                out.append(int(entry))
+    return out
+
+
 def test_a_task_modules_own_exception_is_named_by_module_and_qualified_name(
         redis_url, namespace, r, keys, daemons):
     from redpool import Client

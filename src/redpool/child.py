@@ -9,7 +9,6 @@ outcome; nothing a job does can end this loop except killing the process.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import signal
@@ -20,6 +19,7 @@ import time
 
 from . import boot, logs
 from . import protocol as p
+from .lifeline import StopWhenAsked, die_with_parent
 from .registry import default_registry
 from .runner import Outcome, Policy, Runner
 from .titles import ChildTitle
@@ -51,9 +51,6 @@ ENTRY = struct.Struct("!cIIHHI")
 STARTED = struct.Struct("!Id")
 LENGTH = struct.Struct("!I")
 DONE_HEADER = struct.Struct("!IIII")
-
-PR_SET_PDEATHSIG = 1
-
 
 def job_entry(token: int, queue: str, raw: bytes, crashes: int = 0) -> bytes:
     q = queue.encode()
@@ -132,22 +129,24 @@ def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | N
 
 def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: int,
          sys_path: list[str], namespace: str = p.DEFAULT_NAMESPACE,
-         defaults: dict | None = None, progress=None) -> None:
-    """Entry point of a pool child (multiprocessing spawn target)."""
-    _die_with_parent(parent_pid)
-    # Signals for the worker are the supervisor's to act on, not ours: Procfile runners
-    # (honcho, foreman, Heroku's dyno manager) send SIGTERM to the whole process group,
-    # which would kill a running job at once instead of letting it finish within the
-    # grace.  So a child leaves the supervisor's group; it still dies with it
-    # (_die_with_parent), and the supervisor signals it by pid (timeouts, shutdown).
-    # Ctrl-C in a terminal reaches the foreground group only: ignored too, for the
-    # same reason, should we be in it after all.
+         defaults: dict | None = None, progress=None, asked=None) -> None:
+    """Entry point of a pool child (multiprocessing spawn target).  ``progress``: the
+    shared word we write the running job's token into; ``asked``: the one the supervisor
+    sets before it sends us SIGTERM."""
+    die_with_parent(parent_pid)
+    # Signals for the worker are the supervisor's to act on, not ours: it decides what
+    # happens to running jobs (they finish within --grace).  honcho and foreman send
+    # SIGTERM to the worker's process group: a child leaves it, so that signal reaches
+    # the supervisor alone (we still die with it: die_with_parent).  Heroku's dyno
+    # manager sends SIGTERM to every process by pid: that one we ignore, unless the
+    # supervisor asked (StopWhenAsked).  Ctrl-C in a terminal reaches the foreground
+    # group only: ignored too, should we be in it after all.
     try:
         os.setpgid(0, 0)
     except OSError:
         pass  # already a group leader (cannot happen for a spawned child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop = StopWhenAsked(asked)
     sys.path[:0] = [x for x in sys_path if x not in sys.path]
     registry = default_registry
     mod = hook = None
@@ -163,6 +162,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
         message = boot.describe(e, mod, name)
         conn.send_bytes(MSG_BOOT_ERROR + message.encode("utf-8", "replace"))
         os._exit(3)
+    stop.adopt()  # a handler the task modules or hooks installed
     logs.configure_child()  # task code's logging in the worker's format, unless it has its own
     conn.send_bytes(MSG_READY)
     policy = Policy(**(defaults or {}))
@@ -209,6 +209,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             progress.value = 0
         title.raw = None
         answers.flush()
+        stop.adopt()  # (a job may have installed one)
 
 
 class Answers:
@@ -260,26 +261,3 @@ class Answers:
                     self._flush()
                 except OSError:
                     return  # the pipe is gone: the main thread finds out too
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Exit when the supervisor dies, even by SIGKILL: no orphans running on.
-
-    Linux: the kernel sends us SIGKILL when our parent exits (PR_SET_PDEATHSIG).
-    Elsewhere, and as a backstop, a thread watches our parent pid."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(0)
-
-    threading.Thread(target=watch, name="redpool-parent-watch", daemon=True).start()
