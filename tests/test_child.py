@@ -2,13 +2,16 @@
 
 The test plays the supervisor: it hands the child batches (child.encode_batch), reads
 its events with pool.poll, and signals it by pid.  What is checked here is the child's
-side of the contract that a SIGTERM counts only when the supervisor asked for it.
+side of two contracts: jobs it holds and has not started go back when the one it runs
+runs long (never both given back and run), and a SIGTERM counts only when the
+supervisor asked for it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
 from multiprocessing.connection import wait
 
 import pytest
@@ -16,7 +19,7 @@ import pytest
 from helpers import wait_for
 from redpool import protocol as p
 from redpool.child import decode_done, encode_batch, job_entry
-from redpool.pool import Died, Done, ProcessPool
+from redpool.pool import Died, Done, ProcessPool, Returned
 
 pytestmark = pytest.mark.daemon   # real processes
 
@@ -45,13 +48,13 @@ class Feeder:
         self.next_token = 0
         self.events: list = []
 
-    def send(self, *raws: bytes) -> list[int]:
+    def send(self, *raws: bytes, return_after: float = 0.02) -> list[int]:
         tokens = []
         for _ in raws:
             self.next_token += 1
             tokens.append(self.next_token)
         entries = [job_entry(t, "q", raw) for t, raw in zip(tokens, raws)]
-        self.pool.send(self.child, tokens, encode_batch(entries))
+        self.pool.send(self.child, tokens, encode_batch(entries, return_after))
         return tokens
 
     def collect(self, cond, what: str, timeout: float = 30.0):
@@ -72,6 +75,9 @@ class Feeder:
                 out[ev.token] = meta
         return out
 
+    def returned(self) -> list[int]:
+        return [t for ev in self.events if isinstance(ev, Returned) for t in ev.tokens]
+
     def died(self) -> list[Died]:
         return [ev for ev in self.events if isinstance(ev, Died)]
 
@@ -80,12 +86,68 @@ def add(n: int) -> bytes:
     return p.encode_job(p.make_job("t.add", [n, 1], id=f"add-{n}"))
 
 
+def nap(n: int, seconds: float) -> bytes:
+    return p.encode_job(p.make_job("t.nap", [seconds], id=f"nap-{n}"))
+
+
 def hold(path, tag: str = "held") -> bytes:
     return p.encode_job(p.make_job("t.hold", [str(path), tag], id=f"hold-{tag}"))
 
 
 def started(path) -> bool:
     return os.path.exists(f"{path}.started")
+
+
+# -- giving back what waits behind a long job ---------------------------------------------------
+
+def test_jobs_behind_a_long_job_are_given_back_while_it_runs(spawn, tmp_path):
+    f = spawn()
+    release = tmp_path / "release"
+    # Given a job of no fixed length followed in its batch by a short one, and a second
+    # batch sent to the busy process behind it (still in its pipe)
+    long, behind = f.send(hold(release), add(1))
+    in_pipe = f.send(add(2), add(3))
+    f.collect(lambda f: started(release), "the long job to start")
+    # Then, while it runs, everything it holds and has not started comes back, in order
+    f.collect(lambda f: len(f.returned()) == 3, "the jobs behind it to be given back")
+    assert f.returned() == [behind, *in_pipe]
+    assert list(f.child.tokens) == [long] and not f.done()
+    # When it ends, it is answered, and the process takes the next batch (a supervisor
+    # sends it none before: a batch arriving while it runs long would come back too)
+    release.touch()
+    f.collect(lambda f: long in f.done(), "the long job's answer")
+    nxt = f.send(add(4))
+    f.collect(lambda f: nxt[0] in f.done(), "the next batch")
+    # And none of the jobs it gave back ran
+    assert set(f.done()) == {long, *nxt}
+    assert f.done()[long]["status"] == p.SUCCEEDED
+
+
+def test_a_job_is_either_run_or_given_back_never_both(spawn):
+    # Jobs of about the give-back time, handed out again as soon as they come back, as a
+    # supervisor does: the main thread (between jobs) and the helper thread (during one)
+    # race to give back; every job must be answered or returned, exactly once in all
+    f = spawn()
+    jobs = [nap(n, 0.0005) for n in range(200)]
+    todo = list(jobs)
+    raw_of: dict[int, bytes] = {}
+    answered: Counter = Counter()
+    rounds = 0
+    while todo and rounds < 1000:
+        rounds += 1
+        for i in range(0, len(todo), 10):
+            batch = todo[i:i + 10]
+            raw_of.update(zip(f.send(*batch, return_after=0.0005), batch))
+        seen = len(f.events)
+        f.collect(lambda f: not f.child.tokens, "the process to answer or give back all")
+        new = f.events[seen:]
+        back = [t for ev in new if isinstance(ev, Returned) for t in ev.tokens]
+        answered.update(raw_of[ev.token] for ev in new if isinstance(ev, Done))
+        todo = [raw_of[t] for t in back]
+    assert not todo
+    assert sorted(answered) == sorted(jobs)
+    assert set(answered.values()) == {1}       # each ran once
+    assert f.returned()                        # (and some were given back on the way)
 
 
 # -- SIGTERM: the supervisor's, or anyone else's ------------------------------------------------

@@ -41,6 +41,7 @@ class Child:
     progress: object = None         # shared word: the token of the job it is running
     asked: object = None            # shared word: set before we send it SIGTERM (see signal())
     doomed: bool = False            # we sent it a signal: its death is not a crash
+    stalled: bool = False           # gave back its other jobs while a long one runs
     generation: int = 0             # SIGHUP starts a new one: fresh imports of the code
 
     @property
@@ -91,7 +92,7 @@ class Ready:
 
 @dataclass
 class Returned:
-    """A child gave back jobs of its batch it had not started (they ran long)."""
+    """A child gave back the jobs it held and had not started (its batch ran long)."""
     pid: int
     tokens: list[int]
 
