@@ -18,7 +18,7 @@ import pytest
 
 from helpers import wait_for
 from redpool import protocol as p
-from redpool.child import decode_done, encode_batch, job_entry
+from redpool.child import MSG_DONE_MANY, decode_done, encode_batch, job_entry, split_many
 from redpool.pool import Died, Done, ProcessPool, Returned
 
 pytestmark = pytest.mark.daemon   # real processes
@@ -121,6 +121,28 @@ def test_jobs_behind_a_long_job_are_given_back_while_it_runs(spawn, tmp_path):
     # And none of the jobs it gave back ran
     assert set(f.done()) == {long, *nxt}
     assert f.done()[long]["status"] == p.SUCCEEDED
+
+
+def test_answers_to_short_jobs_go_together_yet_never_wait_behind_a_long_job(spawn, tmp_path):
+    f = spawn()
+    # Given a batch of 50 tiny jobs: their answers come in a few messages, not 50
+    f.send(*[add(n) for n in range(50)])
+    messages, answered = 0, 0
+    while answered < 50:
+        assert wait([f.child.conn], timeout=30), "no answer within 30 s"
+        msg = f.child.conn.recv_bytes()
+        messages += 1
+        answered += sum(1 for _ in split_many(msg)) if msg[:1] == MSG_DONE_MANY else 1
+    assert messages < 25, messages
+    f.child.tokens.clear()   # (answered, though read here rather than by the pool)
+    # Given a short job followed by a long one in the same batch: the short one's answer
+    # comes while the long one runs
+    release = tmp_path / "release"
+    short, long = f.send(add(99), hold(release))
+    f.collect(lambda f: short in f.done(), "the short job's answer")
+    assert started(release) and long not in f.done()
+    release.touch()
+    f.collect(lambda f: long in f.done(), "the long job's answer")
 
 
 def test_a_job_is_either_run_or_given_back_never_both(spawn):

@@ -268,10 +268,11 @@ class Mailbox:
                 self.running = 0.0
                 self._flush()   # the last of a batch goes at once: no thread to wake
                 return None
+            if len(self.buf) == 1:
+                self.first = now
             if now - since >= FLUSH_SECONDS or now - self.first >= FLUSH_SECONDS:
                 self._flush()
             elif len(self.buf) == 1:
-                self.first = now
                 self.cv.notify()   # for the helper to send it, should the batch take long
             return self._take(now)
 
