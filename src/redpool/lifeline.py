@@ -13,6 +13,10 @@ import sys
 import threading
 import time
 
+# signal.getsignal wraps this one in an Enum lookup that raises and catches for any
+# callable handler: 3 us instead of 50 ns, paid after every batch (adopt)
+from _signal import getsignal
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -37,7 +41,7 @@ class StopWhenAsked:
 
     def adopt(self) -> None:
         """Take SIGTERM back from a handler the task code installed, and keep theirs."""
-        h = signal.getsignal(signal.SIGTERM)
+        h = getsignal(signal.SIGTERM)
         if h is not self.handler:
             self.theirs = signal.SIG_DFL if h is None else h
             signal.signal(signal.SIGTERM, self.handler)
