@@ -48,9 +48,9 @@ MSG_RETURNED = b"U"    # U + !H(count) + !I(token) * count: not started, given b
 RETURN_AFTER_SECONDS = 0.02
 # While no job runs, the helper thread looks only this often, rather than be woken for
 # each job that comes: on a worker whose jobs come one by one, a wake-up per job cost
-# each ~15 us of CPU and ~30 us of latency (GIL and lock handed back and forth), and one
-# every 20 ms nearly as much.  A job that starts meanwhile and runs long is seen at the
-# next look: what it holds goes back within about this, not RETURN_AFTER_SECONDS.
+# each ~90 us of CPU (GIL and lock handed back and forth), and a look every 20 ms still
+# ~15 us.  A job that starts meanwhile and runs long is seen at the next look: what it
+# holds goes back within about this, not RETURN_AFTER_SECONDS.
 IDLE_LOOK_SECONDS = 0.1
 
 # Answers to short jobs are sent together, at the end of a batch or once the oldest
