@@ -316,6 +316,91 @@ def test_a_batch_that_runs_long_is_shared_out_again(r, keys, daemons):
     assert len(pids) == 2 and min(pids.values()) >= 5, pids
 
 
+def test_short_jobs_behind_a_long_one_go_to_another_worker(r, keys, daemons, tmp_path):
+    # Given a worker of one process, --prefetch 0, that has seen only short jobs (so it
+    # hands out big batches), running a job of no fixed length
+    led = keys.ns + ":ledger"
+    w1 = daemons("--concurrency", "1", "--prefetch", "0", name="w1", ledger=led).wait_started()
+    lpush_jobs(r, keys, [{"task": "t.add", "id": f"w{i}", "args": [i, 1]} for i in range(200)])
+    wait_for(lambda: all(envelope(r, keys, f"w{i}") for i in range(200)), what="warm-up")
+    release = tmp_path / "release"
+    lpush_jobs(r, keys, [{"task": "t.hold", "id": "long", "args": [str(release)]}])
+    wait_for(lambda: (release.parent / "release.started").exists(), what="the long job")
+    long_raw = r.lrange(keys.processing("w1", "default"), 0, -1)
+    # When five short jobs arrive after it
+    short = [f"s{i}" for i in range(5)]
+    lpush_jobs(r, keys, [{"task": "t.add", "id": s, "args": [i, 1]} for i, s in enumerate(short)])
+    # Then it does not keep them behind its long job (its process gives them back, and
+    # with no process free and no prefetch they go back to the queue, in their order)
+    wait_for(lambda: r.lrange(keys.processing("w1", "default"), 0, -1) == long_raw
+             and r.llen(keys.queue("default")) == 5, what="the short jobs back in the queue")
+    queued = [json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1)]
+    assert queued == short[::-1]    # the next to be taken is the first that came
+    # and a second worker runs them all while the long job still runs on the first
+    w2 = daemons("--concurrency", "1", name="w2", ledger=led).wait_started()
+    wait_for(lambda: all(envelope(r, keys, s) for s in short), what="the short jobs")
+    assert [envelope(r, keys, s)["worker"] for s in short] == ["w2"] * 5
+    runs = [x.decode().split(":")[:2] for x in r.lrange(led, 0, -1)]
+    assert [i for i, what in runs if i in short] == short     # in the order they came
+    assert ["long", "end"] not in runs
+    release.touch()
+    wait_for(lambda: envelope(r, keys, "long"), what="the long job")
+    assert envelope(r, keys, "long")["worker"] == "w1"
+    for d in (w1, w2):
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0, d.log()
+    # (the first worker did take some of them: it put them back itself)
+    (stopped,) = [e for e in w1.events() if e.get("event") == "stopped"]
+    assert stopped["requeued"] >= 1 and stopped["succeeded"] == 201, w1.log()
+
+
+def test_sigterm_sent_to_every_process_of_the_worker_lets_running_jobs_finish(
+        r, keys, daemons, tmp_path):
+    # Given two jobs running on a worker (Heroku's dyno manager stops a dyno by sending
+    # SIGTERM to every one of its processes, pool processes included, by pid)
+    led = keys.ns + ":ledger"
+    d = daemons("--concurrency", "2", "--grace", "60", ledger=led).wait_started()
+    release = tmp_path / "release"
+    lpush_jobs(r, keys, [{"task": "t.hold", "id": f"h{i}", "args": [str(release), i]}
+                         for i in range(2)])
+    wait_for(lambda: r.llen(led) >= 2, what="two jobs running")
+    # When every process of the worker gets SIGTERM
+    procs = _session(d.pid)
+    assert d.pid in procs and set(d.children()) <= set(procs)
+    for pid in procs:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: any(e.get("event") == "draining" for e in d.events()), what="draining")
+    # Then the jobs run on and finish within the grace; the worker exits 0
+    release.touch()
+    assert d.wait(60) == 0, d.log()
+    for i in range(2):
+        env = envelope(r, keys, f"h{i}")
+        assert env is not None, d.log()   # (a process that died of it: the job runs again)
+        assert env["status"] == "succeeded" and env["result"] == i and env["attempts"] == 1
+    # none crashed, none ran twice, nothing was cut short
+    assert sorted(x.decode().split(":")[0] for x in r.lrange(led, 0, -1)) == \
+        ["h0", "h0", "h1", "h1"]  # each: one start, one end
+    names = [e.get("event") for e in d.events()]
+    assert not {"child_died", "job_crashed", "grace_expired", "stop_now"} & set(names), d.log()
+    assert r.hlen(keys.crashes) == 0 and r.llen(keys.queue("default")) == 0
+
+
+def _session(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (the daemon runs in its own: all of its processes,
+    whatever process group they moved to)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                out.append(int(entry))
+    return out
+
+
 def test_a_task_modules_own_exception_is_named_by_module_and_qualified_name(
         redis_url, namespace, r, keys, daemons):
     from redpool import Client

@@ -173,6 +173,29 @@ def test_envelope_attempts_count_retries_and_crashes(runner):
     assert env_of(out)["attempts"] == 2
 
 
+def test_a_refused_job_counts_its_attempts_as_any_other(runner):
+    # attempt 2 of a job whose task a reload took away between attempts (UnknownTask),
+    # once crashed on that attempt: handed to a pool process three times in all
+    out = runner.run("q", raw_job("tests.removed", attempt=2), crashes=1)
+    env = env_of(out)
+    assert env["error"]["type"] == p.E_UNKNOWN_TASK and env["attempts"] == 3
+    # arguments that no longer bind (InvalidJob), on a retry
+    out = runner.run("q", raw_job("tests.add", attempt=4, args=[1]))
+    assert env_of(out)["error"]["type"] == p.E_INVALID_JOB and env_of(out)["attempts"] == 4
+    # a bad field on a retry: the attempt number still reads
+    bad = p.encode_job({"task": "tests.add", "id": "job-1", "args": [1, 2], "attempt": 3,
+                        "result_ttl": -1})
+    assert env_of(runner.run("q", bad))["attempts"] == 3
+    # a first attempt, or one whose attempt field is itself wrong: 1 plus its crashes
+    assert env_of(runner.run("q", raw_job("tests.removed")))["attempts"] == 1
+    bad = p.encode_job({"task": "tests.add", "id": "job-1", "attempt": 0})
+    assert env_of(runner.run("q", bad, crashes=2))["attempts"] == 3
+    # a stopped job failed for its supervisor after its task went away
+    out = runner.fail("q", raw_job("tests.removed", attempt=2), 1, "TimeoutError", "late",
+                      retry=True, dead=False, started_at=1700000000.0)
+    assert env_of(out)["attempts"] == 3
+
+
 def test_an_unserialisable_result_is_dead_lettered_without_retry(runner):
     # retries are left (max_retries 1 by default), but running it again cannot help
     out = runner.run("q", raw_job("tests.unserialisable"))

@@ -24,12 +24,12 @@ import pytest
 import redis
 
 from redpool import protocol as p
-from redpool.child import MSG_BATCH, decode_batch, encode_done
+from redpool.child import MSG_BATCH, RETURN_AFTER_SECONDS, decode_batch, encode_done, return_after_of
 from redpool.config import WorkerConfig
 from redpool.duties import BACKOFF_MAX, PROMOTE_EVERY, REAP_EVERY, Duties
 from redpool.errors import NameInUse
 from redpool.hooks import Hooks
-from redpool.pool import BootFailed, Died, Done, Ready, Started, describe_exit
+from redpool.pool import BootFailed, Died, Done, Ready, Returned, Started, describe_exit
 from redpool.queue import Reserved
 from redpool.registry import Registry
 from redpool.runner import Policy, Runner
@@ -323,6 +323,7 @@ class FakeChild:
         self.retiring = False               # gets no more jobs; retired once it has none
         self.stopping = False               # its pipe is closed: it exits
         self.doomed = False                 # signalled by the supervisor
+        self.stalled = False                # gave back its other jobs while a long one runs
         self.jobs_done = 0
         self.generation = 0                 # pool.Child.generation (SIGHUP: a new one)
 
@@ -351,6 +352,7 @@ class Batch:
     entries: list[Sent]
     held: int            # jobs the child held already (the running one included)
     done: int            # jobs it had finished
+    return_after: float = 0.0   # when it gives back what it has not started
 
     @property
     def raws(self) -> list[bytes]:
@@ -397,7 +399,8 @@ class FakePool:
         entries = decode_msg(c.pid, msg)
         assert [s.token for s in entries] == list(tokens)
         assert not set(tokens) & {t for x in self.children for t in x.tokens}, "token reused"
-        self.batches.append(Batch(c.pid, list(tokens), entries, len(c.tokens), c.jobs_done))
+        self.batches.append(Batch(c.pid, list(tokens), entries, len(c.tokens), c.jobs_done,
+                                  return_after_of(msg)))
         self.sent += entries
         was_idle = not c.tokens
         c.tokens.extend(tokens)
@@ -549,6 +552,16 @@ class FakePool:
         pool reads every message a child sent)."""
         while self.busy():
             self.finish_all(duration)
+
+    def give_back(self, pid: int) -> list[int]:
+        """Child ``pid``'s job has run long: it gives back every job it holds but that
+        one (the rest of its batch, and the batches in its pipe), as child.Mailbox does."""
+        c = self.child(pid)
+        back = list(c.tokens)[1:]
+        for t in back:
+            c.tokens.remove(t)
+        self.events.append(Returned(pid, back))
+        return back
 
     def die(self, token: int | None, exitcode: int = KILLED, pid: int | None = None):
         """The child running ``token`` (or child ``pid``) dies, holding its batch."""
@@ -2401,6 +2414,112 @@ def test_completions_go_even_when_the_lease_is_not_held():
     assert not w.sup.pending
     # and then the name is claimed again
     assert w.duties.leased and w.named("reregistered") == [{"epoch": "epoch-2"}]
+
+
+# -- batches: a job that runs long among short ones ----------------------------------------------
+
+def short_world(**settings) -> World:
+    """A worker that has seen only short jobs (batches of 10), idle, with its waiter."""
+    w = World([job(0)], waiter=True, **settings)
+    w.tick()
+    w.finish_running(SHORT)
+    assert w.sup.batch_size() == 10 and not w.sup.backlog and not w.rq.ready
+    return w
+
+
+def test_jobs_a_child_gives_back_behind_a_long_job_go_back_to_their_queue_for_other_hosts():
+    # Given one process, --prefetch 0, on a worker that has seen only short jobs, which
+    # runs a job that will turn out long, and five short jobs that arrived after it and
+    # were handed to the same (busy) process, the only one
+    w = short_world(size=1, prefetch=0)
+    (c,) = w.pool.children
+    w.rq.push(("default", job(100, task="tests.slow")))
+    w.tick()
+    (long_token,) = c.tokens
+    short = jobs(*range(1, 6))
+    w.rq.push(*[("default", raw) for raw in short])
+    w.tick()
+    assert len(c.tokens) == 6 and w.pool.batches[-1].raws == short
+    sent = len(w.pool.batches)
+    reserves = len(w.rq.reserve_calls)
+    # When the process, its job running past the give-back time, gives them back
+    w.pool.give_back(c.pid)
+    w.tick()
+    # Then none waits here for it: with no other process free and no prefetch allowed,
+    # they go back to the head of their queue, in their order, for another host to take
+    assert w.rq.requeue_calls[-1] == [("default", raw) for raw in short]
+    assert list(w.rq.ready) == [("default", raw) for raw in short]
+    assert not w.sup.backlog and w.sup.stats["requeued"] == 5
+    # and this host takes none back while its long job runs: nothing is reserved, the
+    # waiter is not left armed, the busy process is handed nothing
+    assert w.sup.want() == 0 and len(w.rq.reserve_calls) == reserves
+    assert not w.waiter.armed and len(w.pool.batches) == sent
+    assert list(c.tokens) == [long_token]
+    # (a waiter already inside BLMOVE may still bring one back: it goes back again)
+    w.waiter.inbox.append(Reserved("default", w.rq.ready.popleft()[1], 0))
+    w.rq.processing.append(("default", short[0]))
+    w.tick()
+    assert w.rq.requeue_calls[-1] == [("default", short[0])]
+    assert w.rq.ready[0] == ("default", short[0]) and not w.sup.backlog
+    # When the long job ends, the process takes work again, the short jobs first
+    w.pool.finish(long_token, duration=LONG)
+    w.tick()
+    assert w.pool.batches[-1].pid == c.pid and w.pool.batches[-1].raws == [short[0]]
+    assert not c.stalled and not w.sup.gave_back
+
+
+def test_jobs_given_back_go_to_an_idle_process_rather_than_to_redis():
+    # Given two processes, one running a job that turns out long with short jobs behind it
+    w = short_world(size=2, prefetch=0)
+    w.rq.push(("default", job(100, task="tests.slow")))
+    w.tick()
+    busy = next(c for c in w.pool.children if c.tokens)
+    idle = next(c for c in w.pool.children if c is not busy)
+    short = jobs(*range(1, 4))
+    # (handed to the busy one, as if the idle one had been busy a moment before)
+    w.sup.backlog.extend(w.sup.admit(Reserved("default", raw, 0)) for raw in short)
+    w.rq.processing += [("default", raw) for raw in short]
+    idle.retiring = True
+    w.sup.dispatch()
+    idle.retiring = False
+    assert w.pool.batches[-1].pid == busy.pid and w.pool.batches[-1].raws == short
+    # When it gives them back
+    w.pool.give_back(busy.pid)
+    w.tick()
+    # Then the idle process runs them, in order; nothing went back to Redis
+    assert w.pool.batches[-1].pid == idle.pid and w.pool.batches[-1].raws == short
+    assert w.rq.requeue_calls == [] and not w.sup.backlog
+
+
+def test_jobs_given_back_stay_on_the_host_within_the_prefetch_allowance():
+    # Given --prefetch 1 (one batch, 10 short jobs, may wait on the host)
+    w = short_world(size=1, prefetch=1)
+    (c,) = w.pool.children
+    w.rq.push(("default", job(100, task="tests.slow")), *[("default", j) for j in jobs(*range(1, 16))])
+    w.tick()
+    w.tick()
+    held = len(c.tokens) - 1 + len(w.sup.backlog)
+    assert held >= 11
+    # When the process with the long job gives back what it holds
+    w.pool.give_back(c.pid)
+    w.tick()
+    # Then the host keeps one batch (the first in line), and the rest goes back
+    assert [w_.raw for w_ in w.sup.backlog] == jobs(*range(1, 11))
+    assert w.rq.requeue_calls[-1] == [("default", j) for j in jobs(*range(11, 1 + held))]
+
+
+def test_the_give_back_time_is_sent_with_each_batch():
+    # RETURN_AFTER_SECONDS for short jobs; a few jobs' worth for jobs of 20-100 ms, which
+    # are held two at a time and must not each give back the next
+    w = short_world(size=1, prefetch=0)
+    w.rq.push(*[("default", j) for j in jobs(*range(1, 40))])
+    w.tick()
+    assert w.pool.batches[-1].return_after == RETURN_AFTER_SECONDS
+    for _ in range(12):
+        w.pool.finish_everything(0.05)
+        w.tick()
+    assert w.sup.batch_size() == 2
+    assert w.pool.batches[-1].return_after == pytest.approx(4 * w.sup.avg_duration)
 
 
 # -- batches: a child dying in the middle of one ----------------------------------------------

@@ -9,7 +9,6 @@ outcome; nothing a job does can end this loop except killing the process.
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import signal
@@ -20,12 +19,14 @@ import time
 
 from . import boot, logs
 from . import protocol as p
+from .lifeline import StopWhenAsked, die_with_parent
+from .poller import readable
 from .registry import default_registry
 from .runner import Outcome, Policy, Runner
 from .titles import ChildTitle
 
 # supervisor -> child: a batch of jobs, run in order, each answered with its own D
-MSG_BATCH = b"B"       # B + !H(count) + entries
+MSG_BATCH = b"B"       # B + !Hd(count, return_after) + entries
 #   entry: !cIIHHI(kind, token, crashes, len(queue), len(error), len(raw)) + queue + error + raw
 #   kind J: run the job; kind F: fail it (error: JSON {type, message, retry, dead,
 #   started_at, ran}: when the stopped run started, unix seconds or null, and how long it ran)
@@ -38,22 +39,30 @@ MSG_DONE_MANY = b"M"   # M + !H(count) + (!I(len) + a D message) * count
 MSG_RETURNED = b"U"    # U + !H(count) + !I(token) * count: not started, given back
 
 # A batch is sized from the jobs seen so far; if it turns out to take much longer
-# (the jobs changed), the child gives back the jobs it has not started, so that no
-# child sits on work an idle sibling could do.
+# (the jobs changed: a long one among short ones), the child gives back every job it
+# holds and has not started (the rest of the batch, and batches waiting in its pipe),
+# so that none waits behind a long job for a process that is free, here or on another
+# host.  It looks between jobs, and from a helper thread while a job runs.  The
+# supervisor sends the threshold with each batch: this, or a few times the average
+# job if that is longer, so that jobs of 20-100 ms keep their next one at hand.
 RETURN_AFTER_SECONDS = 0.02
+# While no job runs, the helper thread looks only this often, rather than be woken for
+# each job that comes: on a worker whose jobs come one by one, a wake-up per job cost
+# each ~90 us of CPU (GIL and lock handed back and forth), and a look every 20 ms still
+# ~15 us.  A job that starts meanwhile and runs long is seen at the next look: what it
+# holds goes back within about this, not RETURN_AFTER_SECONDS.
+IDLE_LOOK_SECONDS = 0.1
 
 # Answers to short jobs are sent together, at the end of a batch or once the oldest
 # has waited this long: one pipe message (and one supervisor wake-up) for many jobs.
 FLUSH_SECONDS = 0.002
 
 BATCH_HEADER = struct.Struct("!H")
+BATCH = struct.Struct("!Hd")
 ENTRY = struct.Struct("!cIIHHI")
 STARTED = struct.Struct("!Id")
 LENGTH = struct.Struct("!I")
 DONE_HEADER = struct.Struct("!IIII")
-
-PR_SET_PDEATHSIG = 1
-
 
 def job_entry(token: int, queue: str, raw: bytes, crashes: int = 0) -> bytes:
     q = queue.encode()
@@ -69,14 +78,19 @@ def fail_entry(token: int, queue: str, raw: bytes, crashes: int, error_type: str
     return ENTRY.pack(b"F", token, crashes, len(q), len(err), len(raw)) + q + err + raw
 
 
-def encode_batch(entries: list[bytes]) -> bytes:
-    return MSG_BATCH + BATCH_HEADER.pack(len(entries)) + b"".join(entries)
+def encode_batch(entries: list[bytes], return_after: float = RETURN_AFTER_SECONDS) -> bytes:
+    """``return_after``: seconds after which the jobs not started go back (see above)."""
+    return MSG_BATCH + BATCH.pack(len(entries), return_after) + b"".join(entries)
+
+
+def return_after_of(msg: bytes) -> float:
+    return BATCH.unpack_from(msg, 1)[1]
 
 
 def decode_batch(msg: bytes):
     """Yield (kind, token, crashes, queue, error or None, raw) for each entry."""
-    (count,) = BATCH_HEADER.unpack_from(msg, 1)
-    o = 1 + BATCH_HEADER.size
+    (count, _) = BATCH.unpack_from(msg, 1)
+    o = 1 + BATCH.size
     for _ in range(count):
         kind, token, crashes, lq, le, lr = ENTRY.unpack_from(msg, o)
         o += ENTRY.size
@@ -132,22 +146,24 @@ def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | N
 
 def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: int,
          sys_path: list[str], namespace: str = p.DEFAULT_NAMESPACE,
-         defaults: dict | None = None, progress=None) -> None:
-    """Entry point of a pool child (multiprocessing spawn target)."""
-    _die_with_parent(parent_pid)
-    # Signals for the worker are the supervisor's to act on, not ours: Procfile runners
-    # (honcho, foreman, Heroku's dyno manager) send SIGTERM to the whole process group,
-    # which would kill a running job at once instead of letting it finish within the
-    # grace.  So a child leaves the supervisor's group; it still dies with it
-    # (_die_with_parent), and the supervisor signals it by pid (timeouts, shutdown).
-    # Ctrl-C in a terminal reaches the foreground group only: ignored too, for the
-    # same reason, should we be in it after all.
+         defaults: dict | None = None, progress=None, asked=None) -> None:
+    """Entry point of a pool child (multiprocessing spawn target).  ``progress``: the
+    shared word we write the running job's token into; ``asked``: the one the supervisor
+    sets before it sends us SIGTERM."""
+    die_with_parent(parent_pid)
+    # Signals for the worker are the supervisor's to act on, not ours: it decides what
+    # happens to running jobs (they finish within --grace).  honcho and foreman send
+    # SIGTERM to the worker's process group: a child leaves it, so that signal reaches
+    # the supervisor alone (we still die with it: die_with_parent).  Heroku's dyno
+    # manager sends SIGTERM to every process by pid: that one we ignore, unless the
+    # supervisor asked (StopWhenAsked).  Ctrl-C in a terminal reaches the foreground
+    # group only: ignored too, should we be in it after all.
     try:
         os.setpgid(0, 0)
     except OSError:
         pass  # already a group leader (cannot happen for a spawned child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop = StopWhenAsked(asked)
     sys.path[:0] = [x for x in sys_path if x not in sys.path]
     registry = default_registry
     mod = hook = None
@@ -163,29 +179,19 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
         message = boot.describe(e, mod, name)
         conn.send_bytes(MSG_BOOT_ERROR + message.encode("utf-8", "replace"))
         os._exit(3)
+    stop.adopt()  # a handler the task modules or hooks installed
     logs.configure_child()  # task code's logging in the worker's format, unless it has its own
     conn.send_bytes(MSG_READY)
     policy = Policy(**(defaults or {}))
     runner = Runner(registry, worker, max_payload, namespace, policy)
-    answers = Answers(conn)
+    mailbox = Mailbox(conn)
     # ps shows what we run: a thread retitles us once a second from the two attributes
     # set per job below (negligible per job; see titles.py)
     title = ChildTitle(worker, registry.tasks).start()
     while True:
-        try:
-            msg = conn.recv_bytes()
-        except (EOFError, OSError):
-            os._exit(0)  # the supervisor is gone or closed our pipe: nothing left to do
-        if msg[:1] != MSG_BATCH:
-            continue
-        batch = list(decode_batch(msg))
-        batch_start = time.perf_counter()
-        for i, (kind, token, crashes, queue, err, raw) in enumerate(batch):
-            if i and time.perf_counter() - batch_start > RETURN_AFTER_SECONDS:
-                rest = [entry[1] for entry in batch[i:]]
-                answers.send(MSG_RETURNED + BATCH_HEADER.pack(len(rest))
-                             + b"".join(LENGTH.pack(t) for t in rest))
-                break
+        entry = mailbox.receive()
+        while entry is not None:
+            kind, token, crashes, queue, err, raw = entry
             # The supervisor reads this shared word when we die: the crash is pinned on
             # exactly the job that was running, never on the rest of the batch.
             if progress is not None:
@@ -196,90 +202,155 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             if kind == b"J":
                 def started(timeout: float, token=token) -> None:
                     if timeout != policy.timeout:
-                        answers.send(MSG_STARTED + STARTED.pack(token, timeout))
+                        mailbox.send(MSG_STARTED + STARTED.pack(token, timeout))
 
                 out = runner.run(queue, raw, crashes, on_start=started)
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
                                   retry=err["retry"], dead=err["dead"],
                                   started_at=err.get("started_at"), ran=err.get("ran"))
-            answers.add(encode_done(token, out), now=time.perf_counter(), since=t0,
-                        last=i == len(batch) - 1)
+            entry = mailbox.next(encode_done(token, out), t0)
         if progress is not None:
             progress.value = 0
         title.raw = None
-        answers.flush()
+        stop.adopt()  # (a job may have installed one)
 
 
-class Answers:
-    """Answers of short jobs, sent together: at the end of a batch, or by a helper
-    thread once the oldest has waited FLUSH_SECONDS (so an answer never waits for a
-    long job that follows it in the batch).  The answer to a job that itself took
-    FLUSH_SECONDS or more goes at once.  One lock orders every message on the pipe."""
+class Mailbox:
+    """Our end of the pipe, shared by the main thread (which runs jobs) and a helper
+    thread, under one lock that orders every message we send.
+
+    Answers of short jobs go together: at the end of a batch, or once the oldest has
+    waited FLUSH_SECONDS (so an answer never waits for a long job that follows it in the
+    batch).  The answer to a job that itself took FLUSH_SECONDS or more goes at once.
+
+    Jobs not started yet (the rest of the batch, and batches still in the pipe) go back
+    to the supervisor once the batch has run past its ``return_after``: between jobs
+    (the main thread), and while a job runs (the helper thread, which looks again every
+    ``return_after`` for batches sent meanwhile).  Taking the next job and giving back
+    the rest happen under the lock: a job is either started or given back, never both."""
 
     def __init__(self, conn) -> None:
         self.conn = conn
         self.buf: list[bytes] = []
         self.first = 0.0
-        self.cv = threading.Condition()
-        threading.Thread(target=self._flusher, name="redpool-answers", daemon=True).start()
+        self.batch: list = []
+        self.pos = 0                   # the next entry of the batch to start
+        self.batch_start = 0.0
+        self.return_after = RETURN_AFTER_SECONDS
+        self.running = 0.0             # when the running job started; 0: none runs
+        self.last_start = 0.0          # when the last job started (running or not)
+        self.eof = False               # the supervisor closed the pipe
+        self.helper_idle = False       # the helper waits with no deadline: wake it
+        self.cv = threading.Condition(threading.Lock())
+        threading.Thread(target=self._helper, name="redpool-mailbox", daemon=True).start()
 
-    def add(self, done: bytes, now: float, since: float, last: bool = False) -> None:
+    # -- the main thread ---------------------------------------------------------------------
+
+    def receive(self):
+        """Wait for the next batch and start its first job (exit when the pipe closes)."""
+        try:
+            msg = self.conn.recv_bytes()   # only we read, while no job runs
+        except (EOFError, OSError):
+            os._exit(0)  # the supervisor is gone or closed our pipe: nothing left to do
+        if msg[:1] != MSG_BATCH:
+            return None
         with self.cv:
+            self.batch = list(decode_batch(msg))
+            self.pos = 0
+            self.return_after = return_after_of(msg)
+            self.batch_start = time.perf_counter()
+            return self._take(self.batch_start) if self.batch else None
+
+    def next(self, done: bytes, since: float):
+        """Answer the job that ran (``done``, started at ``since``) and start the next
+        one of the batch, if it is still ours; None when there is none."""
+        with self.cv:
+            now = time.perf_counter()
             self.buf.append(done)
-            if last or now - self.first >= FLUSH_SECONDS or now - since >= FLUSH_SECONDS:
-                self._flush()  # (the last of a batch goes at once: no thread to wake)
-            elif len(self.buf) == 1:
+            if self.pos and self.pos < len(self.batch) \
+                    and now - self.batch_start > self.return_after:
+                self._give_back()
+            if self.pos >= len(self.batch):
+                self.running = 0.0
+                self._flush()   # the last of a batch goes at once: no thread to wake
+                return None
+            if len(self.buf) == 1:
                 self.first = now
-                self.cv.notify()
+            if now - since >= FLUSH_SECONDS or now - self.first >= FLUSH_SECONDS:
+                self._flush()
+            elif len(self.buf) == 1:
+                self.cv.notify()   # for the helper to send it, should the batch take long
+            return self._take(now)
 
     def send(self, msg: bytes) -> None:
         with self.cv:
             self._flush()  # answers stay in order with this message
             self.conn.send_bytes(msg)
 
-    def flush(self) -> None:
-        with self.cv:
-            self._flush()
+    def _take(self, now: float):
+        entry = self.batch[self.pos]
+        self.pos += 1
+        self.running = self.last_start = now
+        if self.helper_idle:
+            self.helper_idle = False
+            self.cv.notify()
+        return entry
+
+    # -- under the lock, either thread -------------------------------------------------------
 
     def _flush(self) -> None:
         if self.buf:
             self.conn.send_bytes(encode_many(self.buf))
             self.buf.clear()
 
-    def _flusher(self) -> None:
+    def _give_back(self) -> None:
+        """Every job we hold and have not started goes back: the rest of the batch, and
+        the batches waiting in the pipe (the main thread reads it only while no job
+        runs, and a job runs now)."""
+        tokens = [e[1] for e in self.batch[self.pos:]]
+        self.pos = len(self.batch)
+        while not self.eof and readable(self.conn.fileno()):
+            try:
+                msg = self.conn.recv_bytes()
+            except EOFError:
+                self.eof = True   # (the main thread finds out after its job)
+                break
+            if msg[:1] == MSG_BATCH:
+                tokens += [e[1] for e in decode_batch(msg)]
+        if tokens:
+            self._flush()  # answers stay before the jobs given back
+            self.conn.send_bytes(MSG_RETURNED + BATCH_HEADER.pack(len(tokens))
+                                 + b"".join(LENGTH.pack(t) for t in tokens))
+
+    # -- the helper thread -------------------------------------------------------------------
+
+    def _helper(self) -> None:
+        seen = look_at = 0.0
         with self.cv:
             while True:
-                while not self.buf:
-                    self.cv.wait()
-                left = FLUSH_SECONDS - (time.perf_counter() - self.first)
-                if left > 0:
-                    self.cv.wait(left)
-                    continue
+                now = time.perf_counter()
+                wait = None
                 try:
-                    self._flush()
+                    if self.buf:
+                        wait = self.first + FLUSH_SECONDS - now
+                        if wait <= 0:
+                            self._flush()
+                            continue
+                    if self.running:
+                        if self.running != seen:   # another job since we last looked
+                            seen, look_at = self.running, self.running + self.return_after
+                        if now >= look_at:
+                            # this job has run long: nothing of ours waits behind it
+                            self._give_back()
+                            look_at = now + self.return_after  # batches may come meanwhile
+                    else:
+                        # no job now, but one may come soon: stay on a timer (see
+                        # IDLE_LOOK_SECONDS) so that it need not wake us
+                        look_at = self.last_start + IDLE_LOOK_SECONDS
+                    if now < look_at:
+                        wait = look_at - now if wait is None else min(wait, look_at - now)
                 except OSError:
                     return  # the pipe is gone: the main thread finds out too
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Exit when the supervisor dies, even by SIGKILL: no orphans running on.
-
-    Linux: the kernel sends us SIGKILL when our parent exits (PR_SET_PDEATHSIG).
-    Elsewhere, and as a backstop, a thread watches our parent pid."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(0)
-
-    threading.Thread(target=watch, name="redpool-parent-watch", daemon=True).start()
+                self.helper_idle = wait is None
+                self.cv.wait(wait)

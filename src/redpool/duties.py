@@ -299,8 +299,7 @@ class Duties(DataLoss):
             env = p.dumps(p.envelope(id=job_id or p.new_id(), task=task, queue=work.queue,
                                      status=p.FAILED, worker=self.cfg.name, enqueued_at=enq,
                                      started_at=work.fail.get("started_at"),
-                                     attempts=(found.attempt if isinstance(found, p.Job) else 1)
-                                     + work.crashes,
+                                     attempts=found.attempt + work.crashes,
                                      error=p.error_dict(work.fail["error_type"], message)))
         dead = p.dumps(p.dead_entry(work.raw, queue=work.queue, reason=message,
                                     error_type=work.fail["error_type"], worker=self.cfg.name,

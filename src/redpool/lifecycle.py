@@ -68,10 +68,13 @@ class Lifecycle:
             self.hooks.emit("grace_expired", running=len(self.inflight))
             self.stop_now()
 
-    def requeue_backlog(self, now: float) -> None:
-        """Unstarted jobs go back to the head of their queue (failures still to settle
-        stay: they are quick, and their outcome is decided)."""
-        items = [(w.queue, w.raw) for w in self.backlog if w.fail is None]
+    def requeue_backlog(self, now: float, keep: int = 0) -> None:
+        """Unstarted jobs go back to the head of their queue, but for the first
+        ``keep`` of them (failures still to settle stay: they are quick, and their
+        outcome is decided)."""
+        jobs = [w for w in self.backlog if w.fail is None]
+        kept = set(map(id, jobs[:max(0, keep)]))
+        items = [(w.queue, w.raw) for w in jobs[max(0, keep):]]
         if not items or not self.duties.redis_ready(now):
             return
         try:
@@ -84,7 +87,7 @@ class Lifecycle:
         self.stats["requeued"] += moved
         if self.state != RUNNING and moved == len(items):
             self.put_back.update(items)  # (see receive(): a waiter may take them back)
-        self.backlog = deque(w for w in self.backlog if w.fail is not None)
+        self.backlog = deque(w for w in self.backlog if w.fail is not None or id(w) in kept)
 
     def stop_now(self) -> None:
         """Collect results already sent, kill the children; their jobs stay in our

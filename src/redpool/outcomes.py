@@ -36,8 +36,8 @@ def job_names(raw: bytes) -> dict:
 
 class ChildEvents:
     """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, clock, backlog,
-    inflight, pending, stats, avg_duration, reloading, announce_starts, started(),
-    announce() and wall()."""
+    inflight, pending, stats, avg_duration, reloading, gave_back, announce_starts,
+    started(), announce() and wall()."""
 
     def handle_event(self, ev, now: float) -> None:
         if isinstance(ev, Done):
@@ -73,9 +73,14 @@ class ChildEvents:
             # a child spawned after start-up (resize, replacement, reload) takes jobs now
             self.hooks.emit("child_ready", pid=ev.pid, generation=ev.generation)
         elif isinstance(ev, Returned):
-            # first in line again, in their order (the batch was too long)
+            # first in line again, in their order (the batch ran long).  A child that
+            # gave them back while its job runs on gets no more until that job ends;
+            # what no other child can take may go back to Redis (Supervisor.shed).
             self.backlog.extendleft(reversed([self.inflight.pop(t).again() for t in ev.tokens
                                               if t in self.inflight]))
+            c = next((c for c in self.pool.children if c.pid == ev.pid), None)
+            if c is not None and c.tokens:
+                c.stalled = self.gave_back = True
         elif isinstance(ev, BootFailed):
             if ev.import_error and self.reloading and ev.generation == self.pool.generation:
                 # SIGHUP's new code does not import: keep the children we have
@@ -106,6 +111,7 @@ class ChildEvents:
         c = next((c for c in self.pool.children if c.pid == ev.pid), None)
         if c is None:
             return
+        c.stalled = False  # (its long job, if it was one, is over)
         if work.timed_out:
             # It finished just as it was signalled: it is dying anyway.  The rest of its
             # batch must not be blamed for that death (see handle_event: doomed).

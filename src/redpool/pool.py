@@ -39,7 +39,9 @@ class Child:
     stopping: bool = False          # its pipe is closed: it exits
     boot_error: str | None = None
     progress: object = None         # shared word: the token of the job it is running
+    asked: object = None            # shared word: set before we send it SIGTERM (see signal())
     doomed: bool = False            # we sent it a signal: its death is not a crash
+    stalled: bool = False           # gave back its other jobs while a long one runs
     generation: int = 0             # SIGHUP starts a new one: fresh imports of the code
 
     @property
@@ -90,7 +92,7 @@ class Ready:
 
 @dataclass
 class Returned:
-    """A child gave back jobs of its batch it had not started (they ran long)."""
+    """A child gave back the jobs it held and had not started (its batch ran long)."""
     pid: int
     tokens: list[int]
 
@@ -147,14 +149,14 @@ class ProcessPool:
 
     def spawn(self) -> Child:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-        progress = self.ctx.RawValue("L", 0)
+        progress, asked = self.ctx.RawValue("L", 0), self.ctx.RawValue("B", 0)
         proc = self.ctx.Process(
             target=child_mod.main, name="redpool-child", daemon=True,
             args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload,
-                  self._sys_path, self.namespace, self.defaults, progress))
+                  self._sys_path, self.namespace, self.defaults, progress, asked))
         proc.start()
         child_conn.close()
-        c = Child(proc=proc, conn=parent_conn, progress=progress, generation=self.generation)
+        c = Child(proc, parent_conn, progress=progress, asked=asked, generation=self.generation)
         self.children.append(c)
         return c
 
@@ -276,6 +278,8 @@ class ProcessPool:
 
     @staticmethod
     def signal(c: Child, sig: int) -> None:
+        if sig == signal.SIGTERM and c.asked is not None:
+            c.asked.value = 1  # first: a child ignores a SIGTERM we did not ask for
         try:
             os.kill(c.pid, sig)
         except ProcessLookupError:
@@ -370,7 +374,7 @@ class ProcessPool:
         """SIGTERM every child, then SIGKILL those still alive after ``grace``."""
         for c in self.children:
             if c.proc.is_alive():
-                c.proc.terminate()
+                self.signal(c, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for c in self.children:
             c.proc.join(max(0.0, deadline - time.monotonic()))

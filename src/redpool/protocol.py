@@ -57,7 +57,7 @@ class InvalidJob(Exception):
     def __init__(self, reason: str, error_type: str = E_INVALID_JOB,
                  job_id: str | None = None, reply_to: str | None = None,
                  result_ttl: int = DEFAULT_RESULT_TTL, task: str | None = None,
-                 enqueued_at: float | None = None) -> None:
+                 enqueued_at: float | None = None, attempt: int = 1) -> None:
         super().__init__(reason)
         self.reason = reason
         self.error_type = error_type
@@ -66,6 +66,8 @@ class InvalidJob(Exception):
         self.result_ttl = result_ttl
         self.task = task
         self.enqueued_at = enqueued_at
+        self.attempt = attempt   # the job's own, when it says one that reads well
+
 
 
 @dataclass(slots=True)
@@ -195,6 +197,9 @@ def _usable(obj: dict[str, Any]) -> dict[str, Any]:
         out["task"] = obj["task"]
     if _is_number(obj.get("enqueued_at")):
         out["enqueued_at"] = obj["enqueued_at"]
+    attempt = obj.get("attempt")
+    if _is_int(attempt) and attempt >= 1:
+        out["attempt"] = attempt
     return out
 
 
@@ -345,13 +350,15 @@ def error_dict(type_: str, message: str, traceback: str | None = None) -> dict[s
 
 
 def failed_envelope_for(bad: InvalidJob, *, queue: str, worker: str,
-                        started_at: float | None = None) -> dict[str, Any] | None:
-    """The failed envelope that tells a bad job's producer why, if it can be reached."""
+                        started_at: float | None = None, crashes: int = 0) -> dict[str, Any] | None:
+    """The failed envelope that tells a bad job's producer why, if it can be reached.
+    ``crashes``: the runs of this attempt a crash cut short (they count in attempts)."""
     if bad.job_id is None and bad.reply_to is None:
         return None
     return envelope(id=bad.job_id or new_id(), task=bad.task, queue=queue, status=FAILED,
                     worker=worker, error=error_dict(bad.error_type, bad.reason),
-                    enqueued_at=bad.enqueued_at, started_at=started_at)
+                    attempts=bad.attempt + crashes, enqueued_at=bad.enqueued_at,
+                    started_at=started_at)
 
 
 def dead_entry(raw: bytes, *, queue: str, reason: str, error_type: str, worker: str,

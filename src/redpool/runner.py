@@ -77,7 +77,7 @@ class Runner:
         try:
             job, task, policy = self.prepare(raw)
         except p.InvalidJob as bad:
-            return self._invalid(queue, raw, bad, t0)  # started_at null: nothing ran
+            return self._invalid(queue, raw, bad, t0, crashes)  # started_at null: nothing ran
         if on_start is not None:
             on_start(policy.timeout)
         started = time.time()
@@ -115,7 +115,7 @@ class Runner:
             try:
                 job, policy = p.decode_job(raw, self.max_payload), self.defaults
             except p.InvalidJob:
-                return self._invalid(queue, raw, bad, t0)
+                return self._invalid(queue, raw, bad, t0, crashes)
         return self._failed(queue, raw, job, policy, crashes, error_type, message, None,
                             started_at, t0, retry=retry, dead=dead, ran=ran)
 
@@ -141,10 +141,12 @@ class Runner:
         meta["error"] = brief(message)
         return Outcome(meta, p.dumps(env), entry)
 
-    def _invalid(self, queue, raw, bad: p.InvalidJob, t0) -> Outcome:
+    def _invalid(self, queue, raw, bad: p.InvalidJob, t0, crashes: int = 0) -> Outcome:
         if self._own_key(bad.reply_to):
             bad.reply_to = None  # answered through the result key only
-        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker)
+        # attempts as for any job: its attempt number (a retry refused after a reload took
+        # its task away is not a first attempt), plus the runs of it a crash cut short
+        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker, crashes=crashes)
         dead = p.dead_entry(raw, queue=queue, reason=bad.reason, error_type=bad.error_type,
                             worker=self.worker, job_id=bad.job_id)
         meta = {"id": bad.job_id, "task": bad.task, "status": p.FAILED,
@@ -173,7 +175,7 @@ class Runner:
     def _check(self, job: p.Job) -> Task:
         """The registered task for ``job``, or InvalidJob saying what to fix."""
         known = dict(job_id=None if job.id_assigned else job.id, result_ttl=job.result_ttl,
-                     task=job.task, enqueued_at=job.enqueued_at)
+                     task=job.task, enqueued_at=job.enqueued_at, attempt=job.attempt)
         rt = job.reply_to
         if self._own_key(rt):
             raise p.InvalidJob(f"'reply_to' {rt!r} is one of redpool's own keys: use a key "

@@ -23,7 +23,7 @@ from itertools import count
 import redis
 
 from . import protocol as p
-from .child import FLUSH_SECONDS, encode_batch, fail_entry, job_entry
+from .child import FLUSH_SECONDS, RETURN_AFTER_SECONDS, encode_batch, fail_entry, job_entry
 from .config import WorkerConfig
 from .duties import Duties
 from .hooks import Hooks
@@ -45,6 +45,11 @@ MAX_BATCH = 64
 # never waits for the supervisor between jobs (for a 10 ms job that wait is ~2%).
 # Longer jobs go one at a time: a host must not sit on a long job another could run.
 DOUBLE_BUFFER_BELOW = 0.1
+# A child gives back the jobs it holds and has not started once its batch has run
+# past RETURN_AFTER_SECONDS, or this many average jobs if that is longer: a long job
+# among short ones has nothing waiting behind it, while jobs of 20-100 ms, which the
+# child holds two at a time, keep their next one at hand.
+RETURN_AFTER_JOBS = 4
 # Under a backlog (every child holds its next job), acknowledgements of such jobs may
 # wait up to one job time, at most ACK_DELAY, to share a round trip: fewer wake-ups of
 # the supervisor and of Redis per job, CPU the jobs get back (measured at 10 ms jobs on
@@ -80,6 +85,7 @@ class Supervisor(ChildEvents, Lifecycle):
         self.poller = Poller()
         self.reloading = False                     # SIGHUP: a new generation is taking over
         self.woken = False                         # this tick, the waiters brought jobs
+        self.gave_back = False                     # a child gave back jobs; it still runs long
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
         # job_started (debug) costs a decode of every job, which the loop otherwise never
@@ -155,6 +161,8 @@ class Supervisor(ChildEvents, Lifecycle):
                 self.reloading = False
                 self.hooks.emit("reloaded", generation=self.pool.generation)
             self.dispatch()
+            if self.gave_back:
+                self.shed(now)
             self.exchange(now)
         else:
             self.flush(now)
@@ -218,6 +226,7 @@ class Supervisor(ChildEvents, Lifecycle):
         """Hand out held work: a child gets a batch when it has room for at least half
         a batch (so messages stay large), topped up before it runs dry."""
         k = self.batch_size()
+        return_after = max(RETURN_AFTER_SECONDS, RETURN_AFTER_JOBS * self.avg_duration)
         # the children holding least first: an idle child gets work before a busy one
         # gets more to hold (jobs that trickle in one by one are spread, not stacked)
         for c in sorted(self.pool.accepting(), key=lambda c: len(c.tokens)):
@@ -242,7 +251,7 @@ class Supervisor(ChildEvents, Lifecycle):
                 tokens.append(token)
                 self.inflight[token] = w
             if tokens:
-                self.pool.send(c, tokens, encode_batch(entries))
+                self.pool.send(c, tokens, encode_batch(entries, return_after))
 
     def want(self) -> int:
         """How many jobs to reserve: room in the children's batches, plus the prefetch
@@ -253,7 +262,10 @@ class Supervisor(ChildEvents, Lifecycle):
 
     def room(self, c, k: int) -> int:
         """How many more jobs child ``c`` may be handed: up to a batch of ``k`` held,
-        and no more than it has left to run under --max-jobs-per-child."""
+        and no more than it has left to run under --max-jobs-per-child; none while it
+        runs a job so long that it gave back the others."""
+        if c.stalled:
+            return 0
         room = k - len(c.tokens)
         if self.cfg.max_jobs_per_child:
             room = min(room, self.cfg.max_jobs_per_child - c.jobs_done - len(c.tokens))
@@ -311,6 +323,19 @@ class Supervisor(ChildEvents, Lifecycle):
                 self.waiter.arm()
             else:
                 self.waiter.disarm()
+
+    def shed(self, now: float) -> None:
+        """Jobs a child gave back because its job runs long, that no other child could
+        take: beyond what --prefetch allows, they go back to the head of their queues,
+        so that another host can run them rather than this one holding them until a
+        process is free.  Only while such a child runs on: otherwise what is held was
+        reserved within the allowance, and sizing it again as batch sizes drift would
+        cost round trips for nothing."""
+        surplus = -self.want()
+        if surplus > 0:
+            self.requeue_backlog(now, keep=sum(w.fail is None for w in self.backlog) - surplus)
+        if not any(c.stalled for c in self.pool.children):
+            self.gave_back = False
 
     def ack_can_wait(self, now: float) -> bool:
         """May the pending acknowledgements wait for more to join them (ACK_DELAY)?

@@ -106,3 +106,15 @@ class QuotaExceeded(Exception):
 @task(name="t.quota")
 def quota(limit: int):
     raise QuotaExceeded(f"over the quota of {limit}")
+
+
+@task(name="t.hold")
+def hold(path: str, tag=None):
+    """A long job of no fixed length: says it started (``path``.started), then runs
+    until the file ``path`` exists (the test releases it)."""
+    record("start")
+    open(path + ".started", "w").close()
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    record("end")
+    return tag
