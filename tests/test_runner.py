@@ -8,6 +8,7 @@ long (exponential backoff with full jitter), and what is written when it is not.
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 
@@ -480,3 +481,19 @@ def test_a_stopped_job_whose_task_is_gone_since_keeps_its_verdict(runner):
     env = env_of(out)
     assert env["error"]["type"] == p.E_TIMEOUT and env["started_at"] == 1700000123.5
     assert out.dead is None
+
+
+def test_a_refused_job_that_ran_before_never_says_it_never_started(runner):
+    # started_at null tells a producer "no run ever started: safe to send again".  A
+    # retry refused after a reload took its task away, or a job refused after crashed
+    # runs, did run: it says when, at the latest (its refusal)
+    before = time.time()
+    for out in (runner.run("q", raw_job("tests.removed", attempt=2)),
+                runner.run("q", raw_job("tests.add", args=[1]), crashes=1),
+                runner.run("q", p.encode_job({"task": "tests.add", "id": "job-1",
+                                              "attempt": 3, "result_ttl": -1}))):
+        env = env_of(out)
+        assert env["status"] == p.FAILED and env["attempts"] > 1
+        assert before <= env["started_at"] <= env["finished_at"]
+    # a first attempt refused: never ran
+    assert env_of(runner.run("q", raw_job("tests.removed")))["started_at"] is None

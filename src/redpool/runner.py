@@ -145,8 +145,13 @@ class Runner:
         if self._own_key(bad.reply_to):
             bad.reply_to = None  # answered through the result key only
         # attempts as for any job: its attempt number (a retry refused after a reload took
-        # its task away is not a first attempt), plus the runs of it a crash cut short
-        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker, crashes=crashes)
+        # its task away is not a first attempt), plus the runs of it a crash cut short.
+        # started_at stays null only if no run of the job ever started ("safe to send
+        # again"); an earlier attempt's or a crashed run's start is not known here, so
+        # the refusal's own time stands for it: the latest that run can have started
+        ran_before = bad.attempt > 1 or crashes > 0
+        env = p.failed_envelope_for(bad, queue=queue, worker=self.worker, crashes=crashes,
+                                    started_at=time.time() if ran_before else None)
         dead = p.dead_entry(raw, queue=queue, reason=bad.reason, error_type=bad.error_type,
                             worker=self.worker, job_id=bad.job_id)
         meta = {"id": bad.job_id, "task": bad.task, "status": p.FAILED,
