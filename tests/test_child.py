@@ -226,3 +226,39 @@ def test_a_task_modules_own_sigterm_handler_is_called_for_the_supervisors_stops_
     f.collect(lambda f: b in f.done(), "the second job's answer")
     assert f.done()[b]["error_type"] == "tests.taskmods.own_sigterm.Stopped"
     assert f.child.proc.is_alive() and not f.died()
+
+
+@pytest.mark.parametrize("how", ["chain", "resend"])
+def test_a_task_handler_that_passes_sigterm_on_ends_the_process_once(
+        spawn, tmp_path, monkeypatch, how):
+    # Given task code whose SIGTERM handler hands the signal on to the one it found
+    # (ours), by calling it or by restoring it and signalling again
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("REDPOOL_SIGTERM_LOG", str(calls))
+    f = spawn("tests.taskmods.jobs", "tests.taskmods.chained_sigterm")
+    (t,) = f.send(p.encode_job(p.make_job("sig.install", [how], id="install")))
+    f.collect(lambda f: t in f.done(), "the handler installed")
+    release = tmp_path / "release"
+    (long,) = f.send(hold(release))
+    f.collect(lambda f: started(release), "the long job to start")
+    # When the supervisor stops the process
+    f.pool.signal(f.child, signal.SIGTERM)
+    # Then the task's handler runs once, and the process dies of SIGTERM, as it would
+    # have without us (not a handler calling itself until the recursion limit)
+    (died,) = f.collect(lambda f: f.died(), "the process to die")
+    assert died.exitcode == -signal.SIGTERM and died.running == long
+    assert calls.read_text() == "x"
+
+
+def test_the_supervisors_sigterm_ends_a_job_inside_c_code_at_once(spawn, tmp_path):
+    # Given a job inside C code (a Python handler runs only between bytecodes)
+    f = spawn("tests.taskmods.jobs", "tests.taskmods.chained_sigterm")
+    where = tmp_path / "c"
+    (t,) = f.send(p.encode_job(p.make_job("sig.c_bound", [str(where)], id="c")))
+    f.collect(lambda f: started(where), "the job to start")
+    # When the supervisor stops the process: it dies of SIGTERM, not of the SIGKILL a
+    # supervisor sends 2 s later (here nobody sends one, and the hash would run for
+    # hours: without a stop that does not wait for a bytecode, this waits in vain)
+    f.pool.signal(f.child, signal.SIGTERM)
+    (died,) = f.collect(lambda f: f.died(), "the process to die", timeout=60)
+    assert died.exitcode == -signal.SIGTERM and died.running == t

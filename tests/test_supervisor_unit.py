@@ -569,8 +569,8 @@ class FakePool:
         self.children.remove(c)
         # (the real child's shared progress word names the job it was running: here,
         # the first of its batch)
-        self.events.append(Died(list(c.tokens), c.pid, exitcode, describe_exit(exitcode),
-                                c.token, c.doomed))
+        self.events.append(Died(list(c.tokens), c.pid, exitcode,
+                                describe_exit(exitcode, c.doomed), c.token, c.doomed))
         return c
 
 
@@ -1187,7 +1187,7 @@ def test_a_job_past_its_timeout_is_terminated_then_killed_and_retried():
     assert w.named("child_died") == []
     (stopped,) = w.named("child_stopped")
     assert stopped == {"pid": pid, "exitcode": -signal.SIGKILL, "had_job": True,
-                       "description": describe_exit(-signal.SIGKILL),
+                       "description": describe_exit(-signal.SIGKILL, stopped=True),
                        "reason": "its job ran past its timeout"}
     assert w.rq.crashed_calls == []       # a timeout is not a crash
     f = w.pool.sent[-1]
@@ -3310,3 +3310,10 @@ def test_a_job_answered_in_the_same_batch_as_lost_ones_is_answered_once():
     assert sum(1 for batch in w.rq.complete_calls for c in batch if c.raw == job(5)) == 1
     assert sum(1 for batch in w.rq.complete_calls for c in batch if c.raw == job(1)) == 2
     assert not w.rq.processing
+
+
+def test_a_sigkill_we_sent_is_not_blamed_on_the_out_of_memory_killer():
+    assert "out-of-memory killer" in describe_exit(-signal.SIGKILL)
+    ours = describe_exit(-signal.SIGKILL, stopped=True)
+    assert "out-of-memory" not in ours and "had not stopped at SIGTERM" in ours
+    assert describe_exit(-signal.SIGTERM, stopped=True) == "was killed by SIGTERM (signal 15)"

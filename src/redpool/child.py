@@ -150,7 +150,6 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     """Entry point of a pool child (multiprocessing spawn target).  ``progress``: the
     shared word we write the running job's token into; ``asked``: the one the supervisor
     sets before it sends us SIGTERM."""
-    die_with_parent(parent_pid)
     # Signals for the worker are the supervisor's to act on, not ours: it decides what
     # happens to running jobs (they finish within --grace).  honcho and foreman send
     # SIGTERM to the worker's process group: a child leaves it, so that signal reaches
@@ -164,6 +163,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
         pass  # already a group leader (cannot happen for a spawned child)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = StopWhenAsked(asked)
+    die_with_parent(parent_pid, stop)
     sys.path[:0] = [x for x in sys_path if x not in sys.path]
     registry = default_registry
     mod = hook = None

@@ -109,8 +109,10 @@ def _retire_order(c: Child) -> tuple:
     return (len(c.tokens), c.jobs_done)
 
 
-def describe_exit(exitcode: int | None) -> str:
-    """Say honestly how a child ended (gunicorn's reap_workers does the same)."""
+def describe_exit(exitcode: int | None, stopped: bool = False) -> str:
+    """Say honestly how a child ended (gunicorn's reap_workers does the same).
+    ``stopped``: we signalled it (a timeout): a SIGKILL is then ours, sent when SIGTERM
+    had not ended it, not the out-of-memory killer's."""
     if exitcode is None:
         return "vanished (exit status unknown)"
     if exitcode < 0:
@@ -120,7 +122,9 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             name = f"signal {sig}"
         text = f"was killed by {name} (signal {sig})"
-        if sig == signal.SIGKILL:
+        if sig == signal.SIGKILL and stopped:
+            text += " after it had not stopped at SIGTERM"
+        elif sig == signal.SIGKILL:
             text += "; if nobody sent it, the kernel's out-of-memory killer probably did"
         elif sig == signal.SIGSEGV:
             text += " (a segmentation fault, usually in a C extension)"
@@ -341,7 +345,8 @@ class ProcessPool:
                     if running not in c.tokens:  # between jobs, or no shared word
                         running = c.tokens[0] if c.tokens and c.progress is None else None
                     events.append(Died(list(c.tokens), c.pid, c.proc.exitcode,
-                                       describe_exit(c.proc.exitcode), running, c.doomed))
+                                       describe_exit(c.proc.exitcode, c.doomed), running,
+                                       c.doomed))
         return events
 
     def _read(self, c: Child, msg: bytes, events: list) -> None:
