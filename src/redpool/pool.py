@@ -2,12 +2,9 @@
 
 Each child has its own duplex pipe and runs one job at a time, so the supervisor
 always knows which job a child holds: when a child dies, exactly that job fails and
-nothing else is disturbed.  This is what multiprocessing.Pool cannot do (its shared
-task queue loses track of a dead worker's task and hangs forever, CPython gh-66587).
-
-Children are started with the "spawn" method: a fresh interpreter imports the task
-modules itself, so nothing (Redis sockets, threads, locks held by other threads) is
-inherited from the supervisor by fork.
+nothing else is disturbed (multiprocessing.Pool's shared task queue loses track of a
+dead worker's task and hangs forever, CPython gh-66587).  Children are spawned: a fresh
+interpreter imports the task modules itself, and inherits nothing by fork.
 """
 
 from __future__ import annotations
@@ -110,9 +107,8 @@ def _retire_order(c: Child) -> tuple:
 
 
 def describe_exit(exitcode: int | None, stopped: bool = False) -> str:
-    """Say honestly how a child ended (gunicorn's reap_workers does the same).
-    ``stopped``: we signalled it (a timeout): a SIGKILL is then ours, sent when SIGTERM
-    had not ended it, not the out-of-memory killer's."""
+    """Say honestly how a child ended (gunicorn's reap_workers does the same); a SIGKILL
+    of one we ``stopped`` (a timeout) is ours, not the out-of-memory killer's."""
     if exitcode is None:
         return "vanished (exit status unknown)"
     if exitcode < 0:
@@ -344,8 +340,8 @@ class ProcessPool:
                     running = c.progress.value if c.progress is not None else None
                     if running not in c.tokens:  # between jobs, or no shared word
                         running = c.tokens[0] if c.tokens and c.progress is None else None
-                    events.append(Died(list(c.tokens), c.pid, c.proc.exitcode,
-                                       describe_exit(c.proc.exitcode, c.doomed), running,
+                    why = describe_exit(c.proc.exitcode, c.doomed)
+                    events.append(Died(list(c.tokens), c.pid, c.proc.exitcode, why, running,
                                        c.doomed))
         return events
 
