@@ -46,8 +46,7 @@ class Child:
         return self.proc.pid or 0
 
     @property
-    def token(self) -> int | None:
-        """The job it runs now."""
+    def token(self) -> int | None:  # the job it runs now
         return self.tokens[0] if self.tokens else None
 
 
