@@ -195,14 +195,9 @@ def test_a_sigterm_the_supervisor_did_not_send_is_ignored(spawn, tmp_path):
 
 def test_a_sigterm_the_supervisor_sent_stops_the_process_as_before(spawn, tmp_path):
     f = spawn()
-    release = tmp_path / "release"
-    (long,) = f.send(hold(release))
-    f.collect(lambda f: started(release), "the long job to start")
-    # When the supervisor stops it (a job past its timeout, the grace over)
-    f.pool.signal(f.child, signal.SIGTERM)
-    # Then it dies of SIGTERM, as a process with SIGTERM at its default did, with the job
-    (died,) = f.collect(lambda f: f.died(), "the process to die")
-    assert died.exitcode == -signal.SIGTERM and died.running == long
+    # When the supervisor stops it while it runs a job (a job past its timeout, the
+    # grace over), it dies of SIGTERM, as a process with SIGTERM at its default did
+    died = stopped_while_running(f, tmp_path)
     assert "SIGTERM" in died.description
 
 
@@ -238,16 +233,23 @@ def test_a_task_handler_that_passes_sigterm_on_ends_the_process_once(
     f = spawn("tests.taskmods.jobs", "tests.taskmods.chained_sigterm")
     (t,) = f.send(p.encode_job(p.make_job("sig.install", [how], id="install")))
     f.collect(lambda f: t in f.done(), "the handler installed")
+    # When the supervisor stops the process, the task's handler runs once, and the
+    # process dies of SIGTERM, as it would have without us (not a handler calling
+    # itself until the recursion limit)
+    stopped_while_running(f, tmp_path)
+    assert calls.read_text() == "x"
+
+
+def stopped_while_running(f, tmp_path) -> Died:
+    """The supervisor sends SIGTERM while a long job runs: the process must die of it,
+    holding that job."""
     release = tmp_path / "release"
     (long,) = f.send(hold(release))
     f.collect(lambda f: started(release), "the long job to start")
-    # When the supervisor stops the process
     f.pool.signal(f.child, signal.SIGTERM)
-    # Then the task's handler runs once, and the process dies of SIGTERM, as it would
-    # have without us (not a handler calling itself until the recursion limit)
     (died,) = f.collect(lambda f: f.died(), "the process to die")
     assert died.exitcode == -signal.SIGTERM and died.running == long
-    assert calls.read_text() == "x"
+    return died
 
 
 def test_the_supervisors_sigterm_ends_a_job_inside_c_code_at_once(spawn, tmp_path):
