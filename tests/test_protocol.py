@@ -210,6 +210,52 @@ def test_dumps_is_compact_utf8():
     assert p.dumps({"a": [1, "ü"], "b": None}) == '{"a":[1,"ü"],"b":null}'.encode("utf-8")
 
 
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\udc00\ud800", "x" * 1000 + "\ud8ff"])
+def test_dumps_never_raises_on_strings_it_writes_u_fffd_for_unpaired_surrogates(text):
+    for obj in (text, [text, {"k": text}], {text: 1}):
+        raw = p.dumps(obj)
+        decoded = strict_json(raw)   # valid UTF-8, valid JSON
+        assert "\ufffd" in json.dumps(decoded, ensure_ascii=False)
+        assert not re.search("[\ud800-\udfff]", json.dumps(decoded, ensure_ascii=False))
+
+
+def test_dumps_joins_a_surrogate_pair_into_its_character():
+    # a str may hold a well-formed pair as two code points: it means one character
+    assert p.dumps(["\ud83d\ude00", "\ud800"]) == '["\U0001F600","\ufffd"]'.encode()
+
+
+def test_dumps_says_in_warnings_which_field_of_an_object_had_unpaired_surrogates():
+    env = p.envelope(id="j", task="t.\ud800", queue="q", status=p.SUCCEEDED, worker=WORKER,
+                     result={"a\udc00": ["\ud800", "\ud801"]}, started_at=T0, finished_at=T0)
+    got = strict_json(p.dumps(env))
+    assert got["task"] == "t.\ufffd" and got["result"] == {"a\ufffd": ["\ufffd", "\ufffd"]}
+    assert got["warnings"] == [
+        "task: 1 unpaired UTF-16 surrogate replaced by U+FFFD (not valid Unicode)",
+        "result: 3 unpaired UTF-16 surrogates replaced by U+FFFD (not valid Unicode)"]
+    assert list(got) == [*env, "warnings"]   # the fields in their order, warnings last
+    assert not list(ENVELOPE.iter_errors(got))
+    # warnings already there are kept, ours added
+    env["warnings"] = ["error message cut from 9 to 8 characters"]
+    assert strict_json(p.dumps(env))["warnings"][0] == env["warnings"][0]
+    assert len(strict_json(p.dumps(env))["warnings"]) == 3
+    # and an object without surrogates is written as ever, without warnings
+    del env["warnings"]
+    assert "warnings" not in strict_json(p.dumps(dict(env, task="t", result=1)))
+
+
+def test_dumps_refuses_more_than_its_limit_before_encoding_what_it_can():
+    assert p.dumps("x" * 10, limit=12) == b'"' + b"x" * 10 + b'"'
+    with pytest.raises(p.TooLarge) as e:
+        p.dumps("x" * 11, limit=12)
+    assert (e.value.size, e.value.limit, e.value.exact) == (13, 12, True)
+    with pytest.raises(p.TooLarge) as e:   # 13 characters: over before the UTF-8 copy
+        p.dumps("é" * 11, limit=12)
+    assert (e.value.size, e.value.exact) == (13, False)
+    with pytest.raises(p.TooLarge) as e:   # 8 characters, 14 bytes
+        p.dumps("é" * 6, limit=12)
+    assert (e.value.size, e.value.exact) == (14, True)
+
+
 def test_golden_envelopes_are_byte_exact():
     ok = p.envelope(id="job-1", task="examples.tasks.add", queue="default", status=p.SUCCEEDED,
                     worker=WORKER, attempts=1, result=5, started_at=T0, finished_at=1732492800.503)
@@ -228,6 +274,29 @@ def test_golden_dead_entry_is_byte_exact():
     entry = p.dead_entry(raw, queue="default", reason=err.reason, error_type=err.error_type,
                          worker=WORKER, job_id=err.job_id, now=T0)
     assert p.dumps(entry) + b"\n" == golden("dead_entry.json")
+
+
+def test_dead_entry_of_a_job_over_max_payload_keeps_only_its_beginning():
+    # Given a producer's 1 MB job, over a --max-payload of 1000 bytes
+    raw = b'{"task":"t","id":"big","args":["' + "é".encode() * 500_000 + b'"]}'
+    entry = p.dead_entry(raw, queue="q", reason="too big", error_type=p.E_PAYLOAD_TOO_LARGE,
+                         worker=WORKER, job_id="big", now=T0, max_job=1000)
+    # Then the entry keeps its first 64 KiB (a character cut in two is left out), and says so
+    assert entry["job_size"] == len(raw)
+    assert raw.startswith(entry["job"].encode()) and p.DEAD_JOB_KEPT - 3 < len(entry["job"].encode()) <= p.DEAD_JOB_KEPT
+    assert entry["warnings"] == [f"job: only its first {p.DEAD_JOB_KEPT} of {len(raw)} bytes "
+                                 "are kept (it is over --max-payload)"]
+    assert len(p.dumps(entry)) < p.DEAD_JOB_KEPT + 1000
+    assert not list(DEAD.iter_errors(entry))
+    # not UTF-8: its first bytes in base64
+    entry = p.dead_entry(b"\xff" * 100_000, queue="q", reason="r", error_type=p.E_INVALID_JOB,
+                         worker=WORKER, max_job=1000)
+    assert base64.b64decode(entry["job_b64"]) == b"\xff" * p.DEAD_JOB_KEPT
+    # a job within the limit (or no limit given) is kept whole, as ever
+    for max_job in (None, len(raw)):
+        entry = p.dead_entry(raw, queue="q", reason="r", error_type="X", worker=WORKER,
+                             max_job=max_job)
+        assert entry["job"].encode() == raw and "job_size" not in entry and "warnings" not in entry
 
 
 def test_dead_entry_keeps_non_utf8_jobs_as_base64():
@@ -382,6 +451,20 @@ def test_schema_rejects_malformed_envelopes(change):
     assert not ENVELOPE.is_valid(env)
 
 
+def test_schemas_describe_warnings_and_job_size():
+    env = json.loads(golden("envelope_succeeded.json"))
+    assert ENVELOPE.is_valid(dict(env, warnings=["result: 1 unpaired UTF-16 surrogate ..."]))
+    assert not ENVELOPE.is_valid(dict(env, warnings=[1]))
+    assert not ENVELOPE.is_valid(dict(env, warnings="x"))
+    entry = json.loads(golden("dead_entry.json"))
+    assert DEAD.is_valid(dict(entry, job_size=10_000_000, warnings=["job: only ..."]))
+    assert not DEAD.is_valid(dict(entry, job_size="big"))
+    for schema in ("envelope", "dead"):   # every error type of ours is named
+        text = (files("redpool") / "schema" / f"{schema}.schema.json").read_text("utf-8")
+        for name in (p.E_RESULT_TOO_LARGE, p.E_UNPRINTABLE_ERROR, p.E_WORKER_ERROR):
+            assert name in text
+
+
 def test_dead_entries_validate_and_need_exactly_one_job_field():
     entry = json.loads(golden("dead_entry.json"))
     assert not list(DEAD.iter_errors(entry))
@@ -398,5 +481,6 @@ def test_docs_show_the_golden_walkthrough():
     assert golden("job_walkthrough.json").decode().strip() in text
     assert golden("envelope_succeeded.json").decode().strip() in text
     for name in (p.E_INVALID_JOB, p.E_UNKNOWN_TASK, p.E_PAYLOAD_TOO_LARGE,
-                 p.E_UNSERIALIZABLE_RESULT, p.E_WORKER_CRASHED):
+                 p.E_UNSERIALIZABLE_RESULT, p.E_RESULT_TOO_LARGE, p.E_WORKER_CRASHED,
+                 p.E_UNPRINTABLE_ERROR, p.E_WORKER_ERROR):
         assert f"`{name}`" in text

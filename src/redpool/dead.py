@@ -109,6 +109,11 @@ def raw_job(e: Entry) -> bytes:
     """The job's bytes exactly as first pushed; ValueError says why there are none."""
     if not e.queue or any(c.isspace() for c in e.queue):
         raise ValueError(f"its queue {e.queue!r} is not a queue name")
+    size = None if e.data is None else e.data.get("job_size")
+    if size is not None:
+        raise ValueError(f"it keeps only the beginning of its job of {size} bytes (over the "
+                         "worker's --max-payload): send a smaller job, with a reference to "
+                         "large data, instead")
     job, b64 = e.text("job"), e.text("job_b64")
     try:
         if job is not None:

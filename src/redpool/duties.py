@@ -303,7 +303,7 @@ class Duties(DataLoss):
                                      error=p.error_dict(work.fail["error_type"], message)))
         dead = p.dumps(p.dead_entry(work.raw, queue=work.queue, reason=message,
                                     error_type=work.fail["error_type"], worker=self.cfg.name,
-                                    job_id=job_id))
+                                    job_id=job_id, max_job=self.cfg.max_payload))
         return Completion(work.queue, work.raw, job_id if ttl > 0 else None, ttl, reply_to, env,
                           dead)
 

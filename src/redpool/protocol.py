@@ -20,11 +20,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .encoding import TooLarge, dumps, job_fields  # noqa: F401  (part of the contract)
 from .keys import DEFAULT_NAMESPACE, Keys  # noqa: F401  (re-exported: part of the contract)
 
 VERSION = 1
 DEFAULT_RESULT_TTL = 86400  # seconds
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes
+# Largest envelope of a succeeded job (--max-result-size): far below the 512 MB string
+# Redis refuses, and what a supervisor may hold per job in flight (docs/design.md).
+DEFAULT_MAX_RESULT_SIZE = 16 * 1024 * 1024
+MAX_ERROR_TEXT = 64 * 1024  # characters of error.message and of error.traceback
+DEAD_JOB_KEPT = 64 * 1024   # bytes kept of a job over --max-payload in its dead-letter entry
 # Redis refuses EX/EXPIRE beyond ~9e15 s (and Lua numbers are doubles); past it the completion
 # script fails after removing the job, losing it.  2**31-1 s (68 years) also fits an int32.
 MAX_RESULT_TTL = 2**31 - 1
@@ -47,6 +53,9 @@ E_INVALID_JOB = "InvalidJob"
 E_UNKNOWN_TASK = "UnknownTask"
 E_PAYLOAD_TOO_LARGE = "PayloadTooLarge"
 E_UNSERIALIZABLE_RESULT = "UnserializableResult"
+E_RESULT_TOO_LARGE = "ResultTooLarge"
+E_UNPRINTABLE_ERROR = "UnprintableError"   # a task's exception whose class cannot be named
+E_WORKER_ERROR = "WorkerError"             # the worker failed to settle the job (a bug of ours)
 E_WORKER_CRASHED = "WorkerCrashed"
 E_TIMEOUT = "TimeoutError"
 
@@ -116,7 +125,13 @@ class Job:
         d = self.to_dict()
         d["id"] = self.id
         d["attempt"] = self.attempt + 1
-        return dumps(d)
+        try:
+            return json.dumps(d, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False).encode()
+        except ValueError:  # (UnicodeEncodeError is one)
+            # what json.loads read and strict JSON refuses: NaN, a lone surrogate the
+            # producer wrote as \ud800.  Written as it came, so the retry is the same job.
+            return json.dumps(d, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 #: Optional job fields that override a task's options and the worker's defaults.
@@ -158,11 +173,6 @@ def make_job(task: str, args: list | tuple = (), kwargs: dict | None = None, *,
 
 def encode_job(job: dict[str, Any]) -> bytes:
     return dumps(job)
-
-
-def dumps(obj: Any) -> bytes:
-    """Compact JSON, UTF-8, no NaN/Infinity (not JSON; other languages choke on them)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def loads(data: bytes | str) -> Any:
@@ -325,7 +335,7 @@ def salvage(raw: bytes) -> InvalidJob | Job:
 def envelope(*, id: str, task: str | None, queue: str, status: str, worker: str,
              attempts: int = 1, result: Any = None, error: dict[str, Any] | None = None,
              enqueued_at: float | None = None, started_at: float | None = None,
-             finished_at: float | None = None) -> dict[str, Any]:
+             finished_at: float | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "v": VERSION,
         "id": id,
@@ -342,6 +352,8 @@ def envelope(*, id: str, task: str | None, queue: str, status: str, worker: str,
         env["result"] = result
     else:
         env["error"] = error or error_dict("Error", "unknown error")
+    if warnings:
+        env["warnings"] = list(warnings)
     return env
 
 
@@ -362,8 +374,11 @@ def failed_envelope_for(bad: InvalidJob, *, queue: str, worker: str,
 
 
 def dead_entry(raw: bytes, *, queue: str, reason: str, error_type: str, worker: str,
-               job_id: str | None = None, now: float | None = None) -> dict[str, Any]:
-    """A dead-letter entry.  The raw job is kept as text when it is UTF-8, else base64."""
+               job_id: str | None = None, now: float | None = None,
+               max_job: int | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
+    """A dead-letter entry.  The raw job is kept as text when it is UTF-8, else base64;
+    of a job over ``max_job`` bytes (--max-payload) only its first DEAD_JOB_KEPT, and
+    ``job_size`` says how long it was (such an entry cannot be requeued)."""
     entry: dict[str, Any] = {
         "v": VERSION,
         "id": job_id,
@@ -373,9 +388,9 @@ def dead_entry(raw: bytes, *, queue: str, reason: str, error_type: str, worker: 
         "worker": worker,
         "failed_at": time.time() if now is None else now,
     }
-    try:
-        entry["job"] = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        import base64
-        entry["job_b64"] = base64.b64encode(raw).decode("ascii")
+    fields, cut = job_fields(raw, max_job, DEAD_JOB_KEPT)
+    entry.update(fields)
+    warnings = [*(warnings or ()), *([cut] if cut else [])]
+    if warnings:
+        entry["warnings"] = warnings
     return entry
