@@ -7,6 +7,9 @@ long (exponential backoff with full jitter), and what is written when it is not.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import sys
 import time
 
@@ -55,6 +58,11 @@ def who():
 @registry.task(name="tests.unserialisable")
 def unserialisable():
     return {"a set": {1, 2}}
+
+
+@registry.task(name="tests.flaky_args")
+def flaky_args(*args):
+    raise RuntimeError("flaky")
 
 
 @registry.task(name="tests.exits")
@@ -497,3 +505,366 @@ def test_a_refused_job_that_ran_before_never_says_it_never_started(runner):
         assert before <= env["started_at"] <= env["finished_at"]
     # a first attempt refused: never ran
     assert env_of(runner.run("q", raw_job("tests.removed")))["started_at"] is None
+
+
+# -- whatever a task returns or raises: one outcome, never the process's death -----------------
+# (the hostile values themselves live in tests/taskmods/hostile.py, which the real-process
+# tests run too)
+
+from taskmods import hostile  # noqa: E402
+
+hostile_registry = Registry()
+for _name in ("surrogate_raise", "surrogate_result", "returns", "raises", "big", "long_error"):
+    hostile_registry.task(name=f"h.{_name}")(getattr(hostile, _name))
+
+
+@hostile_registry.task(name="h.coroutine")
+async def coroutine():
+    return 1
+
+
+@pytest.fixture
+def hrunner() -> Runner:
+    return Runner(hostile_registry, WORKER, p.DEFAULT_MAX_PAYLOAD, defaults=DEFAULTS,
+                  max_result_size=64 * 1024)
+
+
+def valid_envelope(out: Outcome) -> dict:
+    """The envelope as any reader sees it: UTF-8, strict JSON, the schema's shape."""
+    from test_protocol import ENVELOPE, strict_json
+
+    env = strict_json(out.envelope)   # (decodes UTF-8 strictly, refuses NaN)
+    ENVELOPE.validate(env)
+    # and it crosses the pipe to the supervisor
+    assert decode_done(encode_done(1, out))[1] == out.envelope
+    return env
+
+
+def test_a_lone_surrogate_in_an_exception_message_fails_the_job_with_its_own_error(hrunner):
+    # Given a task raising ValueError("bad \ud800 text"), on its last attempt
+    out = hrunner.run("q", raw_job("h.surrogate_raise", attempt=2, dead_letter=True))
+    # Then one failed envelope, with the task's own error, the surrogate replaced
+    env = valid_envelope(out)
+    assert env["error"]["type"] == "ValueError" and env["error"]["message"] == "bad \ufffd text"
+    assert env["warnings"] == [
+        "error: 2 unpaired UTF-16 surrogates replaced by U+FFFD (not valid Unicode)"]
+    dead = p.loads(out.dead)
+    assert dead["reason"] == "failed after 2 attempt(s): ValueError: bad \ufffd text"
+    assert dead["warnings"] == [
+        "reason: 1 unpaired UTF-16 surrogate replaced by U+FFFD (not valid Unicode)"]
+    assert out.meta["error"] == "bad \ud800 text"   # (replaced when the meta is written)
+    meta = decode_done(encode_done(1, out))[0]
+    assert meta["error"] == "bad \ufffd text" and meta["error_type"] == "ValueError"
+
+
+def test_a_lone_surrogate_in_an_exception_message_is_retried_as_configured(hrunner):
+    out = hrunner.run("q", raw_job("h.surrogate_raise"))   # max_retries 1: attempt 1 of 2
+    meta, env, _, retry = decode_done(encode_done(1, out))  # (what the child sends)
+    assert meta["status"] == "retrying" and meta["error"] == "bad \ufffd text" and env is None
+    assert p.decode_job(retry).attempt == 2
+
+
+def test_lone_surrogates_in_a_result_are_replaced_and_said(hrunner):
+    out = hrunner.run("q", raw_job("h.surrogate_result"))
+    env = valid_envelope(out)
+    assert env["status"] == p.SUCCEEDED
+    # a lone one, in a value and in a key, is replaced; a well-formed pair is joined
+    assert env["result"] == {"text": "a\ufffdb", "key\ufffd": 1, "pair": "\U0001F600"}
+    assert env["warnings"] == [
+        "result: 2 unpaired UTF-16 surrogates replaced by U+FFFD (not valid Unicode)"]
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("set", "Object of type set is not JSON serializable"),
+    ("bad_repr", "Object of type BadRepr is not JSON serializable"),
+    ("nan", "NaN or an infinity"),
+    ("inf", "NaN or an infinity"),
+    ("deep", "nested too deeply"),
+    ("tuple_key", "keys must be str, int, float, bool or None, not tuple"),
+    ("generator", "a generator: return a list"),
+    ("bad_items", "SystemExit was raised encoding it: items() exits"),
+])
+def test_every_result_json_cannot_hold_fails_once_unserialisable(hrunner, kind, says):
+    # retries are left (max_retries 1), but running it again cannot help
+    out = hrunner.run("q", raw_job("h.returns", args=[kind]))
+    env = valid_envelope(out)
+    assert env["error"]["type"] == p.E_UNSERIALIZABLE_RESULT and out.retry is None
+    assert says in env["error"]["message"], env["error"]["message"]
+    assert p.loads(out.dead)["error_type"] == p.E_UNSERIALIZABLE_RESULT
+
+
+def test_an_async_task_is_told_it_returned_a_coroutine(hrunner):
+    env = valid_envelope(hrunner.run("q", raw_job("h.coroutine")))
+    assert "a coroutine: tasks are plain functions" in env["error"]["message"]
+
+
+@pytest.mark.parametrize("char, size", [
+    ("x", r"its envelope is 70\d{3} bytes of JSON"),
+    ("\x01", r"its envelope is 420\d{3} bytes of JSON"),         # \u0001: 6 bytes each
+    ("\u00e9", r"its envelope is at least 70\d{3} bytes of JSON"),  # found before encoding
+])
+def test_a_result_over_max_result_size_fails_once_too_large(hrunner, char, size):
+    # Given a limit of 64 KiB and a task returning 70000 characters
+    out = hrunner.run("q", raw_job("h.big", args=[70000, char], reply_to="r"))
+    env = valid_envelope(out)
+    # Then it fails with ResultTooLarge, dead-lettered, not retried though retries are left
+    assert env["error"]["type"] == p.E_RESULT_TOO_LARGE and out.retry is None
+    message = env["error"]["message"]
+    assert re.search(size, message) and "over the limit of 65536 (--max-result-size)" in message
+    assert "store large data elsewhere" in message and "return a reference" in message
+    assert p.loads(out.dead)["error_type"] == p.E_RESULT_TOO_LARGE
+    assert len(out.envelope) < 2000 and len(out.dead) < 2000   # what the supervisor gets
+    # and one just under the limit is written
+    under = hrunner.run("q", raw_job("h.big", args=[64 * 1024 - 400]))
+    assert valid_envelope(under)["status"] == p.SUCCEEDED and len(under.envelope) <= 64 * 1024
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (loud_del)
+@pytest.mark.parametrize("kind, error_type, message", [
+    ("unprintable", "taskmods.hostile.Unprintable",
+     "<the exception's message could not be read: str() raised RuntimeError>"),
+    ("exiting_str", "taskmods.hostile.ExitingStr",
+     "<the exception's message could not be read: str() raised SystemExit>"),
+    ("nowhere", "<unknown>.Nowhere", "boom"),
+    ("fatal", "taskmods.hostile.Fatal", "boom"),
+    ("loud_del", "taskmods.hostile.LoudDel", "boom"),
+    ("bad_notes", "taskmods.hostile.BadNotes", "boom"),
+    ("anonymous", p.E_UNPRINTABLE_ERROR, "boom"),
+])
+def test_every_exception_a_task_raises_fails_its_job_by_its_own_type(hrunner, kind, error_type,
+                                                                     message):
+    # last attempt: the envelope; with retries left it is retried (the task's own error)
+    out = hrunner.run("q", raw_job("h.raises", args=[kind], attempt=2))
+    env = valid_envelope(out)
+    assert (env["error"]["type"], env["error"]["message"]) == (error_type, message)
+    assert isinstance(env["error"]["traceback"], str)
+    again = hrunner.run("q", raw_job("h.raises", args=[kind]))
+    assert again.meta["status"] == "retrying" and again.meta["error_type"] == error_type
+
+
+def test_a_traceback_that_cannot_be_formatted_is_said_so(hrunner):
+    out = hrunner.run("q", raw_job("h.raises", args=["bad_notes"], attempt=2))
+    assert valid_envelope(out)["error"]["traceback"] == (
+        "<the traceback of taskmods.hostile.BadNotes could not be formatted: "
+        "RuntimeError was raised formatting it>")
+
+
+def test_error_types_of_classes_with_odd_names_are_still_strings():
+    from redpool.runner import MAX_TYPE, error_type_of
+
+    class Long(Exception):
+        pass
+    Long.__qualname__ = "L" * 10_000
+
+    class Modular(Exception):
+        pass
+    Modular.__module__ = 42
+
+    assert error_type_of(hostile.Anonymous()) == p.E_UNPRINTABLE_ERROR
+    assert len(error_type_of(Long())) == MAX_TYPE
+    assert error_type_of(Modular()) == "<unknown>.test_error_types_of_classes_with_odd_names_are_still_strings.<locals>.Modular"
+
+
+def test_error_message_and_traceback_are_cut_so_a_failed_envelope_stays_small(hrunner):
+    out = hrunner.run("q", raw_job("h.long_error", args=[1_000_000], attempt=2,
+                                   dead_letter=True))
+    env = valid_envelope(out)
+    message, tb = env["error"]["message"], env["error"]["traceback"]
+    assert len(message) <= p.MAX_ERROR_TEXT and len(tb) <= p.MAX_ERROR_TEXT
+    assert message.startswith("eee") and message.endswith("eee") and "characters cut" in message
+    assert tb.startswith("Traceback") and tb.rstrip().endswith("eee")
+    said, tb_said = env["warnings"]
+    assert said == (f"error message cut from 1000000 to {len(message)} characters (over the "
+                    f"worker's limit of {p.MAX_ERROR_TEXT} for error text)")
+    assert re.fullmatch(rf"traceback cut from 1000\d{{3}} to {len(tb)} characters .*", tb_said)
+    assert len(out.envelope) < 3 * p.MAX_ERROR_TEXT and len(out.dead) < 2 * p.MAX_ERROR_TEXT
+    assert p.loads(out.dead)["warnings"] == env["warnings"][:1]
+
+
+def test_a_huge_attempt_number_backs_off_at_the_cap_rather_than_overflow(runner):
+    assert 0 <= Policy(retry_backoff=2.0, retry_backoff_max=10.0).backoff(5000) <= 10.0
+    out = runner.run("q", raw_job("tests.flaky", attempt=5000, max_retries=10_000))
+    assert out.meta["status"] == "retrying" and 0 <= out.meta["retry_delay"] <= 10.0
+
+
+@pytest.mark.parametrize("args", [b'[NaN]', b'["\\ud800"]', b'[Infinity, "\\udc00x"]'])
+def test_a_retry_is_the_same_job_even_when_it_holds_what_strict_json_refuses(runner, args):
+    # json.loads reads NaN and a lone surrogate's escape; the retry writes them as read
+    raw = b'{"task":"tests.flaky_args","id":"j","args":' + args + b'}'
+    out = runner.run("q", raw)
+    assert out.meta["status"] == "retrying"
+    same = json.dumps(p.loads(out.retry)["args"])   # (NaN != NaN: compare as written)
+    assert same == json.dumps(p.loads(raw)["args"]), out.retry
+    assert p.decode_job(out.retry).attempt == 2
+
+
+def test_a_fault_of_ours_fails_the_job_as_worker_error_not_the_process(runner, monkeypatch):
+    # Given a bug in redpool: something on the way to the envelope raises
+    def broken(*a, **kw):
+        raise KeyError("a bug")
+    monkeypatch.setattr(Runner, "_base", broken)
+    out = runner.run("q", raw_job("tests.add", args=[1, 2], reply_to="r"))
+    # Then the job fails, answered and dead-lettered, instead of killing the child
+    monkeypatch.undo()
+    env = valid_envelope(out)
+    assert env["error"]["type"] == p.E_WORKER_ERROR and out.retry is None
+    assert "KeyError: 'a bug'" in env["error"]["message"] and "bug in redpool" in env["error"]["message"]
+    assert "raise KeyError" in env["error"]["traceback"]
+    assert env["started_at"] is not None and env["id"] == "job-1"   # it may have run
+    assert (out.meta["reply_to"], out.meta["result_id"]) == ("r", "job-1")
+    assert p.loads(out.dead)["error_type"] == p.E_WORKER_ERROR
+
+
+def test_when_even_failing_it_fails_the_job_is_still_dead_lettered(runner, monkeypatch):
+    def broken(*a, **kw):
+        raise MemoryError()
+    monkeypatch.setattr(p, "envelope", broken)
+    monkeypatch.setattr(p, "failed_envelope_for", broken)
+    out = runner.fail("q", raw_job("tests.add", args=[1, 2]), 0, p.E_TIMEOUT, "late",
+                      retry=False, dead=False)
+    monkeypatch.undo()
+    assert out.envelope is None and p.loads(out.dead)["error_type"] == p.E_WORKER_ERROR
+    meta = decode_done(encode_done(5, out))[0]
+    assert meta["status"] == p.FAILED and meta["error_type"] == p.E_WORKER_ERROR
+
+
+def test_the_done_message_is_written_whatever_the_meta_holds():
+    out = Outcome({"id": "j", "status": p.FAILED, "result_id": None, "ttl": 0, "reply_to": None,
+                   "duration": math.nan, "odd": {1, 2}, "error": "x\ud800"})
+    meta = decode_done(encode_done(3, out))[0]
+    assert meta["duration"] == 0.0 and meta["odd"] == "{1, 2}" and meta["t"] == 3
+
+
+# -- the property: any value, returned or raised, gives one valid envelope ---------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROP_LIMIT = 2048
+prop_registry = Registry()
+_now: dict = {}
+
+
+@prop_registry.task(name="p.do")
+def do():
+    how, value = _now["do"]
+    if how == "return":
+        return value
+    raise how(value)
+
+
+# text with lone and paired surrogates among other characters
+# (st.text() would leave surrogates out, whatever its alphabet)
+texts = st.lists(st.one_of(st.characters(), st.characters(categories=["Cs"])),
+                 max_size=12).map("".join)
+keys = st.one_of(texts, texts, st.integers(), st.floats(allow_nan=False), st.booleans(),
+                 st.none(), st.floats(), st.tuples(st.integers()))
+# mostly what JSON holds, sometimes what it cannot
+leaves = st.one_of(texts, texts, st.none(), st.booleans(), st.integers(),
+                   st.floats(allow_nan=False, allow_infinity=False),
+                   st.one_of(st.floats(), st.builds(hostile.BadRepr),
+                             st.builds(lambda: (i for i in range(2))), st.builds(set),
+                             st.builds(lambda: hostile.BadItems(a=1)), st.integers(10 ** 4400)))
+values = st.one_of(
+    st.recursive(leaves, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                 st.dictionaries(keys, inner, max_size=4),
+                                                 st.tuples(inner, inner)), max_leaves=12),
+    # nested far below or far above the recursion limit (near it, the stack depth of the
+    # caller decides); built in the test, so that a failing example prints
+    st.one_of(st.integers(0, 400), st.integers(2000, 3000)).map(lambda n: Nested(n)),
+    st.integers(0, 3 * PROP_LIMIT).map(lambda n: "\x01" * n))
+
+
+class Nested(int):
+    """nested(n), to build: a list in a list ... n deep."""
+
+
+RAISED = {ValueError: "ValueError", KeyboardInterrupt: "KeyboardInterrupt",
+          SystemExit: "SystemExit", **{c: f"taskmods.hostile.{c.__qualname__}" for c in (
+              hostile.Unprintable, hostile.ExitingStr, hostile.Fatal, hostile.BadNotes)},
+          hostile.Nowhere: "<unknown>.Nowhere", hostile.Anonymous: p.E_UNPRINTABLE_ERROR}
+
+
+def lone_surrogates(value) -> int:
+    """How many surrogates of the strings in ``value`` (keys too) are not in a pair."""
+    if isinstance(value, str):
+        n, i = 0, 0
+        while i < len(value):
+            if "\ud800" <= value[i] <= "\udbff" and i + 1 < len(value) \
+                    and "\udc00" <= value[i + 1] <= "\udfff":
+                i += 2
+                continue
+            n += "\ud800" <= value[i] <= "\udfff"
+            i += 1
+        return n
+    if isinstance(value, dict):
+        return sum(lone_surrogates(k) + lone_surrogates(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(map(lone_surrogates, value))
+    return 0
+
+
+def without_lone_surrogates(value):
+    if isinstance(value, str):
+        return re.sub("[\ud800-\udfff]", "\ufffd", value)  # (pairs: joined by json.loads)
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_lone_surrogates(v) for v in value]
+    return value
+
+
+PROPERTY = settings(max_examples=300, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def run_prop(how, value, attempt: int = 2) -> tuple[Outcome, dict]:
+    """Run p.do, doing ``how`` with ``value``, on its last attempt (2, of max_retries 1)."""
+    runner = Runner(prop_registry, WORKER, p.DEFAULT_MAX_PAYLOAD, defaults=DEFAULTS,
+                    max_result_size=PROP_LIMIT)
+    _now["do"] = (how, hostile.nested(value) if isinstance(value, Nested) else value)
+    out = runner.run("q", raw_job("p.do", attempt=attempt))
+    if out.envelope is None:
+        return out, {}
+    env = valid_envelope(out)
+    meta = decode_done(encode_done(1, out))[0]
+    assert meta["status"] == env["status"]
+    assert meta["error_type"] == (env.get("error") or {}).get("type")
+    return out, env
+
+
+@PROPERTY
+@given(value=values)
+def test_any_value_a_task_returns_gives_one_valid_envelope_of_the_documented_type(value):
+    out, env = run_prop("return", value)
+    value = _now["do"][1]
+    try:   # what json makes of it, surrogates aside (ensure_ascii escapes them)
+        text = json.dumps(value, ensure_ascii=True, allow_nan=False)
+    except BaseException:   # (SystemExit from a dict's items() too)
+        assert env["error"]["type"] == p.E_UNSERIALIZABLE_RESULT and out.retry is None
+        return
+    if env["status"] == p.FAILED:
+        assert env["error"]["type"] == p.E_RESULT_TOO_LARGE and len(text) > PROP_LIMIT - 1000
+        assert out.retry is None
+        return
+    assert env["result"] == without_lone_surrogates(json.loads(text))
+    n = lone_surrogates(value)
+    if n:
+        assert env["warnings"] == [f"result: {n} unpaired UTF-16 surrogate{'s' if n > 1 else ''} "
+                                   "replaced by U+FFFD (not valid Unicode)"]
+    else:
+        assert "warnings" not in env
+
+
+@PROPERTY
+@given(value=values, how=st.sampled_from(list(RAISED)))
+def test_any_exception_a_task_raises_fails_its_job_by_its_type_and_retries(value, how):
+    # the task's own error, named as documented, whatever its message holds
+    out, env = run_prop(how, value)
+    assert env["error"]["type"] == RAISED[how] and isinstance(env["error"]["message"], str)
+    assert env["status"] == p.FAILED and out.retry is None
+    # with a retry left, retried as configured
+    out, _ = run_prop(how, value, attempt=1)
+    meta, _, _, retry = decode_done(encode_done(1, out))
+    assert meta["status"] == "retrying" and meta["error_type"] == RAISED[how]
+    assert p.decode_job(retry).attempt == 2
