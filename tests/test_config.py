@@ -222,6 +222,23 @@ def test_valid_names():
         assert resolve("--name", name).name == name
 
 
+def test_max_result_size_defaults_to_16_mib_and_takes_sizes_with_units():
+    assert resolve().max_result_size == 16 * 1024 * 1024
+    assert resolve("--max-result-size", "64M").max_result_size == 64 * 1024 * 1024
+    assert resolve("--max-result-size", "1048576").max_result_size == 1024 * 1024
+    assert resolve(REDPOOL_MAX_RESULT_SIZE="512k").max_result_size == 512 * 1024
+    assert resolve("--max-result-size", "2M", REDPOOL_MAX_RESULT_SIZE="512k").max_result_size \
+        == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("value", ["0", "1000", "257M", "1G", "big", "-1"])
+def test_max_result_size_out_of_range_is_refused_saying_why(value):
+    msg = config_error("--max-result-size", value)
+    assert msg.startswith("--max-result-size:"), msg
+    if value[0].isdigit():
+        assert "from 1K to 256M (Redis refuses strings over 512 MB)" in msg
+
+
 def test_bad_log_level_and_format():
     assert config_error("--log-level", "verbose").startswith("--log-level:")
     assert config_error("--log-format", "xml").startswith("--log-format:")

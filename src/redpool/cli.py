@@ -271,7 +271,7 @@ def run_worker(cfg: config.WorkerConfig, *,
         rq = RedisQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
         lease, reaper = Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name)
     pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace,
-                       cfg.child_defaults())
+                       cfg.child_defaults(), max_result_size=cfg.max_result_size)
     waiter = None if cfg.burst else Waiter(
         rq, lambda: connect(url, blocking_timeout=1.0), timeout=1.0)
     hooks = Hooks()

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from .cliparser import suggestion
 from .errors import ConfigError
-from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, NAME_RE
+from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_RESULT_SIZE, DEFAULT_NAMESPACE, NAME_RE
 from .urls import DEFAULT_URL
 
 
@@ -73,6 +73,18 @@ def _size(v: str) -> int:
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size like 536870912, 512M or 2G, got {v!r}")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+#: The largest --max-result-size: Redis refuses a string over 512 MB, and a batch of
+#: answers goes to it in one command (its client-query-buffer-limit is 1 GB).
+MAX_RESULT_SIZE_CEILING = 256 * 1024 ** 2
+
+
+def _result_size(v: str) -> int:
+    n = _size(v)
+    if not 1024 <= n <= MAX_RESULT_SIZE_CEILING:
+        raise ValueError(f"must be from 1K to 256M (Redis refuses strings over 512 MB), got {v}")
+    return n
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", re.IGNORECASE)
@@ -154,6 +166,10 @@ SETTINGS: tuple[Setting, ...] = (
             _at_least(int, 0)),
     Setting("max_payload", "--max-payload", "REDPOOL_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD,
             "largest job accepted, in bytes; larger ones are dead-lettered", _positive(int)),
+    Setting("max_result_size", "--max-result-size", "REDPOOL_MAX_RESULT_SIZE",
+            DEFAULT_MAX_RESULT_SIZE,
+            "largest result envelope written, in bytes (or 16M, 64M; at most 256M); the job "
+            "of a larger one fails with ResultTooLarge and is dead-lettered", _result_size),
     Setting("dead_max", "--dead-max", "REDPOOL_DEAD_MAX", 10_000,
             "length cap of the dead-letter list (oldest entries are dropped)", _positive(int)),
     Setting("lease", "--lease", "REDPOOL_LEASE", 15.0,
@@ -207,6 +223,7 @@ class WorkerConfig:
     name: str = ""
     prefetch: int = 1
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_result_size: int = DEFAULT_MAX_RESULT_SIZE
     dead_max: int = 10_000
     lease: float = 15.0
     timeout: float = 3600.0
