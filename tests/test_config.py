@@ -231,12 +231,12 @@ def test_max_result_size_defaults_to_16_mib_and_takes_sizes_with_units():
         == 2 * 1024 * 1024
 
 
-@pytest.mark.parametrize("value", ["0", "1000", "257M", "1G", "big", "-1"])
+@pytest.mark.parametrize("value", ["0", "1000", "129M", "1G", "big", "-1"])
 def test_max_result_size_out_of_range_is_refused_saying_why(value):
     msg = config_error("--max-result-size", value)
     assert msg.startswith("--max-result-size:"), msg
     if value[0].isdigit():
-        assert "from 1K to 256M (Redis refuses strings over 512 MB)" in msg
+        assert "from 1K to 128M (Redis refuses strings over 512 MB)" in msg
 
 
 def test_bad_log_level_and_format():

@@ -75,15 +75,15 @@ def _size(v: str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
-#: The largest --max-result-size: Redis refuses a string over 512 MB, and a batch of
-#: answers goes to it in one command (its client-query-buffer-limit is 1 GB).
-MAX_RESULT_SIZE_CEILING = 256 * 1024 ** 2
+#: The largest --max-result-size: Redis refuses a string over 512 MB, and on Redis
+#: Cluster the envelope travels escaped to ASCII (cluster.py), up to three times longer.
+MAX_RESULT_SIZE_CEILING = 128 * 1024 ** 2
 
 
 def _result_size(v: str) -> int:
     n = _size(v)
     if not 1024 <= n <= MAX_RESULT_SIZE_CEILING:
-        raise ValueError(f"must be from 1K to 256M (Redis refuses strings over 512 MB), got {v}")
+        raise ValueError(f"must be from 1K to 128M (Redis refuses strings over 512 MB), got {v}")
     return n
 
 
@@ -168,7 +168,7 @@ SETTINGS: tuple[Setting, ...] = (
             "largest job accepted, in bytes; larger ones are dead-lettered", _positive(int)),
     Setting("max_result_size", "--max-result-size", "REDPOOL_MAX_RESULT_SIZE",
             DEFAULT_MAX_RESULT_SIZE,
-            "largest result envelope written, in bytes (or 16M, 64M; at most 256M); the job "
+            "largest result envelope written, in bytes (or 16M, 64M; at most 128M); the job "
             "of a larger one fails with ResultTooLarge and is dead-lettered", _result_size),
     Setting("dead_max", "--dead-max", "REDPOOL_DEAD_MAX", 10_000,
             "length cap of the dead-letter list (oldest entries are dropped)", _positive(int)),
