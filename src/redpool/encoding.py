@@ -6,11 +6,11 @@ imports nothing from redpool.
 A Python ``str`` can hold what UTF-8 cannot encode: UTF-16 surrogates (U+D800 to
 U+DFFF), which ``json.loads`` makes of a producer's ``"\\ud800"`` and the
 ``surrogateescape`` error handler makes of bytes that are not UTF-8.  A task may return
-one or raise with one in its message.  ``protocol.dumps`` encodes the usual way first
-(on the usual path that costs a ``try`` and a comparison) and comes here only when that fails:
-a well-formed pair is joined into the character it stands for, which is what any JSON
-reader would make of its two escapes; an unpaired one is replaced by U+FFFD, and the
-object written says so in a ``warnings`` array.  The alternative of writing the
+one or raise with one in its message.  ``dumps`` encodes the usual way first (on the
+usual path that costs a ``try`` and a comparison) and only when that fails fixes the
+text: a well-formed pair is joined into the character it stands for, which is what any
+JSON reader would make of its two escapes; an unpaired one is replaced by U+FFFD, and
+the object written says so in a ``warnings`` array.  The alternative of writing the
 ``\\ud800`` escape would be valid JSON syntax but not valid Unicode: JavaScript would
 carry the lone surrogate on, Go would turn it into U+FFFD anyway, Python would fail
 again on the next ``.encode()``.
