@@ -17,6 +17,8 @@ from redpool import protocol as p
 pytestmark = pytest.mark.daemon
 
 HOSTILE = ("tests.taskmods.hostile",)
+# the reply list every job here names: outside the namespace, so the operator allows it
+# (--reply-to), as for any application's own list
 
 
 def job(task: str, id: str, *args, **fields) -> dict:
@@ -46,7 +48,7 @@ def test_every_hostile_result_or_exception_ends_in_one_envelope_and_no_crash(r, 
     for j in jobs:
         r.lpush(keys.queue("default"), json.dumps(j))
     # When a worker has answered them all (not --burst: it may stop with a retry due)
-    d = daemons("--concurrency", "2", modules=HOSTILE)
+    d = daemons("--concurrency", "2", "--reply-to", "hostile-r", modules=HOSTILE)
     try:
         wait_for(lambda: r.llen("hostile-r") >= len(jobs) or d.proc.poll() is not None,
                  timeout=120, what="every job answered")
@@ -96,7 +98,7 @@ def test_every_hostile_result_or_exception_ends_in_one_envelope_and_no_crash(r, 
 
 def test_a_result_over_max_result_size_fails_and_the_supervisor_stays_small(r, keys, daemons):
     # Given a worker whose results may be 1 MiB at most
-    d = daemons("--concurrency", "1", "--max-result-size", "1M", modules=HOSTILE).wait_started()
+    d = daemons("--concurrency", "1", "--reply-to", "hostile-r", "--max-result-size", "1M", modules=HOSTILE).wait_started()
     try:
         r.lpush(keys.queue("default"), json.dumps(job("h.add", "warm", 1, 2)))
         assert r.brpop("hostile-r", timeout=60) is not None, d.log()

@@ -21,6 +21,7 @@ from redpool.registry import Registry, current_job
 from redpool.runner import Outcome, Policy, Runner
 
 WORKER = "unit-runner"
+REPLY = "redpool:reply:r"  # a reply list every worker answers on
 DEFAULTS = Policy(max_retries=1, retry_backoff=2.0, retry_backoff_max=10.0, timeout=30.0,
                   dead_letter=False)
 
@@ -142,11 +143,69 @@ def test_a_reply_to_naming_one_of_our_own_keys_fails_the_job(runner, reply_to):
     out = runner.run("q", raw_job("tests.add", args=(1, 2), reply_to=reply_to))
     assert out.meta["error_type"] == p.E_INVALID_JOB
     assert "one of redpool's own keys" in env_of(out)["error"]["message"]
+    assert out.meta["reply_to"] is None and out.dead is not None  # result key and dead letter
 
 
-@pytest.mark.parametrize("reply_to", ["redpool:reply:c1", "myapp:replies", "{myapp}:r"])
-def test_a_reply_to_outside_our_keys_or_under_reply_is_fine(runner, reply_to):
-    assert runner.run("q", raw_job("tests.add", args=(1, 2), reply_to=reply_to)).meta["error_type"] is None
+@pytest.mark.parametrize("reply_to", ["myapp:replies", "otherns:queue:default", "{myapp}:r",
+                                      "redpoolx:reply:1"])
+def test_a_reply_to_outside_the_allowed_keys_fails_the_job_answered_by_its_result_key(
+        runner, reply_to):
+    # Given a job naming another application's list (or another namespace's queue)
+    out = runner.run("q", raw_job("tests.add", args=(1, 2), reply_to=reply_to))
+    # Then it is refused without running, with a reason naming the key, what is
+    # allowed and how to allow more
+    env = env_of(out)
+    assert env["error"]["type"] == p.E_INVALID_JOB and env["started_at"] is None
+    message = env["error"]["message"]
+    assert f"'reply_to' {reply_to!r} is not a key this worker answers on" in message
+    assert "allowed: redpool:reply:*)" in message and "--reply-to '" in message
+    # answered through its result key only (the supervisor pushes nothing), dead-lettered
+    assert out.meta["result_id"] == "job-1" and out.meta["reply_to"] is None
+    assert p.loads(out.dead)["reason"] == message
+
+
+def test_the_refusal_suggests_a_pattern_for_the_key_family():
+    r = Runner(registry, WORKER, p.DEFAULT_MAX_PAYLOAD, defaults=Policy(reply_patterns=("a:*",)))
+    message = env_of(r.run("q", raw_job("tests.add", args=(1, 2), reply_to="myapp:replies:42"))
+                     )["error"]["message"]
+    assert "(allowed: redpool:reply:*, a:*)" in message
+    assert "start the workers with --reply-to 'myapp:replies:*'" in message
+
+
+@pytest.mark.parametrize("reply_to", ["redpool:reply:c1", "myapp:replies:7", "{myapp}:r",
+                                      "legacy-replies"])
+def test_a_reply_to_under_reply_or_matching_an_operator_pattern_is_fine(reply_to):
+    policy = Policy(reply_patterns=("myapp:replies:*", "{myapp}:?", "legacy-replies"))
+    r = Runner(registry, WORKER, p.DEFAULT_MAX_PAYLOAD, defaults=policy)
+    out = r.run("q", raw_job("tests.add", args=(1, 2), reply_to=reply_to))
+    assert out.meta["error_type"] is None and out.meta["reply_to"] == reply_to
+
+
+def test_no_pattern_opens_the_namespace():
+    # a pattern wide enough to match them (the operator's choice) still leaves our
+    # own keys refused, one by one
+    r = Runner(registry, WORKER, p.DEFAULT_MAX_PAYLOAD, defaults=Policy(reply_patterns=("*",)))
+    assert r.run("q", raw_job("tests.add", args=(1, 2), reply_to="any:list")).meta["error_type"] is None
+    out = r.run("q", raw_job("tests.add", args=(1, 2), reply_to="redpool:queue:default"))
+    assert out.meta["error_type"] == p.E_INVALID_JOB and out.meta["reply_to"] is None
+
+
+def test_a_bad_job_is_not_answered_on_a_reply_to_that_is_not_allowed(runner):
+    # Given a job refused before its reply_to is looked at (it has no task), whose
+    # reply_to is another app's list
+    out = runner.run("q", b'{"id":"j","reply_to":"myapp:replies"}')
+    # Then it says what was wrong with it, on its result key only
+    assert "no 'task' field" in env_of(out)["error"]["message"]
+    assert out.meta["reply_to"] is None and out.meta["result_id"] == "j"
+
+
+def test_a_stopped_job_is_not_answered_on_a_reply_to_this_worker_does_not_allow(runner):
+    # Given a job another worker (one allowing its reply_to) ran, stopped here
+    raw = raw_job("tests.add", args=[1, 2], reply_to="myapp:replies")
+    out = runner.fail("q", raw, 4, p.E_WORKER_CRASHED, "died 4 times", retry=False, dead=True)
+    # Then the verdict stands, answered through its result key only
+    assert env_of(out)["error"]["type"] == p.E_WORKER_CRASHED
+    assert out.meta["reply_to"] is None and out.meta["result_id"] == "job-1"
 
 
 def test_on_start_is_not_called_for_a_job_that_cannot_run(runner):
@@ -158,14 +217,14 @@ def test_on_start_is_not_called_for_a_job_that_cannot_run(runner):
 # -- success ----------------------------------------------------------------------------------
 
 def test_a_succeeding_task_answers_with_its_result(runner):
-    out = runner.run("q", raw_job("tests.add", args=[2, 3], reply_to="r"))
+    out = runner.run("q", raw_job("tests.add", args=[2, 3], reply_to=REPLY))
     env = env_of(out)
     assert (env["status"], env["result"], env["id"], env["queue"], env["worker"]) == \
         (p.SUCCEEDED, 5, "job-1", "q", WORKER)
     assert env["attempts"] == 1
     assert out.dead is None and out.retry is None
     assert out.meta["status"] == p.SUCCEEDED and out.meta["result_id"] == "job-1"
-    assert out.meta["reply_to"] == "r"
+    assert out.meta["reply_to"] == REPLY
 
 
 def test_current_job_shows_the_running_job(runner):
@@ -222,13 +281,13 @@ def test_an_unserialisable_result_is_dead_lettered_without_retry(runner):
 # -- retries ----------------------------------------------------------------------------------
 
 def test_a_raising_task_with_retries_left_is_retried(runner):
-    raw = raw_job("tests.flaky", reply_to="r", result_ttl=60, kwargs={})
+    raw = raw_job("tests.flaky", reply_to=REPLY, result_ttl=60, kwargs={})
     out = runner.run("q", raw)
 
     assert out.meta["status"] == "retrying"
     assert out.meta["error_type"] == "RuntimeError"
     assert (out.meta["id"], out.meta["result_id"], out.meta["reply_to"], out.meta["ttl"]) == \
-        ("job-1", "job-1", "r", 60)
+        ("job-1", "job-1", REPLY, 60)
     # nothing is answered yet, nothing dead-lettered: only the next attempt
     assert out.envelope is None and out.dead is None
     nxt = p.loads(out.retry)
@@ -271,7 +330,7 @@ def test_the_backoff_bound_doubles_per_attempt_up_to_the_cap(attempt, bound):
 
 def test_the_last_attempt_fails_with_the_error(runner):
     # max_retries 1 (the default): attempt 2 is the last
-    out = runner.run("q", raw_job("tests.flaky", attempt=2, reply_to="r"))
+    out = runner.run("q", raw_job("tests.flaky", attempt=2, reply_to=REPLY))
     assert out.retry is None
     assert out.meta["status"] == p.FAILED
     env = env_of(out)
@@ -323,7 +382,7 @@ def test_a_timeout_is_retried_per_policy(runner):
 
 def test_a_poison_pill_is_dead_lettered_with_the_message_as_reason(runner):
     # retries are left, but a job that kills its process is not run again
-    raw = raw_job("tests.careful", reply_to="r")
+    raw = raw_job("tests.careful", reply_to=REPLY)
     why = "the pool process died running it 4 times (--max-crashes 3)"
     out = runner.fail("q", raw, 4, p.E_WORKER_CRASHED, why, retry=False, dead=True)
     assert out.retry is None
@@ -363,7 +422,7 @@ def test_an_unknown_task_suggests_the_closest_registered_name():
                  "myapp.billing.charge"):
         reg.task(name=name)(lambda: None)
     r = Runner(reg, WORKER, p.DEFAULT_MAX_PAYLOAD)
-    out = r.run("default", raw_job("myapp.tasks.sned", reply_to="replies"))
+    out = r.run("default", raw_job("myapp.tasks.sned", reply_to=REPLY))
     env = env_of(out)
     assert env["error"]["type"] == p.E_UNKNOWN_TASK
     assert env["error"]["message"].startswith(
@@ -394,7 +453,7 @@ def test_several_equally_close_names_are_all_suggested():
 
     assert suggest("app.a.run", ("app.b.run", "app.c.run", "app.other")) == ["app.b.run", "app.c.run"]
     r = Runner(Registry(), WORKER, p.DEFAULT_MAX_PAYLOAD)
-    msg = env_of(r.run("default", raw_job("x.y", reply_to="rr")))["error"]["message"]
+    msg = env_of(r.run("default", raw_job("x.y", reply_to=REPLY)))["error"]["message"]
     assert msg.startswith("unknown task 'x.y' (registered: none); check the name")
 
 
@@ -427,9 +486,9 @@ def test_started_at_is_when_the_task_started_for_every_job_that_ran(runner):
     from test_protocol import ENVELOPE
 
     for raw, status, kind in [
-            (raw_job("tests.sleepy", reply_to="r"), p.SUCCEEDED, None),
-            (raw_job("tests.flaky", attempt=2, reply_to="r"), p.FAILED, "RuntimeError"),
-            (raw_job("tests.unserialisable", reply_to="r"), p.FAILED, p.E_UNSERIALIZABLE_RESULT),
+            (raw_job("tests.sleepy", reply_to=REPLY), p.SUCCEEDED, None),
+            (raw_job("tests.flaky", attempt=2, reply_to=REPLY), p.FAILED, "RuntimeError"),
+            (raw_job("tests.unserialisable", reply_to=REPLY), p.FAILED, p.E_UNSERIALIZABLE_RESULT),
             (raw_job("tests.exits", max_retries=0), p.FAILED, "SystemExit")]:
         before = _t.time()
         out = runner.run("q", raw)
@@ -441,11 +500,11 @@ def test_started_at_is_when_the_task_started_for_every_job_that_ran(runner):
 
 
 @pytest.mark.parametrize("raw, kind", [
-    (raw_job("tests.add", args=[1], reply_to="r"), p.E_INVALID_JOB),        # arguments
-    (raw_job("tests.nope", reply_to="r"), p.E_UNKNOWN_TASK),
-    (raw_job("tests.add", args=["x" * 2000, "y"], reply_to="r"), p.E_PAYLOAD_TOO_LARGE),
-    (b'{"task":"tests.add","id":"j","reply_to":"r","v":99}', p.E_INVALID_JOB),  # too new
-    (b'{"id":"j","reply_to":"r"}', p.E_INVALID_JOB),                          # no task
+    (raw_job("tests.add", args=[1], reply_to=REPLY), p.E_INVALID_JOB),        # arguments
+    (raw_job("tests.nope", reply_to=REPLY), p.E_UNKNOWN_TASK),
+    (raw_job("tests.add", args=["x" * 2000, "y"], reply_to=REPLY), p.E_PAYLOAD_TOO_LARGE),
+    (b'{"task":"tests.add","id":"j","reply_to":"redpool:reply:r","v":99}', p.E_INVALID_JOB),  # too new
+    (b'{"id":"j","reply_to":"redpool:reply:r"}', p.E_INVALID_JOB),                          # no task
 ])
 def test_started_at_is_null_for_a_job_that_never_ran(raw, kind):
     from test_protocol import ENVELOPE
@@ -460,7 +519,7 @@ def test_a_job_stopped_by_the_supervisor_says_when_its_run_started_and_how_long_
     from test_protocol import ENVELOPE
 
     # a timeout, on the last attempt: the start of the attempt that timed out
-    out = runner.fail("q", raw_job("tests.add", args=[1, 2], attempt=2, reply_to="r"), 0,
+    out = runner.fail("q", raw_job("tests.add", args=[1, 2], attempt=2, reply_to=REPLY), 0,
                       p.E_TIMEOUT, "ran past its timeout of 30 s", retry=True, dead=False,
                       started_at=1700000123.5, ran=30.25)
     env = env_of(out)
@@ -472,7 +531,7 @@ def test_a_job_stopped_by_the_supervisor_says_when_its_run_started_and_how_long_
                       retry=True, dead=False, started_at=1700000123.5, ran=30.25)
     assert out.meta["status"] == "retrying" and out.meta["duration"] == 30.25
     # a poison pill: the start of its last crashed run
-    out = runner.fail("q", raw_job("tests.add", args=[1, 2], reply_to="r"), 4,
+    out = runner.fail("q", raw_job("tests.add", args=[1, 2], reply_to=REPLY), 4,
                       p.E_WORKER_CRASHED, "died 4 times", retry=False, dead=True,
                       started_at=1700000000.25)
     env = env_of(out)
@@ -483,7 +542,7 @@ def test_a_job_stopped_by_the_supervisor_says_when_its_run_started_and_how_long_
 def test_a_stopped_job_whose_task_is_gone_since_keeps_its_verdict(runner):
     # It ran, then a reload took its task away before the failure was settled: it is
     # still the timeout that failed it, and it still started
-    out = runner.fail("q", raw_job("tests.removed", reply_to="r"), 0, p.E_TIMEOUT,
+    out = runner.fail("q", raw_job("tests.removed", reply_to=REPLY), 0, p.E_TIMEOUT,
                       "ran past its timeout of 30 s", retry=False, dead=False,
                       started_at=1700000123.5, ran=31.0)
     env = env_of(out)
@@ -605,7 +664,7 @@ def test_an_async_task_is_told_it_returned_a_coroutine(hrunner):
 ])
 def test_a_result_over_max_result_size_fails_once_too_large(hrunner, char, size):
     # Given a limit of 64 KiB and a task returning 70000 characters
-    out = hrunner.run("q", raw_job("h.big", args=[70000, char], reply_to="r"))
+    out = hrunner.run("q", raw_job("h.big", args=[70000, char], reply_to="redpool:reply:r"))
     env = valid_envelope(out)
     # Then it fails with ResultTooLarge, dead-lettered, not retried though retries are left
     assert env["error"]["type"] == p.E_RESULT_TOO_LARGE and out.retry is None
@@ -703,7 +762,7 @@ def test_a_fault_of_ours_fails_the_job_as_worker_error_not_the_process(runner, m
     def broken(*a, **kw):
         raise KeyError("a bug")
     monkeypatch.setattr(Runner, "_base", broken)
-    out = runner.run("q", raw_job("tests.add", args=[1, 2], reply_to="r"))
+    out = runner.run("q", raw_job("tests.add", args=[1, 2], reply_to="redpool:reply:r"))
     # Then the job fails, answered and dead-lettered, instead of killing the child
     monkeypatch.undo()
     env = valid_envelope(out)
@@ -711,7 +770,7 @@ def test_a_fault_of_ours_fails_the_job_as_worker_error_not_the_process(runner, m
     assert "KeyError: 'a bug'" in env["error"]["message"] and "bug in redpool" in env["error"]["message"]
     assert "raise KeyError" in env["error"]["traceback"]
     assert env["started_at"] is not None and env["id"] == "job-1"   # it may have run
-    assert (out.meta["reply_to"], out.meta["result_id"]) == ("r", "job-1")
+    assert (out.meta["reply_to"], out.meta["result_id"]) == ("redpool:reply:r", "job-1")
     assert p.loads(out.dead)["error_type"] == p.E_WORKER_ERROR
 
 

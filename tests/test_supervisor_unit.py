@@ -38,6 +38,7 @@ from redpool.supervisor import (ACK_DELAY, BATCH_SECONDS, DRAINING, MAX_BATCH, R
                                 Supervisor)
 
 WORKER = "unit-sup"
+R, R2 = "redpool:reply:r", "redpool:reply:replies"  # reply lists every worker answers on
 T0 = 1000.0
 
 # entry kinds of a batch (child.job_entry / child.fail_entry)
@@ -776,7 +777,7 @@ def test_nothing_is_reserved_before_the_lease_is_held():
 # -- acknowledging ----------------------------------------------------------------------------
 
 def test_completions_from_several_done_events_are_flushed_in_one_call():
-    j1, j2, j3 = job(1), job(2, reply_to="replies"), job(3, task="tests.boom")
+    j1, j2, j3 = job(1), job(2, reply_to=R2), job(3, task="tests.boom")
     w = World([j1, j2, j3], size=3, prefetch=0)
     w.tick()
     assert len(w.pool.sent) == 3
@@ -793,7 +794,7 @@ def test_completions_from_several_done_events_are_flushed_in_one_call():
 
     ok = by_raw[j2]
     assert (ok.queue, ok.result_id, ok.ttl, ok.reply_to, ok.dead, ok.retry) == \
-        ("default", "job-2", p.DEFAULT_RESULT_TTL, "replies", None, None)
+        ("default", "job-2", p.DEFAULT_RESULT_TTL, R2, None, None)
     assert env_of(ok)["status"] == p.SUCCEEDED and env_of(ok)["result"] == 3
     assert env_of(ok)["worker"] == WORKER
 
@@ -813,7 +814,7 @@ def test_nothing_to_acknowledge_makes_no_call():
 
 
 def test_a_bad_job_is_acknowledged_with_a_dead_entry():
-    bad = b'{"id":"job-9","task":"no.such.task","reply_to":"r"}'
+    bad = b'{"id":"job-9","task":"no.such.task","reply_to":"redpool:reply:r"}'
     w = World([bad], size=1, prefetch=0)
     w.tick()
     w.pool.finish_all()
@@ -826,7 +827,7 @@ def test_a_bad_job_is_acknowledged_with_a_dead_entry():
 
 
 def test_a_retrying_outcome_becomes_a_completion_with_the_next_attempt():
-    w = World([job(1, task="tests.boom", reply_to="r")], size=1, prefetch=0, max_retries=2,
+    w = World([job(1, task="tests.boom", reply_to=R)], size=1, prefetch=0, max_retries=2,
               retry_backoff=1.0, retry_backoff_max=60.0)
     w.tick()
     w.pool.finish_all()
@@ -836,7 +837,7 @@ def test_a_retrying_outcome_becomes_a_completion_with_the_next_attempt():
     # no answer yet: the job leaves processing together with its next attempt
     assert c.envelope is None and c.dead is None
     assert (c.queue, c.raw, c.result_id, c.reply_to) == ("default", job(1, task="tests.boom",
-                                                         reply_to="r"), "job-1", "r")
+                                                         reply_to=R), "job-1", R)
     nxt = p.decode_job(c.retry)
     assert (nxt.id, nxt.attempt, nxt.task) == ("job-1", 2, "tests.boom")
     assert 0.0 <= c.retry_delay <= 1.0   # full jitter below base * 2**0
@@ -880,7 +881,7 @@ def test_results_dropped_by_fencing_are_reported():
 # -- children dying ---------------------------------------------------------------------------
 
 def test_a_dead_childs_job_goes_back_to_its_queue_with_one_crash_more():
-    j1 = job(1, reply_to="replies")
+    j1 = job(1, reply_to=R2)
     w = World([j1, job(2)], size=2, prefetch=0, max_crashes=3)
     w.tick()
     t1, t2 = [s.token for s in w.pool.sent]
@@ -937,7 +938,7 @@ def test_a_crash_while_redis_is_down_is_retried_here():
 
 
 def test_a_job_that_crashes_once_too_often_is_settled_first_as_a_poison_pill():
-    pill = job(1, reply_to="r")
+    pill = job(1, reply_to=R)
     w = World([pill, job(2), job(3)], size=2, prefetch=1, max_crashes=1)
     w.rq.crashes[pill] = 1          # it killed a process once already
     w.tick()
@@ -971,7 +972,7 @@ def test_a_job_that_crashes_once_too_often_is_settled_first_as_a_poison_pill():
     w.pool.finish(s.token)
     w.tick()
     (c,) = [c for c in w.rq.completed if c.raw == pill]
-    assert c.retry is None and c.reply_to == "r"
+    assert c.retry is None and c.reply_to == R
     assert env_of(c)["error"]["type"] == p.E_WORKER_CRASHED
     assert p.loads(c.dead)["reason"] == first.fail["message"]
     assert w.sup.stats["dead"] == 1
@@ -1004,14 +1005,14 @@ def test_a_job_at_max_crashes_still_runs():
 
 
 def test_a_poison_pill_with_result_ttl_0_writes_no_result_key():
-    w = World([job(1, result_ttl=0, reply_to="r")], size=1, prefetch=0, max_crashes=0)
+    w = World([job(1, result_ttl=0, reply_to=R)], size=1, prefetch=0, max_crashes=0)
     w.tick()
     w.pool.die(w.tokens()[0], exitcode=1)
     w.replace_dead()
     w.pool.finish_all()
     w.tick()
     (c,) = w.rq.completed
-    assert c.result_id is None and c.ttl == 0 and c.reply_to == "r"
+    assert c.result_id is None and c.ttl == 0 and c.reply_to == R
     assert "exited with code 1" in env_of(c)["error"]["message"]
 
 
@@ -1027,7 +1028,7 @@ def test_an_unreadable_job_that_kills_its_child_is_dead_lettered():
 
 
 def test_a_child_dying_while_settling_a_failure_is_settled_by_the_supervisor():
-    w = World([job(1, reply_to="r")], size=1, prefetch=0, max_crashes=0)
+    w = World([job(1, reply_to=R)], size=1, prefetch=0, max_crashes=0)
     w.tick()
     w.pool.die(w.tokens()[0])
     w.replace_dead()
@@ -1039,11 +1040,25 @@ def test_a_child_dying_while_settling_a_failure_is_settled_by_the_supervisor():
 
     # Then the supervisor writes the failure itself, without a child
     (c,) = w.rq.completed
-    assert (c.raw, c.reply_to, c.result_id) == (job(1, reply_to="r"), "r", "job-1")
+    assert (c.raw, c.reply_to, c.result_id) == (job(1, reply_to=R), R, "job-1")
     env = env_of(c)
     assert env["error"]["type"] == p.E_WORKER_CRASHED
     assert "then the process settling it was killed by SIGKILL" in env["error"]["message"]
     assert p.loads(c.dead)["id"] == "job-1"
+
+
+def test_the_supervisor_settling_a_job_itself_answers_only_where_a_child_would():
+    # Given a job whose reply_to is another application's list (as a worker that allows
+    # it would have taken it), whose settling child dies too
+    w = World([job(1, reply_to="myapp:replies")], size=1, prefetch=0, max_crashes=0)
+    w.tick()
+    w.pool.die(w.tokens()[0])
+    w.replace_dead()
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGKILL)
+    w.tick()
+    # Then its answer goes to its result key only
+    (c,) = w.rq.completed
+    assert c.reply_to is None and c.result_id == "job-1" and env_of(c)["id"] == "job-1"
 
 
 
@@ -1058,7 +1073,7 @@ def _wall_ago(w: World, seconds: float) -> tuple[float, float]:
 def test_a_timed_out_job_says_when_its_attempt_started_and_ran_for_its_real_duration():
     from test_protocol import ENVELOPE
 
-    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=10.0, max_retries=0)
+    w = World([job(1, reply_to=R)], size=1, prefetch=0, timeout=10.0, max_retries=0)
     w.tick()
     w.tick(10.0)                                  # SIGTERM at the deadline
     w.tick(0.5)
@@ -1082,7 +1097,7 @@ def test_a_timed_out_job_says_when_its_attempt_started_and_ran_for_its_real_dura
 def test_a_job_that_crashes_once_too_often_here_says_when_that_run_started():
     from test_protocol import ENVELOPE
 
-    pill = job(1, reply_to="r")
+    pill = job(1, reply_to=R)
     w = World([pill], size=1, prefetch=0, max_crashes=0)
     w.tick()
     w.tick(3.0)
@@ -1106,12 +1121,12 @@ def test_a_poison_pill_judged_after_crashes_elsewhere_says_when_its_last_crashed
     from test_protocol import ENVELOPE
 
     # Given a job that crashed 4 times elsewhere, the last run started at T
-    pill = job(1, reply_to="r")
-    w = World([pill, job(2, reply_to="r")], size=1, prefetch=1, max_crashes=3)
+    pill = job(1, reply_to=R)
+    w = World([pill, job(2, reply_to=R)], size=1, prefetch=1, max_crashes=3)
     w.rq.crashes[pill] = 4
     w.rq.crash_started[pill] = 1700000500.25
     # and one whose count was left without a start (an older redpool counted it)
-    w.rq.crashes[job(2, reply_to="r")] = 5
+    w.rq.crashes[job(2, reply_to=R)] = 5
     w.tick()
     w.pool.finish_everything(duration=REAL)
     w.tick()
@@ -1129,7 +1144,7 @@ def test_a_poison_pill_judged_after_crashes_elsewhere_says_when_its_last_crashed
 def test_a_failure_the_supervisor_writes_itself_keeps_the_start_of_the_stopped_run():
     from test_protocol import ENVELOPE
 
-    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=5.0, max_retries=0)
+    w = World([job(1, reply_to=R)], size=1, prefetch=0, timeout=5.0, max_retries=0)
     w.tick()
     w.tick(5.0)
     w.tick(0.25)
@@ -2842,7 +2857,7 @@ def test_a_batch_behind_a_job_that_finished_as_it_was_signalled_is_not_blamed():
 
 
 def test_settling_a_failure_says_nothing_about_how_long_jobs_take():
-    pill = job(0, reply_to="r")
+    pill = job(0, reply_to=R)
     w = World([pill, *jobs(*range(1, 300))], size=1, prefetch=1, max_crashes=0)
     w.rq.crashes[pill] = 1          # its host died running it: a poison pill
     w.tick()

@@ -180,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     acl.add_argument("role", choices=["producer", "worker"])
     acl.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     acl.add_argument("--user", default=None, help="the user name (default: redpool-ROLE)")
-    acl.add_argument("--reply-pattern", action="append", default=[], metavar="PATTERN",
-                     help="key pattern of reply_to lists producers choose outside the "
-                          "namespace, e.g. 'myapp:replies:*' (repeat for several)")
+    acl.add_argument("--reply-to", "--reply-pattern", dest="reply_to", action="append",
+                     metavar="PATTERN", help="a --reply-to pattern of the workers, e.g. "
+                     "'myapp:replies:*'; repeat for several [env REDPOOL_REPLY_TO]")
     acl.set_defaults(run=cmd_acl)
 
     st = sub.add_parser("status", help="queues, supervisors and throughput, from any machine "
@@ -354,8 +354,9 @@ def cmd_acl(args: argparse.Namespace) -> int:
     from .protocol import DEFAULT_NAMESPACE
 
     namespace = args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE
+    patterns = args.reply_to or config.split_list(os.environ.get("REDPOOL_REPLY_TO", ""))
     try:
-        line = acl.setuser(args.role, args.user, namespace, args.reply_pattern)
+        line = acl.setuser(args.role, args.user, namespace, patterns)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(line)

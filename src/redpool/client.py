@@ -125,9 +125,10 @@ class Client:
         schedule the job for later.  ``options``: the job's delivery policy, overriding
         the task's and the worker's: max_retries, retry_backoff, retry_backoff_max,
         timeout, dead_letter.  ``reply_to``: None (the default) delivers the result to
-        this client; a list key of yours has the worker push it there; False asks for no
-        reply at all (only the result key, which the AsyncResult polls): nothing is left
-        in Redis for a result nobody waits for."""
+        this client; a list key of yours has the worker push it there (under
+        ``<ns>:reply:``, or allowed by the workers' ``--reply-to``: others are refused);
+        False asks for no reply at all (only the result key, which the AsyncResult
+        polls): nothing is left in Redis for a result nobody waits for."""
         return self._submit(task_name(task), [(args, kwargs)], queue=queue, id=id,
                             result_ttl=result_ttl, reply_to=reply_to,
                             callback=callback, error_callback=error_callback,

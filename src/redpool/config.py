@@ -17,6 +17,7 @@ from typing import Any, Callable
 from .cliparser import suggestion
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_RESULT_SIZE, DEFAULT_NAMESPACE, NAME_RE
+from .replies import ReplyRule, check_pattern, check_patterns
 from .urls import DEFAULT_URL
 
 
@@ -43,7 +44,8 @@ def _bool(v: str) -> bool:
     raise ValueError(f"expected true/false, got {v!r}")
 
 
-def _list(v: str) -> list[str]:
+def split_list(v: str) -> list[str]:
+    """The items of a repeatable setting's environment variable: comma or space separated."""
     return [x for x in re.split(r"[,\s]+", v) if x]
 
 
@@ -154,6 +156,10 @@ SETTINGS: tuple[Setting, ...] = (
             "pool processes (default: the usable cores)", _positive(int)),
     Setting("namespace", "--namespace", "REDPOOL_NAMESPACE", DEFAULT_NAMESPACE,
             "prefix of every Redis key", _key_part("namespace")),
+    Setting("reply_to", "--reply-to", "REDPOOL_REPLY_TO", [],
+            "key pattern (Redis glob, as in ACL rules) of reply_to lists this worker answers "
+            "on besides its namespace's reply lists, e.g. 'myapp:replies:*'; repeat for "
+            "several; grant them in the worker's ACL too", check_pattern, repeat=True),
     Setting("grace", "--grace", "REDPOOL_GRACE", 30.0,
             "seconds running jobs may take to finish on SIGTERM before they are requeued",
             _at_least(float, 0)),
@@ -218,6 +224,7 @@ class WorkerConfig:
     queues: list[str] = field(default_factory=lambda: ["default"])
     concurrency: int = 1
     namespace: str = DEFAULT_NAMESPACE
+    reply_to: list[str] = field(default_factory=list)   # patterns, beyond <ns>:reply:*
     grace: float = 30.0
     burst: bool = False
     name: str = ""
@@ -241,7 +248,12 @@ class WorkerConfig:
     def child_defaults(self) -> dict:
         """The delivery policy pool children apply unless a job or task says otherwise."""
         return {"max_retries": self.max_retries, "retry_backoff": self.retry_backoff,
-                "retry_backoff_max": self.retry_backoff_max, "timeout": self.timeout}
+                "retry_backoff_max": self.retry_backoff_max, "timeout": self.timeout,
+                "reply_patterns": tuple(self.reply_to)}
+
+    def reply_rule(self) -> ReplyRule:
+        """The keys this worker may push answers onto (replies.py)."""
+        return ReplyRule(self.namespace, self.reply_to)
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -275,7 +287,7 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
             continue
         try:
             if s.repeat:
-                items = raw if isinstance(raw, list) else _list(raw)
+                items = raw if isinstance(raw, list) else split_list(raw)
                 values[s.dest] = [s.parse(x) for x in items]
             elif s.switch and raw is True:
                 values[s.dest] = True
@@ -283,7 +295,7 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
                 values[s.dest] = s.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
-    modules = list(args.modules or []) or _list(env.get("REDPOOL_MODULES", ""))
+    modules = list(args.modules or []) or split_list(env.get("REDPOOL_MODULES", ""))
     cfg = WorkerConfig(modules=modules, **values)
     cfg.concurrency = cfg.concurrency or usable_cores()
     cfg.prefetch = cfg.concurrency if cfg.prefetch is None else cfg.prefetch
@@ -292,4 +304,8 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
         raise ConfigError(f"{sources['queues']}: at least one queue is needed")
     if len(set(cfg.queues)) != len(cfg.queues):
         raise ConfigError(f"{sources['queues']}: a queue is listed twice: {cfg.queues}")
+    try:
+        check_patterns(cfg.namespace, cfg.reply_to)
+    except ValueError as e:
+        raise ConfigError(f"{sources['reply_to']}: {e}") from None
     return cfg

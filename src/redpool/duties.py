@@ -293,6 +293,8 @@ class Duties(DataLoss):
         else:
             job_id, reply_to, ttl, task, enq = (found.job_id, found.reply_to, found.result_ttl,
                                                 found.task, found.enqueued_at)
+        if reply_to is not None and not self.cfg.reply_rule().allows(reply_to):
+            reply_to = None  # as the child would have refused it (runner.py)
         message = f"{work.fail['message']}; then the process settling it {description}"
         env = None
         if job_id or reply_to:

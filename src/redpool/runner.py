@@ -23,6 +23,7 @@ from typing import Any
 from . import encoding
 from . import protocol as p
 from .registry import JobInfo, Registry, Task, _current
+from .replies import ReplyRule
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Policy:
     retry_backoff_max: float = 300.0
     timeout: float = 0.0            # 0: no limit
     dead_letter: bool = False
+    # The worker's alone, never a job's or a task's: the patterns of reply_to keys it
+    # answers on besides <ns>:reply:* (--reply-to; replies.py)
+    reply_patterns: tuple[str, ...] = ()
 
     def resolve(self, job: p.Job, task: Task) -> "Policy":
         """Job field, else task option, else this (the worker's default)."""
@@ -40,7 +44,7 @@ class Policy:
             if v is None:
                 v = task.options.get(name)
             return getattr(self, name) if v is None else v
-        return Policy(*(pick(n) for n in p.POLICY_FIELDS))
+        return Policy(*(pick(n) for n in p.POLICY_FIELDS), self.reply_patterns)
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter (AWS architecture blog's "full jitter"):
@@ -81,11 +85,10 @@ class Runner:
         self.worker = worker
         self.max_payload = max_payload
         self.max_result_size = max_result_size
-        # our keys: <ns>:..., and on Redis Cluster the namespace-wide {<ns>}:... (refused on
-        # one server too: a producer has no reason to name such a key)
-        self.own_prefixes = (f"{namespace}:", f"{{{namespace}}}:")
-        self.reply_prefix = p.Keys(namespace).reply("")
         self.defaults = defaults or Policy()
+        # where this worker may push answers: <ns>:reply:*, and the operator's patterns
+        self.replies = ReplyRule(namespace, self.defaults.reply_patterns)
+        self.reply_prefix = self.replies.reply_prefix
 
     def prepare(self, raw: bytes) -> tuple[p.Job, Task, Policy]:
         """Decode and check a job; raises InvalidJob saying what to fix."""
@@ -150,6 +153,11 @@ class Runner:
                 job, policy = p.decode_job(raw, self.max_payload), self.defaults
             except p.InvalidJob:
                 return self._invalid(queue, raw, bad, t0, crashes)
+            if self._refused(job.reply_to):  # (a worker that allows it ran it)
+                out = self._failed(queue, raw, job, policy, crashes, error_type, message,
+                                   None, started_at, t0, retry=retry, dead=dead, ran=ran)
+                out.meta["reply_to"] = None  # answered through the result key only
+                return out
         return self._failed(queue, raw, job, policy, crashes, error_type, message, None,
                             started_at, t0, retry=retry, dead=dead, ran=ran)
 
@@ -185,7 +193,7 @@ class Runner:
 
     def _invalid(self, queue, raw, bad: p.InvalidJob, t0, crashes: int = 0, *,
                  ran: bool = False, tb: str | None = None) -> Outcome:
-        if self._own_key(bad.reply_to):
+        if self._refused(bad.reply_to):
             bad.reply_to = None  # answered through the result key only
         # a failed envelope is small whatever the job: a task name of megabytes (or one
         # the reason quotes) is cut as an error message is
@@ -230,8 +238,6 @@ class Runner:
                 result_ttl=found.result_ttl, task=found.task, enqueued_at=found.enqueued_at,
                 attempt=found.attempt)
             bad.reason, bad.error_type = message, p.E_WORKER_ERROR
-            if self._own_key(bad.reply_to):
-                bad.reply_to = None
             return self._invalid(queue, raw, bad, t0, crashes, ran=True,
                                  tb=encoding.cut(tb, p.MAX_ERROR_TEXT, "traceback")[0])
         except BaseException:  # (no memory left, say): no envelope, but the job is kept
@@ -265,10 +271,8 @@ class Runner:
         known = dict(job_id=None if job.id_assigned else job.id, result_ttl=job.result_ttl,
                      task=job.task, enqueued_at=job.enqueued_at, attempt=job.attempt)
         rt = job.reply_to
-        if self._own_key(rt):
-            raise p.InvalidJob(f"'reply_to' {rt!r} is one of redpool's own keys: use a key "
-                               f"outside the {self.own_prefixes[0]!r} namespace, or "
-                               f"{self.reply_prefix}<anything>", reply_to=rt, **known)
+        if self._refused(rt):
+            raise p.InvalidJob(self.replies.refusal(rt), reply_to=rt, **known)
         t = self.registry.get(job.task)
         if t is None:
             names = self.registry.names()
@@ -283,9 +287,11 @@ class Runner:
             raise p.InvalidJob(why, reply_to=rt, **known)
         return t
 
-    def _own_key(self, key: str | None) -> bool:
-        """A reply pushed onto one of our own keys (a queue!) would corrupt it."""
-        return bool(key) and key.startswith(self.own_prefixes) and not key.startswith(self.reply_prefix)
+    def _refused(self, key: str | None) -> bool:
+        """A reply_to this worker may not push onto: one of our own keys (a queue!), or
+        another application's list the operator did not allow (replies.py)."""
+        return key is not None and not key.startswith(self.reply_prefix) \
+            and not self.replies.allows(key)
 
 
 #: The longest exception message a job_finished event carries (the envelope keeps it whole).
