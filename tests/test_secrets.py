@@ -1,0 +1,163 @@
+"""Passwords never show: not in an error about a malformed Redis URL (whatever part of
+the password a parser took for a host or a port), not in ps while a command runs, and
+a password on the command line is warned about once (docs/deploy.md, "Secrets")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from helpers import ROOT
+from redpool import Client, urls
+from redpool.connection import check, connect
+from redpool.errors import EXIT_USAGE, ConfigError, RedpoolError
+
+# A password in three distinctive parts, so that a part a parser split off (at '@', '/',
+# ':', '?', '#', '&') is found wherever it turns up.
+PARTS = ("Hq7sealA", "Jm4sealB", "Wz2sealC")
+A, B, C = PARTS
+NOWHERE = "127.0.0.1:1"
+
+MALFORMED = [
+    f"redis://:{A}@{B}/{C}@{NOWHERE}/0",           # the tester's: '@' and '/' unencoded
+    f"rediss://:{A}@{B}/{C}@{NOWHERE}/0",
+    f"redis://u:{A}/{B}@{NOWHERE}/0",              # '/' in the password
+    f"redis://u:{A}?{B}@{NOWHERE}/0",              # '?'
+    f"redis://u:{A}#{B}@{NOWHERE}/0",              # '#'
+    f"redis://u:{A}[{B}@{NOWHERE}/0",              # '['
+    f"redis://default:{A}",                        # '@host' forgotten: the password is a port
+    f"redis://default:{A}/{B}",
+    f"redis://:{A}@127.0.0.1:99999/0",             # a port out of range
+    f"http://:{A}@{NOWHERE}/0",                    # a scheme that is not Redis's
+    f"{A}",                                        # the password where the URL goes
+    f"redis+sentinel://:{A}/{B}@{NOWHERE},127.0.0.1:2/main",
+    f"redis+sentinel://u:{A},127.0.0.1:2/main",    # '@' forgotten in a list of hosts
+    f"rediss+sentinel://:{A}?{B}@{NOWHERE}/main",
+    f"redis+cluster://:{A}@{B}/{C}@{NOWHERE},127.0.0.1:2",
+    f"rediss+cluster://u:{A}?{B}@{NOWHERE}",
+    f"unix:///tmp/redpool-nowhere.sock?password={A}&{B}",    # '&' in a query password
+    f"unix:///tmp/redpool-nowhere.sock?password={A}#{B}",
+]
+
+
+def leaked(text: str) -> list[str]:
+    return [p for p in PARTS if p in text]
+
+
+def run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("REDPOOL_REDIS_URL")}
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "redpool", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+# -- malformed URLs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", MALFORMED)
+def test_a_malformed_url_is_refused_without_quoting_any_part_of_it(url):
+    # Client(...) and every command connect through connection.connect
+    with pytest.raises(ConfigError) as e:
+        Client(url)
+    assert e.value.exit_code == EXIT_USAGE
+    assert not leaked(str(e.value)) and not leaked(repr(e.value)), str(e.value)
+    assert "Redis URL" in str(e.value)
+    assert not leaked(urls.redact_url(url)), urls.redact_url(url)
+
+
+@pytest.mark.parametrize("url", MALFORMED)
+def test_commands_say_a_url_is_malformed_with_exit_code_2_and_without_the_password(url):
+    # Given the URL on the command line of a one-shot command (and of the daemon, JSON log)
+    status = run("status", "--json", "--redis-url", url)
+    worker = run("worker", "tests.taskmods.jobs", "--burst", "--log-format", "json",
+                 env={"REDPOOL_REDIS_URL": url})
+    for res in (status, worker):
+        # Then it stops with a usage error that quotes nothing of the URL
+        assert res.returncode == EXIT_USAGE, res.stderr
+        assert not leaked(res.stdout + res.stderr), res.stderr
+    assert status.stdout == "" and status.stderr.startswith("redpool: the Redis URL ")
+    (fatal,) = [json.loads(line) for line in worker.stderr.splitlines()
+                if json.loads(line)["event"] == "fatal"]
+    assert fatal["error"].startswith("the Redis URL ")
+
+
+def test_the_testers_url_is_called_malformed_and_how_to_write_it_is_said():
+    with pytest.raises(ConfigError) as e:
+        urls.check_url("redis://:head@SECRET/tail@host")
+    text = str(e.value)
+    assert text.startswith("the Redis URL is malformed: an '@' comes after the '/'")
+    assert "%40" in text and "%2F" in text
+    assert "SECRET" not in text and "head" not in text and "tail" not in text
+
+
+@pytest.mark.parametrize("url", [
+    "redis://localhost:6379/0", "redis://:p%40ss%2Fw%3Fd@db.internal:6380/2",
+    "redis://:p@ss@db:6379/0",      # several '@' in the address: every parser takes the last
+    "redis://u:pa:ss@[::1]:6379/0", "rediss://db/0?ssl_ca_certs=/etc/a@b.pem&ssl_cert_reqs=none",
+    "redis+sentinel://u:pw@s1:26379,[::1],s3/main/2?sentinel_password=x",
+    "redis+cluster://u:pw@n1:7000,n2", "unix:///run/a@b.sock?db=1&password=p%26w",
+    "REDIS://Host/0", "redis://db:/0",
+])
+def test_well_formed_urls_pass(url):
+    urls.check_url(url)
+
+
+# -- random passwords, every URL form -----------------------------------------------------------
+
+# (Not "redis://user:{pw}", its '@host' forgotten: a password "a@b" makes it a URL of
+# host b, well-formed, that nothing can tell from one meant so; MALFORMED has the rest.)
+FORMS = [
+    "redis://:{pw}@127.0.0.1:1/0",
+    "redis://user:{pw}@127.0.0.1:1/0",
+    "rediss://u:{pw}@127.0.0.1:1/0",
+    "redis://127.0.0.1:1/0?password={pw}",
+    "redis://u:{pw}@127.0.0.1:1/0?socket_timeout=1&db=0",
+    "rediss://127.0.0.1:1/0?ssl_password={pw}&ssl_cert_reqs=none",
+    "unix:///tmp/redpool-nowhere.sock?db=0&password={pw}",
+    "redis+sentinel://u:{pw}@127.0.0.1:1,127.0.0.1:2/main",
+    "redis+sentinel://127.0.0.1:1/main?sentinel_password={pw}",
+    "redis+cluster://:{pw}@127.0.0.1:1,127.0.0.1:2",
+    "rediss+cluster://u:{pw}@127.0.0.1:1",
+]
+# distinctive parts (nothing a message says by chance), joined by what breaks URLs
+part = st.text("abcdefghjkmnpqrstuvwxyzACEFHJKLMNPRTUVWXY3479", min_size=5,
+               max_size=9).map(lambda s: "Zq" + s)
+separator = st.text("@/:#?&%[] =,;\\", min_size=1, max_size=3)
+
+
+@st.composite
+def password(draw) -> tuple[str, list[str]]:
+    parts = draw(st.lists(part, min_size=1, max_size=4, unique=True))
+    seps = draw(st.lists(separator, min_size=len(parts) + 1, max_size=len(parts) + 1))
+    text = seps[0] if draw(st.booleans()) else ""
+    for p, sep in zip(parts, seps[1:]):
+        text += p + sep
+    return text, parts
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(form=st.sampled_from(FORMS), pw=password())
+def test_no_part_of_any_password_shows_in_any_message(form, pw):
+    text, parts = pw
+    url = form.format(pw=text)
+    # What the daemon logs (redacted), and the one error it stops with: malformed,
+    # or Redis unreachable (nothing listens there), with the URL redacted
+    try:
+        r = connect(url, socket_connect_timeout=0.5, socket_timeout=0.5,
+                    retry=Retry(NoBackoff(), 0))
+        check(r, url)
+        message = "connected?!"
+    except RedpoolError as e:
+        message = str(e)
+    assert message != "connected?!"
+    for shown in (message, urls.redact_url(url)):
+        assert not [p for p in parts if p in shown], (url, shown)
