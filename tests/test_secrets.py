@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.backoff import NoBackoff
@@ -161,3 +162,114 @@ def test_no_part_of_any_password_shows_in_any_message(form, pw):
     assert message != "connected?!"
     for shown in (message, urls.redact_url(url)):
         assert not [p for p in parts if p in shown], (url, shown)
+
+
+# -- the URL from a file: --redis-url-file, REDPOOL_REDIS_URL_FILE ------------------------------
+
+PASSWORD = f"{A}@{B}/{C}"            # needs percent-encoding in a URL, as many real ones do
+ENCODED = f"{A}%40{B}%2F{C}"
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A private server with a password (of three parts, '@' and '/' between them)."""
+    from redpool.server import EmbeddedServer
+
+    with EmbeddedServer(extra_args=["--requirepass", PASSWORD]) as srv:
+        yield srv
+
+
+@pytest.fixture
+def url(server) -> str:
+    return f"redis://:{ENCODED}@127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+def url_file(tmp_path, url) -> str:
+    path = tmp_path / "redis-url"
+    path.write_text(url + "\n")
+    path.chmod(0o600)
+    return str(path)
+
+
+def namespaced(url: str) -> tuple[redis.Redis, str]:
+    import uuid
+
+    return redis.Redis.from_url(url), f"s{uuid.uuid4().hex[:10]}"
+
+
+def test_the_worker_reads_its_url_from_a_file_flag_or_variable(url, url_file):
+    r, ns = namespaced(url)
+    for i, how in enumerate([("--redis-url-file", url_file), ()]):
+        r.lpush(f"{ns}:queue:default", json.dumps({"task": "t.add", "id": f"f{i}", "args": [i, 1]}))
+        env = {} if how else {"REDPOOL_REDIS_URL_FILE": url_file}
+        res = run("worker", "tests.taskmods.jobs", *how, "--namespace", ns, "--burst",
+                  "--concurrency", "1", "--log-format", "json", env=env)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(r.get(f"{ns}:result:f{i}"))["result"] == i + 1
+        assert not leaked(res.stdout + res.stderr), res.stderr
+        starting = [json.loads(x) for x in res.stderr.splitlines() if '"starting"' in x][0]
+        assert starting["redis"] == f"redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}"
+    r.close()
+
+
+def test_one_shot_commands_and_the_client_read_the_file_too(url, url_file, monkeypatch):
+    res = run("status", "--json", "--redis-url-file", url_file)
+    assert res.returncode == 0 and json.loads(res.stdout)["redis"].startswith("redis://:***@")
+    res = run("dead", "list", env={"REDPOOL_REDIS_URL_FILE": url_file})
+    assert res.returncode == 0, res.stderr
+    assert not leaked(res.stdout + res.stderr)
+    monkeypatch.delenv("REDPOOL_REDIS_URL", raising=False)
+    monkeypatch.setenv("REDPOOL_REDIS_URL_FILE", url_file)
+    with Client() as client:
+        assert client.redis.ping() and not leaked(repr(client))
+
+
+def test_a_url_and_a_file_together_or_a_bad_file_are_said_without_the_content(url, url_file,
+                                                                                tmp_path):
+    two = tmp_path / "two-lines"
+    two.write_text(f"{url}\n{url}\n")
+    cases = [
+        (["--redis-url", url, "--redis-url-file", url_file], {},
+         "--redis-url and --redis-url-file both name the Redis URL: give one"),
+        ([], {"REDPOOL_REDIS_URL": url, "REDPOOL_REDIS_URL_FILE": url_file},
+         "REDPOOL_REDIS_URL and REDPOOL_REDIS_URL_FILE are both set"),
+        (["--redis-url-file", str(tmp_path / "nope")], {},
+         f"--redis-url-file {tmp_path / 'nope'}: cannot read the Redis URL from it: No such file"),
+        ([], {"REDPOOL_REDIS_URL_FILE": str(two)},
+         f"REDPOOL_REDIS_URL_FILE {two}: the file must hold the Redis URL on one line"),
+    ]
+    for flags, env, says in cases:
+        for res in (run("status", *flags, env=env),
+                    run("worker", "tests.taskmods.jobs", *flags, "--log-format", "json", env=env)):
+            assert res.returncode == EXIT_USAGE, res.stderr
+            assert says in res.stderr and not leaked(res.stderr), res.stderr
+    # a flag wins over the variables, as everywhere
+    res = run("status", "--json", "--redis-url-file", url_file,
+              env={"REDPOOL_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert res.returncode == 0, res.stderr
+
+
+def test_the_systemd_credential_drop_in_of_deploy_md_works(url, tmp_path):
+    # Given the drop-in docs/deploy.md shows ("Secrets: the Redis password")
+    import re
+
+    text = (ROOT / "docs" / "deploy.md").read_text("utf-8")
+    section = text.split("### Secrets: the Redis password", 1)[1]
+    drop_in = section.split("```ini\n", 1)[1].split("```", 1)[0]
+    name, source = re.search(r"^LoadCredential=([\w-]+):(\S+)$", drop_in, re.M).groups()
+    (variable, value), = re.findall(r"^Environment=(\w+)=(\S+)$", drop_in, re.M)
+    assert source == "/etc/redpool/myapp.redis-url" and variable == "REDPOOL_REDIS_URL_FILE"
+    # When systemd has copied the credential into the service's directory (%d)
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    (creds / name).write_text(url + "\n")
+    r, ns = namespaced(url)
+    r.lpush(f"{ns}:queue:default", json.dumps({"task": "t.add", "id": "cred", "args": [2, 2]}))
+    res = run("worker", "tests.taskmods.jobs", "--namespace", ns, "--burst", "--concurrency", "1",
+              "--log-format", "json", env={variable: value.replace("%d", str(creds))})
+    # Then the worker runs with it, and says nothing of the password
+    assert res.returncode == 0, res.stderr
+    assert json.loads(r.get(f"{ns}:result:cred"))["result"] == 4
+    assert not leaked(res.stderr)
+    r.close()
