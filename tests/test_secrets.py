@@ -84,7 +84,10 @@ def test_commands_say_a_url_is_malformed_with_exit_code_2_and_without_the_passwo
         # Then it stops with a usage error that quotes nothing of the URL
         assert res.returncode == EXIT_USAGE, res.stderr
         assert not leaked(res.stdout + res.stderr), res.stderr
-    assert status.stdout == "" and status.stderr.startswith("redpool: the Redis URL ")
+    # (after the warning a password on the command line gets, if it holds one)
+    lines = status.stderr.splitlines()
+    assert status.stdout == "" and lines[-1].startswith("redpool: the Redis URL ")
+    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("redpool: warning: "))
     (fatal,) = [json.loads(line) for line in worker.stderr.splitlines()
                 if json.loads(line)["event"] == "fatal"]
     assert fatal["error"].startswith("the Redis URL ")
@@ -273,3 +276,193 @@ def test_the_systemd_credential_drop_in_of_deploy_md_works(url, tmp_path):
     assert json.loads(r.get(f"{ns}:result:cred"))["result"] == 4
     assert not leaked(res.stderr)
     r.close()
+
+
+# -- ps: every command hides its command line at once; one warning ------------------------------
+
+WARNING = "the password in --redis-url can be read by every user of this host"
+
+
+def cmdline(pid: int) -> bytes:
+    """What ps and /proc/<pid>/cmdline show of a process, byte for byte (setproctitle
+    writes over the original arguments: nothing of them may be left behind its NULs)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+
+
+def secret_bytes(data: bytes) -> list[str]:
+    return [p for p in (*PARTS, ENCODED, PASSWORD) if p.encode() in data]
+
+
+class Running:
+    """``python -m redpool ARGS`` in its own session, stdout and stderr read by threads."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        import threading
+
+        e = {k: v for k, v in os.environ.items() if not k.startswith("REDPOOL_REDIS_URL")}
+        e.update(env or {}, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, "-m", "redpool", *args], cwd=ROOT, env=e,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _read(stream, lines: list[str]) -> None:
+        for line in iter(stream.readline, b""):
+            lines.append(line.decode(errors="replace"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        from helpers import kill_group
+
+        kill_group(self.proc)
+
+    def warnings(self) -> int:
+        return sum(WARNING in line for line in self.err)
+
+
+@pytest.fixture
+def running():
+    started: list[Running] = []
+
+    def start(*args: str, **kw) -> Running:
+        started.append(Running(*args, **kw))
+        return started[-1]
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def test_status_watch_hides_the_password_from_ps_once_it_runs(url, running):
+    # Given `redpool status --watch` with a password in its --redis-url
+    p = running("status", "--watch", "0.2", "--redis-url", url)
+    # When it has drawn its first screen
+    from helpers import wait_for
+
+    wait_for(lambda: any("QUEUE" in line or "queues" in line for line in p.out)
+             or p.proc.poll() is not None, 30, what="the first screen")
+    assert p.proc.poll() is None, "".join(p.err)
+    # Then ps shows the command without the password, and no byte of it is left
+    shown = cmdline(p.pid)
+    assert not secret_bytes(shown), shown
+    assert shown.replace(b"\0", b" ").strip() == \
+        f"redpool status --watch 0.2 --redis-url redis://:***@127.0.0.1:{url.rsplit(':', 1)[1]}".encode()
+    # and stderr said so once, in the one-shot commands' format, without the password
+    p.proc.send_signal(2)
+    assert p.proc.wait(30) == 0
+    wait_for(lambda: p.warnings() == 1, 10, what="the warning")
+    (line,) = [x for x in p.err if WARNING in x]
+    assert line.startswith("redpool: warning: ") and "--redis-url-file" in line
+    assert not leaked("".join(p.out + p.err))
+
+
+def test_enqueue_wait_hides_the_password_while_it_waits(url, running):
+    r, ns = namespaced(url)
+    # Given `redpool enqueue --wait` waiting for a result no worker will write yet
+    p = running("enqueue", "t.add", "1", "2", "--wait", "--wait-timeout", "120",
+                f"--redis-url={url}", "--namespace", ns)
+    from helpers import wait_for
+
+    wait_for(lambda: p.out or p.proc.poll() is not None, 30, what="the job's id")
+    assert p.proc.poll() is None, "".join(p.err)
+    # Then ps shows no password while it waits
+    shown = cmdline(p.pid)
+    assert not secret_bytes(shown) and b"--redis-url=redis://:***@" in shown, shown
+    assert p.warnings() == 1
+    r.close()
+
+
+def test_the_worker_and_its_children_never_show_the_password(url, running):
+    _, ns = namespaced(url)
+    p = running("worker", "tests.taskmods.jobs", "--redis-url", url, "--namespace", ns,
+                "--concurrency", "2", "--log-format", "json")
+    from helpers import wait_for
+
+    wait_for(lambda: any('"started"' in line for line in p.err) or p.proc.poll() is not None,
+             60, what="the worker to start")
+    assert p.proc.poll() is None, "".join(p.err)
+    pids = [p.pid, *map(int, subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)],
+                                            capture_output=True, text=True).stdout.split())]
+    assert len(pids) >= 3
+    for pid in pids:
+        assert not secret_bytes(cmdline(pid)), (pid, cmdline(pid))
+    # one warning, a log event of the daemon's format
+    events = [json.loads(line) for line in p.err if line.startswith("{")]
+    said = [e for e in events if e["event"] == "password_on_command_line"]
+    assert len(said) == 1 and said[0]["level"] == "warning", events
+    assert said[0]["message"].startswith(WARNING) and "REDPOOL_REDIS_URL_FILE" in said[0]["message"]
+    assert not leaked("".join(p.err))
+
+
+def test_dev_with_a_url_of_yours_warns_once_and_hides_it(url, running, tmp_path):
+    _, ns = namespaced(url)
+    p = running("dev", "tests.taskmods.jobs", "--redis-url", url, "--namespace", ns,
+                "--concurrency", "1", "--log-format", "json")
+    from helpers import wait_for
+
+    wait_for(lambda: any('"started"' in line for line in p.err) or p.proc.poll() is not None,
+             60, what="the dev worker to start")
+    assert p.proc.poll() is None, "".join(p.err)
+    assert not secret_bytes(cmdline(p.pid))
+    events = [json.loads(line) for line in p.err if line.startswith("{")]
+    assert [e["event"] for e in events].count("password_on_command_line") == 1
+    assert not leaked("".join(p.err))
+
+
+def test_the_demo_hands_its_worker_the_url_in_the_environment(url, running):
+    # Given `redpool demo` on a server of ours, with a password
+    p = running("demo", "--jobs", "2", "--redis-url", url)
+    from helpers import wait_for
+
+    def worker_pid():
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True,
+                             text=True).stdout.split()
+        return int(out[0]) if out else None
+
+    # Then the worker it starts never has the password on its command line, from its
+    # first moment (read as soon as it exists, before it could retitle itself)
+    child = wait_for(lambda: worker_pid() or (p.proc.poll() is not None and -1), 60, 0.005,
+                     what="the demo's worker")
+    assert child != -1, "".join(p.out + p.err)
+    assert not secret_bytes(cmdline(child)), cmdline(child)
+    assert not secret_bytes(cmdline(p.pid))
+    assert p.proc.wait(120) == 0, "".join(p.err)
+    wait_for(lambda: p.warnings() == 1, 10, what="one warning")
+    (line,) = [x for x in p.err if WARNING in x]
+    assert "--redis-url-file FILE" in line and "REDPOOL_REDIS_URL," not in line
+    assert not leaked("".join(p.out + p.err))
+
+
+def test_no_warning_without_a_password_on_the_command_line(url, url_file, server):
+    plain = f"redis://127.0.0.1:{server.port}/0"   # (refused: NOAUTH; what counts is stderr)
+    for args, env in [(["--redis-url-file", url_file], {}), ([], {"REDPOOL_REDIS_URL": url}),
+                      (["--redis-url", plain], {}),
+                      (["--redis-url", f"redis://someone@127.0.0.1:{server.port}/0"], {})]:
+        res = run("dead", "list", *args, env=env)
+        assert WARNING not in res.stderr, (args, res.stderr)
+    res = run("dead", "list", "--redis-url", url)
+    assert res.returncode == 0 and res.stderr.count(WARNING) == 1, res.stderr
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["status", "--redis-url", "redis://:pw@db:6379/0"], "redpool status --redis-url redis://:***@db:6379/0"),
+    (["dead", "list", "--redis-url=rediss://u:pw@db/0?ssl_password=k"],
+     "redpool dead list --redis-url=rediss://u:***@db/0?ssl_password=***"),
+    (["worker", "m", "--redis-url", "pw-only"], "redpool worker m --redis-url ***"),
+    (["worker", "m", "--redis-url", "redis://:a/b@db/0"], "redpool worker m --redis-url redis://***"),
+    (["enqueue", "t", "redis://:pw@db/0", "--queue", "q"], "redpool enqueue t redis://:***@db/0 --queue q"),
+    (["worker", "m", "--redis-url-file", "/run/credentials/x/redis-url"],
+     "redpool worker m --redis-url-file /run/credentials/x/redis-url"),
+])
+def test_a_command_title_is_its_command_line_without_secrets(argv, shown):
+    from redpool.titles import command_title
+
+    assert command_title(argv) == shown

@@ -8,9 +8,10 @@ import os
 import sys
 from typing import Callable
 
-from . import __version__, config, enqueue, logs
+from . import __version__, config, enqueue, logs, titles
 from .cliparser import Parser
 from .errors import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_OK, ConfigError, RedpoolError
+from .urls import holds_password
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +42,14 @@ def _run(argv: list[str] | None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if argv is None:  # our own command line (not a test's call): out of ps with its secrets
+        titles.hide_command_line(sys.argv[1:])
     # Before anything can fail: an error is said once, in the format the command's
     # log uses (the worker's --log-format, else JSON unless stderr is a terminal).
     logs.configure(**_early_logging(args))
+    if holds_password(getattr(args, "redis_url", None)):  # once, in the command's format
+        logs.get("redpool").warning("password_on_command_line",
+                                    message=titles.password_warning(args.command))
     try:
         if args.command not in ("worker", "dev") and hasattr(args, "redis_ca"):
             resolve_url(args)
