@@ -286,3 +286,20 @@ def test_worker_config_defaults_agree_with_the_settings_table():
     drift = {s.dest: (getattr(cfg, s.dest), s.default) for s in SETTINGS
              if s.default is not None and getattr(cfg, s.dest) != s.default}
     assert drift == {}
+
+
+def test_the_redis_url_comes_from_a_flag_a_file_or_a_variable_and_never_two(tmp_path):
+    f = tmp_path / "url"
+    f.write_text("  redis://:pw@from-file:6379/0\n\n")
+    assert resolve().redis_url == "redis://localhost:6379/0"
+    assert resolve(REDPOOL_REDIS_URL="redis://env/0").redis_url == "redis://env/0"
+    cfg = resolve(REDPOOL_REDIS_URL_FILE=str(f))
+    assert (cfg.redis_url, cfg.redis_url_file) == ("redis://:pw@from-file:6379/0", str(f))
+    cfg = resolve("--redis-url-file", str(f), REDPOOL_REDIS_URL="redis://env/0")
+    assert (cfg.redis_url, cfg.redis_url_file) == ("redis://:pw@from-file:6379/0", str(f))
+    cfg = resolve("--redis-url", "redis://flag/0", REDPOOL_REDIS_URL_FILE=str(f))
+    assert (cfg.redis_url, cfg.redis_url_file) == ("redis://flag/0", None)
+    assert "both name the Redis URL" in config_error("--redis-url", "redis://flag/0",
+                                                     "--redis-url-file", str(f))
+    assert "are both set" in config_error(REDPOOL_REDIS_URL="redis://env/0",
+                                          REDPOOL_REDIS_URL_FILE=str(f))

@@ -78,7 +78,8 @@ class Client:
                  redis: redispy.Redis | redispy.RedisCluster | None = None,
                  ca: str | None = None, cert: str | None = None, key: str | None = None) -> None:
         """``url``: any form of connection.py (``rediss://``, ``redis+sentinel://``,
-        ``redis+cluster://``, ...), else REDPOOL_REDIS_URL, else localhost.  ``ca``,
+        ``redis+cluster://``, ...), else REDPOOL_REDIS_URL, else the one in the file
+        REDPOOL_REDIS_URL_FILE names, else localhost.  ``ca``,
         ``cert``, ``key``: TLS files, else REDPOOL_REDIS_CA, _CERT, _KEY.  Or your own
         ``redis`` client (a RedisCluster for Redis Cluster) instead of a URL."""
         if url is not None and redis is not None:

@@ -18,7 +18,7 @@ from .cliparser import suggestion
 from .errors import ConfigError
 from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_RESULT_SIZE, DEFAULT_NAMESPACE, NAME_RE
 from .replies import ReplyRule, check_pattern, check_patterns
-from .urls import DEFAULT_URL
+from .urls import DEFAULT_URL, FILE_ENV, URL_ENV, chosen_url
 
 
 def usable_cores() -> int:
@@ -141,7 +141,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", DEFAULT_URL,
             "Redis URL: redis://, rediss:// (TLS), unix://, redis+sentinel://host:26379,"
             "host2:26379/service[/db], or redis+cluster://host:port[,host:port...] for Redis "
-            "Cluster (rediss+... with TLS); user and password allowed"),
+            "Cluster (rediss+... with TLS); user and password allowed (on the command line, "
+            "a password is seen in ps until redpool hides it, and kept in shell history: "
+            "prefer the variable or --redis-url-file)"),
+    Setting("redis_url_file", "--redis-url-file", "REDPOOL_REDIS_URL_FILE", None,
+            "file holding the Redis URL on one line, so that its password is neither on "
+            "the command line nor in the environment (systemd: LoadCredential=)"),
     Setting("redis_ca", "--redis-ca", "REDPOOL_REDIS_CA", None,
             "CA bundle (PEM) to trust for the server's TLS certificate (rediss:// URLs; "
             "default: the system's)"),
@@ -214,10 +219,14 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+_URL_DESTS = ("redis_url", "redis_url_file")
+
+
 @dataclass
 class WorkerConfig:
     modules: list[str] = field(default_factory=list)
     redis_url: str = DEFAULT_URL
+    redis_url_file: str | None = None   # where redis_url was read from, if from a file
     redis_ca: str | None = None
     redis_cert: str | None = None
     redis_key: str | None = None
@@ -277,6 +286,8 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for s in SETTINGS:
+        if s.dest in _URL_DESTS:
+            continue  # below: a URL, or a file that holds it
         raw = getattr(args, s.dest, None)
         source = s.flag
         if raw is None and env.get(s.env) not in (None, ""):
@@ -295,6 +306,10 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
                 values[s.dest] = s.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
+    flag, file = getattr(args, "redis_url", None), getattr(args, "redis_url_file", None)
+    values["redis_url"] = chosen_url(flag, file, env)
+    values["redis_url_file"] = None if flag else file or (None if env.get(URL_ENV)
+                                                          else env.get(FILE_ENV) or None)
     modules = list(args.modules or []) or split_list(env.get("REDPOOL_MODULES", ""))
     cfg = WorkerConfig(modules=modules, **values)
     cfg.concurrency = cfg.concurrency or usable_cores()
