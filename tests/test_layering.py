@@ -121,10 +121,11 @@ def test_the_scanner_sees_known_imports():
 
 
 def test_the_contract_imports_nothing_else_from_redpool():
-    # protocol.py and keys.py (key names, re-exported by protocol) are the whole contract
-    assert internal(imports("protocol")) == {"keys"}
-    assert internal(imports("keys")) == set()
-    for m in ("protocol", "keys"):
+    # protocol.py, keys.py (key names) and strictjson.py (the JSON a worker reads: limits
+    # on depth, numbers, Unicode), both re-exported by protocol, are the whole contract
+    assert internal(imports("protocol")) == {"keys", "strictjson"}
+    assert internal(imports("keys")) == internal(imports("strictjson")) == set()
+    for m in ("protocol", "keys", "strictjson"):
         assert external_roots(imports(m)) <= set(sys.stdlib_module_names)
 
 

@@ -1,0 +1,219 @@
+"""The JSON a worker takes from a producer: RFC 8259 text, within limits.
+
+Part of the contract (docs/protocol.md, "JSON rules"): protocol.py reads every job
+through here, and this module imports nothing from redpool.
+
+Python's json module reads more than JSON, and its parser recurses, so three kinds of
+valid-looking input would otherwise reach the worker and break it later, far from
+their cause (a retry re-encodes the job with allow_nan=False and kills its process; a
+message about a field 990 levels deep overflows the stack):
+
+* ``NaN``, ``Infinity`` and ``-Infinity`` are not JSON; ``1e400`` is, but overflows a
+  double to infinity.  Both are refused where the parser meets them, as Go's
+  encoding/json refuses them (a syntax error; "cannot unmarshal number 1e400 into
+  float64"), and the message names where: ``args[0] is 1e400``.  The hooks are one
+  prebuilt decoder: ``parse_constant`` costs nothing unless such a literal appears,
+  ``parse_float`` one Python call per number with a fraction or an exponent (about
+  65 ns; measured in docs/design.md, "Reading a job").
+* Nesting deeper than MAX_DEPTH is refused before parsing.  The count of ``[`` and
+  ``{`` bounds the depth and costs two byte scans; only a job with more brackets than
+  the limit is measured exactly, with no recursion.
+* An unpaired UTF-16 surrogate (``"\\ud800"``) is valid JSON that no UTF-8 text can hold;
+  ``unpaired_surrogate`` finds one in a string that must become a Redis key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from array import array
+from itertools import accumulate
+from typing import Any
+
+#: The deepest a job may nest, counting the job object itself as level 1: Ruby's JSON
+#: default (max_nesting 100, for parsing and generating alike), so that every job a
+#: worker accepts can be read back by any mainstream parser, and far below the ~1000
+#: levels at which Python's recursive parser and encoder give up.
+MAX_DEPTH = 100
+
+
+class Refused(ValueError):
+    """Text that is not a job a worker can take; ``reason`` says why, for a human."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _NonFinite(Exception):
+    """Raised by the parser hooks (not a ValueError: the parser's own errors are)."""
+
+
+def _constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _float(text: str) -> float:
+    f = float(text)
+    if f - f != 0.0:  # inf - inf is nan: true exactly for an overflow
+        raise _NonFinite(text)
+    return f
+
+
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_float)
+
+
+def loads(text: str, raw: bytes | None = None) -> Any:
+    """``text`` parsed as a job's JSON; Refused saying why it is not one.  ``raw``: the
+    bytes ``text`` came from, if the caller has them (the depth is measured on them)."""
+    depth = too_deep(text.encode("utf-8", "surrogatepass") if raw is None else raw)
+    if depth:
+        raise Refused(f"job is nested too deeply: {depth} levels, over the limit of "
+                      f"{MAX_DEPTH} (the job object is level 1): flatten the data, or store "
+                      "it elsewhere and pass a reference")
+    try:
+        return _DECODER.decode(text)
+    except _NonFinite:
+        raise Refused(_non_finite(text)) from None
+    except RecursionError:  # pragma: no cover - too_deep() refused it first
+        raise Refused("job is not valid JSON: nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise Refused(f"job is not valid JSON: {e}") from None
+    except ValueError:  # an integer longer than Python converts (4300 digits by default)
+        raise Refused(f"job holds an integer of more than {sys.get_int_max_str_digits()} "
+                      "digits, more than a worker reads: send it as a string") from None
+
+
+# -- depth ------------------------------------------------------------------------------------
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as signed bytes
+
+
+def too_deep(raw: bytes) -> int:
+    """How deep ``raw`` nests, if that is more than MAX_DEPTH; else 0.  Brackets inside
+    strings do not count.  Exact for JSON, an estimate for text that is not."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return 0  # (every job of ordinary shape stops here)
+    steps = _STRING.sub(b"", raw).translate(_STEPS, _NOT_BRACKETS)
+    depth = max(accumulate(array("b", steps)), default=0)
+    return depth if depth > MAX_DEPTH else 0
+
+
+def lenient(text: str) -> Any:
+    """``text`` parsed leniently, to salvage fields from a job being refused: NaN and
+    infinities pass, an integer too long to convert is null."""
+    return _LENIENT.decode(text)
+
+
+def _int(text: str) -> int | None:
+    return int(text) if len(text) <= sys.get_int_max_str_digits() else None
+
+
+_LENIENT = json.JSONDecoder(parse_int=_int)
+
+
+def top_level(raw: bytes) -> bytes:
+    """``raw`` with every array or object nested in the top-level one replaced by
+    ``null``: the fields of a job too deep to parse whole, for salvage."""
+    out, depth, last = [], 0, 0
+    for m in _TOKEN.finditer(raw):
+        c = raw[m.start()]
+        if c in b"[{":
+            depth += 1
+            if depth == 2:
+                out.append(raw[last:m.start()])
+        elif c in b"]}":
+            if depth == 2:
+                out.append(b"null")
+                last = m.end()
+            depth -= 1
+    out.append(raw[last:] if depth < 2 else b"null")
+    return b"".join(out)
+
+
+# -- non-finite numbers -----------------------------------------------------------------------
+
+class _Mark:
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _mark_float(text: str) -> Any:
+    f = float(text)
+    return _Mark(text) if f - f != 0.0 else f
+
+
+def _non_finite(text: str) -> str:
+    """Where the first NaN, Infinity or overflowing number is, and what to send instead
+    (a second parse, marking them: only for a job being refused)."""
+    obj = json.JSONDecoder(parse_constant=_Mark, parse_float=_mark_float).decode(text)
+    where, literal = _find_mark(obj)
+    if literal in ("NaN", "Infinity", "-Infinity"):
+        return (f"{where} is {literal}, which is not JSON (JSON has no NaN or infinity): "
+                "send null, or the value as a string")
+    shown = literal if len(literal) <= 24 else f"{literal[:12]}...{literal[-8:]}"
+    return (f"{where} is {shown}, beyond what a double holds (about 1.8e308): send it as "
+            "a string")
+
+
+def _find_mark(obj: Any) -> tuple[str, str]:
+    """(path, literal) of the first _Mark in document order, iteratively."""
+    todo: list[tuple[str, Any]] = [("", obj)]
+    while todo:
+        path, v = todo.pop()
+        if isinstance(v, _Mark):
+            return path or "the job", v.text
+        if isinstance(v, dict):
+            todo.extend((_key_path(path, k), x) for k, x in reversed(v.items()))
+        elif isinstance(v, list):
+            todo.extend((f"{path}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+    return "a number", "NaN"  # (hidden by a repeated field name: say what we know)
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _key_path(path: str, key: str) -> str:
+    if _IDENT.match(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key)}]"
+
+
+# -- Unicode ----------------------------------------------------------------------------------
+
+def unpaired_surrogate(s: str) -> int | None:
+    """The index of the first unpaired UTF-16 surrogate in ``s``, or None.  JSON's
+    ``"\\ud800"`` parses to one (a pair becomes the character it encodes); no UTF-8
+    text, hence no Redis key written by a UTF-8 client, can hold it."""
+    if s.isascii():
+        return None
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def not_unicode(name: str, value: str, why: str) -> str:
+    """The reason a field holding an unpaired surrogate is refused (``why``: and so?)."""
+    i = unpaired_surrogate(value) or 0
+    return (f"'{name}' is not valid Unicode: {json.dumps(value)[:60]} holds an unpaired "
+            f"UTF-16 surrogate (\\u{ord(value[i]):04x} at character {i}; a string cut inside a "
+            f"surrogate pair leaves one, e.g. by JavaScript's slice()), and {why}")
+
+
+def dumps_exactly(obj: Any) -> bytes:
+    """``obj`` (a decoded job) as compact UTF-8 JSON that reads back as the same: a
+    string holding an unpaired surrogate, which UTF-8 cannot encode, is written
+    escaped (``\\ud800``), as its producer wrote it."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
