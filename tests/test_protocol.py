@@ -477,3 +477,9 @@ def test_salvage_reads_the_top_level_beside_a_field_nested_too_deeply():
     err = p.salvage(raw)
     assert (err.job_id, err.reply_to, err.task) == ("j", "r", "t")
     assert p.top_level(b'{"a":[[1]],"b":"[x]","c":{"d":{}}}') == b'{"a":null,"b":"[x]","c":null}'
+
+
+def test_a_job_not_json_after_a_non_finite_number_is_said_to_be_not_json():
+    # (found by tests/test_properties.py: the first parse stops at the number)
+    with pytest.raises(p.InvalidJob, match="not valid JSON: Expecting property name"):
+        p.decode_job(b'{"id":"job-1","x":[1e400],"task":[{1e400:null}]}')

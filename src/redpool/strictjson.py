@@ -78,11 +78,16 @@ def loads(text: str, raw: bytes | None = None) -> Any:
         raise Refused(_non_finite(text)) from None
     except RecursionError:  # pragma: no cover - too_deep() refused it first
         raise Refused("job is not valid JSON: nested too deeply") from None
-    except json.JSONDecodeError as e:
-        raise Refused(f"job is not valid JSON: {e}") from None
-    except ValueError:  # an integer longer than Python converts (4300 digits by default)
-        raise Refused(f"job holds an integer of more than {sys.get_int_max_str_digits()} "
-                      "digits, more than a worker reads: send it as a string") from None
+    except ValueError as e:
+        raise Refused(_not_json(e)) from None
+
+
+def _not_json(e: ValueError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"job is not valid JSON: {e}"
+    # (else an integer longer than Python converts: 4300 digits by default)
+    return (f"job holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+            "more than a worker reads: send it as a string")
 
 
 # -- depth ------------------------------------------------------------------------------------
@@ -152,7 +157,10 @@ def _mark_float(text: str) -> Any:
 def _non_finite(text: str) -> str:
     """Where the first NaN, Infinity or overflowing number is, and what to send instead
     (a second parse, marking them: only for a job being refused)."""
-    obj = json.JSONDecoder(parse_constant=_Mark, parse_float=_mark_float).decode(text)
+    try:
+        obj = json.JSONDecoder(parse_constant=_Mark, parse_float=_mark_float).decode(text)
+    except ValueError as e:  # not JSON past the first such number: that is the news
+        return _not_json(e)
     where, literal = _find_mark(obj)
     if literal in ("NaN", "Infinity", "-Infinity"):
         return (f"{where} is {literal}, which is not JSON (JSON has no NaN or infinity): "
