@@ -221,7 +221,7 @@ def _validate(obj: dict[str, Any]) -> None:
     task = obj["task"]
     if not isinstance(task, str) or not task:
         raise bad(f"'task' must be a non-empty string, got {_type(task)}")
-    if unpaired_surrogate(task) is not None:
+    if not task.isascii() and unpaired_surrogate(task) is not None:
         raise bad(not_unicode("task", task, "no task is registered under such a name: "
                                "send the task's name as whole characters"))
     if "id" in obj:
@@ -236,7 +236,7 @@ def _validate(obj: dict[str, Any]) -> None:
         rt = obj["reply_to"]
         if not isinstance(rt, str) or not rt:
             raise bad(f"'reply_to' must be a non-empty string (a list key), got {_type(rt)}")
-        if unpaired_surrogate(rt) is not None:  # (not salvaged: answered by the result key)
+        if not rt.isascii() and unpaired_surrogate(rt) is not None:  # (answered by result key)
             raise bad(not_unicode("reply_to", rt, "no Redis key can hold it: use a key of "
                                    "whole characters, e.g. myapp:reply:<id>"))
     if "result_ttl" in obj:
