@@ -95,7 +95,8 @@ def _not_json(e: ValueError) -> str:
 _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _ESCAPE = re.compile(rb"\\.", re.DOTALL)
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
-_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1, +1, -1, -1 as signed bytes
+_FOLD = bytes.maketrans(b"{}", b"[]")  # an object nests as an array does
+_STEPS = bytes.maketrans(b"[]", b"\x01\xff")  # +1, -1 as signed bytes
 
 
 def too_deep(raw: bytes) -> int:
@@ -103,19 +104,19 @@ def too_deep(raw: bytes) -> int:
     strings do not count.  Exact for JSON, an estimate for text that is not.
 
     All in C loops (bytes methods), no recursion, no Python step per byte: escapes
-    dropped, then everything but quotes and brackets; then the strings (in nearly
-    every job none holds a bracket, so each is a bare pair of quotes); then the
-    innermost pairs of brackets, one level per pass."""
+    dropped, then everything but quotes and brackets (braces read as brackets: only
+    the depth counts); then the strings (in nearly every job none holds a bracket, so
+    each is a bare pair of quotes); then the innermost pairs, one level per pass."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return 0  # (every job of ordinary shape stops here)
     if b"\\" in raw:
         raw = _ESCAPE.sub(b"", raw)
-    s = raw.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    s = raw.translate(_FOLD, _NOT_STRUCTURE).replace(b'""', b"")
     if b'"' in s:  # a string holds brackets: keep what is outside the strings
         s = b"".join(s.split(b'"')[::2])
     levels = 0  # removed so far
     while s and levels < MAX_DEPTH:
-        shorter = s.replace(b"[]", b"\0").replace(b"{}", b"\0").replace(b"\0", b"")
+        shorter = s.replace(b"[]", b"")  # (non-overlapping: one level, the innermost)
         if len(shorter) == len(s):
             break  # unbalanced: not JSON (the parser says so, unless it is too deep too)
         s, levels = shorter, levels + 1
