@@ -67,8 +67,10 @@ _DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_float)
 def loads(text: str, raw: bytes | None = None) -> Any:
     """``text`` parsed as a job's JSON; Refused saying why it is not one.  ``raw``: the
     bytes ``text`` came from, if the caller has them (the depth is measured on them)."""
-    depth = too_deep(text.encode("utf-8", "surrogatepass") if raw is None else raw)
-    if depth:
+    if raw is None:
+        raw = text.encode("utf-8", "surrogatepass")
+    # (too_deep's first test, inline: this is every job's path)
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and (depth := too_deep(raw)):
         raise Refused(f"job is nested too deeply: {depth} levels, over the limit of "
                       f"{MAX_DEPTH} (the job object is level 1): flatten the data, or store "
                       "it elsewhere and pass a reference")
