@@ -87,14 +87,14 @@ class Completion:
     retry_delay: float = 0.0    # seconds until it is due
 
     def __post_init__(self) -> None:
-        """Refuse, where it is made, a completion no script call could carry: sent, it
-        would fail its whole batch on every try (a key no UTF-8 client can write: a
-        reply_to holding an unpaired surrogate; a count Redis would refuse).  The loop
-        contains the error to this one job (outcomes.ChildEvents.job_done)."""
-        for what, key in (("reply_to", self.reply_to), ("result id", self.result_id)):
-            if key is not None and (key.__class__ is not str or not key
-                                    or unpaired_surrogate(key) is not None):
-                raise ValueError(f"its {what} {key!r} cannot name a Redis key")
+        """Refuse a completion no script call could carry (a key UTF-8 cannot write, a
+        number Redis refuses): sent, it would fail its whole batch on every try.  The
+        loop contains this error to the one job (outcomes.ChildEvents.job_done)."""
+        for key in (self.reply_to, self.result_id):
+            if key is not None and (key.__class__ is not str or not key or not key.isascii()
+                                    and unpaired_surrogate(key) is not None):
+                raise ValueError(f"its reply_to {self.reply_to!r} or result id "
+                                 f"{self.result_id!r} cannot name a Redis key")
         if self.ttl.__class__ is not int or not 0 <= self.ttl <= MAX_RESULT_TTL \
                 or not 0.0 <= self.retry_delay < 1e12:
             raise ValueError(f"its ttl {self.ttl!r} or retry delay {self.retry_delay!r} is "
