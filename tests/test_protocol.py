@@ -483,3 +483,27 @@ def test_a_job_not_json_after_a_non_finite_number_is_said_to_be_not_json():
     # (found by tests/test_properties.py: the first parse stops at the number)
     with pytest.raises(p.InvalidJob, match="not valid JSON: Expecting property name"):
         p.decode_job(b'{"id":"job-1","x":[1e400],"task":[{1e400:null}]}')
+
+
+@pytest.mark.parametrize("raw, top", [
+    (b'{"a":[[[1]]],"id":"j"}', b'{"a":null,"id":"j"}'),          # runs of brackets
+    (b'{"x":{"y":[]}}', b'{"x":null}'),
+    (b'{"a":"]]}","b":[{"[":"}"}],"c":[]}', b'{"a":"]]}","b":null,"c":null}'),
+    (b'{"a":' + b"[" * 10**6 + b"]" * 10**6 + b',"id":"j"}', b'{"a":null,"id":"j"}'),
+    (b'{"id":"j","a":' + b"[" * 10**6, b'{"id":"j","a":null'),       # never closed
+])
+def test_top_level_nulls_what_is_nested_below_the_job_object(raw, top):
+    from redpool.strictjson import top_level
+    assert top_level(raw) == top
+
+
+@pytest.mark.parametrize("shape", ["chain", "comb", "wide"])
+def test_depth_is_exact_whatever_the_shape(shape):
+    from redpool.strictjson import too_deep
+    one = {"chain": lambda d: b"[" * d + b"]" * d,
+           "comb": lambda d: b"[" + b",".join([b"[" * (d - 1) + b"]" * (d - 1)] * 3000) + b"]",
+           "wide": lambda d: b"[" + b",".join([b"[" * (d - 1) + b"]" * (d - 1), b"[[1],{}]"] * 3000)
+                              + b"]"}[shape]
+    for depth in (99, 100, 101, 5000):
+        raw = b'{"task":"t","args":' + one(depth) + b"}"
+        assert too_deep(raw) == (depth + 1 if depth + 1 > p.MAX_DEPTH else 0), depth

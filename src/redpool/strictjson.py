@@ -27,8 +27,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from array import array
-from itertools import accumulate
 from typing import Any
 
 #: The deepest a job may nest, counting the job object itself as level 1: Ruby's JSON
@@ -94,11 +92,12 @@ def _not_json(e: ValueError) -> str:
 
 # -- depth ------------------------------------------------------------------------------------
 
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+# a string, or a run of opening or of closing brackets (a run is one step, however long)
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[{]+|[\]}]+', re.DOTALL)
+_RUN = re.compile(rb"\[+|\]+")
 _ESCAPE = re.compile(rb"\\.", re.DOTALL)
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
 _FOLD = bytes.maketrans(b"{}", b"[]")  # an object nests as an array does
-_STEPS = bytes.maketrans(b"[]", b"\x01\xff")  # +1, -1 as signed bytes
 
 
 def too_deep(raw: bytes) -> int:
@@ -108,7 +107,9 @@ def too_deep(raw: bytes) -> int:
     All in C loops (bytes methods), no recursion, no Python step per byte: escapes
     dropped, then everything but quotes and brackets (braces read as brackets: only
     the depth counts); then the strings (in nearly every job none holds a bracket, so
-    each is a bare pair of quotes); then the innermost pairs, one level per pass."""
+    each is a bare pair of quotes); then, while there are many, the innermost pairs, a
+    level per pass; then a step per run of brackets.  A long chain costs as little as
+    a wide shallow tree."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return 0  # (every job of ordinary shape stops here)
     if b"\\" in raw:
@@ -117,15 +118,26 @@ def too_deep(raw: bytes) -> int:
     if b'"' in s:  # a string holds brackets: keep what is outside the strings
         s = b"".join(s.split(b'"')[::2])
     levels = 0  # removed so far
-    while s and levels < MAX_DEPTH:
-        shorter = s.replace(b"[]", b"")  # (non-overlapping: one level, the innermost)
-        if len(shorter) == len(s):
-            break  # unbalanced: not JSON (the parser says so, unless it is too deep too)
-        s, levels = shorter, levels + 1
-    if not s:
-        return 0
-    depth = levels + max(accumulate(array("b", s.translate(_STEPS))), default=0)
+    while levels < MAX_DEPTH and s.count(b"[]") * 200 > len(s) * (levels + 1):
+        # many innermost pairs for the length (runs of one bracket are short: a step
+        # per run would cost more than a pass), so remove them in one pass: a level (a
+        # non-overlapping replace removes exactly the innermost pairs)
+        s, levels = s.replace(b"[]", b""), levels + 1
+    depth = levels + _deepest(s)  # (few runs left: a step each)
     return depth if depth > MAX_DEPTH else 0
+
+
+def _deepest(s: bytes) -> int:
+    """The greatest depth reached in ``s``, a sequence of brackets: a step per run."""
+    depth = deepest = 0
+    for m in _RUN.finditer(s):
+        n = m.end() - m.start()
+        if s[m.start()] == 0x5B:  # [
+            depth += n
+            deepest = max(deepest, depth)
+        else:
+            depth -= n
+    return deepest
 
 
 def lenient(text: str) -> Any:
@@ -146,16 +158,16 @@ def top_level(raw: bytes) -> bytes:
     ``null``: the fields of a job too deep to parse whole, for salvage."""
     out, depth, last = [], 0, 0
     for m in _TOKEN.finditer(raw):
-        c = raw[m.start()]
+        c, n = raw[m.start()], m.end() - m.start()
         if c in b"[{":
-            depth += 1
-            if depth == 2:
-                out.append(raw[last:m.start()])
+            if depth < 2 <= depth + n:  # level 2 begins in this run
+                out.append(raw[last:m.start() + 1 - depth])
+            depth += n
         elif c in b"]}":
-            if depth == 2:
+            if depth - n < 2 <= depth:  # and ends in this one
                 out.append(b"null")
-                last = m.end()
-            depth -= 1
+                last = m.start() + depth - 1
+            depth -= n
     out.append(raw[last:] if depth < 2 else b"null")
     return b"".join(out)
 
