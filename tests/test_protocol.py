@@ -167,10 +167,12 @@ def test_deeply_nested_json_is_refused_not_crashed(raw):
     with pytest.raises(p.InvalidJob, match="nested too deeply") as info:
         p.decode_job(raw)
     assert info.value.error_type == p.E_INVALID_JOB
-    # Over the size limit the salvage attempt meets the same nesting and must survive it.
+    # Over the size limit the salvage attempt meets the same nesting and must survive it
+    # (and finds the id beside the deep field, to answer the producer).
     with pytest.raises(p.InvalidJob) as info:
         p.decode_job(raw, max_payload=100)
-    assert (info.value.error_type, info.value.job_id) == (p.E_PAYLOAD_TOO_LARGE, None)
+    assert info.value.error_type == p.E_PAYLOAD_TOO_LARGE
+    assert info.value.job_id == (b'"id":"j"' in raw and "j" or None)
 
 
 def test_payload_limit_is_inclusive():
@@ -362,7 +364,7 @@ def test_supervisor_names_have_no_colon_or_trailing_newline():
 def test_schema_rejects_what_the_worker_rejects(case):
     try:
         obj = strict_json(raw_of(case))
-    except ValueError:
+    except (ValueError, RecursionError):
         return  # not JSON as other languages read it: the schema never sees it
     if not isinstance(obj, dict):
         assert not JOB.is_valid(obj)
@@ -380,6 +382,8 @@ _VALID = {
     "result_ttl": [0, 1, 86400, p.MAX_RESULT_TTL],
     "enqueued_at": [0, T0, 1732492800, -1.25],
     "v": [1],
+    "max_retries": [0, 3, p.MAX_RETRIES],
+    "attempt": [1, 2, p.MAX_ATTEMPT],
     "trace_id": ["abc", None, 7],  # an unknown field: kept and ignored
 }
 
@@ -388,6 +392,7 @@ _INVALID = {
     "args": [{}, "a", 1, None], "kwargs": [[], "a", 1, None], "reply_to": ["", 1, None, []],
     "result_ttl": [-1, 1.5, "1", True, None, 2**31, 10**20], "enqueued_at": ["1", True, None, []],
     "v": [0, -1, 1.5, "1", True, None],
+    "max_retries": [-1, p.MAX_RETRIES + 1, 10**30], "attempt": [0, p.MAX_ATTEMPT + 1, 2**64],
 }
 
 
@@ -408,6 +413,8 @@ def test_generated_valid_jobs_are_accepted_by_both():
         expected = {"args": [], "kwargs": {}, "v": 1, **job}
         if expected.get("result_ttl") == p.DEFAULT_RESULT_TTL:
             del expected["result_ttl"]  # to_dict() leaves the default out
+        if expected.get("attempt") == 1:
+            del expected["attempt"]  # (the same)
         assert decoded.to_dict() == expected
         assert decoded.id_assigned == ("id" not in job)
 
@@ -484,3 +491,103 @@ def test_docs_show_the_golden_walkthrough():
                  p.E_UNSERIALIZABLE_RESULT, p.E_RESULT_TOO_LARGE, p.E_WORKER_CRASHED,
                  p.E_UNPRINTABLE_ERROR, p.E_WORKER_ERROR):
         assert f"`{name}`" in text
+
+
+# -- hostile jobs (tests/corpus.py): refused with a reason, answered when they can be ---------
+
+from corpus import CASES  # noqa: E402  (a test module of its own would split the contract)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_hostile_job_is_refused_with_a_reason_and_what_answers_it(case):
+    with pytest.raises(p.InvalidJob) as info:
+        p.decode_job(case.raw)
+    err = info.value
+    assert (err.error_type, err.reply_to, err.job_id) == \
+        (case.error_type, case.answered_on, case.result_id)
+    assert case.reason in err.reason
+    # what is salvaged can be written: the envelope and the dead-letter entry are JSON
+    # every language reads, and the strings that name keys are whole characters
+    for s in (err.reply_to, err.job_id, err.task):
+        assert s is None or p.unpaired_surrogate(s) is None
+    env = p.failed_envelope_for(err, queue="q", worker=WORKER)
+    assert (env is None) == (case.answered_on is None and case.result_id is None)
+    if env is not None:
+        ENVELOPE.validate(strict_json(p.dumps(env)))
+    dead = p.dead_entry(case.raw, queue="q", reason=err.reason, error_type=err.error_type,
+                        worker=WORKER, job_id=err.job_id)
+    DEAD.validate(strict_json(p.dumps(dead)))
+    assert isinstance(p.salvage(case.raw), p.InvalidJob)
+
+
+def test_nesting_is_allowed_up_to_the_limit_and_counted_from_the_job_object():
+    at_limit = b'{"task":"t","args":' + b"[" * 99 + b"]" * 99 + b"}"
+    assert p.decode_job(at_limit).task == "t"        # 1 (the object) + 99
+    with pytest.raises(p.InvalidJob, match="101 levels, over the limit of 100"):
+        p.decode_job(b'{"task":"t","args":' + b"[" * 100 + b"]" * 100 + b"}")
+    # brackets inside strings are text, not nesting (with or without escaped quotes)
+    text = '"' + "[{" * 200 + '\\"' + "]" * 50 + '"'
+    assert p.decode_job(b'{"task":"t","args":[' + text.encode() + b"]}").args[0].startswith("[{")
+    # many brackets, little depth: measured exactly, and accepted
+    flat = b'{"task":"t","args":[' + b",".join([b"[1,{}]"] * 5000) + b"]}"
+    assert len(p.decode_job(flat).args) == 5000
+
+
+def test_the_largest_and_smallest_doubles_are_numbers_not_refusals():
+    job = p.decode_job(b'{"task":"t","args":[1.7976931348623157e308,-1e308,1e-400,5e-324,-0.0],'
+                       b'"enqueued_at":1e9}')
+    assert job.args[:2] == [1.7976931348623157e308, -1e308] and job.args[2] == 0.0
+    assert p.decode_job(b'{"task":"t","args":[' + b"9" * 300 + b']}').args == [int("9" * 300)]
+
+
+def test_a_surrogate_pair_is_a_character_and_only_an_unpaired_half_is_refused():
+    job = p.decode_job(b'{"task":"t","reply_to":"r:\\ud83d\\ude00","args":["\\ud800"]}')
+    assert job.reply_to == "r:\U0001F600"
+    assert job.args == ["\ud800"]  # a task may take any string JSON can carry
+    assert p.unpaired_surrogate("ok \U0001F600") is None and p.unpaired_surrogate("a\udc00") == 1
+
+
+def test_a_retry_carries_the_job_exactly_even_a_string_utf8_cannot_encode():
+    raw = b'{"task":"t","id":"j","args":["a\\ud800b",{"k":"\\udfff"}],"max_retries":2}'
+    job = p.decode_job(raw)
+    again = p.decode_job(job.retry())
+    assert (again.args, again.attempt, again.id) == (job.args, 2, "j")
+    assert p.decode_job(p.decode_job(b'{"task":"t","args":["\xc3\xbc"]}').retry()).args == ["ü"]
+
+
+def test_salvage_reads_the_top_level_beside_a_field_nested_too_deeply():
+    deep = b"[" * 50_000 + b"]" * 50_000
+    raw = b'{"task":"t","a":' + deep + b',"id":"j","reply_to":"r","b":{"c":' + deep + b"}}"
+    err = p.salvage(raw)
+    assert (err.job_id, err.reply_to, err.task) == ("j", "r", "t")
+    assert p.top_level(b'{"a":[[1]],"b":"[x]","c":{"d":{}}}') == b'{"a":null,"b":"[x]","c":null}'
+
+
+def test_a_job_not_json_after_a_non_finite_number_is_said_to_be_not_json():
+    # (found by tests/test_properties.py: the first parse stops at the number)
+    with pytest.raises(p.InvalidJob, match="not valid JSON: Expecting property name"):
+        p.decode_job(b'{"id":"job-1","x":[1e400],"task":[{1e400:null}]}')
+
+
+@pytest.mark.parametrize("raw, top", [
+    (b'{"a":[[[1]]],"id":"j"}', b'{"a":null,"id":"j"}'),          # runs of brackets
+    (b'{"x":{"y":[]}}', b'{"x":null}'),
+    (b'{"a":"]]}","b":[{"[":"}"}],"c":[]}', b'{"a":"]]}","b":null,"c":null}'),
+    (b'{"a":' + b"[" * 10**6 + b"]" * 10**6 + b',"id":"j"}', b'{"a":null,"id":"j"}'),
+    (b'{"id":"j","a":' + b"[" * 10**6, b'{"id":"j","a":null'),       # never closed
+])
+def test_top_level_nulls_what_is_nested_below_the_job_object(raw, top):
+    from redpool.strictjson import top_level
+    assert top_level(raw) == top
+
+
+@pytest.mark.parametrize("shape", ["chain", "comb", "wide"])
+def test_depth_is_exact_whatever_the_shape(shape):
+    from redpool.strictjson import too_deep
+    one = {"chain": lambda d: b"[" * d + b"]" * d,
+           "comb": lambda d: b"[" + b",".join([b"[" * (d - 1) + b"]" * (d - 1)] * 3000) + b"]",
+           "wide": lambda d: b"[" + b",".join([b"[" * (d - 1) + b"]" * (d - 1), b"[[1],{}]"] * 3000)
+                              + b"]"}[shape]
+    for depth in (99, 100, 101, 5000):
+        raw = b'{"task":"t","args":' + one(depth) + b"}"
+        assert too_deep(raw) == (depth + 1 if depth + 1 > p.MAX_DEPTH else 0), depth

@@ -3332,3 +3332,101 @@ def test_a_sigkill_we_sent_is_not_blamed_on_the_out_of_memory_killer():
     ours = describe_exit(-signal.SIGKILL, stopped=True)
     assert "out-of-memory" not in ours and "had not stopped at SIGTERM" in ours
     assert describe_exit(-signal.SIGTERM, stopped=True) == "was killed by SIGTERM (signal 15)"
+
+
+# -- containment: what a child says of one job cannot stop the loop ----------------------------
+
+def sendable(completions) -> None:
+    """Pack the completion script call exactly as RedisQueue sends it (no server needed):
+    what redis-py cannot encode, or Redis would refuse, fails here as it would there."""
+    from redpool.queue import RedisQueue
+    rq = RedisQueue(redis.Redis(), p.Keys(), WORKER, ["default"])
+    keys, args = rq._complete_args(list(completions))
+    redis.Connection().pack_command("EVALSHA", "0" * 40, len(keys), *keys, *args)
+
+
+def forge_done(w: World, token: int, msg: bytes | None = None, **meta) -> None:
+    """The child running ``token`` answers with ``meta`` changed, as a child that does
+    not check its strings would (json.dumps lets an unpaired surrogate through,
+    escaped), or with ``msg`` itself."""
+    import json
+    from redpool.child import DONE_HEADER, MSG_DONE
+    c = w.pool.busy()[token]
+    if msg is None:
+        s = w.pool.msg_of(token)
+        out = w.pool.runner.run(s.queue, s.raw, s.crashes)
+        out.meta.update({"t": token, "duration": LONG, **meta})
+        m = json.dumps(out.meta).encode()
+        env, dead, retry = out.envelope or b"", out.dead or b"", out.retry or b""
+        msg = MSG_DONE + DONE_HEADER.pack(len(m), len(env), len(dead), len(retry)) + m + env + dead + retry
+    c.tokens.popleft()
+    c.jobs_done += 1
+    w.pool.events.append(Done(token, msg, c.pid))
+
+
+@pytest.mark.parametrize("meta, msg", [
+    ({"reply_to": "r\ud800"}, None),          # a key no UTF-8 client can write
+    ({"result_id": "job-\udc80"}, None),
+    ({"reply_to": ""}, None),
+    ({"ttl": "86400"}, None),                 # Redis would refuse: every try of the batch
+    ({"ttl": 2 ** 40}, None),
+    ({"retry_delay": math.nan}, None),
+    ({"status": "exploded"}, None),
+    ({"duration": -1}, None),
+    ({}, b"D" + b"\xff" * 40),               # not an answer at all
+    ({}, b"D"),
+], ids=["reply_to_surrogate", "result_id_surrogate", "reply_to_empty", "ttl_string", "ttl_huge",
+        "retry_delay_nan", "status", "duration", "garbage", "truncated"])
+def test_an_answer_no_script_could_carry_fails_only_its_job(meta, msg):
+    # Given job 1 (a reply_to of its own) running, job 2 waiting
+    w = World([job(1, reply_to="redpool:reply:r"), job(2)], size=1, prefetch=1)
+    w.tick()
+    # When its child's answer cannot become a completion
+    forge_done(w, w.tokens()[0], msg, **meta)
+    w.tick()
+    # Then one error event; job 1 is failed and dead-lettered by the supervisor, its
+    # producer answered on its own reply_to (the raw job's), and the loop goes on
+    (event,) = w.named("internal_error")
+    assert (event["id"], event["during"], event["queue"]) == ("job-1", "job_done", "default")
+    assert "bug in redpool" in event["note"]
+    w.pool.finish_all()
+    w.tick()
+    first, second = w.rq.completed
+    assert (first.raw, first.reply_to, first.result_id) == (
+        job(1, reply_to="redpool:reply:r"), "redpool:reply:r", "job-1")
+    env = env_of(first)
+    assert env["error"]["type"] == p.E_INVALID_JOB and env["started_at"] is not None
+    assert "the worker could not handle this job's outcome" in env["error"]["message"]
+    assert p.loads(first.dead)["reason"] == env["error"]["message"]
+    assert second.raw == job(2) and env_of(second)["result"] == 3
+    sendable(w.rq.completed)
+    assert (w.sup.stats["failed"], w.sup.stats["dead"], w.sup.stats["succeeded"]) == (1, 1, 1)
+
+
+from corpus import CASES  # noqa: E402
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_hostile_job_whose_settling_child_died_is_failed_by_the_supervisor(case):
+    # Given a hostile job whose process died (max-crashes 0: it is settled at once), and
+    # whose settling process died too: the supervisor decodes it itself
+    # (the corpus's reply lists are an application's own, which the operator allowed)
+    w = World([case.raw], size=1, prefetch=0, max_crashes=0, reply_to=["hostile:*"])
+    w.tick()
+    w.pool.die(w.tokens()[0])
+    w.replace_dead()
+    assert w.pool.sent[-1].kind == FAIL
+    w.pool.die(w.tokens()[0])
+    w.tick()
+    # Then it is answered where it can be, dead-lettered, and every byte can be sent
+    (c,) = w.rq.completed
+    assert (c.reply_to, c.result_id) == (case.answered_on, case.result_id)
+    assert (c.envelope is None) == (case.answered_on is None and case.result_id is None)
+    if c.envelope is not None:
+        assert env_of(c)["error"]["type"] == p.E_WORKER_CRASHED
+    assert p.loads(c.dead)["id"] == case.result_id
+    sendable([c])
+    # and the events that name it (a timeout, job_started) can be written
+    from redpool.outcomes import job_names
+    names = job_names(case.raw)
+    assert names["id"] == case.result_id and p.dumps(names)

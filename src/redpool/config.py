@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from .cliparser import suggestion
 from .errors import ConfigError
-from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_RESULT_SIZE, DEFAULT_NAMESPACE, NAME_RE
+from .protocol import (DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_RESULT_SIZE, DEFAULT_NAMESPACE,
+                       MAX_RETRIES, NAME_RE)
 from .replies import ReplyRule, check_pattern, check_patterns
 from .urls import DEFAULT_URL, FILE_ENV, URL_ENV, chosen_url
 
@@ -53,13 +54,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return _at_least(kind, 0, strict=True)
 
 
-def _at_least(kind: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
-    """A number parser that refuses NaN, infinity and values below ``low``."""
+def _at_least(kind: Callable[[str], Any], low: float, strict: bool = False,
+              high: float | None = None) -> Callable[[str], Any]:
+    """A number parser that refuses NaN, infinity and values below ``low`` (or above
+    ``high``)."""
     def parse(v: str) -> Any:
         x = kind(v)
-        if not math.isfinite(x) or x < low or (strict and x == low):
+        if not math.isfinite(x) or x < low or (strict and x == low) \
+                or (high is not None and x > high):
             raise ValueError(f"must be a number {'greater than' if strict else 'of at least'} "
-                             f"{low:g}, got {v}")
+                             f"{low:g}{'' if high is None else f' and at most {high:g}'}, got {v}")
         return x
     parse.__name__ = kind.__name__
     return parse
@@ -190,8 +194,8 @@ SETTINGS: tuple[Setting, ...] = (
             "hard time limit of a job in seconds, unless the job or task sets one; its process "
             "is stopped and the job fails with TimeoutError (0: no limit)", _at_least(float, 0)),
     Setting("max_retries", "--max-retries", "REDPOOL_MAX_RETRIES", 0,
-            "retries of a job whose task raises, unless the job or task sets them",
-            _at_least(int, 0)),
+            f"retries of a job whose task raises, unless the job or task sets them (at most "
+            f"{MAX_RETRIES})", _at_least(int, 0, high=MAX_RETRIES)),
     Setting("retry_backoff", "--retry-backoff", "REDPOOL_RETRY_BACKOFF", 1.0,
             "base of the exponential retry backoff, seconds (full jitter)",
             _at_least(float, 0, strict=True)),

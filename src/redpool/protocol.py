@@ -22,6 +22,9 @@ from typing import Any
 
 from .encoding import TooLarge, dumps, job_fields  # noqa: F401  (part of the contract)
 from .keys import DEFAULT_NAMESPACE, Keys  # noqa: F401  (re-exported: part of the contract)
+from .strictjson import MAX_DEPTH, Refused, unpaired_surrogate  # noqa: F401  (the same)
+from .strictjson import dumps_exactly, lenient, not_unicode, too_deep, top_level
+from .strictjson import loads as _loads_job
 
 VERSION = 1
 DEFAULT_RESULT_TTL = 86400  # seconds
@@ -34,6 +37,10 @@ DEAD_JOB_KEPT = 64 * 1024   # bytes kept of a job over --max-payload in its dead
 # Redis refuses EX/EXPIRE beyond ~9e15 s (and Lua numbers are doubles); past it the completion
 # script fails after removing the job, losing it.  2**31-1 s (68 years) also fits an int32.
 MAX_RESULT_TTL = 2**31 - 1
+# Retries of one job, at most (its field, a task's option, --max-retries): ~35 days of
+# retries at the default backoff cap, and bounded numbers for the backoff arithmetic.
+MAX_RETRIES = 10_000
+MAX_ATTEMPT = MAX_RETRIES + 1  # the last attempt of a job retried MAX_RETRIES times
 
 # \Z, not $: in Python '$' also matches before a trailing newline, so "job-1\n" would pass.
 # (The JSON Schemas say '$', which in their ECMA-262 dialect means the very end.)
@@ -125,13 +132,7 @@ class Job:
         d = self.to_dict()
         d["id"] = self.id
         d["attempt"] = self.attempt + 1
-        try:
-            return json.dumps(d, separators=(",", ":"), ensure_ascii=False,
-                              allow_nan=False).encode()
-        except ValueError:  # (UnicodeEncodeError is one)
-            # what json.loads read and strict JSON refuses: NaN, a lone surrogate the
-            # producer wrote as \ud800.  Written as it came, so the retry is the same job.
-            return json.dumps(d, separators=(",", ":"), ensure_ascii=True).encode()
+        return dumps_exactly(d)  # (an unpaired surrogate in args comes back as it went)
 
 
 #: Optional job fields that override a task's options and the worker's defaults.
@@ -198,17 +199,18 @@ def _usable(obj: dict[str, Any]) -> dict[str, Any]:
     if isinstance(jid, str) and ID_RE.match(jid):
         out["job_id"] = jid
     rt = obj.get("reply_to")
-    if isinstance(rt, str) and rt:
+    if isinstance(rt, str) and rt and unpaired_surrogate(rt) is None:
         out["reply_to"] = rt
     ttl = obj.get("result_ttl")
     if _is_int(ttl) and 0 <= ttl <= MAX_RESULT_TTL:
         out["result_ttl"] = ttl
-    if isinstance(obj.get("task"), str):
-        out["task"] = obj["task"]
+    task = obj.get("task")
+    if isinstance(task, str) and unpaired_surrogate(task) is None:
+        out["task"] = task
     if _is_number(obj.get("enqueued_at")):
         out["enqueued_at"] = obj["enqueued_at"]
     attempt = obj.get("attempt")
-    if _is_int(attempt) and attempt >= 1:
+    if _is_int(attempt) and 1 <= attempt <= MAX_ATTEMPT:
         out["attempt"] = attempt
     return out
 
@@ -223,6 +225,9 @@ def _validate(obj: dict[str, Any]) -> None:
     task = obj["task"]
     if not isinstance(task, str) or not task:
         raise bad(f"'task' must be a non-empty string, got {_type(task)}")
+    if not task.isascii() and unpaired_surrogate(task) is not None:
+        raise bad(not_unicode("task", task, "no task is registered under such a name: "
+                               "send the task's name as whole characters"))
     if "id" in obj:
         jid = obj["id"]
         if not isinstance(jid, str) or not ID_RE.match(jid):
@@ -235,6 +240,9 @@ def _validate(obj: dict[str, Any]) -> None:
         rt = obj["reply_to"]
         if not isinstance(rt, str) or not rt:
             raise bad(f"'reply_to' must be a non-empty string (a list key), got {_type(rt)}")
+        if not rt.isascii() and unpaired_surrogate(rt) is not None:  # (answered by result key)
+            raise bad(not_unicode("reply_to", rt, "no Redis key can hold it: use a key of "
+                                   "whole characters, e.g. myapp:reply:<id>"))
     if "result_ttl" in obj:
         ttl = obj["result_ttl"]
         if not _is_int(ttl) or not 0 <= ttl <= MAX_RESULT_TTL:
@@ -243,9 +251,9 @@ def _validate(obj: dict[str, Any]) -> None:
     if "enqueued_at" in obj and not _is_number(obj["enqueued_at"]):
         raise bad(f"'enqueued_at' must be a finite number (unix seconds), "
                   f"got {_short(obj['enqueued_at'])}")
-    for name in ("max_retries", "attempt"):
-        if name in obj and (not _is_int(obj[name]) or obj[name] < (1 if name == "attempt" else 0)):
-            raise bad(f"'{name}' must be a whole number >= {1 if name == 'attempt' else 0}, "
+    for name, low, high in (("max_retries", 0, MAX_RETRIES), ("attempt", 1, MAX_ATTEMPT)):
+        if name in obj and (not _is_int(obj[name]) or not low <= obj[name] <= high):
+            raise bad(f"'{name}' must be a whole number >= {low} and <= {high}, "
                       f"got {_short(obj[name])}")
     for name in ("retry_backoff", "retry_backoff_max", "timeout"):
         if name in obj and (not _is_number(obj[name]) or obj[name] <= 0 or obj[name] > MAX_RESULT_TTL):
@@ -275,27 +283,18 @@ def _short(v: Any) -> str:
 def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
     """Parse and validate raw job bytes.  Raises InvalidJob with a human reason."""
     if len(raw) > max_payload:
-        # Still try to answer the producer: salvage id/reply_to if it parses.
-        salvage: dict[str, Any] = {}
-        try:
-            obj = json.loads(raw)
-            if isinstance(obj, dict):
-                salvage = _usable(obj)
-        except (ValueError, RecursionError):
-            pass
         raise InvalidJob(f"payload is {len(raw)} bytes, over the limit of {max_payload} "
                          "(--max-payload): store large data elsewhere and pass a reference",
-                         E_PAYLOAD_TOO_LARGE, **salvage)
+                         E_PAYLOAD_TOO_LARGE, **_salvaged(raw))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidJob(f"job is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise InvalidJob(f"job is not UTF-8 text ({e.reason} at byte {e.start}): send JSON "
+                         "encoded as UTF-8", **_salvaged(raw)) from None
     try:
-        obj = json.loads(text)
-    except RecursionError:
-        raise InvalidJob("job is not valid JSON: nested too deeply") from None
-    except ValueError as e:
-        raise InvalidJob(f"job is not valid JSON: {e}") from None
+        obj = _loads_job(text, raw)
+    except Refused as e:
+        raise InvalidJob(e.reason, **_salvaged(raw)) from None
     if not isinstance(obj, dict):
         raise InvalidJob(f"job must be a JSON object, got {_type(obj)}")
     _validate(obj)
@@ -318,6 +317,20 @@ def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
         attempt=obj.get("attempt", 1),
         extra={k: v for k, v in obj.items() if k not in _KNOWN},
     )
+
+
+def _salvaged(raw: bytes) -> dict[str, Any]:
+    """What identifies the producer of a job that cannot be read whole (not UTF-8, too
+    deep, not JSON, too large), to answer it: its top-level fields, read leniently.
+    Bytes that are not UTF-8 become lone surrogates, so a reply_to holding any is not
+    taken (_usable); a field nested too deeply to read is left out, not its siblings."""
+    try:
+        if too_deep(raw):
+            raw = top_level(raw)
+        obj = lenient(raw.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return {}
+    return _usable(obj) if isinstance(obj, dict) else {}
 
 
 def salvage(raw: bytes) -> InvalidJob | Job:

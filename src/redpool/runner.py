@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import random
 import time
 import traceback
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import encoding
@@ -44,14 +45,21 @@ class Policy:
             if v is None:
                 v = task.options.get(name)
             return getattr(self, name) if v is None else v
-        return Policy(*(pick(n) for n in p.POLICY_FIELDS), self.reply_patterns)
+        policy = Policy(*(pick(n) for n in p.POLICY_FIELDS), self.reply_patterns)
+        if policy.max_retries > p.MAX_RETRIES:  # (a task's option: a job's is refused)
+            policy = replace(policy, max_retries=p.MAX_RETRIES)
+        return policy
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter (AWS architecture blog's "full jitter"):
-        uniform in [0, min(cap, base * 2^(attempt-1))).  (A float power: 2 ** 5000 as an
-        int times a float raises OverflowError; as a float it is inf, and the cap wins.)"""
-        return random.uniform(0, min(self.retry_backoff_max,
-                                     self.retry_backoff * 2.0 ** min(attempt - 1, 1023)))
+        uniform in [0, min(cap, base * 2^(attempt-1))).  Never overflows: past 2^1100
+        any base > 0 (the smallest double is 2^-1074) is over any cap (at most 2^31)."""
+        cap, base = float(self.retry_backoff_max), float(self.retry_backoff)
+        try:
+            span = min(cap, math.ldexp(base, min(attempt - 1, 1100)))
+        except OverflowError:
+            span = cap
+        return random.uniform(0, span)
 
 
 @dataclass
