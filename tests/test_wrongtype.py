@@ -9,8 +9,8 @@ job that must be dead-lettered into a dead-letter list of the wrong type stays i
 processing list meanwhile; jobs of a processing list another program overwrote are
 answered once it is fixed, or go back to their queue at a stop; a namespace-wide key
 stops reserving, and nothing crashes.  The classification of errors (only an outage is
-``redis_down``) is checked with the supervisor's fakes.  The scripts alone:
-tests/test_wrongtype_scripts.py.
+``redis_down``) is checked with the supervisor's fakes, and docs/deploy.md's examples
+against the code.  The scripts alone: tests/test_wrongtype_scripts.py.
 """
 
 from __future__ import annotations
@@ -342,3 +342,30 @@ def test_a_wrongtype_that_names_no_key_has_every_key_asked_its_type():
     w.ticks(w.clock.t + 6, 0.5)
     assert w.named("queue_usable")[0]["queue"] == "b" and not w.rq.unusable
 
+
+# -- what docs/deploy.md shows ------------------------------------------------------------------
+
+def test_the_log_line_and_the_status_lines_docs_deploy_md_shows_are_the_real_ones():
+    from doctools import ROOT as DOCS_ROOT, parse_blocks
+    from redpool.deployment import QueueState, Snapshot
+    from redpool.keys import Keys
+    from redpool.keytypes import bad_key
+    from redpool.status import render_status
+
+    blocks = [b for b in parse_blocks(DOCS_ROOT / "docs" / "deploy.md")
+              if b.directive == "tests/test_wrongtype.py"]
+    log, status = blocks
+    # the log line: the note the supervisor writes for that key, word for word
+    k = Keys("redpool")
+    line = json.loads(log.text)
+    bad = bad_key(k, k.queue("lo"), "string")
+    assert (line["event"], line["queue"], line["key"], line["type"], line["expected"]) == \
+        ("queue_unusable", "lo", bad.key, bad.type, bad.expected)
+    assert line["note"] == bad.fix
+    # the status lines: what render_status prints for such a snapshot
+    snap = Snapshot(0.0, [QueueState("hi", 0, None, 0, None, 0),
+                          QueueState("lo", 0, None, 0, None, 0, {k.queue("lo"): "string"})],
+                    [], 0, 0, 0, [{**bad.to_dict(), "seen_by": ["status", "web-1"]}])
+    printed = render_status(snap, k, "redis://x").splitlines()
+    for shown in status.text.splitlines():
+        assert shown == "..." or shown in printed, shown
