@@ -72,7 +72,7 @@ def stage(r, keys: Keys, queues: tuple[str, ...], n: int, rep: int, done: str) -
 
 def drain(r, keys: Keys, queues: tuple[str, ...], n: int, rep: int, worker: Managed) -> float:
     """One timed drain; returns jobs per second."""
-    done = f"bench-done:{keys.ns}:{rep}"
+    done = keys.reply(f"done:{rep}")
     staging = stage(r, keys, queues, n, rep, done)
     t0 = time.perf_counter()
     for key, q in zip(staging, queues):

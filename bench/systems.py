@@ -21,7 +21,6 @@ from bench import procs
 from bench.naive import envelope
 
 QUEUE = "bench"             # the redpool worker's queue
-WARM_REPLY = "benchwarm:{}"  # reply lists of the warm-up jobs (outside the namespace)
 
 
 class Consumer:
@@ -45,7 +44,7 @@ class Consumer:
     def warm_up(self, timeout: float = 120.0) -> None:
         """Run a few jobs end to end (so every process is booted and has run a task),
         then wait until the consumer is idle again, blocked in Redis."""
-        reply = WARM_REPLY.format(self.name)
+        reply = self.keys.reply(f"warm:{self.name}")
         jobs = [json.dumps({"task": "bench.tasks.double", "args": [i], "reply_to": reply,
                             "result_ttl": 0}) for i in range(4 * self.concurrency)]
         self.r.lpush(self.queue_key, *jobs)

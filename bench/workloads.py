@@ -31,7 +31,6 @@ from bench.systems import Consumer, Floor
 
 LPUSH_BATCH = 500      # jobs per LPUSH when enqueueing (the Client's batch size too)
 POLL = 0.005           # seconds between checks for the results, once the last one is in
-DONE = "benchdone:{}"  # the reply list of a drain's last job (outside the namespace)
 DOUBLE, SPIN = "bench.tasks.double", "bench.tasks.spin"
 
 Progress = Callable[[str], None]
@@ -43,9 +42,14 @@ def commandstats(r: redis.Redis) -> Counter:
                     for k, v in r.info("commandstats").items()})
 
 
-def stage(r: redis.Redis, staging: str, task: str, prefix: str, args: list) -> float:
+def done_list(keys: Keys, prefix: str) -> str:
+    """The reply list of a drain's last job (a reply list every worker answers on)."""
+    return keys.reply(f"done:{prefix}")
+
+
+def stage(r: redis.Redis, staging: str, task: str, prefix: str, args: list, done: str) -> float:
     """Encode and push the jobs onto ``staging`` (pipelined), return the seconds it took.
-    The last job also replies on ``DONE``, so the drain's end is awaited, not polled for."""
+    The last job also replies on ``done``, so the drain's end is awaited, not polled for."""
     t0 = time.perf_counter()
     pipe = r.pipeline(transaction=False)
     last = len(args) - 1
@@ -53,7 +57,7 @@ def stage(r: redis.Redis, staging: str, task: str, prefix: str, args: list) -> f
     def job(i: int, a) -> str:
         j = {"task": task, "id": f"{prefix}-{i}", "args": [a]}
         if i == last:
-            j["reply_to"] = DONE.format(prefix)
+            j["reply_to"] = done
         return json.dumps(j, separators=(",", ":"))
 
     for start in range(0, len(args), LPUSH_BATCH):
@@ -96,7 +100,7 @@ def timed_drain(r: redis.Redis, system, staging: str, keys: Keys, prefix: str, n
     watch = procs.CpuWatch()
     t0 = time.perf_counter()
     system.feed(staging)
-    wait_results(r, result_keys, DONE.format(prefix), own, check, timeout=60 + n * 0.01)
+    wait_results(r, result_keys, done_list(keys, prefix), own, check, timeout=60 + n * 0.01)
     seconds = time.perf_counter() - t0
     cpu1, pool1 = system.cpu_seconds(), system.pool_cpu_seconds()
     after, foreign = commandstats(r), watch.foreign_cores()
@@ -126,7 +130,7 @@ def drain_round(r: redis.Redis, keys: Keys, tag: str, rep: int, reps: int, syste
     enqueue, drains = [], {}
     for s in systems:
         prefix = f"{tag}-{rep}-{s.name}"
-        enqueue.append(len(args) / stage(r, staging, task, prefix, args))
+        enqueue.append(len(args) / stage(r, staging, task, prefix, args, done_list(keys, prefix)))
         if isinstance(s, Consumer):
             s.wait_idle()
         d = drains[s.name] = timed_drain(r, s, staging, keys, prefix, len(args), expect)
@@ -140,7 +144,7 @@ def client_enqueue(url: str, keys: Keys, n: int) -> float:
     with Client(url, namespace=keys.ns) as client:
         t0 = time.perf_counter()
         client.enqueue_many(DOUBLE, [(i,) for i in range(n)], queue="scratch",
-                            reply_to="benchscratch:replies")
+                            reply_to=keys.reply("scratch"))
         seconds = time.perf_counter() - t0
         client.redis.delete(keys.queue("scratch"))
     return n / seconds
@@ -245,7 +249,7 @@ def _pool_cpu_seconds() -> float:
 
 def latencies(r: redis.Redis, c: Consumer, prefix: str, n: int, warmup: int) -> list[float]:
     """One producer: LPUSH a job, BRPOP its reply, ``n`` times; milliseconds."""
-    reply = f"benchreply:{prefix}"
+    reply = c.keys.reply(f"w3:{prefix}")
     out = []
     for i in range(warmup + n):
         job = json.dumps({"task": DOUBLE, "id": f"{prefix}-{i}", "args": [i], "reply_to": reply},

@@ -9,6 +9,7 @@ supervisor asked for it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections import Counter
@@ -28,8 +29,9 @@ pytestmark = pytest.mark.daemon   # real processes
 def spawn():
     pools: list[ProcessPool] = []
 
-    def start(*modules: str) -> "Feeder":
-        pool = ProcessPool(1, list(modules or ["tests.taskmods.jobs"]), "unit-child", 1 << 20)
+    def start(*modules: str, **kw) -> "Feeder":
+        pool = ProcessPool(1, list(modules or ["tests.taskmods.jobs"]), "unit-child", 1 << 20,
+                           **kw)
         pools.append(pool)
         pool.start()
         return Feeder(pool)
@@ -264,3 +266,37 @@ def test_the_supervisors_sigterm_ends_a_job_inside_c_code_at_once(spawn, tmp_pat
     f.pool.signal(f.child, signal.SIGTERM)
     (died,) = f.collect(lambda f: f.died(), "the process to die", timeout=60)
     assert died.exitcode == -signal.SIGTERM and died.running == t
+
+
+# -- whatever a task returns or raises ----------------------------------------------------------
+
+def test_whatever_a_task_returns_or_raises_its_child_answers_and_lives_on(spawn):
+    # Given a child with a result limit of 4 KiB, and jobs whose tasks return or raise
+    # what cannot simply be written (tests/taskmods/hostile.py)
+    from tests.taskmods import hostile
+
+    f = spawn("tests.taskmods.hostile", max_result_size=4096)
+    pid = f.child.pid
+    expected = {"h.surrogate_raise": "ValueError", "h.surrogate_result": None}
+    jobs = [p.make_job("h.surrogate_raise", id="s1"), p.make_job("h.surrogate_result", id="s2"),
+            p.make_job("h.big", [5000], id="big"), p.make_job("h.long_error", [200_000], id="long")]
+    jobs += [p.make_job("h.returns", [kind], id=f"r-{kind}") for kind in hostile.RESULTS]
+    jobs += [p.make_job("h.raises", [kind], id=f"x-{kind}") for kind in hostile.RAISES]
+    tokens = f.send(*(p.encode_job(j) for j in jobs), return_after=3600)  # none given back
+    # When they have run
+    f.collect(lambda f: len(f.done()) == len(jobs) or f.died(), "every job answered")
+    # Then every one was answered by the same process, none crashed it
+    assert f.died() == [] and f.child.pid == pid and f.child.proc.is_alive()
+    types = {job["id"]: f.done()[t]["error_type"] for t, job in zip(tokens, jobs)}
+    assert types["s1"] == "ValueError" and types["s2"] is None
+    assert types["big"] == p.E_RESULT_TOO_LARGE and types["long"] == "RuntimeError"
+    assert {types[f"r-{kind}"] for kind in hostile.RESULTS} == {p.E_UNSERIALIZABLE_RESULT}
+    assert types["x-anonymous"] == p.E_UNPRINTABLE_ERROR
+    assert types["x-nowhere"] == "<unknown>.Nowhere"
+    assert types["x-fatal"] == "tests.taskmods.hostile.Fatal"
+    # and the envelopes it sent are valid UTF-8 JSON, small but for the one result allowed
+    for ev in f.events:
+        if isinstance(ev, Done):
+            env = decode_done(ev.msg)[1]
+            assert env is not None and len(env) <= 4096 * 64
+            json.loads(env.decode("utf-8"))

@@ -107,12 +107,13 @@ def test_a_cluster_url_gives_a_cluster_client_that_never_retries_blindly(cluster
 def test_jobs_on_queues_spread_over_three_primaries_all_get_their_answers(
         rc, cluster_keys, cluster_daemons):
     keys = cluster_keys
-    d = cluster_daemons("--concurrency", "2", *[a for q in SPREAD_QUEUES for a in ("--queue", q)]
-                        ).wait_started()
+    # (reply lists of the application's, which the operator allows)
+    d = cluster_daemons("--concurrency", "2", *[a for q in SPREAD_QUEUES for a in ("--queue", q)],
+                        "--reply-to", f"{keys.ns}-replies:*").wait_started()
     for i in range(60):
         push(rc, keys, SPREAD_QUEUES[i % 3], task="t.add", id=f"j{i}", args=[i, 1],
              reply_to=f"{keys.ns}-replies:{i % 3}")
-    push(rc, keys, "a", task="t.boom", id="bad", dead_letter=True, reply_to=f"{keys.ns}-bad")
+    push(rc, keys, "a", task="t.boom", id="bad", dead_letter=True, reply_to=keys.reply("bad"))
     push(rc, keys, "b", task="no.such.task", id="unknown")
     rc.lpush(keys.queue("c"), b"{not json")
     wait_for(lambda: all(result(rc, keys, f"j{i}") for i in range(60)), what="60 results")
@@ -123,13 +124,30 @@ def test_jobs_on_queues_spread_over_three_primaries_all_get_their_answers(
         got = [json.loads(x)["id"] for x in rc.lrange(f"{keys.ns}-replies:{n}", 0, -1)]
         assert sorted(got) == sorted(f"j{i}" for i in range(60) if i % 3 == n)
     # failures: answered, and dead-lettered in their own queue's list
-    bad = json.loads(rc.brpop([f"{keys.ns}-bad"], 10)[1])
+    bad = json.loads(rc.brpop([keys.reply("bad")], 10)[1])
     assert bad["status"] == "failed" and bad["error"]["type"] == "ValueError"
     wait_for(lambda: result(rc, keys, "unknown"), what="unknown task answered")
     assert result(rc, keys, "unknown")["error"]["type"] == "UnknownTask"
     wait_for(lambda: rc.llen(keys.dead_of("c")) == 1, what="malformed job dead-lettered")
     assert json.loads(rc.lindex(keys.dead_of("a"), 0))["id"] == "bad"
     assert json.loads(rc.lindex(keys.dead_of("c"), 0))["error_type"] == "InvalidJob"
+    # a reply_to the operator did not allow: refused, answered through its result key,
+    # and the list left as it was (no push, no TTL)
+    other = f"{keys.ns}-other:list"
+    rc.rpush(other, "theirs")
+    push(rc, keys, "b", task="t.add", id="elsewhere", args=[1, 1], reply_to=other)
+    wait_for(lambda: result(rc, keys, "elsewhere"), what="the refusal answered")
+    assert "not a key this worker answers on" in result(rc, keys, "elsewhere")["error"]["message"]
+    assert rc.lrange(other, 0, -1) == [b"theirs"] and rc.ttl(other) == -1
+    rc.delete(other)
+    # two jobs sharing a reply list: the second one's result_ttl 1 does not cut the
+    # first one's answer short (reply.lua, on the list's own node)
+    shared = keys.reply("shared")
+    push(rc, keys, "c", task="t.add", id="long", args=[1, 2], reply_to=shared, result_ttl=3600)
+    wait_for(lambda: rc.llen(shared) == 1, what="the first answer")
+    push(rc, keys, "c", task="t.add", id="short", args=[2, 2], reply_to=shared, result_ttl=1)
+    wait_for(lambda: rc.llen(shared) == 2, what="the second answer")
+    assert rc.pttl(shared) > 3000_000
     # nothing left behind: processing lists empty, and the outboxes too once the
     # delivered answers are trimmed (with the next round trip to their node, at the
     # latest the next promotion, every 0.5 s)
@@ -452,11 +470,12 @@ def test_one_node_down_leaves_the_other_queues_served_and_nothing_hoarded(tmp_pa
             # stopped node, and are written once it is back
             for i in range(40):
                 q = "ab"[i % 2]
-                push(rc, ck, q, task="t.add", id=f"j{i}", args=[i, 1], reply_to=f"part-r:{{{q}}}")
+                push(rc, ck, q, task="t.add", id=f"j{i}", args=[i, 1],
+                     reply_to=ck.reply(f"{{{q}}}"))
 
             def replies() -> list[str]:
                 return [json.loads(x)["id"] for q in "ab"
-                        for x in rc.lrange(f"part-r:{{{q}}}", 0, -1)]
+                        for x in rc.lrange(ck.reply(f"{{{q}}}"), 0, -1)]
             wait_for(lambda: len(replies()) >= 40, timeout=30,
                      what="queues a and b answered while c's node is down")
             assert sorted(replies()) == sorted(f"j{i}" for i in range(40))  # each once
@@ -710,6 +729,23 @@ def test_deliver_skips_replies_it_must_not_write_and_keeps_the_rest(rc, cluster_
     assert rc.ttl(f"{keys.ns}-string") == -1  # a key of another type is left as it was
     assert all(result(rc, keys, j) for j in ("ok", "wrongtype", "ours", "none"))
     assert rc.llen(box) == 0
+
+
+def test_a_reply_lists_ttl_only_grows_on_a_cluster_too(rc, cluster_keys):
+    keys = cluster_keys
+    box, to = keys.outbox("sup", "a"), keys.reply("shared")
+    # Given two answers for one reply list, the second asking for 1 s
+    entries = [json.dumps([keys.result(j), ttl, to, json.dumps({"id": j})]).encode()
+               for j, ttl in (("long", 3600), ("short", 1))]
+    rc.rpush(box, *entries)
+    assert deliver(rc, keys, box, entries) == 0
+    # Then the list keeps the hour, with both answers
+    assert 3590_000 <= rc.pttl(to) <= 3600_000 and rc.llen(to) == 2
+    # and a later, longer one lengthens it (reply.lua, on the list's own node)
+    later = json.dumps([keys.result("later"), 7200, to, json.dumps({"id": "later"})]).encode()
+    rc.rpush(box, later)
+    assert deliver(rc, keys, box, [later]) == 0
+    assert 7190_000 <= rc.pttl(to) <= 7200_000 and rc.llen(to) == 3
 
 
 def test_the_reaper_waits_for_each_queues_fence_and_delivers_the_dead_ones_outbox(

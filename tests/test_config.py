@@ -222,6 +222,23 @@ def test_valid_names():
         assert resolve("--name", name).name == name
 
 
+def test_max_result_size_defaults_to_16_mib_and_takes_sizes_with_units():
+    assert resolve().max_result_size == 16 * 1024 * 1024
+    assert resolve("--max-result-size", "64M").max_result_size == 64 * 1024 * 1024
+    assert resolve("--max-result-size", "1048576").max_result_size == 1024 * 1024
+    assert resolve(REDPOOL_MAX_RESULT_SIZE="512k").max_result_size == 512 * 1024
+    assert resolve("--max-result-size", "2M", REDPOOL_MAX_RESULT_SIZE="512k").max_result_size \
+        == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize("value", ["0", "1000", "129M", "1G", "big", "-1"])
+def test_max_result_size_out_of_range_is_refused_saying_why(value):
+    msg = config_error("--max-result-size", value)
+    assert msg.startswith("--max-result-size:"), msg
+    if value[0].isdigit():
+        assert "from 1K to 128M (Redis refuses strings over 512 MB)" in msg
+
+
 def test_bad_log_level_and_format():
     assert config_error("--log-level", "verbose").startswith("--log-level:")
     assert config_error("--log-format", "xml").startswith("--log-format:")
@@ -269,3 +286,20 @@ def test_worker_config_defaults_agree_with_the_settings_table():
     drift = {s.dest: (getattr(cfg, s.dest), s.default) for s in SETTINGS
              if s.default is not None and getattr(cfg, s.dest) != s.default}
     assert drift == {}
+
+
+def test_the_redis_url_comes_from_a_flag_a_file_or_a_variable_and_never_two(tmp_path):
+    f = tmp_path / "url"
+    f.write_text("  redis://:pw@from-file:6379/0\n\n")
+    assert resolve().redis_url == "redis://localhost:6379/0"
+    assert resolve(REDPOOL_REDIS_URL="redis://env/0").redis_url == "redis://env/0"
+    cfg = resolve(REDPOOL_REDIS_URL_FILE=str(f))
+    assert (cfg.redis_url, cfg.redis_url_file) == ("redis://:pw@from-file:6379/0", str(f))
+    cfg = resolve("--redis-url-file", str(f), REDPOOL_REDIS_URL="redis://env/0")
+    assert (cfg.redis_url, cfg.redis_url_file) == ("redis://:pw@from-file:6379/0", str(f))
+    cfg = resolve("--redis-url", "redis://flag/0", REDPOOL_REDIS_URL_FILE=str(f))
+    assert (cfg.redis_url, cfg.redis_url_file) == ("redis://flag/0", None)
+    assert "both name the Redis URL" in config_error("--redis-url", "redis://flag/0",
+                                                     "--redis-url-file", str(f))
+    assert "are both set" in config_error(REDPOOL_REDIS_URL="redis://env/0",
+                                          REDPOOL_REDIS_URL_FILE=str(f))

@@ -45,9 +45,11 @@ def pem(tmp_path):
     ("rediss+sentinel://:s3cret@[::1]:26379,s2/main?sentinel_password=s3cret&db=2",
      "rediss+sentinel://:***@[::1]:26379,s2/main?sentinel_password=***&db=2"),
     ("redis+sentinel://s1,s2/main?sentinel_pass=s3cret&x-auth-token=s3cret&api_secret=s3cret",
-     "redis+sentinel://s1,s2/main?sentinel_pass=***&x-auth-token=***&api_secret=***"),
+     "redis+sentinel://s1,s2/main?***&***&***"),   # not redis-py's: hidden whole
     ("unix:///run/r.sock?db=1&p%61ssword=s3cret", "unix:///run/r.sock?db=1&p%61ssword=***"),
-    ("redis://u:pa/ss?wo#rd@db/0", "redis://u:***@db/0"),   # not percent-encoded
+    ("redis://u:pa/ss?wo#rd@db/0", "redis://***"),   # not percent-encoded: malformed
+    ("redis://u:pa#ss@db/0", "redis://u:***@db/0"),
+    ("redis://u:p@ss@db/0?ssl_ca_certs=/a@b.pem", "redis://u:***@db/0?ssl_ca_certs=/a@b.pem"),
 ])
 def test_passwords_never_survive_redaction_and_tls_paths_do(url, shown):
     assert redact_url(url) == shown
@@ -186,8 +188,9 @@ def test_the_environment_is_a_default_that_the_url_and_arguments_override(pem):
     ("rediss://db/0", {"key": "KEY"}, "is the key of a client certificate: give the certificate"),
     ("rediss://db/0", {"ca": "/no/such/ca.pem"}, "ssl_ca_certs=/no/such/ca.pem .--redis-ca "
                                                  ".REDPOOL_REDIS_CA..: no such readable file"),
-    ("redis://u:s3cret@db:port/0", {}, "invalid Redis URL redis://u:\\*\\*\\*@db:port/0"),
-    ("http://u:s3cret@db/0", {}, "invalid Redis URL"),
+    ("redis://u:s3cret@db:port/0", {}, "the Redis URL is malformed: a port is not a number"),
+    ("http://u:s3cret@db/0", {}, "does not start with a scheme redpool knows"),
+    ("redis://u:s3cret@db/x?socket_timeout=soon", {}, "invalid Redis URL redis://u:\\*\\*\\*@db/x"),
 ])
 def test_tls_and_url_mistakes_are_configuration_errors(pem, url, kw, message):
     kw = {k: pem[k] if v.isupper() else v for k, v in kw.items()}

@@ -17,13 +17,14 @@ pytestmark = pytest.mark.daemon
 def test_raw_lpush_jobs_are_run_and_answered_on_reply_to(r, keys, daemons):
     # Given a running worker and a producer with nothing but LPUSH
     d = daemons("--concurrency", "2").wait_started()
-    jobs = [{"task": "t.add", "id": f"j{i}", "args": [i, 10], "reply_to": "ns-replies"}
+    replies = keys.reply("producer-1")
+    jobs = [{"task": "t.add", "id": f"j{i}", "args": [i, 10], "reply_to": replies}
             for i in range(20)]
     lpush_jobs(r, keys, jobs)
     # Then every job is answered on reply_to and in its result key
     got = {}
     while len(got) < 20:
-        item = r.brpop("ns-replies", timeout=20)
+        item = r.brpop(replies, timeout=20)
         assert item is not None, d.log()
         env = json.loads(item[1])
         got[env["id"]] = env
@@ -37,7 +38,7 @@ def test_raw_lpush_jobs_are_run_and_answered_on_reply_to(r, keys, daemons):
         assert r.llen(keys.queue("default")) == 0
         assert r.llen(keys.processing("w1", "default")) == 0
     finally:
-        r.delete("ns-replies")
+        r.delete(replies)
 
 
 def test_blocks_in_redis_when_idle_and_picks_up_a_new_job(r, keys, daemons):
@@ -45,10 +46,10 @@ def test_blocks_in_redis_when_idle_and_picks_up_a_new_job(r, keys, daemons):
     # Given an idle worker: it waits inside Redis (BLMOVE), not in a polling loop
     wait_for(lambda: any(b"cmd=blmove" in line for line in r.execute_command("CLIENT", "LIST").split(b"\n")),
              what="a client blocked in BLMOVE")
-    r.lpush(keys.queue("default"), json.dumps({"task": "t.add", "id": "late", "args": [1, 1], "reply_to": "late-r"}))
-    item = r.brpop("late-r", timeout=10)
+    r.lpush(keys.queue("default"),
+            json.dumps({"task": "t.add", "id": "late", "args": [1, 1], "reply_to": keys.reply("late")}))
+    item = r.brpop(keys.reply("late"), timeout=10)
     assert item is not None and json.loads(item[1])["result"] == 2, d.log()
-    r.delete("late-r")
 
 
 def test_strict_priority_in_the_order_given(r, keys, daemons):
@@ -62,22 +63,23 @@ def test_strict_priority_in_the_order_given(r, keys, daemons):
 
 
 def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daemons):
-    big = {"task": "t.add", "id": "big", "args": ["x" * (1024 * 1024), "y"], "reply_to": "bad-r"}
+    rt = keys.reply("bad")
+    big = {"task": "t.add", "id": "big", "args": ["x" * (1024 * 1024), "y"], "reply_to": rt}
     bad = [
         b"this is not json",
         b"\xff\xfe not utf-8",
         json.dumps([1, 2, 3]).encode(),
         json.dumps("a string").encode(),
-        json.dumps({"id": "no-task", "reply_to": "bad-r"}).encode(),
-        json.dumps({"task": "no.such.task", "id": "unknown", "reply_to": "bad-r"}).encode(),
-        json.dumps({"task": "t.ad", "id": "typo", "args": [1, 2], "reply_to": "bad-r"}).encode(),
-        json.dumps({"task": "t.add", "id": "argtype", "args": {"a": 1}, "reply_to": "bad-r"}).encode(),
-        json.dumps({"task": "t.add", "id": "kwtype", "kwargs": [1], "reply_to": "bad-r"}).encode(),
-        json.dumps({"task": "t.add", "id": "bad id!", "reply_to": "bad-r"}).encode(),
-        json.dumps({"task": "t.add", "id": "ttltype", "result_ttl": "soon", "reply_to": "bad-r"}).encode(),
-        json.dumps({"task": "t.add", "id": "arity", "args": [1], "reply_to": "bad-r"}).encode(),
+        json.dumps({"id": "no-task", "reply_to": rt}).encode(),
+        json.dumps({"task": "no.such.task", "id": "unknown", "reply_to": rt}).encode(),
+        json.dumps({"task": "t.ad", "id": "typo", "args": [1, 2], "reply_to": rt}).encode(),
+        json.dumps({"task": "t.add", "id": "argtype", "args": {"a": 1}, "reply_to": rt}).encode(),
+        json.dumps({"task": "t.add", "id": "kwtype", "kwargs": [1], "reply_to": rt}).encode(),
+        json.dumps({"task": "t.add", "id": "bad id!", "reply_to": rt}).encode(),
+        json.dumps({"task": "t.add", "id": "ttltype", "result_ttl": "soon", "reply_to": rt}).encode(),
+        json.dumps({"task": "t.add", "id": "arity", "args": [1], "reply_to": rt}).encode(),
         json.dumps(big).encode(),
-        json.dumps({"task": "t.unserialisable", "id": "unser", "reply_to": "bad-r"}).encode(),
+        json.dumps({"task": "t.unserialisable", "id": "unser", "reply_to": rt}).encode(),
         b"[" * 100000 + b"]" * 100000,
     ]
     q = keys.queue("default")
@@ -106,7 +108,7 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
         assert phrase in by_reason, phrase
     assert all(e["queue"] == "default" and e["failed_at"] > 0 for e in dead)
     # Producers that can be reached got a failed envelope: a waiting producer always gets an answer
-    replies = {json.loads(x)["id"]: json.loads(x) for x in r.lrange("bad-r", 0, -1)}
+    replies = {json.loads(x)["id"]: json.loads(x) for x in r.lrange(rt, 0, -1)}
     for jid in ["unknown", "typo", "argtype", "kwtype", "ttltype", "arity", "big", "unser"]:
         assert replies[jid]["status"] == "failed", jid
     assert replies["unknown"]["error"]["type"] == replies["typo"]["error"]["type"] == "UnknownTask"
@@ -119,7 +121,6 @@ def test_every_bad_input_is_dead_lettered_while_good_jobs_complete(r, keys, daem
         assert (env["started_at"] is None) == (env["id"] != "unser"), env
     assert len(replies) == 10  # also "no-task" and "bad id!" (reply_to only, id assigned)
     assert r.llen(keys.processing("w1", "default")) == 0
-    r.delete("bad-r")
 
 
 def test_sigkill_of_a_child_mid_job_fails_exactly_that_job(r, keys, daemons):

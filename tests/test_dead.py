@@ -127,6 +127,22 @@ def test_requeue_all_of_one_queue_keeps_their_order_and_skips_what_it_cannot(r, 
     assert r.lrange(keys.dead, 0, -1) == [b"[1, 2]", broken, b]
 
 
+def test_requeue_refuses_an_entry_that_keeps_only_the_beginning_of_its_job(r, keys):
+    # Given the dead letter of a 200 KB job over a worker's --max-payload of 1000 bytes
+    raw = b'{"task":"t","id":"big","args":["' + b"x" * 200_000 + b'"]}'
+    entry = protocol.dumps(protocol.dead_entry(raw, queue="default", reason="too big",
+                                               error_type=protocol.E_PAYLOAD_TOO_LARGE,
+                                               worker="w1", job_id="big", max_job=1000))
+    r.lpush(keys.dead, entry)
+    # When it is requeued, Then nothing is pushed (its first 64 KiB are not a job)
+    report = dead.requeue(r, keys, ["big"])
+    assert report.pushed == {} and r.llen(keys.queue("default")) == 0
+    assert [why for _, why in report.skipped] == [
+        f"it keeps only the beginning of its job of {len(raw)} bytes (over the worker's "
+        "--max-payload): send a smaller job, with a reference to large data, instead"]
+    assert r.lrange(keys.dead, 0, -1) == [entry]
+
+
 def test_cli_requeue_reports_unknown_ids_and_exits_1(redis_url, namespace, r, keys):
     bury(r, keys, id="j1")
     r.lpush(keys.dead, json.dumps({"id": "j2", "queue": "default", "job_b64": "%%"}))

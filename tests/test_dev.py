@@ -210,8 +210,8 @@ def test_reload_restarts_the_pool_when_a_task_file_changes(project):
     with redis.Redis.from_url(dev.url()) as r:
         def run_version(job_id: str):
             r.lpush("redpool:queue:default", json.dumps(
-                {"task": "d.version", "id": job_id, "reply_to": f"reply:{job_id}"}))
-            _, env = r.brpop([f"reply:{job_id}"], timeout=60)
+                {"task": "d.version", "id": job_id, "reply_to": f"redpool:reply:{job_id}"}))
+            _, env = r.brpop([f"redpool:reply:{job_id}"], timeout=60)
             return json.loads(env)["result"]
 
         assert run_version("v1") == 1

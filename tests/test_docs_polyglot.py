@@ -3,8 +3,9 @@ user would run them, against the session's private server and a real worker.
 
 The page is the single source: each test takes its program from the section's fenced
 blocks (by info string: js, ruby, go) and changes only what a deployment changes, each
-string exactly once: the server's address (never the machine's port 6379), the queue key
-(a namespace of this module's own) and, for the failure path, the task name.
+string exactly once: the server's address (never the machine's port 6379), the namespace
+of the queue key and of the reply list (one of this module's own) and, for the failure
+path, the task name.
 
 What is executed and what is only checked:
 
@@ -55,6 +56,7 @@ REDIGO = DEBIAN_GOCODE / "src" / "github.com" / "gomodule" / "redigo" / "redis"
 # What the examples say, and a test changes:
 DOC_URL = "redis://localhost:6379"
 DOC_QUEUE_KEY = "redpool:queue:default"
+DOC_REPLY_PREFIX = "redpool:reply:"
 DOC_TASK = "examples.tasks.add"
 
 RUNS = ("node", "ruby", "redigo")  # the programs that are executed
@@ -88,8 +90,9 @@ def examples() -> dict[str, str]:
     return {name: codes[0] for name, codes in found.items()}
 
 
-def adapt(code: str, *, url: str, queue_key: str, task: str = DOC_TASK) -> str:
-    for old, new in ((DOC_URL, url), (DOC_QUEUE_KEY, queue_key), (DOC_TASK, task)):
+def adapt(code: str, *, url: str, ns: str, task: str = DOC_TASK) -> str:
+    for old, new in ((DOC_URL, url), (DOC_QUEUE_KEY, f"{ns}:queue:default"),
+                     (DOC_REPLY_PREFIX, f"{ns}:reply:"), (DOC_TASK, task)):
         assert code.count(old) == 1, f"expected {old!r} exactly once in the example:\n{code}"
         code = code.replace(old, new)
     return code
@@ -230,7 +233,7 @@ def test_the_section_has_one_program_per_client():
 def test_example_prints_the_result(name, request, redis_url, tmp_path):
     require(name)
     ns = request.getfixturevalue("worker")
-    code = adapt(examples()[name], url=redis_url, queue_key=f"{ns}:queue:default")
+    code = adapt(examples()[name], url=redis_url, ns=ns)
 
     p = run_example(name, code, tmp_path)
 
@@ -244,7 +247,7 @@ def test_example_reports_a_failed_job(name, request, redis_url, tmp_path):
     require(name)
     ns = request.getfixturevalue("worker")
     # Given the same program, asking for a task the worker does not have
-    code = adapt(examples()[name], url=redis_url, queue_key=f"{ns}:queue:default",
+    code = adapt(examples()[name], url=redis_url, ns=ns,
                  task="examples.tasks.no_such_task")
 
     p = run_example(name, code, tmp_path)
@@ -303,7 +306,7 @@ def test_examples_say_when_no_answer_came(redis_url, namespace, tmp_path):
     procs = {}
     for name in ready:
         (tmp_path / name).mkdir()
-        procs[name] = start_example(name, adapt(examples()[name], url=redis_url, queue_key=queue_key),
+        procs[name] = start_example(name, adapt(examples()[name], url=redis_url, ns=namespace),
                                     tmp_path / name)
     done = {name: finish(proc) for name, proc in procs.items()}
 

@@ -108,9 +108,9 @@ def test_poison_pill_is_dead_lettered_after_max_crashes(r, keys, daemons):
     led = keys.ns + ":ledger"
     daemons("--concurrency", "1", "--max-crashes", "2", ledger=led).wait_started()
     t0 = time.time()
-    lpush_jobs(r, keys, [{"task": "t.die", "id": "poison", "reply_to": keys.ns + "-r"},
+    lpush_jobs(r, keys, [{"task": "t.die", "id": "poison", "reply_to": keys.reply("r")},
                          {"task": "t.add", "id": "fine", "args": [1, 2]}])
-    item = r.brpop(keys.ns + "-r", timeout=60)
+    item = r.brpop(keys.reply("r"), timeout=60)
     assert item is not None
     env = json.loads(item[1])
     assert env["status"] == "failed" and env["error"]["type"] == "WorkerCrashed"
@@ -122,7 +122,7 @@ def test_poison_pill_is_dead_lettered_after_max_crashes(r, keys, daemons):
     assert [d["id"] for d in dead] == ["poison"] and "--max-crashes 2" in dead[0]["reason"]
     wait_for(lambda: envelope(r, keys, "fine"), what="the good job")
     assert r.hlen(keys.crashes) == 0
-    r.delete(keys.ns + "-r")
+    r.delete(keys.reply("r"))
 
 
 def test_hung_task_is_killed_at_its_timeout_and_retried_per_its_policy(r, keys, daemons):
@@ -277,7 +277,7 @@ def test_a_poison_pill_judged_after_its_supervisor_died_did_run(r, keys, daemons
     led = keys.ns + ":ledger"
     a = daemons("--concurrency", "1", name="host-a", ledger=led).wait_started()
     lpush_jobs(r, keys, [{"task": "t.sleep", "id": "victim", "args": [30],
-                          "reply_to": keys.ns + "-r"}])
+                          "reply_to": keys.reply("r")}])
     wait_for(lambda: runs(r, keys, "start")["victim"] == 1, what="victim started")
     os.killpg(a.pid, signal.SIGKILL)
     a.wait(10)
@@ -286,7 +286,7 @@ def test_a_poison_pill_judged_after_its_supervisor_died_did_run(r, keys, daemons
     # judged a poison pill when reserved again (which of its jobs had started, the
     # restart cannot know)
     daemons("--concurrency", "1", "--max-crashes", "0", name="host-a", ledger=led)
-    item = r.brpop(keys.ns + "-r", timeout=60)
+    item = r.brpop(keys.reply("r"), timeout=60)
     assert item is not None
     env = json.loads(item[1])
     ENVELOPE.validate(env)
@@ -295,7 +295,7 @@ def test_a_poison_pill_judged_after_its_supervisor_died_did_run(r, keys, daemons
     # counted, the latest it can have started
     assert killed <= env["started_at"] <= env["finished_at"]
     assert runs(r, keys, "start")["victim"] == 1
-    r.delete(keys.ns + "-r")
+    r.delete(keys.reply("r"))
 
 
 # -- Redis restarted without persistence ------------------------------------------------------

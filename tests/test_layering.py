@@ -121,10 +121,13 @@ def test_the_scanner_sees_known_imports():
 
 
 def test_the_contract_imports_nothing_else_from_redpool():
-    # protocol.py and keys.py (key names, re-exported by protocol) are the whole contract
-    assert internal(imports("protocol")) == {"keys"}
-    assert internal(imports("keys")) == set()
-    for m in ("protocol", "keys"):
+    # protocol.py, keys.py (key names), encoding.py (how JSON is written) and strictjson.py
+    # (the JSON a worker reads: limits on depth, numbers, Unicode), all re-exported by
+    # protocol, are the whole contract
+    assert internal(imports("protocol")) == {"keys", "encoding", "strictjson"}
+    assert internal(imports("keys")) == internal(imports("strictjson")) == set()
+    assert internal(imports("encoding")) == set()
+    for m in ("protocol", "keys", "encoding", "strictjson"):
         assert external_roots(imports(m)) <= set(sys.stdlib_module_names)
 
 
@@ -187,7 +190,7 @@ def test_supervisor_is_glue_over_queue_pool_and_signals():
     allowed = {"__init__", "protocol", "errors", "child", "config", "hooks", "pool", "queue",
                "signals", "waiter", "logs", "duties", "work", "outcomes", "poller", "lifecycle"}
     assert internal(imports("supervisor")) <= allowed
-    assert internal(imports("outcomes")) <= {"protocol", "pool", "child", "queue", "work"}
+    assert internal(imports("outcomes")) <= {"protocol", "pool", "child", "queue", "work", "config"}
     assert internal(imports("lifecycle")) <= {"outcomes", "pool"}
 
 

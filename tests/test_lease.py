@@ -278,6 +278,23 @@ def test_reaper_puts_a_dead_supervisors_jobs_back_at_the_head(backend):
     assert 0 < b.r.pttl(b.keys.reaper) <= 5_000
 
 
+def test_the_reaper_survives_a_name_and_a_key_that_are_not_utf8(backend):
+    # Given what redpool never writes: a member of the supervisors set, and one of its
+    # processing lists, named with bytes that are not UTF-8 (by hand, or another tool)
+    b = backend
+    register(b, "sup-a")
+    name, queue = b"sup-\xff", b"q\xfe"
+    ns = b.keys.ns.encode()
+    b.r.sadd(b.keys.supervisors, name)
+    b.r.lpush(ns + b":processing:" + name + b":" + queue, job(1))
+    # When a reaper runs (every supervisor's, once a second)
+    reaped = Reaper(b.r, b.keys, "sup-a").run()
+    # Then it puts the job back where it came from, byte for byte, instead of raising
+    assert reaped == {"sup-\udcff": 1}
+    assert lrange(b, ns + b":queue:" + queue) == [job(1)]
+    assert b.r.smembers(b.keys.supervisors) == {b"sup-a"}
+
+
 def test_a_reaped_job_is_reserved_again_with_its_crash_count(backend):
     b = backend
     _, a_epoch = dead_supervisor_holding_jobs(b)

@@ -167,10 +167,12 @@ def test_deeply_nested_json_is_refused_not_crashed(raw):
     with pytest.raises(p.InvalidJob, match="nested too deeply") as info:
         p.decode_job(raw)
     assert info.value.error_type == p.E_INVALID_JOB
-    # Over the size limit the salvage attempt meets the same nesting and must survive it.
+    # Over the size limit the salvage attempt meets the same nesting and must survive it
+    # (and finds the id beside the deep field, to answer the producer).
     with pytest.raises(p.InvalidJob) as info:
         p.decode_job(raw, max_payload=100)
-    assert (info.value.error_type, info.value.job_id) == (p.E_PAYLOAD_TOO_LARGE, None)
+    assert info.value.error_type == p.E_PAYLOAD_TOO_LARGE
+    assert info.value.job_id == (b'"id":"j"' in raw and "j" or None)
 
 
 def test_payload_limit_is_inclusive():
@@ -210,6 +212,52 @@ def test_dumps_is_compact_utf8():
     assert p.dumps({"a": [1, "ü"], "b": None}) == '{"a":[1,"ü"],"b":null}'.encode("utf-8")
 
 
+@pytest.mark.parametrize("text", ["\ud800", "a\udfffb", "\udc00\ud800", "x" * 1000 + "\ud8ff"])
+def test_dumps_never_raises_on_strings_it_writes_u_fffd_for_unpaired_surrogates(text):
+    for obj in (text, [text, {"k": text}], {text: 1}):
+        raw = p.dumps(obj)
+        decoded = strict_json(raw)   # valid UTF-8, valid JSON
+        assert "\ufffd" in json.dumps(decoded, ensure_ascii=False)
+        assert not re.search("[\ud800-\udfff]", json.dumps(decoded, ensure_ascii=False))
+
+
+def test_dumps_joins_a_surrogate_pair_into_its_character():
+    # a str may hold a well-formed pair as two code points: it means one character
+    assert p.dumps(["\ud83d\ude00", "\ud800"]) == '["\U0001F600","\ufffd"]'.encode()
+
+
+def test_dumps_says_in_warnings_which_field_of_an_object_had_unpaired_surrogates():
+    env = p.envelope(id="j", task="t.\ud800", queue="q", status=p.SUCCEEDED, worker=WORKER,
+                     result={"a\udc00": ["\ud800", "\ud801"]}, started_at=T0, finished_at=T0)
+    got = strict_json(p.dumps(env))
+    assert got["task"] == "t.\ufffd" and got["result"] == {"a\ufffd": ["\ufffd", "\ufffd"]}
+    assert got["warnings"] == [
+        "task: 1 unpaired UTF-16 surrogate replaced by U+FFFD (not valid Unicode)",
+        "result: 3 unpaired UTF-16 surrogates replaced by U+FFFD (not valid Unicode)"]
+    assert list(got) == [*env, "warnings"]   # the fields in their order, warnings last
+    assert not list(ENVELOPE.iter_errors(got))
+    # warnings already there are kept, ours added
+    env["warnings"] = ["error message cut from 9 to 8 characters"]
+    assert strict_json(p.dumps(env))["warnings"][0] == env["warnings"][0]
+    assert len(strict_json(p.dumps(env))["warnings"]) == 3
+    # and an object without surrogates is written as ever, without warnings
+    del env["warnings"]
+    assert "warnings" not in strict_json(p.dumps(dict(env, task="t", result=1)))
+
+
+def test_dumps_refuses_more_than_its_limit_before_encoding_what_it_can():
+    assert p.dumps("x" * 10, limit=12) == b'"' + b"x" * 10 + b'"'
+    with pytest.raises(p.TooLarge) as e:
+        p.dumps("x" * 11, limit=12)
+    assert (e.value.size, e.value.limit, e.value.exact) == (13, 12, True)
+    with pytest.raises(p.TooLarge) as e:   # 13 characters: over before the UTF-8 copy
+        p.dumps("é" * 11, limit=12)
+    assert (e.value.size, e.value.exact) == (13, False)
+    with pytest.raises(p.TooLarge) as e:   # 8 characters, 14 bytes
+        p.dumps("é" * 6, limit=12)
+    assert (e.value.size, e.value.exact) == (14, True)
+
+
 def test_golden_envelopes_are_byte_exact():
     ok = p.envelope(id="job-1", task="examples.tasks.add", queue="default", status=p.SUCCEEDED,
                     worker=WORKER, attempts=1, result=5, started_at=T0, finished_at=1732492800.503)
@@ -228,6 +276,29 @@ def test_golden_dead_entry_is_byte_exact():
     entry = p.dead_entry(raw, queue="default", reason=err.reason, error_type=err.error_type,
                          worker=WORKER, job_id=err.job_id, now=T0)
     assert p.dumps(entry) + b"\n" == golden("dead_entry.json")
+
+
+def test_dead_entry_of_a_job_over_max_payload_keeps_only_its_beginning():
+    # Given a producer's 1 MB job, over a --max-payload of 1000 bytes
+    raw = b'{"task":"t","id":"big","args":["' + "é".encode() * 500_000 + b'"]}'
+    entry = p.dead_entry(raw, queue="q", reason="too big", error_type=p.E_PAYLOAD_TOO_LARGE,
+                         worker=WORKER, job_id="big", now=T0, max_job=1000)
+    # Then the entry keeps its first 64 KiB (a character cut in two is left out), and says so
+    assert entry["job_size"] == len(raw)
+    assert raw.startswith(entry["job"].encode()) and p.DEAD_JOB_KEPT - 3 < len(entry["job"].encode()) <= p.DEAD_JOB_KEPT
+    assert entry["warnings"] == [f"job: only its first {p.DEAD_JOB_KEPT} of {len(raw)} bytes "
+                                 "are kept (it is over --max-payload)"]
+    assert len(p.dumps(entry)) < p.DEAD_JOB_KEPT + 1000
+    assert not list(DEAD.iter_errors(entry))
+    # not UTF-8: its first bytes in base64
+    entry = p.dead_entry(b"\xff" * 100_000, queue="q", reason="r", error_type=p.E_INVALID_JOB,
+                         worker=WORKER, max_job=1000)
+    assert base64.b64decode(entry["job_b64"]) == b"\xff" * p.DEAD_JOB_KEPT
+    # a job within the limit (or no limit given) is kept whole, as ever
+    for max_job in (None, len(raw)):
+        entry = p.dead_entry(raw, queue="q", reason="r", error_type="X", worker=WORKER,
+                             max_job=max_job)
+        assert entry["job"].encode() == raw and "job_size" not in entry and "warnings" not in entry
 
 
 def test_dead_entry_keeps_non_utf8_jobs_as_base64():
@@ -293,7 +364,7 @@ def test_supervisor_names_have_no_colon_or_trailing_newline():
 def test_schema_rejects_what_the_worker_rejects(case):
     try:
         obj = strict_json(raw_of(case))
-    except ValueError:
+    except (ValueError, RecursionError):
         return  # not JSON as other languages read it: the schema never sees it
     if not isinstance(obj, dict):
         assert not JOB.is_valid(obj)
@@ -311,6 +382,8 @@ _VALID = {
     "result_ttl": [0, 1, 86400, p.MAX_RESULT_TTL],
     "enqueued_at": [0, T0, 1732492800, -1.25],
     "v": [1],
+    "max_retries": [0, 3, p.MAX_RETRIES],
+    "attempt": [1, 2, p.MAX_ATTEMPT],
     "trace_id": ["abc", None, 7],  # an unknown field: kept and ignored
 }
 
@@ -319,6 +392,7 @@ _INVALID = {
     "args": [{}, "a", 1, None], "kwargs": [[], "a", 1, None], "reply_to": ["", 1, None, []],
     "result_ttl": [-1, 1.5, "1", True, None, 2**31, 10**20], "enqueued_at": ["1", True, None, []],
     "v": [0, -1, 1.5, "1", True, None],
+    "max_retries": [-1, p.MAX_RETRIES + 1, 10**30], "attempt": [0, p.MAX_ATTEMPT + 1, 2**64],
 }
 
 
@@ -339,6 +413,8 @@ def test_generated_valid_jobs_are_accepted_by_both():
         expected = {"args": [], "kwargs": {}, "v": 1, **job}
         if expected.get("result_ttl") == p.DEFAULT_RESULT_TTL:
             del expected["result_ttl"]  # to_dict() leaves the default out
+        if expected.get("attempt") == 1:
+            del expected["attempt"]  # (the same)
         assert decoded.to_dict() == expected
         assert decoded.id_assigned == ("id" not in job)
 
@@ -382,6 +458,20 @@ def test_schema_rejects_malformed_envelopes(change):
     assert not ENVELOPE.is_valid(env)
 
 
+def test_schemas_describe_warnings_and_job_size():
+    env = json.loads(golden("envelope_succeeded.json"))
+    assert ENVELOPE.is_valid(dict(env, warnings=["result: 1 unpaired UTF-16 surrogate ..."]))
+    assert not ENVELOPE.is_valid(dict(env, warnings=[1]))
+    assert not ENVELOPE.is_valid(dict(env, warnings="x"))
+    entry = json.loads(golden("dead_entry.json"))
+    assert DEAD.is_valid(dict(entry, job_size=10_000_000, warnings=["job: only ..."]))
+    assert not DEAD.is_valid(dict(entry, job_size="big"))
+    for schema in ("envelope", "dead"):   # every error type of ours is named
+        text = (files("redpool") / "schema" / f"{schema}.schema.json").read_text("utf-8")
+        for name in (p.E_RESULT_TOO_LARGE, p.E_UNPRINTABLE_ERROR, p.E_WORKER_ERROR):
+            assert name in text
+
+
 def test_dead_entries_validate_and_need_exactly_one_job_field():
     entry = json.loads(golden("dead_entry.json"))
     assert not list(DEAD.iter_errors(entry))
@@ -398,5 +488,106 @@ def test_docs_show_the_golden_walkthrough():
     assert golden("job_walkthrough.json").decode().strip() in text
     assert golden("envelope_succeeded.json").decode().strip() in text
     for name in (p.E_INVALID_JOB, p.E_UNKNOWN_TASK, p.E_PAYLOAD_TOO_LARGE,
-                 p.E_UNSERIALIZABLE_RESULT, p.E_WORKER_CRASHED):
+                 p.E_UNSERIALIZABLE_RESULT, p.E_RESULT_TOO_LARGE, p.E_WORKER_CRASHED,
+                 p.E_UNPRINTABLE_ERROR, p.E_WORKER_ERROR):
         assert f"`{name}`" in text
+
+
+# -- hostile jobs (tests/corpus.py): refused with a reason, answered when they can be ---------
+
+from corpus import CASES  # noqa: E402  (a test module of its own would split the contract)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_hostile_job_is_refused_with_a_reason_and_what_answers_it(case):
+    with pytest.raises(p.InvalidJob) as info:
+        p.decode_job(case.raw)
+    err = info.value
+    assert (err.error_type, err.reply_to, err.job_id) == \
+        (case.error_type, case.answered_on, case.result_id)
+    assert case.reason in err.reason
+    # what is salvaged can be written: the envelope and the dead-letter entry are JSON
+    # every language reads, and the strings that name keys are whole characters
+    for s in (err.reply_to, err.job_id, err.task):
+        assert s is None or p.unpaired_surrogate(s) is None
+    env = p.failed_envelope_for(err, queue="q", worker=WORKER)
+    assert (env is None) == (case.answered_on is None and case.result_id is None)
+    if env is not None:
+        ENVELOPE.validate(strict_json(p.dumps(env)))
+    dead = p.dead_entry(case.raw, queue="q", reason=err.reason, error_type=err.error_type,
+                        worker=WORKER, job_id=err.job_id)
+    DEAD.validate(strict_json(p.dumps(dead)))
+    assert isinstance(p.salvage(case.raw), p.InvalidJob)
+
+
+def test_nesting_is_allowed_up_to_the_limit_and_counted_from_the_job_object():
+    at_limit = b'{"task":"t","args":' + b"[" * 99 + b"]" * 99 + b"}"
+    assert p.decode_job(at_limit).task == "t"        # 1 (the object) + 99
+    with pytest.raises(p.InvalidJob, match="101 levels, over the limit of 100"):
+        p.decode_job(b'{"task":"t","args":' + b"[" * 100 + b"]" * 100 + b"}")
+    # brackets inside strings are text, not nesting (with or without escaped quotes)
+    text = '"' + "[{" * 200 + '\\"' + "]" * 50 + '"'
+    assert p.decode_job(b'{"task":"t","args":[' + text.encode() + b"]}").args[0].startswith("[{")
+    # many brackets, little depth: measured exactly, and accepted
+    flat = b'{"task":"t","args":[' + b",".join([b"[1,{}]"] * 5000) + b"]}"
+    assert len(p.decode_job(flat).args) == 5000
+
+
+def test_the_largest_and_smallest_doubles_are_numbers_not_refusals():
+    job = p.decode_job(b'{"task":"t","args":[1.7976931348623157e308,-1e308,1e-400,5e-324,-0.0],'
+                       b'"enqueued_at":1e9}')
+    assert job.args[:2] == [1.7976931348623157e308, -1e308] and job.args[2] == 0.0
+    assert p.decode_job(b'{"task":"t","args":[' + b"9" * 300 + b']}').args == [int("9" * 300)]
+
+
+def test_a_surrogate_pair_is_a_character_and_only_an_unpaired_half_is_refused():
+    job = p.decode_job(b'{"task":"t","reply_to":"r:\\ud83d\\ude00","args":["\\ud800"]}')
+    assert job.reply_to == "r:\U0001F600"
+    assert job.args == ["\ud800"]  # a task may take any string JSON can carry
+    assert p.unpaired_surrogate("ok \U0001F600") is None and p.unpaired_surrogate("a\udc00") == 1
+
+
+def test_a_retry_carries_the_job_exactly_even_a_string_utf8_cannot_encode():
+    raw = b'{"task":"t","id":"j","args":["a\\ud800b",{"k":"\\udfff"}],"max_retries":2}'
+    job = p.decode_job(raw)
+    again = p.decode_job(job.retry())
+    assert (again.args, again.attempt, again.id) == (job.args, 2, "j")
+    assert p.decode_job(p.decode_job(b'{"task":"t","args":["\xc3\xbc"]}').retry()).args == ["ü"]
+
+
+def test_salvage_reads_the_top_level_beside_a_field_nested_too_deeply():
+    deep = b"[" * 50_000 + b"]" * 50_000
+    raw = b'{"task":"t","a":' + deep + b',"id":"j","reply_to":"r","b":{"c":' + deep + b"}}"
+    err = p.salvage(raw)
+    assert (err.job_id, err.reply_to, err.task) == ("j", "r", "t")
+    assert p.top_level(b'{"a":[[1]],"b":"[x]","c":{"d":{}}}') == b'{"a":null,"b":"[x]","c":null}'
+
+
+def test_a_job_not_json_after_a_non_finite_number_is_said_to_be_not_json():
+    # (found by tests/test_properties.py: the first parse stops at the number)
+    with pytest.raises(p.InvalidJob, match="not valid JSON: Expecting property name"):
+        p.decode_job(b'{"id":"job-1","x":[1e400],"task":[{1e400:null}]}')
+
+
+@pytest.mark.parametrize("raw, top", [
+    (b'{"a":[[[1]]],"id":"j"}', b'{"a":null,"id":"j"}'),          # runs of brackets
+    (b'{"x":{"y":[]}}', b'{"x":null}'),
+    (b'{"a":"]]}","b":[{"[":"}"}],"c":[]}', b'{"a":"]]}","b":null,"c":null}'),
+    (b'{"a":' + b"[" * 10**6 + b"]" * 10**6 + b',"id":"j"}', b'{"a":null,"id":"j"}'),
+    (b'{"id":"j","a":' + b"[" * 10**6, b'{"id":"j","a":null'),       # never closed
+])
+def test_top_level_nulls_what_is_nested_below_the_job_object(raw, top):
+    from redpool.strictjson import top_level
+    assert top_level(raw) == top
+
+
+@pytest.mark.parametrize("shape", ["chain", "comb", "wide"])
+def test_depth_is_exact_whatever_the_shape(shape):
+    from redpool.strictjson import too_deep
+    one = {"chain": lambda d: b"[" * d + b"]" * d,
+           "comb": lambda d: b"[" + b",".join([b"[" * (d - 1) + b"]" * (d - 1)] * 3000) + b"]",
+           "wide": lambda d: b"[" + b",".join([b"[" * (d - 1) + b"]" * (d - 1), b"[[1],{}]"] * 3000)
+                              + b"]"}[shape]
+    for depth in (99, 100, 101, 5000):
+        raw = b'{"task":"t","args":' + one(depth) + b"}"
+        assert too_deep(raw) == (depth + 1 if depth + 1 > p.MAX_DEPTH else 0), depth

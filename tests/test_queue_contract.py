@@ -550,6 +550,41 @@ class TestRedisQueueContract:
         assert REPLY_TTL_WHEN_NO_RESULT - 10 <= b.r.ttl(reply) <= REPLY_TTL_WHEN_NO_RESULT
         assert lrange(b, b.keys.processing(SUP, "a")) == []
 
+    def test_a_reply_lists_ttl_only_grows_whatever_the_jobs_sharing_it_ask(self, backend, epoch):
+        b = backend
+        push(b, "a", *(job(i) for i in range(1, 6)))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(5, epoch)
+        reply = b.keys.reply("shared")
+        # Given two jobs sharing a reply list, the second asking for 1 s (one batch)
+        c1 = completion("a", job(1), ttl=3600, reply_to=reply)
+        c2 = completion("a", job(2), ttl=1, reply_to=reply, result_id="job-2")
+        assert q.complete([c1, c2]) == (0, 0)
+        # Then the list keeps the first one's hour, with both answers on it
+        assert 3590_000 <= b.r.pttl(reply) <= 3600_000
+        assert lrange(b, reply) == [c2.envelope, c1.envelope]
+        assert 0 < b.r.pttl(b.keys.result("job-2")) <= 1000  # its own result key: 1 s
+        # and so in calls of their own; a longer one lengthens it, result_ttl 0 counts
+        # as the reply lists' own default (a day)
+        assert q.complete([completion("a", job(3), ttl=5, reply_to=reply)]) == (0, 0)
+        assert 3590_000 <= b.r.pttl(reply) <= 3600_000
+        assert q.complete([completion("a", job(4), ttl=0, reply_to=reply)]) == (0, 0)
+        assert (REPLY_TTL_WHEN_NO_RESULT - 10) * 1000 <= b.r.pttl(reply) \
+            <= REPLY_TTL_WHEN_NO_RESULT * 1000
+        assert b.r.llen(reply) == 4
+
+    def test_a_reply_list_that_has_no_ttl_is_given_none(self, backend, epoch):
+        b = backend
+        push(b, "a", job(1))
+        q = RedisQueue(b.r, b.keys, SUP, ["a"])
+        q.reserve(1, epoch)
+        # Given a list its owner keeps (no TTL), which a job names as its reply_to
+        kept = b.keys.reply("kept")
+        b.r.rpush(kept, "the owner's")
+        assert q.complete([completion("a", job(1), ttl=60, reply_to=kept)]) == (0, 0)
+        # Then the answer is on it, and it still has no TTL: it does not vanish
+        assert b.r.llen(kept) == 2 and b.r.ttl(kept) == -1
+
     def test_complete_without_envelope_writes_nothing_but_removes_the_job(self, backend, epoch):
         b = backend
         push(b, "a", job(1))

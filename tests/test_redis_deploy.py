@@ -297,8 +297,8 @@ def denied_to(log: list[dict], *users: str) -> list[dict]:
 def test_a_worker_user_and_a_producer_user_do_everything_redpool_does(
         r, keys, namespace, acl_users, tmp_path):
     replies = f"{namespace}-app:replies:*"
-    wuser, worker_url = acl_users("worker", "--reply-pattern", replies)
-    puser, producer_url = acl_users("producer", "--reply-pattern", replies)
+    wuser, worker_url = acl_users("worker", "--reply-to", replies)
+    puser, producer_url = acl_users("producer", "--reply-to", replies)
     r.acl_log_reset()
     # Given a dead supervisor's job left in its processing list (for our reaper)
     r.sadd(keys.supervisors, "ghost")
@@ -306,7 +306,8 @@ def test_a_worker_user_and_a_producer_user_do_everything_redpool_does(
             json.dumps({"task": "t.add", "id": "ghost", "args": [20, 22]}))
     metrics_port = free_port()
     d = Daemon(worker_url, namespace, "--concurrency", "2", "--max-crashes", "1",
-               "--metrics-port", str(metrics_port), name="acl-w").start(tmp_path)
+               "--metrics-port", str(metrics_port), name="acl-w",
+               env={"REDPOOL_REPLY_TO": replies}).start(tmp_path)
     try:
         d.wait_started()
         # When the producer user uses every part of the Client
@@ -343,11 +344,14 @@ def test_a_worker_user_and_a_producer_user_do_everything_redpool_does(
 
 def test_a_reply_to_the_worker_may_not_write_is_skipped_and_the_batch_goes_through(
         r, keys, namespace, acl_users, tmp_path):
-    _, worker_url = acl_users("worker")                 # no --reply-pattern: none allowed
-    d = Daemon(worker_url, namespace, "--concurrency", "1", name="acl-r").start(tmp_path)
+    # Given a worker told to answer on a pattern its ACL user was not granted (the
+    # operator forgot `redpool acl worker --reply-to ...`)
+    _, worker_url = acl_users("worker")
+    forbidden = f"{namespace}-elsewhere:replies"
+    d = Daemon(worker_url, namespace, "--concurrency", "1", "--reply-to", forbidden,
+               name="acl-r").start(tmp_path)
     try:
         d.wait_started()
-        forbidden = f"{namespace}-elsewhere:replies"
         lpush_jobs(r, keys, [{"task": "t.add", "id": "denied", "args": [1, 2],
                               "reply_to": forbidden},
                              {"task": "t.add", "id": "after", "args": [2, 2]}])
@@ -360,6 +364,37 @@ def test_a_reply_to_the_worker_may_not_write_is_skipped_and_the_batch_goes_throu
         assert not [e for e in d.events() if e.get("event") == "redis_down"]
     finally:
         d.kill()
+
+
+def test_a_producer_cannot_use_the_worker_to_write_a_key_its_own_acl_forbids(
+        r, keys, namespace, acl_users, tmp_path):
+    # Given least-privilege users, and another application's list that neither the
+    # producer's ACL nor the worker's grants
+    wuser, worker_url = acl_users("worker")
+    puser, producer_url = acl_users("producer")
+    theirs = f"{namespace}-otherapp:jobs"
+    r.rpush(theirs, "their job")
+    p = redis.Redis.from_url(producer_url)
+    d = Daemon(worker_url, namespace, "--concurrency", "1", name="acl-o").start(tmp_path)
+    try:
+        d.wait_started()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            p.lpush(theirs, "x")                     # the producer may not touch it...
+        r.acl_log_reset()
+        # When it asks the worker to answer there
+        p.lpush(keys.queue("default"), json.dumps({"task": "t.add", "id": "sneaky",
+                                                   "args": [1, 2], "reply_to": theirs}))
+        # Then the worker refuses it (before its own ACL could), answering on the result
+        # key the producer may read, and the list is as it was: no push, no TTL
+        wait_for(lambda: p.get(keys.result("sneaky")), what="the refusal")
+        env = json.loads(p.get(keys.result("sneaky")))
+        assert env["error"]["type"] == "InvalidJob" and theirs in env["error"]["message"]
+        assert r.lrange(theirs, 0, -1) == [b"their job"] and r.ttl(theirs) == -1
+        assert denied_to(r.acl_log(count=100), wuser, puser) == []
+    finally:
+        d.kill()
+        p.close()
+        r.delete(theirs)
 
 
 def test_the_producer_user_can_push_and_read_results_and_nothing_else(r, keys, namespace,
@@ -457,3 +492,23 @@ def test_the_docs_show_exactly_the_rules_redpool_acl_prints():
         res = redpool("acl", role)
         assert res.stdout.strip() == acl.setuser(role)
         assert acl.setuser(role) in text, f"docs/deploy.md does not show `redpool acl {role}`"
+
+
+def test_redpool_acl_grants_the_workers_reply_to_patterns_and_no_other_key():
+    # the same patterns as the workers' --reply-to, from the flag or the same variable
+    line = redpool("acl", "worker", "--reply-to", "a:replies:*", "--reply-to", "b:r?").stdout
+    assert line == redpool("acl", "worker", env={"REDPOOL_REPLY_TO": "a:replies:*,b:r?"}).stdout
+    assert line == redpool("acl", "worker", "--reply-pattern", "a:replies:*",
+                           "--reply-pattern", "b:r?").stdout       # the flag's former name
+    tokens = shlex.split(line)
+    assert tokens[-2:] == ["~a:replies:*", "~b:r?"]
+    outside = [t for t in tokens if t.startswith("~") and not t.startswith(("~redpool:",
+                                                                            "~{redpool}:"))]
+    assert outside == ["~", "~a:replies:*", "~b:r?"]               # never ~* (or %RW~*)
+    assert "(+brpop +del +rpop +rpush ~redpool:reply:* ~a:replies:* ~b:r?)" in \
+        redpool("acl", "producer", "--reply-to", "a:replies:*", "--reply-to", "b:r?").stdout
+    # and the patterns a worker would refuse are refused here too
+    for pattern, says in (("redpool:queue:*", "names keys inside the namespace 'redpool'"),
+                          ("x:[a", "'[' is not closed")):
+        res = redpool("acl", "worker", "--reply-to", pattern)
+        assert res.returncode == EXIT_USAGE and says in res.stderr, res.stderr

@@ -40,6 +40,7 @@ from redpool.supervisor import (ACK_DELAY, BATCH_SECONDS, DRAINING, MAX_BATCH, R
                                 Supervisor)
 
 WORKER = "unit-sup"
+R, R2 = "redpool:reply:r", "redpool:reply:replies"  # reply lists every worker answers on
 T0 = 1000.0
 
 # entry kinds of a batch (child.job_entry / child.fail_entry)
@@ -789,7 +790,7 @@ def test_nothing_is_reserved_before_the_lease_is_held():
 # -- acknowledging ----------------------------------------------------------------------------
 
 def test_completions_from_several_done_events_are_flushed_in_one_call():
-    j1, j2, j3 = job(1), job(2, reply_to="replies"), job(3, task="tests.boom")
+    j1, j2, j3 = job(1), job(2, reply_to=R2), job(3, task="tests.boom")
     w = World([j1, j2, j3], size=3, prefetch=0)
     w.tick()
     assert len(w.pool.sent) == 3
@@ -806,7 +807,7 @@ def test_completions_from_several_done_events_are_flushed_in_one_call():
 
     ok = by_raw[j2]
     assert (ok.queue, ok.result_id, ok.ttl, ok.reply_to, ok.dead, ok.retry) == \
-        ("default", "job-2", p.DEFAULT_RESULT_TTL, "replies", None, None)
+        ("default", "job-2", p.DEFAULT_RESULT_TTL, R2, None, None)
     assert env_of(ok)["status"] == p.SUCCEEDED and env_of(ok)["result"] == 3
     assert env_of(ok)["worker"] == WORKER
 
@@ -826,7 +827,7 @@ def test_nothing_to_acknowledge_makes_no_call():
 
 
 def test_a_bad_job_is_acknowledged_with_a_dead_entry():
-    bad = b'{"id":"job-9","task":"no.such.task","reply_to":"r"}'
+    bad = b'{"id":"job-9","task":"no.such.task","reply_to":"redpool:reply:r"}'
     w = World([bad], size=1, prefetch=0)
     w.tick()
     w.pool.finish_all()
@@ -839,7 +840,7 @@ def test_a_bad_job_is_acknowledged_with_a_dead_entry():
 
 
 def test_a_retrying_outcome_becomes_a_completion_with_the_next_attempt():
-    w = World([job(1, task="tests.boom", reply_to="r")], size=1, prefetch=0, max_retries=2,
+    w = World([job(1, task="tests.boom", reply_to=R)], size=1, prefetch=0, max_retries=2,
               retry_backoff=1.0, retry_backoff_max=60.0)
     w.tick()
     w.pool.finish_all()
@@ -849,7 +850,7 @@ def test_a_retrying_outcome_becomes_a_completion_with_the_next_attempt():
     # no answer yet: the job leaves processing together with its next attempt
     assert c.envelope is None and c.dead is None
     assert (c.queue, c.raw, c.result_id, c.reply_to) == ("default", job(1, task="tests.boom",
-                                                         reply_to="r"), "job-1", "r")
+                                                         reply_to=R), "job-1", R)
     nxt = p.decode_job(c.retry)
     assert (nxt.id, nxt.attempt, nxt.task) == ("job-1", 2, "tests.boom")
     assert 0.0 <= c.retry_delay <= 1.0   # full jitter below base * 2**0
@@ -893,7 +894,7 @@ def test_results_dropped_by_fencing_are_reported():
 # -- children dying ---------------------------------------------------------------------------
 
 def test_a_dead_childs_job_goes_back_to_its_queue_with_one_crash_more():
-    j1 = job(1, reply_to="replies")
+    j1 = job(1, reply_to=R2)
     w = World([j1, job(2)], size=2, prefetch=0, max_crashes=3)
     w.tick()
     t1, t2 = [s.token for s in w.pool.sent]
@@ -950,7 +951,7 @@ def test_a_crash_while_redis_is_down_is_retried_here():
 
 
 def test_a_job_that_crashes_once_too_often_is_settled_first_as_a_poison_pill():
-    pill = job(1, reply_to="r")
+    pill = job(1, reply_to=R)
     w = World([pill, job(2), job(3)], size=2, prefetch=1, max_crashes=1)
     w.rq.crashes[pill] = 1          # it killed a process once already
     w.tick()
@@ -984,7 +985,7 @@ def test_a_job_that_crashes_once_too_often_is_settled_first_as_a_poison_pill():
     w.pool.finish(s.token)
     w.tick()
     (c,) = [c for c in w.rq.completed if c.raw == pill]
-    assert c.retry is None and c.reply_to == "r"
+    assert c.retry is None and c.reply_to == R
     assert env_of(c)["error"]["type"] == p.E_WORKER_CRASHED
     assert p.loads(c.dead)["reason"] == first.fail["message"]
     assert w.sup.stats["dead"] == 1
@@ -1017,14 +1018,14 @@ def test_a_job_at_max_crashes_still_runs():
 
 
 def test_a_poison_pill_with_result_ttl_0_writes_no_result_key():
-    w = World([job(1, result_ttl=0, reply_to="r")], size=1, prefetch=0, max_crashes=0)
+    w = World([job(1, result_ttl=0, reply_to=R)], size=1, prefetch=0, max_crashes=0)
     w.tick()
     w.pool.die(w.tokens()[0], exitcode=1)
     w.replace_dead()
     w.pool.finish_all()
     w.tick()
     (c,) = w.rq.completed
-    assert c.result_id is None and c.ttl == 0 and c.reply_to == "r"
+    assert c.result_id is None and c.ttl == 0 and c.reply_to == R
     assert "exited with code 1" in env_of(c)["error"]["message"]
 
 
@@ -1040,7 +1041,7 @@ def test_an_unreadable_job_that_kills_its_child_is_dead_lettered():
 
 
 def test_a_child_dying_while_settling_a_failure_is_settled_by_the_supervisor():
-    w = World([job(1, reply_to="r")], size=1, prefetch=0, max_crashes=0)
+    w = World([job(1, reply_to=R)], size=1, prefetch=0, max_crashes=0)
     w.tick()
     w.pool.die(w.tokens()[0])
     w.replace_dead()
@@ -1052,11 +1053,25 @@ def test_a_child_dying_while_settling_a_failure_is_settled_by_the_supervisor():
 
     # Then the supervisor writes the failure itself, without a child
     (c,) = w.rq.completed
-    assert (c.raw, c.reply_to, c.result_id) == (job(1, reply_to="r"), "r", "job-1")
+    assert (c.raw, c.reply_to, c.result_id) == (job(1, reply_to=R), R, "job-1")
     env = env_of(c)
     assert env["error"]["type"] == p.E_WORKER_CRASHED
     assert "then the process settling it was killed by SIGKILL" in env["error"]["message"]
     assert p.loads(c.dead)["id"] == "job-1"
+
+
+def test_the_supervisor_settling_a_job_itself_answers_only_where_a_child_would():
+    # Given a job whose reply_to is another application's list (as a worker that allows
+    # it would have taken it), whose settling child dies too
+    w = World([job(1, reply_to="myapp:replies")], size=1, prefetch=0, max_crashes=0)
+    w.tick()
+    w.pool.die(w.tokens()[0])
+    w.replace_dead()
+    w.pool.die(w.tokens()[0], exitcode=-signal.SIGKILL)
+    w.tick()
+    # Then its answer goes to its result key only
+    (c,) = w.rq.completed
+    assert c.reply_to is None and c.result_id == "job-1" and env_of(c)["id"] == "job-1"
 
 
 
@@ -1071,7 +1086,7 @@ def _wall_ago(w: World, seconds: float) -> tuple[float, float]:
 def test_a_timed_out_job_says_when_its_attempt_started_and_ran_for_its_real_duration():
     from test_protocol import ENVELOPE
 
-    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=10.0, max_retries=0)
+    w = World([job(1, reply_to=R)], size=1, prefetch=0, timeout=10.0, max_retries=0)
     w.tick()
     w.tick(10.0)                                  # SIGTERM at the deadline
     w.tick(0.5)
@@ -1095,7 +1110,7 @@ def test_a_timed_out_job_says_when_its_attempt_started_and_ran_for_its_real_dura
 def test_a_job_that_crashes_once_too_often_here_says_when_that_run_started():
     from test_protocol import ENVELOPE
 
-    pill = job(1, reply_to="r")
+    pill = job(1, reply_to=R)
     w = World([pill], size=1, prefetch=0, max_crashes=0)
     w.tick()
     w.tick(3.0)
@@ -1119,12 +1134,12 @@ def test_a_poison_pill_judged_after_crashes_elsewhere_says_when_its_last_crashed
     from test_protocol import ENVELOPE
 
     # Given a job that crashed 4 times elsewhere, the last run started at T
-    pill = job(1, reply_to="r")
-    w = World([pill, job(2, reply_to="r")], size=1, prefetch=1, max_crashes=3)
+    pill = job(1, reply_to=R)
+    w = World([pill, job(2, reply_to=R)], size=1, prefetch=1, max_crashes=3)
     w.rq.crashes[pill] = 4
     w.rq.crash_started[pill] = 1700000500.25
     # and one whose count was left without a start (an older redpool counted it)
-    w.rq.crashes[job(2, reply_to="r")] = 5
+    w.rq.crashes[job(2, reply_to=R)] = 5
     w.tick()
     w.pool.finish_everything(duration=REAL)
     w.tick()
@@ -1142,7 +1157,7 @@ def test_a_poison_pill_judged_after_crashes_elsewhere_says_when_its_last_crashed
 def test_a_failure_the_supervisor_writes_itself_keeps_the_start_of_the_stopped_run():
     from test_protocol import ENVELOPE
 
-    w = World([job(1, reply_to="r")], size=1, prefetch=0, timeout=5.0, max_retries=0)
+    w = World([job(1, reply_to=R)], size=1, prefetch=0, timeout=5.0, max_retries=0)
     w.tick()
     w.tick(5.0)
     w.tick(0.25)
@@ -2855,7 +2870,7 @@ def test_a_batch_behind_a_job_that_finished_as_it_was_signalled_is_not_blamed():
 
 
 def test_settling_a_failure_says_nothing_about_how_long_jobs_take():
-    pill = job(0, reply_to="r")
+    pill = job(0, reply_to=R)
     w = World([pill, *jobs(*range(1, 300))], size=1, prefetch=1, max_crashes=0)
     w.rq.crashes[pill] = 1          # its host died running it: a poison pill
     w.tick()
@@ -3330,3 +3345,101 @@ def test_a_sigkill_we_sent_is_not_blamed_on_the_out_of_memory_killer():
     ours = describe_exit(-signal.SIGKILL, stopped=True)
     assert "out-of-memory" not in ours and "had not stopped at SIGTERM" in ours
     assert describe_exit(-signal.SIGTERM, stopped=True) == "was killed by SIGTERM (signal 15)"
+
+
+# -- containment: what a child says of one job cannot stop the loop ----------------------------
+
+def sendable(completions) -> None:
+    """Pack the completion script call exactly as RedisQueue sends it (no server needed):
+    what redis-py cannot encode, or Redis would refuse, fails here as it would there."""
+    from redpool.queue import RedisQueue
+    rq = RedisQueue(redis.Redis(), p.Keys(), WORKER, ["default"])
+    keys, args = rq._complete_args(list(completions))
+    redis.Connection().pack_command("EVALSHA", "0" * 40, len(keys), *keys, *args)
+
+
+def forge_done(w: World, token: int, msg: bytes | None = None, **meta) -> None:
+    """The child running ``token`` answers with ``meta`` changed, as a child that does
+    not check its strings would (json.dumps lets an unpaired surrogate through,
+    escaped), or with ``msg`` itself."""
+    import json
+    from redpool.child import DONE_HEADER, MSG_DONE
+    c = w.pool.busy()[token]
+    if msg is None:
+        s = w.pool.msg_of(token)
+        out = w.pool.runner.run(s.queue, s.raw, s.crashes)
+        out.meta.update({"t": token, "duration": LONG, **meta})
+        m = json.dumps(out.meta).encode()
+        env, dead, retry = out.envelope or b"", out.dead or b"", out.retry or b""
+        msg = MSG_DONE + DONE_HEADER.pack(len(m), len(env), len(dead), len(retry)) + m + env + dead + retry
+    c.tokens.popleft()
+    c.jobs_done += 1
+    w.pool.events.append(Done(token, msg, c.pid))
+
+
+@pytest.mark.parametrize("meta, msg", [
+    ({"reply_to": "r\ud800"}, None),          # a key no UTF-8 client can write
+    ({"result_id": "job-\udc80"}, None),
+    ({"reply_to": ""}, None),
+    ({"ttl": "86400"}, None),                 # Redis would refuse: every try of the batch
+    ({"ttl": 2 ** 40}, None),
+    ({"retry_delay": math.nan}, None),
+    ({"status": "exploded"}, None),
+    ({"duration": -1}, None),
+    ({}, b"D" + b"\xff" * 40),               # not an answer at all
+    ({}, b"D"),
+], ids=["reply_to_surrogate", "result_id_surrogate", "reply_to_empty", "ttl_string", "ttl_huge",
+        "retry_delay_nan", "status", "duration", "garbage", "truncated"])
+def test_an_answer_no_script_could_carry_fails_only_its_job(meta, msg):
+    # Given job 1 (a reply_to of its own) running, job 2 waiting
+    w = World([job(1, reply_to="redpool:reply:r"), job(2)], size=1, prefetch=1)
+    w.tick()
+    # When its child's answer cannot become a completion
+    forge_done(w, w.tokens()[0], msg, **meta)
+    w.tick()
+    # Then one error event; job 1 is failed and dead-lettered by the supervisor, its
+    # producer answered on its own reply_to (the raw job's), and the loop goes on
+    (event,) = w.named("internal_error")
+    assert (event["id"], event["during"], event["queue"]) == ("job-1", "job_done", "default")
+    assert "bug in redpool" in event["note"]
+    w.pool.finish_all()
+    w.tick()
+    first, second = w.rq.completed
+    assert (first.raw, first.reply_to, first.result_id) == (
+        job(1, reply_to="redpool:reply:r"), "redpool:reply:r", "job-1")
+    env = env_of(first)
+    assert env["error"]["type"] == p.E_INVALID_JOB and env["started_at"] is not None
+    assert "the worker could not handle this job's outcome" in env["error"]["message"]
+    assert p.loads(first.dead)["reason"] == env["error"]["message"]
+    assert second.raw == job(2) and env_of(second)["result"] == 3
+    sendable(w.rq.completed)
+    assert (w.sup.stats["failed"], w.sup.stats["dead"], w.sup.stats["succeeded"]) == (1, 1, 1)
+
+
+from corpus import CASES  # noqa: E402
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_hostile_job_whose_settling_child_died_is_failed_by_the_supervisor(case):
+    # Given a hostile job whose process died (max-crashes 0: it is settled at once), and
+    # whose settling process died too: the supervisor decodes it itself
+    # (the corpus's reply lists are an application's own, which the operator allowed)
+    w = World([case.raw], size=1, prefetch=0, max_crashes=0, reply_to=["hostile:*"])
+    w.tick()
+    w.pool.die(w.tokens()[0])
+    w.replace_dead()
+    assert w.pool.sent[-1].kind == FAIL
+    w.pool.die(w.tokens()[0])
+    w.tick()
+    # Then it is answered where it can be, dead-lettered, and every byte can be sent
+    (c,) = w.rq.completed
+    assert (c.reply_to, c.result_id) == (case.answered_on, case.result_id)
+    assert (c.envelope is None) == (case.answered_on is None and case.result_id is None)
+    if c.envelope is not None:
+        assert env_of(c)["error"]["type"] == p.E_WORKER_CRASHED
+    assert p.loads(c.dead)["id"] == case.result_id
+    sendable([c])
+    # and the events that name it (a timeout, job_started) can be written
+    from redpool.outcomes import job_names
+    names = job_names(case.raw)
+    assert names["id"] == case.result_id and p.dumps(names)

@@ -616,5 +616,8 @@ def test_the_example_environment_file_names_every_setting_with_a_valid_value():
     assert not any("#" in v for v in every.values())
     parser = argparse.ArgumentParser()
     config.add_worker_arguments(parser)
+    # (the URL's file is an alternative to REDPOOL_REDIS_URL, refused together with it)
+    assert "REDPOOL_REDIS_URL_FILE" in commented and "REDPOOL_REDIS_URL" in assigned
+    every.pop("REDPOOL_REDIS_URL_FILE")
     cfg = config.resolve(parser.parse_args([]), env=every)
     assert cfg.modules == ["myapp.tasks"] and cfg.queues == ["high", "default"]

@@ -322,7 +322,7 @@ def test_enqueue_onto_a_queue_of_the_wrong_type_is_a_clear_error(redis_url, r, k
         with pytest.raises(WrongType) as e:
             client.enqueue("t.add", 1, 2, queue="lo", reply_to=False)
         assert str(e.value).startswith(f"{keys.queue('lo')} holds a string where redpool keeps "
-                                       "a list (the jobs of queue 'lo')")
+                                       "a list (the queue's waiting jobs)")
         with pytest.raises(WrongType, match="holds a hash where redpool keeps a zset"):
             client.enqueue("t.add", 1, 2, queue="lo", reply_to=False, delay=5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("REDPOOL_")}

@@ -32,6 +32,7 @@ import shlex
 
 from .keys import glob_escape
 from .protocol import DEFAULT_NAMESPACE, Keys
+from .replies import check_patterns
 
 ROLES = ("producer", "worker")
 
@@ -60,9 +61,9 @@ WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "s
                  "type",  # keys of the wrong type, found and looked at again (keytypes.py)
                  "lpush", "expire", "lrem")  # the last three: cluster.py's deliver()
 WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
-                     "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "rpop", "rpush",
-                     "sadd", "set", "srem", "time", "type", "zadd", "zrange", "zrangebyscore",
-                     "zrem")
+                     "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "pttl", "rpop",
+                     "rpush", "sadd", "set", "srem", "time", "type", "zadd", "zrange",
+                     "zrangebyscore", "zrem")
 #: Reads of the metrics collector (--metrics-port), `redpool status`, `inspect` and
 #: `dead` (which also needs LREM and its script), so operators may use this user too.
 WORKER_OBSERVE = ("exec", "get", "lindex", "llen", "multi", "pttl", "time", "ttl", "zcard",
@@ -80,13 +81,12 @@ def _plus(commands) -> list[str]:
 def rules(role: str, namespace: str = DEFAULT_NAMESPACE,
           reply_patterns: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The ACL SETUSER rules of ``role`` for ``namespace``, one token each.
-    ``reply_patterns``: key patterns of the reply_to lists producers choose outside the
-    namespace (``myapp:reply:*``): producers read them, workers write them."""
+    ``reply_patterns``: the workers' ``--reply-to`` patterns, the reply_to lists outside
+    ``<ns>:reply:`` they answer on (``myapp:replies:*``, replies.py): producers read
+    them, workers write them.  Nothing else outside the namespace: not ``~*``."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: {' or '.join(ROLES)}")
-    for p in reply_patterns:
-        if not p or any(c.isspace() for c in p) or "(" in p or ")" in p:
-            raise ValueError(f"invalid key pattern {p!r}: no spaces or parentheses")
+    check_patterns(namespace, reply_patterns)
     keys = Keys(glob_escape(namespace))
     replies = [f"~{p}" for p in reply_patterns]
     if role == "worker":

@@ -10,6 +10,7 @@ outcome; nothing a job does can end this loop except killing the process.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import signal
 import struct
@@ -104,10 +105,22 @@ def decode_batch(msg: bytes):
 
 def encode_done(token: int, out: Outcome) -> bytes:
     out.meta["t"] = token
-    meta = p.dumps(out.meta)
+    try:
+        meta = p.dumps(out.meta)
+    except Exception:  # (a bug of ours: the Runner builds meta of plain values; but a job
+        # whose answer cannot be sent would wait for ever)
+        meta = p.dumps({str(k): _plain(v) for k, v in out.meta.items()})
     env, dead, retry = out.envelope or b"", out.dead or b"", out.retry or b""
     return (MSG_DONE + DONE_HEADER.pack(len(meta), len(env), len(dead), len(retry))
             + meta + env + dead + retry)
+
+
+def _plain(v):
+    if v is None or type(v) in (str, int, bool):
+        return v
+    if type(v) is float:
+        return v if math.isfinite(v) else 0.0
+    return repr(v)
 
 
 def encode_many(dones: list[bytes]) -> bytes:
@@ -146,10 +159,12 @@ def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | N
 
 def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: int,
          sys_path: list[str], namespace: str = p.DEFAULT_NAMESPACE,
-         defaults: dict | None = None, progress=None, asked=None) -> None:
+         defaults: dict | None = None, progress=None, asked=None,
+         max_result_size: int = p.DEFAULT_MAX_RESULT_SIZE) -> None:
     """Entry point of a pool child (multiprocessing spawn target).  ``progress``: the
     shared word we write the running job's token into; ``asked``: the one the supervisor
-    sets before it sends us SIGTERM."""
+    sets before it sends us SIGTERM; ``max_result_size``: --max-result-size (a larger
+    result never leaves this process: the job fails with ResultTooLarge)."""
     # Signals for the worker are the supervisor's to act on, not ours: it decides what
     # happens to running jobs (they finish within --grace).  honcho and foreman send
     # SIGTERM to the worker's process group: a child leaves it, so that signal reaches
@@ -183,7 +198,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     logs.configure_child()  # task code's logging in the worker's format, unless it has its own
     conn.send_bytes(MSG_READY)
     policy = Policy(**(defaults or {}))
-    runner = Runner(registry, worker, max_payload, namespace, policy)
+    runner = Runner(registry, worker, max_payload, namespace, policy, max_result_size)
     mailbox = Mailbox(conn)
     # ps shows what we run: a thread retitles us once a second from the two attributes
     # set per job below (negligible per job; see titles.py)

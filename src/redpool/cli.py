@@ -8,9 +8,10 @@ import os
 import sys
 from typing import Callable
 
-from . import __version__, config, enqueue, logs
+from . import __version__, config, enqueue, logs, titles
 from .cliparser import Parser
 from .errors import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_OK, ConfigError, RedpoolError
+from .urls import holds_password
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,12 +42,17 @@ def _run(argv: list[str] | None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if argv is None:  # our own command line (not a test's call): out of ps with its secrets
+        titles.hide_command_line(sys.argv[1:])
     # Before anything can fail: an error is said once, in the format the command's
     # log uses (the worker's --log-format, else JSON unless stderr is a terminal).
     logs.configure(**_early_logging(args))
+    if holds_password(getattr(args, "redis_url", None)):  # once, in the command's format
+        logs.get("redpool").warning("password_on_command_line",
+                                    message=titles.password_warning(args.command))
     try:
         if args.command not in ("worker", "dev") and hasattr(args, "redis_ca"):
-            tls_into_url(args)
+            resolve_url(args)
         return args.run(args)
     except RedpoolError as e:
         logs.fatal(str(e), e.exit_code)
@@ -89,24 +95,25 @@ def port_number(text: str) -> int:
     return int(text)
 
 
-def tls_arguments(parser: argparse.ArgumentParser) -> None:
-    """--redis-ca, --redis-cert, --redis-key for a command that connects to Redis (the
-    worker has them from config.SETTINGS); main() folds them into its --redis-url."""
+def redis_arguments(parser) -> None:
+    """--redis-url, --redis-url-file and the TLS files for a command that connects to
+    Redis (the worker has them from config.SETTINGS); main() folds them into
+    ``args.redis_url`` (resolve_url)."""
     for s in config.SETTINGS:
-        if s.dest in ("redis_ca", "redis_cert", "redis_key"):
+        if s.dest.startswith("redis_"):
             parser.add_argument(s.flag, dest=s.dest, default=None, help=f"{s.help} [env {s.env}]")
 
 
-def tls_into_url(args: argparse.Namespace) -> None:
-    """The TLS files of the flags (or of REDPOOL_REDIS_CA/_CERT/_KEY) as options of
-    ``args.redis_url``: the commands connect with the URL alone (connection.py)."""
+def resolve_url(args: argparse.Namespace) -> None:
+    """``args.redis_url``: the URL of --redis-url, --redis-url-file or their variables,
+    with the TLS files of the flags (or of REDPOOL_REDIS_CA/_CERT/_KEY) as its options:
+    the commands connect with the URL alone (connection.py)."""
     from .connection import tls_options, with_tls
     from .urls import chosen_url
 
-    url = chosen_url(args.redis_url)
+    url = chosen_url(args.redis_url, args.redis_url_file)
     tls = tls_options(args.redis_ca, args.redis_cert, args.redis_key, url=url)
-    if tls:
-        args.redis_url = with_tls(url, **tls)
+    args.redis_url, args.redis_url_file = with_tls(url, **tls) if tls else url, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="show what redpool does, on a private server")
     demo.add_argument("--redis-url", default=None, help="use this server instead of a private one")
+    demo.add_argument("--redis-url-file", default=None, metavar="FILE",
+                      help="the same, read from a file (its password stays out of ps)")
     demo.add_argument("--jobs", type=int, default=12, help="how many sleeping jobs (default 12)")
     demo.set_defaults(run=cmd_demo)
 
@@ -148,16 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=enqueue.EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     enqueue.add_arguments(e)
     where = e.add_argument_group("where (the worker's settings)")
-    where.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
-    tls_arguments(where)
+    redis_arguments(where)
     where.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     e.set_defaults(run=cmd_enqueue)
 
     dead = sub.add_parser("dead", help="list, requeue or purge dead-letter entries")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--queue", default=None, help="only entries of jobs from this queue")
-    common.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
-    tls_arguments(common)
+    redis_arguments(common)
     common.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
     dl = actions.add_parser("list", parents=[common], help="show entries, newest first")
@@ -180,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     acl.add_argument("role", choices=["producer", "worker"])
     acl.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     acl.add_argument("--user", default=None, help="the user name (default: redpool-ROLE)")
-    acl.add_argument("--reply-pattern", action="append", default=[], metavar="PATTERN",
-                     help="key pattern of reply_to lists producers choose outside the "
-                          "namespace, e.g. 'myapp:replies:*' (repeat for several)")
+    acl.add_argument("--reply-to", "--reply-pattern", dest="reply_to", action="append",
+                     metavar="PATTERN", help="a --reply-to pattern of the workers, e.g. "
+                     "'myapp:replies:*'; repeat for several [env REDPOOL_REPLY_TO]")
     acl.set_defaults(run=cmd_acl)
 
     st = sub.add_parser("status", help="queues, supervisors and throughput, from any machine "
@@ -194,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--queue", action="append", default=None, metavar="QUEUE",
                     help="show only this queue (repeat for several); skips the SCAN that "
                          "finds queues no supervisor listens to")
-    st.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
-    tls_arguments(st)
+    redis_arguments(st)
     st.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     st.set_defaults(run=cmd_status)
 
@@ -204,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "if not found")
     ins.add_argument("job_id", metavar="JOB_ID")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
-    ins.add_argument("--redis-url", default=None, help="[env REDPOOL_REDIS_URL]")
-    tls_arguments(ins)
+    redis_arguments(ins)
     ins.add_argument("--namespace", default=None, help="[env REDPOOL_NAMESPACE]")
     ins.set_defaults(run=cmd_inspect)
     return parser
@@ -271,7 +276,7 @@ def run_worker(cfg: config.WorkerConfig, *,
         rq = RedisQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
         lease, reaper = Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name)
     pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace,
-                       cfg.child_defaults())
+                       cfg.child_defaults(), max_result_size=cfg.max_result_size)
     waiter = None if cfg.burst else Waiter(
         rq, lambda: connect(url, blocking_timeout=1.0), timeout=1.0)
     hooks = Hooks()
@@ -318,8 +323,9 @@ def dev_server(args: argparse.Namespace):
     from pathlib import Path
 
     from . import dev
+    from .urls import given_url
 
-    url = args.redis_url or os.environ.get("REDPOOL_REDIS_URL")
+    url = given_url(args.redis_url, args.redis_url_file)
     root = Path.cwd()
     if url and not dev.is_ours(url, root):
         if args.fresh or args.port:
@@ -337,7 +343,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         raise ConfigError("--reload-dir goes with --reload")
     reload_dirs = dev.check_dirs(args.reload_dir or [os.getcwd()]) if args.reload else None
     with dev_server(args) as url:
-        args.redis_url = url
+        args.redis_url, args.redis_url_file = url, None
         cfg = config.resolve(args)
         logs.configure(cfg.log_level, cfg.log_format, daemon=True)
         return dev.run(cfg, run_worker, reload_dirs, logs.get("redpool.dev"))
@@ -354,8 +360,9 @@ def cmd_acl(args: argparse.Namespace) -> int:
     from .protocol import DEFAULT_NAMESPACE
 
     namespace = args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE
+    patterns = args.reply_to or config.split_list(os.environ.get("REDPOOL_REPLY_TO", ""))
     try:
-        line = acl.setuser(args.role, args.user, namespace, args.reply_pattern)
+        line = acl.setuser(args.role, args.user, namespace, patterns)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(line)
@@ -385,6 +392,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .urls import given_url
 
-    with private_server(args.redis_url) as url:
+    # only the flags: a REDPOOL_REDIS_URL exported for other work is not for the demo
+    with private_server(given_url(args.redis_url, args.redis_url_file, env={})) as url:
         return run_demo(url, jobs=args.jobs)

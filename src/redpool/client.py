@@ -79,7 +79,8 @@ class Client:
                  redis: redispy.Redis | redispy.RedisCluster | None = None,
                  ca: str | None = None, cert: str | None = None, key: str | None = None) -> None:
         """``url``: any form of connection.py (``rediss://``, ``redis+sentinel://``,
-        ``redis+cluster://``, ...), else REDPOOL_REDIS_URL, else localhost.  ``ca``,
+        ``redis+cluster://``, ...), else REDPOOL_REDIS_URL, else the one in the file
+        REDPOOL_REDIS_URL_FILE names, else localhost.  ``ca``,
         ``cert``, ``key``: TLS files, else REDPOOL_REDIS_CA, _CERT, _KEY.  Or your own
         ``redis`` client (a RedisCluster for Redis Cluster) instead of a URL."""
         if url is not None and redis is not None:
@@ -126,9 +127,10 @@ class Client:
         schedule the job for later.  ``options``: the job's delivery policy, overriding
         the task's and the worker's: max_retries, retry_backoff, retry_backoff_max,
         timeout, dead_letter.  ``reply_to``: None (the default) delivers the result to
-        this client; a list key of yours has the worker push it there; False asks for no
-        reply at all (only the result key, which the AsyncResult polls): nothing is left
-        in Redis for a result nobody waits for."""
+        this client; a list key of yours has the worker push it there (under
+        ``<ns>:reply:``, or allowed by the workers' ``--reply-to``: others are refused);
+        False asks for no reply at all (only the result key, which the AsyncResult
+        polls): nothing is left in Redis for a result nobody waits for."""
         return self._submit(task_name(task), [(args, kwargs)], queue=queue, id=id,
                             result_ttl=result_ttl, reply_to=reply_to,
                             callback=callback, error_callback=error_callback,
@@ -287,9 +289,8 @@ class Client:
                                   "connect with redis+cluster://host:port (see docs/deploy.md, "
                                   "\"Redis Cluster\")") from None
             if isinstance(e, redispy.ResponseError) and str(e).startswith("WRONGTYPE"):
-                raise wrong_type(self._redis, self.keys.scheduled(queue) if due else qkey,
-                                 "zset" if due else "list", f"the jobs of queue {queue!r}",
-                                 f"{len(batch)} job(s) not enqueued") from None
+                raise wrong_type(self._redis, self.keys, self.keys.scheduled(queue) if due
+                                 else qkey, f"{len(batch)} job(s) not enqueued") from None
             raise
         if on_pushed is not None:
             on_pushed(len(batch))

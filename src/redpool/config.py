@@ -16,8 +16,10 @@ from typing import Any, Callable
 
 from .cliparser import suggestion
 from .errors import ConfigError
-from .protocol import DEFAULT_MAX_PAYLOAD, DEFAULT_NAMESPACE, NAME_RE
-from .urls import DEFAULT_URL
+from .protocol import (DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_RESULT_SIZE, DEFAULT_NAMESPACE,
+                       MAX_RETRIES, NAME_RE)
+from .replies import ReplyRule, check_pattern, check_patterns
+from .urls import DEFAULT_URL, FILE_ENV, URL_ENV, chosen_url
 
 
 def usable_cores() -> int:
@@ -43,7 +45,8 @@ def _bool(v: str) -> bool:
     raise ValueError(f"expected true/false, got {v!r}")
 
 
-def _list(v: str) -> list[str]:
+def split_list(v: str) -> list[str]:
+    """The items of a repeatable setting's environment variable: comma or space separated."""
     return [x for x in re.split(r"[,\s]+", v) if x]
 
 
@@ -51,13 +54,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return _at_least(kind, 0, strict=True)
 
 
-def _at_least(kind: Callable[[str], Any], low: float, strict: bool = False) -> Callable[[str], Any]:
-    """A number parser that refuses NaN, infinity and values below ``low``."""
+def _at_least(kind: Callable[[str], Any], low: float, strict: bool = False,
+              high: float | None = None) -> Callable[[str], Any]:
+    """A number parser that refuses NaN, infinity and values below ``low`` (or above
+    ``high``)."""
     def parse(v: str) -> Any:
         x = kind(v)
-        if not math.isfinite(x) or x < low or (strict and x == low):
+        if not math.isfinite(x) or x < low or (strict and x == low) \
+                or (high is not None and x > high):
             raise ValueError(f"must be a number {'greater than' if strict else 'of at least'} "
-                             f"{low:g}, got {v}")
+                             f"{low:g}{'' if high is None else f' and at most {high:g}'}, got {v}")
         return x
     parse.__name__ = kind.__name__
     return parse
@@ -73,6 +79,18 @@ def _size(v: str) -> int:
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size like 536870912, 512M or 2G, got {v!r}")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+#: The largest --max-result-size: Redis refuses a string over 512 MB, and on Redis
+#: Cluster the envelope travels escaped to ASCII (cluster.py), up to three times longer.
+MAX_RESULT_SIZE_CEILING = 128 * 1024 ** 2
+
+
+def _result_size(v: str) -> int:
+    n = _size(v)
+    if not 1024 <= n <= MAX_RESULT_SIZE_CEILING:
+        raise ValueError(f"must be from 1K to 128M (Redis refuses strings over 512 MB), got {v}")
+    return n
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)", re.IGNORECASE)
@@ -127,7 +145,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_url", "--redis-url", "REDPOOL_REDIS_URL", DEFAULT_URL,
             "Redis URL: redis://, rediss:// (TLS), unix://, redis+sentinel://host:26379,"
             "host2:26379/service[/db], or redis+cluster://host:port[,host:port...] for Redis "
-            "Cluster (rediss+... with TLS); user and password allowed"),
+            "Cluster (rediss+... with TLS); user and password allowed (on the command line, "
+            "a password is seen in ps until redpool hides it, and kept in shell history: "
+            "prefer the variable or --redis-url-file)"),
+    Setting("redis_url_file", "--redis-url-file", "REDPOOL_REDIS_URL_FILE", None,
+            "file holding the Redis URL on one line, so that its password is neither on "
+            "the command line nor in the environment (systemd: LoadCredential=)"),
     Setting("redis_ca", "--redis-ca", "REDPOOL_REDIS_CA", None,
             "CA bundle (PEM) to trust for the server's TLS certificate (rediss:// URLs; "
             "default: the system's)"),
@@ -142,6 +165,10 @@ SETTINGS: tuple[Setting, ...] = (
             "pool processes (default: the usable cores)", _positive(int)),
     Setting("namespace", "--namespace", "REDPOOL_NAMESPACE", DEFAULT_NAMESPACE,
             "prefix of every Redis key", _key_part("namespace")),
+    Setting("reply_to", "--reply-to", "REDPOOL_REPLY_TO", [],
+            "key pattern (Redis glob, as in ACL rules) of reply_to lists this worker answers "
+            "on besides its namespace's reply lists, e.g. 'myapp:replies:*'; repeat for "
+            "several; grant them in the worker's ACL too", check_pattern, repeat=True),
     Setting("grace", "--grace", "REDPOOL_GRACE", 30.0,
             "seconds running jobs may take to finish on SIGTERM before they are requeued",
             _at_least(float, 0)),
@@ -154,6 +181,10 @@ SETTINGS: tuple[Setting, ...] = (
             _at_least(int, 0)),
     Setting("max_payload", "--max-payload", "REDPOOL_MAX_PAYLOAD", DEFAULT_MAX_PAYLOAD,
             "largest job accepted, in bytes; larger ones are dead-lettered", _positive(int)),
+    Setting("max_result_size", "--max-result-size", "REDPOOL_MAX_RESULT_SIZE",
+            DEFAULT_MAX_RESULT_SIZE,
+            "largest result envelope written, in bytes (or 16M, 64M; at most 128M); the job "
+            "of a larger one fails with ResultTooLarge and is dead-lettered", _result_size),
     Setting("dead_max", "--dead-max", "REDPOOL_DEAD_MAX", 10_000,
             "length cap of the dead-letter list (oldest entries are dropped)", _positive(int)),
     Setting("lease", "--lease", "REDPOOL_LEASE", 15.0,
@@ -163,8 +194,8 @@ SETTINGS: tuple[Setting, ...] = (
             "hard time limit of a job in seconds, unless the job or task sets one; its process "
             "is stopped and the job fails with TimeoutError (0: no limit)", _at_least(float, 0)),
     Setting("max_retries", "--max-retries", "REDPOOL_MAX_RETRIES", 0,
-            "retries of a job whose task raises, unless the job or task sets them",
-            _at_least(int, 0)),
+            f"retries of a job whose task raises, unless the job or task sets them (at most "
+            f"{MAX_RETRIES})", _at_least(int, 0, high=MAX_RETRIES)),
     Setting("retry_backoff", "--retry-backoff", "REDPOOL_RETRY_BACKOFF", 1.0,
             "base of the exponential retry backoff, seconds (full jitter)",
             _at_least(float, 0, strict=True)),
@@ -192,21 +223,27 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+_URL_DESTS = ("redis_url", "redis_url_file")
+
+
 @dataclass
 class WorkerConfig:
     modules: list[str] = field(default_factory=list)
     redis_url: str = DEFAULT_URL
+    redis_url_file: str | None = None   # where redis_url was read from, if from a file
     redis_ca: str | None = None
     redis_cert: str | None = None
     redis_key: str | None = None
     queues: list[str] = field(default_factory=lambda: ["default"])
     concurrency: int = 1
     namespace: str = DEFAULT_NAMESPACE
+    reply_to: list[str] = field(default_factory=list)   # patterns, beyond <ns>:reply:*
     grace: float = 30.0
     burst: bool = False
     name: str = ""
     prefetch: int = 1
     max_payload: int = DEFAULT_MAX_PAYLOAD
+    max_result_size: int = DEFAULT_MAX_RESULT_SIZE
     dead_max: int = 10_000
     lease: float = 15.0
     timeout: float = 3600.0
@@ -224,7 +261,12 @@ class WorkerConfig:
     def child_defaults(self) -> dict:
         """The delivery policy pool children apply unless a job or task says otherwise."""
         return {"max_retries": self.max_retries, "retry_backoff": self.retry_backoff,
-                "retry_backoff_max": self.retry_backoff_max, "timeout": self.timeout}
+                "retry_backoff_max": self.retry_backoff_max, "timeout": self.timeout,
+                "reply_patterns": tuple(self.reply_to)}
+
+    def reply_rule(self) -> ReplyRule:
+        """The keys this worker may push answers onto (replies.py)."""
+        return ReplyRule(self.namespace, self.reply_to)
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,6 +290,8 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for s in SETTINGS:
+        if s.dest in _URL_DESTS:
+            continue  # below: a URL, or a file that holds it
         raw = getattr(args, s.dest, None)
         source = s.flag
         if raw is None and env.get(s.env) not in (None, ""):
@@ -258,7 +302,7 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
             continue
         try:
             if s.repeat:
-                items = raw if isinstance(raw, list) else _list(raw)
+                items = raw if isinstance(raw, list) else split_list(raw)
                 values[s.dest] = [s.parse(x) for x in items]
             elif s.switch and raw is True:
                 values[s.dest] = True
@@ -266,7 +310,11 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
                 values[s.dest] = s.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{source}: {e}") from None
-    modules = list(args.modules or []) or _list(env.get("REDPOOL_MODULES", ""))
+    flag, file = getattr(args, "redis_url", None), getattr(args, "redis_url_file", None)
+    values["redis_url"] = chosen_url(flag, file, env)
+    values["redis_url_file"] = None if flag else file or (None if env.get(URL_ENV)
+                                                          else env.get(FILE_ENV) or None)
+    modules = list(args.modules or []) or split_list(env.get("REDPOOL_MODULES", ""))
     cfg = WorkerConfig(modules=modules, **values)
     cfg.concurrency = cfg.concurrency or usable_cores()
     cfg.prefetch = cfg.concurrency if cfg.prefetch is None else cfg.prefetch
@@ -275,4 +323,8 @@ def resolve(args: argparse.Namespace, env: dict[str, str] | None = None) -> Work
         raise ConfigError(f"{sources['queues']}: at least one queue is needed")
     if len(set(cfg.queues)) != len(cfg.queues):
         raise ConfigError(f"{sources['queues']}: a queue is listed twice: {cfg.queues}")
+    try:
+        check_patterns(cfg.namespace, cfg.reply_to)
+    except ValueError as e:
+        raise ConfigError(f"{sources['reply_to']}: {e}") from None
     return cfg

@@ -35,26 +35,24 @@ that wants a client certificate, no primary known to the sentinels.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 import redis
+from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
 from redis.sentinel import MasterNotFoundError
 
+from .cliparser import suggestion
 from .config import SETTINGS
 from .errors import ConfigError, RedisUnavailable
 from .topology import (CLUSTER_SCHEMES, SENTINEL_SCHEMES, FollowingConnection,  # noqa: F401
                        SentinelRedis, cluster_client, parse_cluster_url, parse_sentinel_url,
                        sentinel_client)
-from .urls import redact_url
+from .urls import URL_FORMS, check_url, redact_url
 
 TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
-URL_FORMS = ("use redis://[user:password@]host[:port][/db], rediss://..., "
-             "unix:///path.sock, or redis+sentinel://[user:password@]host[:port],"
-             "host[:port].../service[/db] (rediss+sentinel:// with TLS), or "
-             "redis+cluster://[user:password@]host[:port],host[:port]... for Redis Cluster "
-             "(rediss+cluster:// with TLS)")
-
 # --redis-ca/--redis-cert/--redis-key and the URL options they stand for.
 _TLS = {"ca": ("redis_ca", "ssl_ca_certs"), "cert": ("redis_cert", "ssl_certfile"),
         "key": ("redis_key", "ssl_keyfile")}
@@ -117,22 +115,78 @@ def connect(url: str, *, ca: str | None = None, cert: str | None = None,
     ``cert``, ``key`` if given.  ``kwargs`` are redis-py's (timeouts, retry policy,
     decode_responses); for a Sentinel URL they apply to the primary, and the socket
     timeouts and retry policy (capped at SENTINEL_TIMEOUT) to the sentinels too.
-    Nothing is sent yet: ``check()`` makes the first round trip."""
+    Nothing is sent yet: ``check()`` makes the first round trip.  A malformed URL (a
+    password with an unencoded '/', '?', '@'...) is refused first, without quoting it
+    (urls.check_url)."""
+    check_url(url)
     url = with_tls(url, ca=ca, cert=cert, key=key)
     scheme = url.partition("://")[0].lower()
     options = _query(url)
     _check_tls(url, scheme, options)
-    if scheme in SENTINEL_SCHEMES:
-        return sentinel_client(url, parse_sentinel_url(url), kwargs)
     if scheme in CLUSTER_SCHEMES:
+        # redis-py's RedisCluster drops options it does not know without a word
+        _refuse_unknown(url, _keywords(RedisCluster) | set(REDIS_ALLOWED_KEYS))
         try:  # it connects here, to learn the slot map
             return cluster_client(url, parse_cluster_url(url), kwargs)
         except redis.RedisError as e:
             raise RedisUnavailable(explain(e, url)) from None
+    if scheme in SENTINEL_SCHEMES:
+        client = sentinel_client(url, parse_sentinel_url(url), kwargs)
+    else:
+        try:
+            client = redis.Redis.from_url(url, **kwargs)
+        except ValueError:  # its text may quote part of the URL, a password say: not shown
+            raise ConfigError(f"invalid Redis URL {redact_url(url)}: {URL_FORMS}") from None
+    _refuse_unknown(url, _keywords(client.connection_pool.connection_class))
+    _check_values(client.connection_pool, options)
+    return client
+
+
+def _check_values(pool: redis.ConnectionPool, options: dict[str, str]) -> None:
+    """redis-py hands every query option of a URL to its connection class as a keyword,
+    and finds a value it cannot use (``ssl_cert_reqs=maybe``) only when it makes the
+    first connection, in an error that quotes it: it may be part of a password cut at
+    '?' or '&'.  So one connection object is built here, unconnected, and a failure is
+    said without quoting any value."""
     try:
-        return redis.Redis.from_url(url, **kwargs)
-    except ValueError:  # its text may quote part of the URL, a password say: not shown
-        raise ConfigError(f"invalid Redis URL {redact_url(url)}: {URL_FORMS}") from None
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, ValueError, redis.RedisError):
+        raise ConfigError(f"the value of one of the Redis URL's query options "
+                          f"({', '.join(options)}) is one redis-py cannot use (not quoted: "
+                          "it may be part of a password)") from None
+
+
+def _refuse_unknown(url: str, known: set[str]) -> None:
+    """An option redis-py does not know would be a TypeError at the first connection
+    that names it (RedisCluster drops it silently, and one without a value is dropped
+    by the URL parser): it may be part of a password cut at '?' or '&'.  Refused, not
+    quoted; a close known name is suggested."""
+    known = known | {"sentinel_username", "sentinel_password"}
+    try:
+        names = [name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)]
+    except ValueError:
+        return
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError("the Redis URL has a query option that redis-py does not know "
+                          "(not quoted: it may be part of a password holding '?' or '&', "
+                          "which must be percent-encoded as %3F and %26)"
+                          + suggestion(unknown[0], sorted(known)))
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(cls: type) -> frozenset[str]:
+    """The keywords a connection class takes (its own, and its bases' it passes on)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return frozenset(names - {"self"})
 
 
 def check(r: redis.Redis, url: str) -> None:

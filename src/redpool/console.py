@@ -115,7 +115,8 @@ class ConsoleRenderer:
             for key in SENTENCES[event]:
                 ev.pop(key, None)
             ev.pop("message")
-            return f"{event}: {message}", ev
+            # a one-shot command's line is "redpool: warning: MESSAGE", as a tool's
+            return (f"{event}: {message}" if self.clock else message), ev
         if event.startswith("job_"):
             ev = job_fields(ev)
         elif event == "started":
@@ -149,6 +150,7 @@ class ConsoleRenderer:
 # fields (said in the sentence) are not repeated after it.
 SENTENCES: dict[str, tuple[str, ...]] = {
     "draining": ("signal", "running", "grace"),
+    "password_on_command_line": (),
 }
 
 

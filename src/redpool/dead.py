@@ -47,7 +47,7 @@ from .connection import check_cluster, explain, is_cluster_url
 from .config import parse_duration  # noqa: F401  (dead.parse_duration, as before)
 from .deployment import dead_label, dead_lists
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
-from .keytypes import ROLE, culprit, wrong_type
+from .keytypes import culprit, wrong_type
 from .protocol import DEFAULT_NAMESPACE, Keys
 from .queue import connect, load_script
 from .urls import chosen_url
@@ -110,6 +110,11 @@ def raw_job(e: Entry) -> bytes:
     """The job's bytes exactly as first pushed; ValueError says why there are none."""
     if not e.queue or any(c.isspace() for c in e.queue):
         raise ValueError(f"its queue {e.queue!r} is not a queue name")
+    size = None if e.data is None else e.data.get("job_size")
+    if size is not None:
+        raise ValueError(f"it keeps only the beginning of its job of {size} bytes (over the "
+                         "worker's --max-payload): send a smaller job, with a reference to "
+                         "large data, instead")
     job, b64 = e.text("job"), e.text("job_b64")
     try:
         if job is not None:
@@ -300,8 +305,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     except redis.ResponseError as e:
         if str(e).startswith("WRONGTYPE"):  # another program wrote to a key of ours
             key = (culprit(e) or (dead_label(keys, args.queue),))[0]
-            raise wrong_type(r, key, "list", ROLE.get(keys.kind_of(key)[0], "a list"),
-                             "nothing was changed") from None
+            raise wrong_type(r, keys, key, "nothing was changed") from None
         raise RedpoolError(f"Redis refused a command on {dead_label(keys, args.queue)}: "
                            f"{e}") from None
     finally:

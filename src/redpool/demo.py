@@ -32,10 +32,14 @@ def run_demo(url: str, jobs: int = 12) -> int:
 
     ns = f"demo{os.getpid()}"
     cores = usable_cores()
+    # The URL goes through the environment: on the worker's command line, a password in
+    # it would show in ps until the worker hid it (and be warned about, again)
+    env = {k: v for k, v in os.environ.items() if k != "REDPOOL_REDIS_URL_FILE"}
+    env["REDPOOL_REDIS_URL"] = url
     worker = subprocess.Popen(
-        [sys.executable, "-m", "redpool", "worker", "redpool.demo", "--redis-url", url,
+        [sys.executable, "-m", "redpool", "worker", "redpool.demo",
          "--namespace", ns, "--name", f"demo-{os.getpid()}", "--log-level", "warning"],
-        start_new_session=True)
+        env=env, start_new_session=True)
     client = Client(url, namespace=ns)
     try:
         print(f"Started `redpool worker redpool.demo` (pid {worker.pid}) with {cores} processes.")

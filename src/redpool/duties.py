@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import redis
 
 from . import __version__
-from . import protocol as p
 from .config import WorkerConfig
 from .dataset import DataLoss
 from .errors import NameInUse
@@ -38,8 +37,7 @@ from .hooks import Hooks
 from .health import BACKOFF_MAX, RedisHealth
 from .keytypes import classify
 from .lease import Lease, Reaper
-from .queue import Completion, RedisQueue
-from .work import Work
+from .queue import RedisQueue
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor
@@ -302,28 +300,3 @@ class Duties(DataLoss, RedisHealth):
         if extra:
             moved = self.rq.requeue(extra)
             self.hooks.emit("reconciled", requeued=moved)
-
-    def crash_completion(self, work: Work, description: str) -> Completion:
-        """Last resort, when even settling a failure killed a child: fail the job here."""
-        found = p.salvage(work.raw)
-        if isinstance(found, p.Job):
-            job_id = None if found.id_assigned else found.id
-            reply_to, ttl, task, enq = found.reply_to, found.result_ttl, found.task, found.enqueued_at
-        else:
-            job_id, reply_to, ttl, task, enq = (found.job_id, found.reply_to, found.result_ttl,
-                                                found.task, found.enqueued_at)
-        message = f"{work.fail['message']}; then the process settling it {description}"
-        env = None
-        if job_id or reply_to:
-            env = p.dumps(p.envelope(id=job_id or p.new_id(), task=task, queue=work.queue,
-                                     status=p.FAILED, worker=self.cfg.name, enqueued_at=enq,
-                                     started_at=work.fail.get("started_at"),
-                                     attempts=found.attempt + work.crashes,
-                                     error=p.error_dict(work.fail["error_type"], message)))
-        dead = p.dumps(p.dead_entry(work.raw, queue=work.queue, reason=message,
-                                    error_type=work.fail["error_type"], worker=self.cfg.name,
-                                    job_id=job_id))
-        return Completion(work.queue, work.raw, job_id if ttl > 0 else None, ttl, reply_to, env,
-                          dead)
-
-

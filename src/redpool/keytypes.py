@@ -90,15 +90,18 @@ def culprit(e: BaseException) -> tuple[str, str] | None:
     return (m["key"], m["type"]) if m else None
 
 
-def wrong_type(r, key: str, expected: str, role: str, consequence: str) -> WrongType:
-    """The error a producer gets when Redis refused a push with WRONGTYPE: which key,
-    what it holds (if TYPE may be asked: a producer's ACL user may not), what to do."""
+def wrong_type(r, keys: Keys, key: str, consequence: str, role: str | None = None) -> WrongType:
+    """The error a command-line user or a producer gets when Redis refused a command with
+    WRONGTYPE: which key, what it holds (if TYPE may be asked: a producer's ACL user may
+    not), what redpool keeps there, what to do."""
     try:
         found = r.type(key)
         found = found.decode() if isinstance(found, bytes) else str(found)
     except redis.RedisError:
         found = None
-    return WrongType(key, found, expected, role, consequence)
+    kind = keys.kind_of(key)[0]
+    return WrongType(key, found, EXPECTED.get(kind, "list"), role or ROLE.get(kind, "its data"),
+                     consequence)
 
 
 def pairs(flat) -> list[tuple[str, str]]:
@@ -261,8 +264,10 @@ class Unusable:
 
 class Holding:
     """Mixin of RedisQueue (queue.py): what keys of the wrong type change on the Redis
-    side.  Needs its keys, name, queues, _proc, _proc_key(), missed, processing_lists(),
-    unusable, _held, _released; sets _active, _reserve_keys and _promote_keys."""
+    side.  Needs its r, keys, name, queues, _proc, _proc_key(), missed, _each(),
+    processing_lists(), unusable; sets _active (the queues served), _reserve_keys and
+    _promote_keys, and keeps _held (completions that need a key of the wrong type; their
+    jobs stay in our processing lists) and _released (the same, once it is fixed)."""
 
     def _keys_changed(self) -> None:
         """The unusable keys changed: the scripts' key lists follow (the queues served
@@ -324,6 +329,14 @@ class Holding:
             by_queue.setdefault(self.keys.queue(q), []).append(raw)
         self._each([(k, ("RPUSH", k, *reversed(raws))) for k, raws in by_queue.items()])
         return len(items)
+
+    def _ask(self, commands: list[tuple[str, tuple]]) -> list:
+        """As RedisQueue._each, with each error in place of its reply (cluster.py's
+        goes per node)."""
+        pipe = self.r.pipeline(transaction=False)
+        for _, cmd in commands:
+            pipe.execute_command(*cmd)
+        return pipe.execute(raise_on_error=False)
 
     def key_types(self, keys: list[str]) -> dict[str, str]:
         """The type of each key, in one round trip (per node on Redis Cluster); a key

@@ -114,11 +114,15 @@ class Reaper:
             if kind != "string" and wrongtype is not None:
                 wrongtype(self.keys.reaper, kind)
             return {}
-        names = sorted(n.decode() for n in self.r.smembers(self.keys.supervisors))
+        # (names, and below the keys found, are read with surrogateescape and written
+        # back as the same bytes: a key that is not UTF-8, which redpool never writes,
+        # is not a reason for every supervisor's reaper to raise, once a second)
+        names = sorted(n.decode("utf-8", "surrogateescape")
+                       for n in self.r.smembers(self.keys.supervisors))
         names = [n for n in names if n != self.name]
         pipe = self.r.pipeline(transaction=False)
         for n in names:
-            pipe.exists(self.keys.supervisor(n))
+            pipe.exists(_b(self.keys.supervisor(n)))
         dead = [n for n, alive in zip(names, pipe.execute()) if not alive]
         out = {}
         for n in dead:
@@ -131,12 +135,16 @@ class Reaper:
         return out
 
     def reap(self, dead: str) -> int:
-        keys = [self.keys.supervisor(dead), self.keys.supervisors, self.keys.crashes]
-        pattern = self.keys.processing_pattern(dead)
+        keys = [_b(self.keys.supervisor(dead)), self.keys.supervisors, self.keys.crashes]
+        pattern = _b(self.keys.processing_pattern(dead))
         for key in self.r.scan_iter(match=pattern, count=1000):
-            k = key.decode()
-            keys += [k, self.keys.queue(self.keys.queue_of_processing(dead, k))]
-        return max(0, int(self._reap(keys=keys, args=[dead])))
+            k = key.decode("utf-8", "surrogateescape")
+            keys += [key, _b(self.keys.queue(self.keys.queue_of_processing(dead, k)))]
+        return max(0, int(self._reap(keys=keys, args=[_b(dead)])))
+
+
+def _b(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
 
 
 def _parse(raw: bytes | None) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import signal
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -18,6 +19,9 @@ from .pool import BootFailed, Died, Done, Ready, Returned, Started
 from .child import decode_done
 from .queue import Completion
 from .work import Work
+
+if TYPE_CHECKING:
+    from .config import WorkerConfig
 
 KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a child past its timeout
 
@@ -32,6 +36,59 @@ def job_names(raw: bytes) -> dict:
         return {"id": None if job.id_assigned else job.id, "task": job.task,
                 "attempt": job.attempt}
     return {"id": job.job_id, "task": job.task, "attempt": None}
+
+
+def answer_of(work: Work, msg: bytes) -> tuple[dict, Completion]:
+    """A child's answer (MSG_DONE) for ``work``: the job_finished event's fields and the
+    completion to acknowledge (which refuses what no script call could carry)."""
+    meta, env, dead, retry = decode_done(msg)
+    done = Completion(work.queue, work.raw, meta["result_id"], meta["ttl"], meta["reply_to"],
+                      env, dead, retry, meta.get("retry_delay", 0.0))
+    if meta["status"] not in (p.SUCCEEDED, p.FAILED, "retrying") \
+            or not 0.0 <= meta["duration"] < math.inf:
+        raise ValueError(f"its status {meta['status']!r} or duration {meta['duration']!r} "
+                         "is not one a child reports")
+    meta.pop("t", None)
+    return meta, done
+
+
+def last_resort(work: Work, error_type: str, message: str, cfg: WorkerConfig,
+                started_at: float | None) -> Completion:
+    """Fail ``work`` in the supervisor, when no child can (it died settling the job) or
+    what one said cannot be used: a dead-letter entry, and a failed envelope for the
+    producer if the raw job names a usable id or reply_to (protocol.salvage: any bytes).
+    If even that cannot be made, the dead-letter entry alone, from text of our own."""
+    message = _printable(message)
+
+    def dead(job_id: str | None) -> bytes:
+        return p.dumps(p.dead_entry(work.raw, queue=work.queue, reason=message,
+                                    error_type=error_type, worker=cfg.name, job_id=job_id,
+                                    max_job=cfg.max_payload))
+    try:
+        found = p.salvage(work.raw)
+        if isinstance(found, p.Job):
+            job_id = None if found.id_assigned else found.id
+            reply_to, ttl, task, enq = found.reply_to, found.result_ttl, found.task, found.enqueued_at
+        else:
+            job_id, reply_to, ttl, task, enq = (found.job_id, found.reply_to, found.result_ttl,
+                                                found.task, found.enqueued_at)
+        if reply_to is not None and not cfg.reply_rule().allows(reply_to):
+            reply_to = None  # as a child would have refused it (runner.py)
+        if not (job_id or reply_to):
+            return Completion(work.queue, work.raw, None, ttl, None, None, dead(None))
+        env = p.dumps(p.envelope(id=job_id or p.new_id(), task=task, queue=work.queue,
+                                 status=p.FAILED, worker=cfg.name, enqueued_at=enq,
+                                 started_at=started_at, attempts=found.attempt + work.crashes,
+                                 error=p.error_dict(error_type, message)))
+        return Completion(work.queue, work.raw, job_id if ttl > 0 else None, ttl, reply_to, env,
+                          dead(job_id))
+    except Exception:  # (salvage validates what it returns: this would be a bug of ours)
+        return Completion(work.queue, work.raw, None, p.DEFAULT_RESULT_TTL, None, None, dead(None))
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot hold (an unpaired surrogate) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 class ChildEvents:
@@ -96,18 +153,22 @@ class ChildEvents:
         work = self.inflight.pop(ev.token)
         if self.announce_starts:
             self.announce(work, ev.pid)
-        meta, env, dead, retry = decode_done(ev.msg)
-        if work.fail is None:  # settling a failure takes no time: it says nothing of jobs
-            d = meta["duration"]
-            self.avg_duration = d if not self.avg_duration else 0.8 * self.avg_duration + 0.2 * d
-        self.pending.append(Completion(work.queue, work.raw, meta["result_id"], meta["ttl"],
-                                       meta["reply_to"], env, dead, retry,
-                                       meta.get("retry_delay", 0.0)))
-        self.stats[meta["status"]] += 1
-        if dead is not None:
-            self.stats["dead"] += 1
-        meta.pop("t", None)
-        self.hooks.emit("job_finished", queue=work.queue, **meta, dead=dead is not None)
+        try:
+            meta, done = answer_of(work, ev.msg)
+        except Exception as e:
+            # The containment boundary (docs/design.md, "Bad input"): what a child said of
+            # ONE job could not become a completion.  That job is failed and dead-lettered
+            # here; the loop, and every other job, go on.
+            self.contain(work, e, "job_done", started_at=self.wall(work.started, self.clock()))
+        else:
+            if work.fail is None:  # settling a failure takes no time: it says nothing of jobs
+                d = meta["duration"]
+                self.avg_duration = d if not self.avg_duration else 0.8 * self.avg_duration + 0.2 * d
+            self.pending.append(done)
+            self.stats[meta["status"]] += 1
+            if done.dead is not None:
+                self.stats["dead"] += 1
+            self.hooks.emit("job_finished", queue=work.queue, **meta, dead=done.dead is not None)
         c = next((c for c in self.pool.children if c.pid == ev.pid), None)
         if c is None:
             return
@@ -150,7 +211,10 @@ class ChildEvents:
                         retry=True, dead=False, **ran)
             return
         if work.fail is not None:  # the child died settling a failure: write it ourselves
-            self.pending.append(self.duties.crash_completion(work, ev.description))
+            self.pending.append(last_resort(
+                work, work.fail["error_type"],
+                f"{work.fail['message']}; then the process settling it {ev.description}",
+                self.cfg, work.fail.get("started_at")))
             return
         self.stats["crashed"] += 1
         what = f"the pool process (pid {ev.pid}) running this job {ev.description}"
@@ -181,6 +245,21 @@ class ChildEvents:
                         retry=False, dead=True, **ran)
             return
         self.hooks.emit("job_crashed", queue=work.queue, crashes=crashes, description=what)
+
+    def contain(self, work: Work, e: Exception, during: str, started_at: float | None) -> None:
+        """Fail ``work`` here, for an error handling it that is neither Redis's nor a
+        signal: one error event, a dead-letter entry, and the producer's answer."""
+        why = _printable(f"{type(e).__name__}: {e}")
+        self.pending.append(last_resort(
+            work, p.E_INVALID_JOB, f"the worker could not handle this job's outcome ({why}); "
+            "what the job holds is the likely cause (its task, reply_to or id): check it, and "
+            "report this to redpool's maintainers with this dead-letter entry",
+            self.cfg, started_at))
+        self.stats["failed"] += 1
+        self.stats["dead"] += 1
+        self.hooks.emit("internal_error", during=during, queue=work.queue, error=why,
+                        **job_names(work.raw), note="a bug in redpool: the job was failed and "
+                        "dead-lettered, and the worker carries on")
 
     def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool,
                started_at: float | None, ran: float | None = None) -> None:

@@ -135,6 +135,7 @@ class ProcessPool:
     max_payload: int
     namespace: str = "redpool"
     defaults: dict = field(default_factory=dict)   # runner.Policy fields for the children
+    max_result_size: int = child_mod.p.DEFAULT_MAX_RESULT_SIZE   # --max-result-size
     children: list[Child] = field(default_factory=list)
     respawn_backoff: float = 0.0
     next_spawn_at: float = 0.0
@@ -152,7 +153,8 @@ class ProcessPool:
         proc = self.ctx.Process(
             target=child_mod.main, name="redpool-child", daemon=True,
             args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload,
-                  self._sys_path, self.namespace, self.defaults, progress, asked))
+                  self._sys_path, self.namespace, self.defaults, progress, asked,
+                  self.max_result_size))
         proc.start()
         child_conn.close()
         c = Child(proc, parent_conn, progress=progress, asked=asked, generation=self.generation)

@@ -20,14 +20,27 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from .encoding import TooLarge, dumps, job_fields  # noqa: F401  (part of the contract)
 from .keys import DEFAULT_NAMESPACE, Keys  # noqa: F401  (re-exported: part of the contract)
+from .strictjson import MAX_DEPTH, Refused, unpaired_surrogate  # noqa: F401  (the same)
+from .strictjson import dumps_exactly, lenient, not_unicode, too_deep, top_level
+from .strictjson import loads as _loads_job
 
 VERSION = 1
 DEFAULT_RESULT_TTL = 86400  # seconds
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes
+# Largest envelope of a succeeded job (--max-result-size): far below the 512 MB string
+# Redis refuses, and what a supervisor may hold per job in flight (docs/design.md).
+DEFAULT_MAX_RESULT_SIZE = 16 * 1024 * 1024
+MAX_ERROR_TEXT = 64 * 1024  # characters of error.message and of error.traceback
+DEAD_JOB_KEPT = 64 * 1024   # bytes kept of a job over --max-payload in its dead-letter entry
 # Redis refuses EX/EXPIRE beyond ~9e15 s (and Lua numbers are doubles); past it the completion
 # script fails after removing the job, losing it.  2**31-1 s (68 years) also fits an int32.
 MAX_RESULT_TTL = 2**31 - 1
+# Retries of one job, at most (its field, a task's option, --max-retries): ~35 days of
+# retries at the default backoff cap, and bounded numbers for the backoff arithmetic.
+MAX_RETRIES = 10_000
+MAX_ATTEMPT = MAX_RETRIES + 1  # the last attempt of a job retried MAX_RETRIES times
 
 # \Z, not $: in Python '$' also matches before a trailing newline, so "job-1\n" would pass.
 # (The JSON Schemas say '$', which in their ECMA-262 dialect means the very end.)
@@ -47,6 +60,9 @@ E_INVALID_JOB = "InvalidJob"
 E_UNKNOWN_TASK = "UnknownTask"
 E_PAYLOAD_TOO_LARGE = "PayloadTooLarge"
 E_UNSERIALIZABLE_RESULT = "UnserializableResult"
+E_RESULT_TOO_LARGE = "ResultTooLarge"
+E_UNPRINTABLE_ERROR = "UnprintableError"   # a task's exception whose class cannot be named
+E_WORKER_ERROR = "WorkerError"             # the worker failed to settle the job (a bug of ours)
 E_WORKER_CRASHED = "WorkerCrashed"
 E_TIMEOUT = "TimeoutError"
 
@@ -116,7 +132,7 @@ class Job:
         d = self.to_dict()
         d["id"] = self.id
         d["attempt"] = self.attempt + 1
-        return dumps(d)
+        return dumps_exactly(d)  # (an unpaired surrogate in args comes back as it went)
 
 
 #: Optional job fields that override a task's options and the worker's defaults.
@@ -160,11 +176,6 @@ def encode_job(job: dict[str, Any]) -> bytes:
     return dumps(job)
 
 
-def dumps(obj: Any) -> bytes:
-    """Compact JSON, UTF-8, no NaN/Infinity (not JSON; other languages choke on them)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
 def loads(data: bytes | str) -> Any:
     return json.loads(data)
 
@@ -188,17 +199,18 @@ def _usable(obj: dict[str, Any]) -> dict[str, Any]:
     if isinstance(jid, str) and ID_RE.match(jid):
         out["job_id"] = jid
     rt = obj.get("reply_to")
-    if isinstance(rt, str) and rt:
+    if isinstance(rt, str) and rt and unpaired_surrogate(rt) is None:
         out["reply_to"] = rt
     ttl = obj.get("result_ttl")
     if _is_int(ttl) and 0 <= ttl <= MAX_RESULT_TTL:
         out["result_ttl"] = ttl
-    if isinstance(obj.get("task"), str):
-        out["task"] = obj["task"]
+    task = obj.get("task")
+    if isinstance(task, str) and unpaired_surrogate(task) is None:
+        out["task"] = task
     if _is_number(obj.get("enqueued_at")):
         out["enqueued_at"] = obj["enqueued_at"]
     attempt = obj.get("attempt")
-    if _is_int(attempt) and attempt >= 1:
+    if _is_int(attempt) and 1 <= attempt <= MAX_ATTEMPT:
         out["attempt"] = attempt
     return out
 
@@ -213,6 +225,9 @@ def _validate(obj: dict[str, Any]) -> None:
     task = obj["task"]
     if not isinstance(task, str) or not task:
         raise bad(f"'task' must be a non-empty string, got {_type(task)}")
+    if not task.isascii() and unpaired_surrogate(task) is not None:
+        raise bad(not_unicode("task", task, "no task is registered under such a name: "
+                               "send the task's name as whole characters"))
     if "id" in obj:
         jid = obj["id"]
         if not isinstance(jid, str) or not ID_RE.match(jid):
@@ -225,6 +240,9 @@ def _validate(obj: dict[str, Any]) -> None:
         rt = obj["reply_to"]
         if not isinstance(rt, str) or not rt:
             raise bad(f"'reply_to' must be a non-empty string (a list key), got {_type(rt)}")
+        if not rt.isascii() and unpaired_surrogate(rt) is not None:  # (answered by result key)
+            raise bad(not_unicode("reply_to", rt, "no Redis key can hold it: use a key of "
+                                   "whole characters, e.g. myapp:reply:<id>"))
     if "result_ttl" in obj:
         ttl = obj["result_ttl"]
         if not _is_int(ttl) or not 0 <= ttl <= MAX_RESULT_TTL:
@@ -233,9 +251,9 @@ def _validate(obj: dict[str, Any]) -> None:
     if "enqueued_at" in obj and not _is_number(obj["enqueued_at"]):
         raise bad(f"'enqueued_at' must be a finite number (unix seconds), "
                   f"got {_short(obj['enqueued_at'])}")
-    for name in ("max_retries", "attempt"):
-        if name in obj and (not _is_int(obj[name]) or obj[name] < (1 if name == "attempt" else 0)):
-            raise bad(f"'{name}' must be a whole number >= {1 if name == 'attempt' else 0}, "
+    for name, low, high in (("max_retries", 0, MAX_RETRIES), ("attempt", 1, MAX_ATTEMPT)):
+        if name in obj and (not _is_int(obj[name]) or not low <= obj[name] <= high):
+            raise bad(f"'{name}' must be a whole number >= {low} and <= {high}, "
                       f"got {_short(obj[name])}")
     for name in ("retry_backoff", "retry_backoff_max", "timeout"):
         if name in obj and (not _is_number(obj[name]) or obj[name] <= 0 or obj[name] > MAX_RESULT_TTL):
@@ -265,27 +283,18 @@ def _short(v: Any) -> str:
 def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
     """Parse and validate raw job bytes.  Raises InvalidJob with a human reason."""
     if len(raw) > max_payload:
-        # Still try to answer the producer: salvage id/reply_to if it parses.
-        salvage: dict[str, Any] = {}
-        try:
-            obj = json.loads(raw)
-            if isinstance(obj, dict):
-                salvage = _usable(obj)
-        except (ValueError, RecursionError):
-            pass
         raise InvalidJob(f"payload is {len(raw)} bytes, over the limit of {max_payload} "
                          "(--max-payload): store large data elsewhere and pass a reference",
-                         E_PAYLOAD_TOO_LARGE, **salvage)
+                         E_PAYLOAD_TOO_LARGE, **_salvaged(raw))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidJob(f"job is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise InvalidJob(f"job is not UTF-8 text ({e.reason} at byte {e.start}): send JSON "
+                         "encoded as UTF-8", **_salvaged(raw)) from None
     try:
-        obj = json.loads(text)
-    except RecursionError:
-        raise InvalidJob("job is not valid JSON: nested too deeply") from None
-    except ValueError as e:
-        raise InvalidJob(f"job is not valid JSON: {e}") from None
+        obj = _loads_job(text, raw)
+    except Refused as e:
+        raise InvalidJob(e.reason, **_salvaged(raw)) from None
     if not isinstance(obj, dict):
         raise InvalidJob(f"job must be a JSON object, got {_type(obj)}")
     _validate(obj)
@@ -310,6 +319,20 @@ def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
     )
 
 
+def _salvaged(raw: bytes) -> dict[str, Any]:
+    """What identifies the producer of a job that cannot be read whole (not UTF-8, too
+    deep, not JSON, too large), to answer it: its top-level fields, read leniently.
+    Bytes that are not UTF-8 become lone surrogates, so a reply_to holding any is not
+    taken (_usable); a field nested too deeply to read is left out, not its siblings."""
+    try:
+        if too_deep(raw):
+            raw = top_level(raw)
+        obj = lenient(raw.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return {}
+    return _usable(obj) if isinstance(obj, dict) else {}
+
+
 def salvage(raw: bytes) -> InvalidJob | Job:
     """Best effort: whatever identifies the producer of ``raw``, never raises."""
     try:
@@ -325,7 +348,7 @@ def salvage(raw: bytes) -> InvalidJob | Job:
 def envelope(*, id: str, task: str | None, queue: str, status: str, worker: str,
              attempts: int = 1, result: Any = None, error: dict[str, Any] | None = None,
              enqueued_at: float | None = None, started_at: float | None = None,
-             finished_at: float | None = None) -> dict[str, Any]:
+             finished_at: float | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "v": VERSION,
         "id": id,
@@ -342,6 +365,8 @@ def envelope(*, id: str, task: str | None, queue: str, status: str, worker: str,
         env["result"] = result
     else:
         env["error"] = error or error_dict("Error", "unknown error")
+    if warnings:
+        env["warnings"] = list(warnings)
     return env
 
 
@@ -362,8 +387,11 @@ def failed_envelope_for(bad: InvalidJob, *, queue: str, worker: str,
 
 
 def dead_entry(raw: bytes, *, queue: str, reason: str, error_type: str, worker: str,
-               job_id: str | None = None, now: float | None = None) -> dict[str, Any]:
-    """A dead-letter entry.  The raw job is kept as text when it is UTF-8, else base64."""
+               job_id: str | None = None, now: float | None = None,
+               max_job: int | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
+    """A dead-letter entry.  The raw job is kept as text when it is UTF-8, else base64;
+    of a job over ``max_job`` bytes (--max-payload) only its first DEAD_JOB_KEPT, and
+    ``job_size`` says how long it was (such an entry cannot be requeued)."""
     entry: dict[str, Any] = {
         "v": VERSION,
         "id": job_id,
@@ -373,9 +401,9 @@ def dead_entry(raw: bytes, *, queue: str, reason: str, error_type: str, worker: 
         "worker": worker,
         "failed_at": time.time() if now is None else now,
     }
-    try:
-        entry["job"] = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        import base64
-        entry["job_b64"] = base64.b64encode(raw).decode("ascii")
+    fields, cut = job_fields(raw, max_job, DEAD_JOB_KEPT)
+    entry.update(fields)
+    warnings = [*(warnings or ()), *([cut] if cut else [])]
+    if warnings:
+        entry["warnings"] = warnings
     return entry

@@ -23,7 +23,7 @@ from redis.retry import Retry
 from . import dataset
 from .keys import crash_started
 from .keytypes import Holding, KeyMap, Unusable, culprit, pairs
-from .protocol import Keys
+from .protocol import MAX_RESULT_TTL, Keys, unpaired_surrogate
 
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
 #: producer waiting on it must still get its answer.
@@ -85,6 +85,20 @@ class Completion:
     retry: bytes | None = None  # the next attempt, scheduled instead of a result
     retry_delay: float = 0.0    # seconds until it is due
 
+    def __post_init__(self) -> None:
+        """Refuse a completion no script call could carry (a key UTF-8 cannot write, a
+        number Redis refuses): sent, it would fail its whole batch on every try.  The
+        loop contains this error to the one job (outcomes.ChildEvents.job_done)."""
+        for key in (self.reply_to, self.result_id):
+            if key is not None and (key.__class__ is not str or not key or not key.isascii()
+                                    and unpaired_surrogate(key) is not None):
+                raise ValueError(f"its reply_to {self.reply_to!r} or result id "
+                                 f"{self.result_id!r} cannot name a Redis key")
+        if self.ttl.__class__ is not int or not 0 <= self.ttl <= MAX_RESULT_TTL \
+                or not 0.0 <= self.retry_delay < 1e12:
+            raise ValueError(f"its ttl {self.ttl!r} or retry delay {self.retry_delay!r} is "
+                             "not a number Redis takes")
+
 
 @dataclass(slots=True)
 class Reserved:
@@ -116,10 +130,8 @@ class RedisQueue(Holding, dataset.Markers):
         self.crashes_exist = True  # until a reserve says otherwise
         self._own_prefix = f"{keys.ns}:"
         self._reply_prefix = keys.reply("")
-        #: Keys found of the wrong type, and the queues they stop (keytypes.py).  The
-        #: queues served are the others (``_active``); completions that need such a key
-        #: wait in ``_held`` (their jobs stay in our processing lists), and go again, as
-        #: ``_released``, once it is fixed.
+        #: Keys of the wrong type and what they stop (keytypes.py): see Holding for
+        #: _active (the queues served), _held and _released (completions held back).
         self.unusable = Unusable(KeyMap(keys, name, self.queues), changed=self._keys_changed)
         self._held: list[Completion] = []
         self._released: list[Completion] = []
@@ -350,9 +362,8 @@ class RedisQueue(Holding, dataset.Markers):
 
     @property
     def unsent(self) -> int:
-        """Acknowledgements taken over but not yet sent (those a key of the wrong type
-        held back, since fixed; cluster.ClusterQueue: those a node away holds up): the
-        supervisor does not stop while there are any."""
+        """Acknowledgements taken over, not yet sent: the supervisor does not stop while
+        there are any (keytypes.Holding; cluster.ClusterQueue: a node away's too)."""
         return len(self._released)
 
     #: A call's reply was lost while other calls went through, so no outage is seen: a
@@ -374,13 +385,6 @@ class RedisQueue(Holding, dataset.Markers):
             if isinstance(reply, Exception):
                 raise reply
         return out
-
-    def _ask(self, commands: list[tuple[str, tuple]]) -> list:
-        """As _each, with each error in place of its reply."""
-        pipe = self.r.pipeline(transaction=False)
-        for _, cmd in commands:
-            pipe.execute_command(*cmd)
-        return pipe.execute(raise_on_error=False)
 
     def nodes(self) -> list[redis.Redis]:
         """A client per primary (one here; every primary on Redis Cluster)."""

@@ -191,7 +191,9 @@ class Supervisor(ChildEvents, Lifecycle):
             self.duties.judge_missing(now, missing)
         if skipped:
             self.hooks.emit("replies_skipped", count=skipped,
-                            reason="reply_to names a key that is not a list, or one of ours")
+                            reason="reply_to names a key that is not a list, or one this "
+                            "worker's ACL user may not write: grant its --reply-to patterns "
+                            "(redpool acl worker --reply-to ...)")
 
     def batch_size(self) -> int:
         if self.avg_duration <= 0:

@@ -4,9 +4,16 @@
     redpool: child web-1 running myapp.tasks.resize for 12s
     redpool: child web-1 idle
 
+Every command retitles itself as its first act (``hide_command_line``, from cli.main):
+``redpool status --watch --redis-url redis://:***@db:6379/0``, the command line with the
+Redis URL redacted, so that a password given there does not stay in ps and
+/proc/<pid>/cmdline for as long as the command runs.  setproctitle writes over the
+memory the kernel shows as the command line (the original arguments), so nothing of
+them is left to read.  What it cannot hide is the moment before: Python starting up and
+importing redpool; hence the warning a password on the command line gets.
+
 The supervisor's title follows its heartbeat event (every second): a Hooks subscriber,
-like the log and the metrics, so the loop knows nothing of titles.  It also hides the
-original command line, --redis-url and all.
+like the log and the metrics, so the loop knows nothing of titles.
 
 A child's title is set by a thread of its own, once a second and only when the text
 changed.  A child runs up to tens of thousands of jobs a second, so its loop does no
@@ -18,13 +25,46 @@ shows it only if it is a registered task: a title never holds text a producer ch
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from typing import Callable, Mapping
 
 from setproctitle import setproctitle
 
+from .urls import redact_url
+
 INTERVAL = 1.0  # seconds between a child's title updates
+URL_FLAG = "--redis-url"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")   # an argument that is a URL itself
+
+
+def command_title(argv: list[str]) -> str:
+    """``redpool ARGS``, each Redis URL in them redacted (urls.redact_url)."""
+    shown, url_next = ["redpool"], False
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if url_next or _URL.match(arg):
+            arg = redact_url(arg)
+        elif eq and flag == URL_FLAG:
+            arg = f"{flag}={redact_url(value)}"
+        url_next = arg == URL_FLAG
+        shown.append(arg)
+    return " ".join(shown)
+
+
+def hide_command_line(argv: list[str], set_title: Callable[[str], None] = setproctitle) -> None:
+    """Retitle this process: its command line, without the secrets in it."""
+    set_title(command_title(argv))
+
+
+def password_warning(command: str) -> str:
+    """The one warning a password on the command line gets: what it costs, what instead."""
+    instead = ("--redis-url-file FILE" if command == "demo" else
+               "REDPOOL_REDIS_URL, or in a file: --redis-url-file FILE (REDPOOL_REDIS_URL_FILE)")
+    return (f"the password in {URL_FLAG} can be read by every user of this host (ps, "
+            "/proc/PID/cmdline) until redpool has hidden it, and stays in your shell's "
+            f"history: pass the URL in {instead}")
 
 
 def elapsed(seconds: float) -> str:

@@ -14,7 +14,8 @@
 --   KEYS[o+2]      <ns>:result:<id>, or ""         (string; SET with EX ttl)
 --   KEYS[o+3]      <ns>:scheduled:<queue>, or ""   (sorted set; the retry, ZADD)
 -- ARGV[1]          the dead-letter list's length cap (LTRIM)
--- ARGV[2]          TTL for reply lists when result_ttl is 0
+-- ARGV[2]          TTL for reply lists when result_ttl is 0 (a reply list's TTL only
+--                  grows: _reply_ttl.lua)
 -- ARGV[3]          "<ns>:": a reply_to inside our namespace is skipped (it could be a
 --                  queue, which LPUSH + EXPIRE would corrupt) ...
 -- ARGV[4]          "<ns>:reply:": ... unless it is under this prefix
@@ -25,7 +26,8 @@
 --   ARGV[a+4]      the dead-letter entry JSON, or ""
 --   ARGV[a+5]      the next attempt's raw job, or ""
 --   ARGV[a+6]      its delay in milliseconds (due = Redis server time + delay)
---   ARGV[a+7]      the reply_to list, or "" (LPUSH + EXPIRE).  A key the producer
+--   ARGV[a+7]      the reply_to list, or "" (LPUSH, then EXPIRE unless that would
+--                  shorten its TTL).  A key the producer
 --                  chose, passed as an argument rather than a key on purpose: the
 --                  ACL check then happens at the LPUSH, inside pcall, so a reply_to
 --                  the worker may not write is skipped (and counted) instead of
@@ -45,6 +47,7 @@
 local dead_cap = tonumber(ARGV[1])
 local reply_default_ttl = tonumber(ARGV[2])
 local own, replies = ARGV[3], ARGV[4]
+--#include _reply_ttl
 local function ours(key)
   return string.sub(key, 1, #own) == own and string.sub(key, 1, #replies) ~= replies
 end
@@ -106,7 +109,7 @@ for j = 1, jobs do
         if type(pushed) == 'table' and pushed['err'] then
           skipped = skipped + 1
         else
-          redis.pcall('EXPIRE', reply, ttl > 0 and ttl or reply_default_ttl)
+          keep_for(reply, pushed, ttl > 0 and ttl or reply_default_ttl)
         end
       end
     end
