@@ -132,6 +132,7 @@ def test_a_job_to_dead_letter_into_a_dead_list_of_the_wrong_type_waits_in_its_pr
                                                "dead_letter": True}))
     push(r, keys, "default", "ok1")
     wait_for(lambda: envelope(r, keys, "ok1"), timeout=30, what="another job served")
+    wait_for(lambda: len(named(d, "job_finished")) == 2, timeout=30, what="both ran")
     assert sorted(e["id"] for e in named(d, "job_finished")) == ["bad", "ok1"]
     # Then that job is not lost: it stays in the worker's processing list, unanswered
     # (its answer goes with its dead letter), while other jobs are served
