@@ -28,6 +28,7 @@ from helpers import ROOT, wait_for
 from redpool.cluster import ClusterLease, ClusterQueue, ClusterReaper
 from redpool.nodes import deliver
 from redpool.keys import Keys, crash_started
+from redpool.keytypes import KeyMap, Unusable
 from redpool.queue import Completion
 
 pytestmark = pytest.mark.daemon
@@ -549,6 +550,7 @@ def test_a_waiter_outlives_a_cluster_it_cannot_reach():
 
     class Queue:
         queues = ["a"]
+        unusable = Unusable(KeyMap(Keys("t"), "w", ["a"]))
 
         def block_reserve(self, conn, queue, timeout):
             return Reserved(queue, b"job")
@@ -586,9 +588,9 @@ def test_answers_left_in_an_outbox_by_a_crash_are_delivered_at_the_next_start(rc
     assert sorted(g.queue for g in got) == ["a", "b"]
     # the first step alone, as if the supervisor died right after it
     for q, raw in zip(("a", "b"), raws):
-        missing, entries = rq._complete_q(keys=rq._complete_keys(q), args=rq._complete_args(
+        missing, entries, broken = rq._complete_q(keys=rq._complete_keys(q), args=rq._complete_args(
             [completion(keys, q, raw, f"{q}1", reply_to=f"{keys.ns}-r")]))
-        assert missing == 0 and len(entries) == 1
+        assert missing == 0 and len(entries) == 1 and broken == []
     assert rc.llen(keys.processing("sup", "a")) == 0 and rc.get(keys.result("a1")) is None
     # the next start delivers them, once
     ClusterQueue(rc, keys, "sup", ["a", "b"]).recover(crashed=True)

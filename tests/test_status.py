@@ -90,8 +90,9 @@ def test_status_shows_the_numbers_of_a_running_daemon(r, keys, redis_url, namesp
     assert queues["default"]["scheduled"] == 2 and 500 < queues["default"]["next_due_in"] <= 600
     assert queues["default"]["dead"] == 1 and queues["gone"]["dead"] == 1
     assert queues["other"] == {"name": "other", "depth": 0, "oldest_age": None, "scheduled": 0,
-                               "next_due_in": None, "dead": 0}
+                               "next_due_in": None, "dead": 0, "unusable": {}}
     assert snap["dead"] == {"total": 2, "scanned": 2, "unknown_queue": 0}
+    assert snap["unusable"] == []   # (keys of the wrong type: tests/test_wrongtype.py)
     # and the supervisor its identity, counts, uptime and heartbeat
     (sup,) = snap["supervisors"]
     assert (sup["name"], sup["alive"], sup["host"], sup["pid"]) == ("w1", True,

@@ -29,6 +29,8 @@ from redpool.config import WorkerConfig
 from redpool.duties import BACKOFF_MAX, PROMOTE_EVERY, REAP_EVERY, Duties
 from redpool.errors import NameInUse
 from redpool.hooks import Hooks
+from redpool.keytypes import KeyMap, Unusable
+from redpool.keys import Keys
 from redpool.pool import BootFailed, Died, Done, Ready, Returned, Started, describe_exit
 from redpool.queue import Reserved
 from redpool.registry import Registry
@@ -114,6 +116,8 @@ class FakeQueue:
         self.kept: tuple = (True, "AOF")        # what persistence() says
         self.missed: list = []                  # as RedisQueue.missed
         self.restore_calls: list[Counter] = []
+        self.unusable = Unusable(KeyMap(Keys("t"), "w", self.queues))  # as RedisQueue's
+        self.types: dict[str, str] = {}         # what key_types() answers (a key -> its type)
 
     def _io(self, what: str) -> None:
         self.calls.append(what)
@@ -243,6 +247,15 @@ class FakeQueue:
     unsent = 0        # as RedisQueue's: nothing is held back on one server
     suspect = False
 
+    def holding(self):
+        return []     # (completions a key of the wrong type holds back: keytypes.Holding)
+
+    def key_types(self, keys):
+        return {k: t for k, t in self.types.items() if k in keys}
+
+    def probe_keys(self):
+        return list(self.unusable.map.expected())
+
     def settle(self):
         return 0  # as RedisQueue's: on one server no acknowledgement is left half done
 
@@ -307,7 +320,7 @@ class FakeReaper:
         self.runs: list[tuple[float, float]] = []   # (when, lock_seconds)
         self.found: dict[str, int] = {}             # what the next round reaps
 
-    def run(self, lock_seconds: float = 1.0):
+    def run(self, lock_seconds: float = 1.0, wrongtype=None):
         self.rq._io("reap")
         self.runs.append((self.clock(), lock_seconds))
         found, self.found = self.found, {}

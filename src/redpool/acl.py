@@ -58,11 +58,12 @@ PRODUCER_REPLIES = ("brpop", "rpop", "rpush", "del")        # its own reply list
 #: Redis Cluster node clearly).
 WORKER_SCRIPTS = ("evalsha", "script|load")
 WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "smembers",
+                 "type",  # keys of the wrong type, found and looked at again (keytypes.py)
                  "lpush", "expire", "lrem")  # the last three: cluster.py's deliver()
 WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
                      "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "pttl", "rpop",
-                     "rpush", "sadd", "set", "srem", "time", "zadd", "zrange", "zrangebyscore",
-                     "zrem")
+                     "rpush", "sadd", "set", "srem", "time", "type", "zadd", "zrange",
+                     "zrangebyscore", "zrem")
 #: Reads of the metrics collector (--metrics-port), `redpool status`, `inspect` and
 #: `dead` (which also needs LREM and its script), so operators may use this user too.
 WORKER_OBSERVE = ("exec", "get", "lindex", "llen", "multi", "pttl", "time", "ttl", "zcard",

@@ -33,6 +33,7 @@ import structlog
 from . import protocol
 from .connection import connect, is_cluster_url, tls_options
 from .errors import ConfigError, RedpoolError
+from .keytypes import wrong_type
 from .registry import task_name
 from .results import AsyncResult, MapResult, TimeoutError
 from .urls import chosen_url, redact_url
@@ -287,6 +288,9 @@ class Client:
                 raise ConfigError(f"Redis at {redact_url(self.url)} is a Redis Cluster node: "
                                   "connect with redis+cluster://host:port (see docs/deploy.md, "
                                   "\"Redis Cluster\")") from None
+            if isinstance(e, redispy.ResponseError) and str(e).startswith("WRONGTYPE"):
+                raise wrong_type(self._redis, self.keys, self.keys.scheduled(queue) if due
+                                 else qkey, f"{len(batch)} job(s) not enqueued") from None
             raise
         if on_pushed is not None:
             on_pushed(len(batch))

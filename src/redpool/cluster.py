@@ -44,6 +44,7 @@ import redis
 from .lease import Lease, Reaper
 from .nodes import deliver, lost_reply, rerun_unknown, send_by_node, write_answers
 from .protocol import Keys
+from .keytypes import pairs
 from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, crash_info, load_script
 
 
@@ -84,12 +85,15 @@ class ClusterQueue(RedisQueue):
         reconciles afterwards) without losing track of any job."""
         items, self._unsent = self._unsent + done, []
         done.clear()
+        items, hold = self._sendable(items)  # (those a key of the wrong type holds back
+        self._settled(hold)                  # wait; taken over, as the rest)
         groups = _by_queue(items)
         calls = [(self._complete_q, self._complete_keys(q),
                   self._complete_args(batch, self._delivered.get(q, ())))
                  for q, batch in groups.items()]
-        if n > 0:
-            calls.append((self._reserve, self._queue_keys[self.queues[0]],
+        queues = self._active  # (as the keys were given: a report below may change it)
+        if n > 0 and queues:
+            calls.append((self._reserve, self._queue_keys[queues[0]],
                           [min(n, MAX_RESERVE), epoch]))
         try:
             replies = self._scripts(calls, [])
@@ -106,20 +110,18 @@ class ClusterQueue(RedisQueue):
                 self._unsent += batch
             else:
                 self._delivered.pop(q, None)  # the script removed them from the outbox
-                missing += int(reply[0])
-                if int(reply[0]):  # (see RedisQueue.missed)
-                    self.missed += [batch[int(i) - 1] for i in reply[2:]]
+                missing += self._unwritten(batch, reply)  # (see RedisQueue.missed)
                 answers[q] = reply[1]
         skipped = self._deliver(answers, errors)
         got: list[Reserved] = []
         answered = False  # some queue's reservation went through (empty or not)
         fenced_out = 0
-        if n > 0:
+        if n > 0 and queues:
             counted, flat = False, replies[-1]
-            for q in self.queues:
+            for q in queues:
                 if n <= 0:
                     break
-                if q != self.queues[0]:
+                if q != queues[0]:
                     try:
                         flat = self._reserve(keys=self._queue_keys[q],
                                              args=[min(n, MAX_RESERVE), epoch])
@@ -134,10 +136,14 @@ class ClusterQueue(RedisQueue):
                     continue
                 answered = True
                 counted = counted or bool(flat[1])
+                first = 2
+                if flat[0] == 2:  # keys of the wrong type: nothing of that queue moved
+                    first = 3
+                    self.unusable.found(pairs(flat[2]))
                 got += [Reserved(q, flat[i + 1], c) if (c := flat[i + 2]).__class__ is int
                         else Reserved(q, flat[i + 1], *crash_info(c))
-                        for i in range(2, len(flat), 3)]
-                n -= (len(flat) - 2) // 3
+                        for i in range(first, len(flat), 3)]
+                n -= (len(flat) - first) // 3
             if not errors:
                 self.crashes_exist = counted
         if errors and not answered:
@@ -191,11 +197,14 @@ class ClusterQueue(RedisQueue):
 
     @property
     def unsent(self) -> int:
-        return len(self._unsent)
+        return len(self._unsent) + len(self._released)
 
     def _each(self, commands: list[tuple[str, tuple]]) -> list:
         """As RedisQueue._each, per node (send_by_node): one round trip."""
         return _raise_first(send_by_node(self.r, commands))
+
+    def _ask(self, commands: list[tuple[str, tuple]]) -> list:
+        return send_by_node(self.r, commands)
 
     def nodes(self) -> list:
         return [n.redis_connection for n in self.r.get_primaries()]
@@ -203,7 +212,7 @@ class ClusterQueue(RedisQueue):
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """As RedisQueue.complete; the items are taken over (see exchange)."""
         items = items if isinstance(items, list) else list(items)
-        return self.exchange(items, 0, "")[:2] if items or self._unsent else (0, 0)
+        return self.exchange(items, 0, "")[:2] if items or self.unsent else (0, 0)
 
     def _complete_keys(self, q: str) -> list[str]:
         k = self.keys
@@ -252,12 +261,14 @@ class ClusterQueue(RedisQueue):
             pass
         replies = self._scripts(
             [(self._promote, [self.keys.scheduled(q), self.keys.queue(q)], [limit])
-             for q in self.queues], list(self._delivered))
-        if all(isinstance(x, Exception) for x in replies):
+             for q in self._active], list(self._delivered))
+        if replies and all(isinstance(x, Exception) for x in replies):
             _raise_first(replies)
         replies = [x for x in replies if not isinstance(x, Exception)]  # a node away: later
-        due = [int(ms) / 1000 for _, ms in replies if int(ms) >= 0]
-        return sum(int(m) for m, _ in replies), min(due) if due else None
+        for _, _, broken in replies:
+            self.unusable.found(pairs(broken))
+        due = [int(ms) / 1000 for _, ms, _ in replies if int(ms) >= 0]
+        return sum(int(m) for m, _, _ in replies), min(due) if due else None
 
     def settle(self) -> int:
         """Before a reconcile: send the completions a failed node held up, then write
@@ -340,11 +351,15 @@ class ClusterReaper(Reaper):
         self._forget = load_script(r, "forget")
 
     def reap(self, dead: str) -> int:
-        moved, done = 0, True
+        moved, done, refused = 0, True, None
         for q in self._queues_of(dead):
             k = self.keys
-            n = int(self._reap_queue(keys=[k.fence(dead, q), k.processing(dead, q), k.queue(q),
-                                           k.crashes_of(q)]))
+            try:
+                n = int(self._reap_queue(keys=[k.fence(dead, q), k.processing(dead, q),
+                                               k.queue(q), k.crashes_of(q)]))
+            except redis.ResponseError as e:  # a key of the wrong type: that queue waits
+                refused, done = refused or e, False
+                continue
             if n < 0:  # its fence for this queue is alive: not dead there (yet)
                 done = False
                 continue
@@ -355,6 +370,8 @@ class ClusterReaper(Reaper):
         # nodes (resharding) can escape one SCAN, and a forgotten name is never reaped.
         if done and not self._queues_of(dead):
             self._forget(keys=[self.keys.supervisor(dead), self.keys.supervisors], args=[dead])
+        if refused is not None:
+            raise refused  # (Reaper.run reports it, once the others are reaped)
         return moved
 
     def _queues_of(self, dead: str) -> list[str]:

@@ -25,6 +25,9 @@ restart (INFO for AOF, CONFIG GET for RDB's save points where it may be asked).
 
 from __future__ import annotations
 
+import uuid
+from collections import Counter
+
 import redis
 
 from .errors import NameInUse
@@ -78,6 +81,46 @@ def _address(r: redis.Redis) -> str:
 
 def _acl_user(r: redis.Redis) -> str | None:
     return r.connection_pool.connection_kwargs.get("username")
+
+
+class Markers:
+    """Mixin of RedisQueue (queue.py): the dataset markers, and what the servers say of
+    themselves.  Needs its keys, queues, unusable, _proc_key(), _each() and nodes()."""
+
+    def dataset_keys(self) -> list[str]:
+        return list(dict.fromkeys([self.keys.dataset, *map(self.keys.dataset_of, self.queues)]))
+
+    def read_markers(self) -> dict[str, bytes | None]:
+        """The dataset markers as they stand (keys.dataset): one round trip."""
+        keys = self.dataset_keys()
+        return dict(zip(keys, self._each([(k, ("GET", k)) for k in keys])))
+
+    def claim_markers(self) -> dict[str, bytes]:
+        """Set each missing marker to a fresh token (SET NX: the first supervisor's
+        wins) and return the ones that stand now."""
+        keys, token = self.dataset_keys(), uuid.uuid4().hex
+        out = self._each([c for k in keys for c in ((k, ("SET", k, token, "NX")),
+                                                     (k, ("GET", k)))])
+        return dict(zip(keys, out[1::2]))
+
+    def restore(self, items: Counter) -> int:
+        """Push (queue, raw) jobs back into our processing lists, as many times as
+        counted: after the server lost its data, the jobs we still hold are ours again,
+        so that their results are written and a stop puts them back.  Returns how many.
+        A processing list of the wrong type (keytypes.py) gets its jobs once fixed."""
+        by_key: dict[str, list[bytes]] = {}
+        for (q, raw), n in items.items():
+            if self._proc_key(q) not in self.unusable:
+                by_key.setdefault(self._proc_key(q), []).extend([raw] * n)
+        if by_key:
+            self._each([(k, ("LPUSH", k, *raws)) for k, raws in by_key.items()])
+        return sum(len(v) for v in by_key.values())
+
+    def run_ids(self) -> dict[str, str]:
+        return run_ids(self.nodes())
+
+    def persistence(self) -> tuple[bool | None, str]:
+        return persistence(self.nodes())
 
 
 class DataLoss:
@@ -166,9 +209,10 @@ class DataLoss:
         self.say_lost(during, sorted(k for k, v in self.run_ids.items()
                                      if before.get(k) not in (None, v)))
 
-    def restore_held(self, also: list[tuple[str, bytes]]) -> int:
+    def restore_held(self, also: list[tuple[str, bytes]], queues: set[str] | None = None) -> int:
         """Push back into our processing lists every job we hold that Redis has not:
-        reserved, running, finished (their completions are sent again).  How many."""
+        reserved, running, finished (their completions are sent again).  How many.
+        ``queues``: only those queues' (a processing list another program overwrote)."""
         s = self.sup
         if s.waiter is not None:
             s.receive(s.waiter.take())
@@ -178,6 +222,8 @@ class DataLoss:
         held.update(also)
         for queue, raws in self.rq.processing_contents().items():
             held.subtract((queue, raw) for raw in raws)
+        if queues is not None:
+            held = Counter({k: n for k, n in held.items() if k[0] in queues})
         return self.rq.restore(+held)
 
     def say_lost(self, during: str, restarted: list[str]) -> None:

@@ -47,6 +47,7 @@ from .connection import check_cluster, explain, is_cluster_url
 from .config import parse_duration  # noqa: F401  (dead.parse_duration, as before)
 from .deployment import dead_label, dead_lists
 from .errors import EXIT_OK, ConfigError, RedisUnavailable, RedpoolError
+from .keytypes import culprit, wrong_type
 from .protocol import DEFAULT_NAMESPACE, Keys
 from .queue import connect, load_script
 from .urls import chosen_url
@@ -302,6 +303,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailable(explain(e, url)) from None  # worded as the worker words it
     except redis.ResponseError as e:
+        if str(e).startswith("WRONGTYPE"):  # another program wrote to a key of ours
+            key = (culprit(e) or (dead_label(keys, args.queue),))[0]
+            raise wrong_type(r, keys, key, "nothing was changed") from None
         raise RedpoolError(f"Redis refused a command on {dead_label(keys, args.queue)}: "
                            f"{e}") from None
     finally:

@@ -12,7 +12,9 @@ a cluster pipeline, so it is asked for on its own (one more round trip); and eac
 has its own dead-letter list, so dead letters are counted exactly, by LLEN per queue,
 with the queue's other reads, and a queue that has only a dead list is found by a
 second SCAN.  Everything read is untrusted: a job, a lease's info or a dead
-letter that is not what it should be shows as unknown, never as a crash.
+letter that is not what it should be shows as unknown, never as a crash; so is a key
+of the wrong type (another program wrote to it: keytypes.py), which is listed with
+what it stops and what to do, beside those the supervisors report.
 
 Times are measured on the Redis server's clock (TIME), the one the leases and the
 scheduled sets already use.  A job's age compares it with the ``enqueued_at`` its
@@ -32,6 +34,7 @@ from typing import Any
 
 import redis
 
+from .keytypes import EXPECTED, bad_key
 from .protocol import Keys
 
 CHUNK = 1000            # list elements per LRANGE / ZRANGE
@@ -78,6 +81,7 @@ class QueueState:
     next_due_in: float | None       # seconds until the first scheduled one is due (< 0: overdue)
     dead: int = 0                   # dead letters of jobs taken from it (see DeadCounts;
                                     # on Redis Cluster the length of its own list)
+    unusable: dict[str, str] = field(default_factory=dict)  # its keys of the wrong type
 
 
 def discover_queues(r: redis.Redis, keys: Keys) -> set[str]:
@@ -133,16 +137,40 @@ def read_queues(r: redis.Redis, keys: Keys, names: list[str]) -> tuple[float, li
         pipe.zrange(keys.scheduled(q), 0, 0, withscores=True)
         if keys.cluster:
             pipe.llen(keys.dead_of(q))
-    out = pipe.execute()
+    out = pipe.execute(raise_on_error=False)
+    wrong = [i for i, x in enumerate(out) if isinstance(x, Exception)]
+    if any(not str(out[i]).startswith("WRONGTYPE") for i in wrong):
+        raise next(out[i] for i in wrong if not str(out[i]).startswith("WRONGTYPE"))
     now = server_time(r) if keys.cluster else time_of(out.pop(0))
+    broken = dict(wrong_types(r, keys, [k for q in names for k in (
+        keys.queue(q), keys.scheduled(q), *([keys.dead_of(q)] if keys.cluster else []))]
+        if wrong else []))
+    out = [None if isinstance(x, Exception) else x for x in out]
     states = []
     for i, q in enumerate(names):
         depth, oldest, scheduled, first, *dead = out[per * i:per * (i + 1)]
+        depth, scheduled, dead = depth or 0, scheduled or 0, [d or 0 for d in dead]
+        first = first or []
         job = parse_object(oldest)
         enqueued = number(job.get("enqueued_at")) if job else None
         states.append(QueueState(q, depth, None if enqueued is None else max(0.0, now - enqueued),
                                  scheduled, first[0][1] - now if first else None, *dead))
+        states[-1].unusable = {k: t for k, t in broken.items() if keys.kind_of(k)[1] == q}
     return now, states
+
+
+def wrong_types(r: redis.Redis, keys: Keys, names: list[str]) -> list[tuple[str, str]]:
+    """(key, type) of each of ``names`` that holds another type than redpool keeps there
+    (another program wrote to it: keytypes.py): one round trip of TYPE."""
+    pipe = r.pipeline(transaction=False)
+    for k in names:
+        pipe.type(k)
+    out = []
+    for k, t in zip(names, pipe.execute()):
+        t = t.decode() if isinstance(t, bytes) else str(t)
+        if t not in ("none", EXPECTED.get(keys.kind_of(k)[0])):
+            out.append((k, t))
+    return out
 
 
 class DeadCounts:
@@ -201,6 +229,7 @@ class SupervisorState:
     rate_1m: float | None = None    # jobs finished per second over its last minute
     uptime: float | None = None
     heartbeat_age: float | None = None  # seconds since it last renewed its lease
+    unusable: list[dict] = field(default_factory=list)  # keys of the wrong type it found
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +254,10 @@ def supervisor_state(name: str, info_raw: bytes | None, pttl: int, now: float) -
     queues = info.get("queues")
     s.queues = [q for q in queues if isinstance(q, str)] if isinstance(queues, list) else []
     s.rate_1m = number(info.get("rate_1m"))
+    found = info.get("unusable")
+    s.unusable = [{k: _str(u.get(k)) for k in ("key", "type", "expected", "queue", "effect")}
+                  for u in (found if isinstance(found, list) else []) if isinstance(u, dict)
+                  and isinstance(u.get("key"), str)]
     started = number(info.get("started_at"))
     s.uptime = max(0.0, now - started) if started is not None and s.alive else None
     lease = number(info.get("lease"))
@@ -243,7 +276,11 @@ def read_supervisors(r: redis.Redis, keys: Keys, now: float) -> list[SupervisorS
     for n in names:
         pipe.hget(keys.supervisor(n), "info")
         pipe.pttl(keys.supervisor(n))
-    out = pipe.execute()
+    out = pipe.execute(raise_on_error=False)  # (a lease of the wrong type: no info)
+    for x in out:
+        if isinstance(x, Exception) and not str(x).startswith("WRONGTYPE"):
+            raise x
+    out = [None if isinstance(x, Exception) else x for x in out]
     return [supervisor_state(n, out[2 * i], out[2 * i + 1], now) for i, n in enumerate(names)]
 
 
@@ -257,6 +294,7 @@ class Snapshot:
     dead_total: int
     dead_scanned: int               # entries read to count dead letters per queue
     dead_unknown_queue: int         # of those, entries that name no queue
+    unusable: list[dict] = field(default_factory=list)  # keys of the wrong type (keytypes.py)
 
     @property
     def throughput(self) -> float:
@@ -268,7 +306,8 @@ class Snapshot:
                 "queues": [asdict(q) for q in self.queues],
                 "supervisors": [s.to_dict() for s in self.supervisors],
                 "dead": {"total": self.dead_total, "scanned": self.dead_scanned,
-                         "unknown_queue": self.dead_unknown_queue}}
+                         "unknown_queue": self.dead_unknown_queue},
+                "unusable": self.unusable}
 
 
 class Observer:
@@ -300,12 +339,33 @@ class Observer:
         return sorted(self.discovered | listened | named)
 
     def read(self) -> Snapshot:
-        supervisors = read_supervisors(self.r, self.keys, server_time(self.r))
-        dead = self.dead.read(self.r, self.keys)
-        now, queues = read_queues(self.r, self.keys, self.queue_names(supervisors, dead))
-        if self.keys.cluster:  # counted exactly, per queue (read_queues)
-            total = sum(q.dead for q in queues)
-            return Snapshot(now, queues, supervisors, total, total, 0)
-        for q in queues:
-            q.dead = dead.by_queue.get(q.name, 0)
-        return Snapshot(now, queues, supervisors, dead.total, dead.scanned, dead.by_queue[None])
+        k = self.keys
+        wide = dict(wrong_types(self.r, k, [k.supervisors, k.reaper, k.dataset, *(
+            [] if k.cluster else [k.crashes, k.dead])]))
+        supervisors = [] if k.supervisors in wide else \
+            read_supervisors(self.r, k, server_time(self.r))
+        dead = DeadCounts() if not k.cluster and k.dead in wide else self.dead.read(self.r, k)
+        now, queues = read_queues(self.r, k, self.queue_names(supervisors, dead))
+        snap = Snapshot(now, queues, supervisors, dead.total, dead.scanned, dead.by_queue[None])
+        if k.cluster:  # counted exactly, per queue (read_queues)
+            snap.dead_total = snap.dead_scanned = sum(q.dead for q in queues)
+        else:
+            for q in queues:
+                q.dead = dead.by_queue.get(q.name, 0)
+        snap.unusable = unusable(k, wide, queues, supervisors)
+        return snap
+
+
+def unusable(keys: Keys, wide: dict, queues: list[QueueState],
+             supervisors: list[SupervisorState]) -> list[dict]:
+    """Every key of the wrong type: those seen here (namespace-wide keys, queue lists,
+    scheduled sets) and those the supervisors report (their processing lists...), each
+    with who saw it."""
+    out: dict[str, dict] = {}
+    for key, type_ in [*wide.items(), *(kv for q in queues for kv in q.unusable.items())]:
+        out[key] = {**bad_key(keys, key, type_).to_dict(), "seen_by": ["status"]}
+    for s in supervisors:
+        for u in s.unusable:
+            entry = out.setdefault(u["key"], {**u, "seen_by": []})
+            entry["seen_by"].append(s.name)
+    return list(out.values())

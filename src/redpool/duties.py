@@ -8,7 +8,10 @@
 * promotion of due scheduled jobs (delayed jobs, retries) onto their queues;
 * Redis health: one log line when Redis goes away and one when it is back, retries
   with capped backoff in between, and a reconcile after every outage (a reply lost
-  with the connection may hide a script that did run);
+  with the connection may hide a script that did run).  Only a failure to reach Redis
+  is an outage: a key of the wrong type is that key's (keytypes.py: said once, the
+  rest served, looked at again every few seconds), and any other error reply is Redis
+  refusing a command (said once, retried with backoff);
 * Redis losing its data (restarted without persistence, flushed): found by the dataset
   markers (keys.dataset), said once, and the jobs this supervisor still holds put back
   into Redis rather than taken for jobs "taken back by a reaper".
@@ -31,6 +34,8 @@ from .config import WorkerConfig
 from .dataset import DataLoss
 from .errors import NameInUse
 from .hooks import Hooks
+from .health import BACKOFF_MAX, RedisHealth
+from .keytypes import classify
 from .lease import Lease, Reaper
 from .queue import RedisQueue
 
@@ -39,11 +44,11 @@ if TYPE_CHECKING:
 
 REAP_EVERY = 1.0          # seconds between reaper rounds, cluster-wide
 PROMOTE_EVERY = 0.5       # the longest a due scheduled job waits to be promoted
-BACKOFF_MAX = 2.0         # Redis retry backoff cap: back within ~2 s of Redis returning
 HEARTBEAT_EVERY = 1.0     # the "heartbeat" event: the loop is alive (systemd's watchdog, status)
+HELD_MAX = 1000           # completions a key of the wrong type holds back before we stop reserving
 
 
-class Duties(DataLoss):
+class Duties(DataLoss, RedisHealth):
     def __init__(self, cfg: WorkerConfig, rq: RedisQueue, lease: Lease, reaper: Reaper,
                  hooks: Hooks, clock=time.monotonic) -> None:
         self.cfg = cfg
@@ -69,6 +74,14 @@ class Duties(DataLoss):
         self.data_lost_during: str | None = None      # a loss found, not yet fully handled
         self.lost_counts: dict[str, int] = {}         # what we held when it was found
         self.dropped = 0   # completions that found their job gone, not yet judged
+        self.begun = False                # registered and recovered (start(), or later)
+        self.refusals: dict[str, str] = {}  # where Redis refused a command -> its error
+        self.duties_at = 0.0              # duties Redis refused wait until then
+        self._duty_backoff = 0.0
+        self.probe_at: float | None = None  # a WRONGTYPE named no key: ask every key's type
+        self.recheck_at = 0.0             # next look at the keys of the wrong type
+        self.fixed: list = []             # keys of the wrong type fixed, not yet acted on
+        rq.unusable.emit = hooks.emit
 
     def bind(self, sup: Supervisor) -> None:
         self.sup = sup
@@ -103,13 +116,41 @@ class Duties(DataLoss):
                 "dead": s.stats["dead"] if s else 0,
                 "state": s.state if s else "starting",
                 "heartbeat_at": time.time(), "lease": self.cfg.lease,
+                "unusable": self.rq.unusable.to_info(),
                 "rate_1m": round((finished - before) / (now - since), 3) if now > since else 0.0}
 
     # -- start and stop ----------------------------------------------------------------------
 
+    @property
+    def may_reserve(self) -> bool:
+        """Our lease holds, no namespace-wide key is of the wrong type, and not too
+        many completions wait for one (keytypes.py)."""
+        rq = self.rq
+        return self.leased and not rq.unusable.paused and len(rq.holding()) < HELD_MAX
+
     def start(self, now: float) -> None:
+        """Look at the type of every key we use first (one round trip): a key another
+        program wrote to is said, and passed over, before anything touches it.  One
+        the guarantees rest on (our lease, the crash counts...) defers the rest until
+        it is fixed (tick())."""
+        self.next_renew = now + self.cfg.lease / 3
+        self.next_reap = now + REAP_EVERY
+        self.next_promote = now
+        self.next_heartbeat = now + HEARTBEAT_EVERY
+        self.check_types(now, probe=True)
+        if not self.rq.unusable.paused:
+            try:
+                self.begin(now)
+            except redis.RedisError as e:
+                if classify(e) == "down":
+                    raise
+                self.redis_failed(e, now, "start")  # (a key broken since: later)
+
+    def begin(self, now: float) -> None:
+        """Register (NameInUse propagates), put back what a run of ours left, claim
+        the dataset markers."""
         self.lease.register(self.info(), self.cfg.lease)
-        self.leased = True
+        self.leased = self.begun = True
         # Jobs left under our name were held by a run of ours that died: each counts
         # as a crash (a job that keeps killing its host ends as a poison pill).
         moved = self.rq.recover(crashed=True)
@@ -119,14 +160,11 @@ class Duties(DataLoss):
         self.run_ids = self.rq.run_ids()
         self.check_persistence()
         self.next_renew = now + self.cfg.lease / 3
-        self.next_reap = now + REAP_EVERY
-        self.next_promote = now
-        self.next_heartbeat = now + HEARTBEAT_EVERY
 
     def shutdown(self) -> None:
         """Acknowledge what finished, put everything else back, give the name back."""
-        if self.name_lost:  # another supervisor has our name: its lists are not ours
-            return
+        if self.name_lost or not self.begun:  # another supervisor has our name (its lists
+            return                            # are not ours), or we never took any job
         s = self.sup
         try:
             for _ in range(2):  # again if Redis turned out to have lost the jobs: restored
@@ -135,7 +173,7 @@ class Duties(DataLoss):
                     s.flush(self.clock())
             moved = self.rq.recover(crashed=False)
             if s is not None:
-                s.stats["requeued"] += sum(moved.values())
+                s.stats["requeued"] += sum(moved.values()) + self.rescue_overwritten()
             self.lease.unregister()
         except redis.RedisError as e:
             self.hooks.emit("shutdown_redis_error", error=str(e),
@@ -157,12 +195,23 @@ class Duties(DataLoss):
             # watchdog is fed from this), with a snapshot for observers (status, metrics).
             self.next_heartbeat = now + HEARTBEAT_EVERY
             self.hooks.emit("heartbeat", **self.sup.snapshot(now))
-        if not self.redis_ready(now):
+        if not self.redis_ready(now) or now < self.duties_at:
             return
+        paused = self.rq.unusable.paused
         try:
+            if self.probe_at is not None and now >= self.probe_at or \
+                    self.rq.unusable and now >= self.recheck_at:
+                self.check_types(now, probe=self.probe_at is not None)
+                paused = self.rq.unusable.paused
+            elif self.fixed:
+                self.apply_fixes()
+            if not self.begun:
+                if not paused:
+                    self.begin_late(now)
+                return
             if self.data_lost_during is not None:
                 self.data_lost(now, self.data_lost_during)
-            if not self.leased and not self.name_lost:
+            if not self.leased and not self.name_lost and not paused:
                 self.reregister(now)
             if self.reconcile_pending or self.rq.suspect:
                 self.reconcile()
@@ -171,12 +220,13 @@ class Duties(DataLoss):
                 self.next_renew = now + self.cfg.lease / 3
                 if not self.lease.renew(self.info(), self.cfg.lease):
                     self.lease_lost(now, "renew")
-            if now >= self.next_reap:
+            if now >= self.next_reap and not paused:
                 self.next_reap = now + REAP_EVERY
-                if now >= self.reap_not_before:
-                    for name, jobs in self.reaper.run(lock_seconds=REAP_EVERY).items():
+                if now >= self.reap_not_before and self.rq.unusable.reaping:
+                    for name, jobs in self.reaper.run(lock_seconds=REAP_EVERY,
+                                                      wrongtype=self.rq.unusable.add).items():
                         self.hooks.emit("reaped", supervisor=name, jobs=jobs)
-            if now >= self.next_promote:
+            if now >= self.next_promote and not paused:
                 moved, until_next = self.rq.promote()
                 self.nothing_scheduled = until_next is None
                 self.next_promote = now + min(PROMOTE_EVERY, until_next if until_next is not None
@@ -186,7 +236,7 @@ class Duties(DataLoss):
         except redis.RedisError as e:
             self.redis_failed(e, now, "duties")
             return
-        self.redis_ok(now)
+        self.redis_ok(now, "duties")
 
     # -- the lease ---------------------------------------------------------------------------
 
@@ -225,37 +275,6 @@ class Duties(DataLoss):
         self.next_renew = now + self.cfg.lease / 3
         self.hooks.emit("reregistered", epoch=self.lease.epoch)
         self.reconcile()
-
-    # -- Redis health ------------------------------------------------------------------------
-
-    def redis_ready(self, now: float) -> bool:
-        return now >= self.retry_at
-
-    def redis_failed(self, e: BaseException, now: float, during: str) -> None:
-        self._backoff = min(BACKOFF_MAX, max(0.05, self._backoff * 2))
-        self.retry_at = now + self._backoff
-        if not self.redis_down:
-            self.redis_down = True
-            self.hooks.emit("redis_down", error=str(e), during=during)
-
-    def redis_ok(self, now: float) -> None:
-        if not self.redis_down:
-            self._backoff = 0.0
-            return
-        self.redis_down = False
-        self.hooks.emit("redis_up")
-        self.next_renew = now  # renew first thing; others need a moment to renew theirs
-        self.reap_not_before = now + self.cfg.lease / 3 + BACKOFF_MAX + 1.0
-        try:
-            if not self.check_dataset(now, "outage"):  # (a server back empty: first of all)
-                self.report_dropped()
-            self.reconcile()
-        except redis.RedisError as e:
-            # (the backoff goes on growing: a reconcile that keeps failing while other
-            # calls succeed -- a Redis Cluster node away -- must not spin)
-            self.redis_failed(e, now, "reconcile")
-            return
-        self._backoff = 0.0
 
     def reconcile(self) -> None:
         """Make our processing lists hold exactly what we hold.  A script whose reply

@@ -38,6 +38,21 @@ class NameInUse(RedpoolError):
     exit_code = EXIT_NAME_IN_USE
 
 
+class WrongType(RedpoolError):
+    """One of redpool's keys holds another type than redpool keeps there: another
+    program wrote to it (``SET redpool:queue:emails x``).  Raised to a producer whose
+    push Redis refused with WRONGTYPE; workers report such a key (keytypes.py)."""
+
+    def __init__(self, key: str, found: str | None, expected: str, role: str,
+                 consequence: str) -> None:
+        self.key, self.found, self.expected = key, found, expected
+        holds = f"holds a {found}" if found else "holds another type"
+        super().__init__(
+            f"{key} {holds} where redpool keeps a {expected} ({role}): another program "
+            f"wrote to it ({consequence}).  DEL it, or RENAME it away to keep its data "
+            f"(redpool uses it as a {expected}); workers serve it again by themselves")
+
+
 class JobFailed(RedpoolError):
     """Raised by AsyncResult.get() when the job failed; carries the remote error."""
 

@@ -176,6 +176,32 @@ class Keys:
         """SCAN pattern of queue lists and scheduled sets, in one pass (queue_named filters)."""
         return f"{glob_escape(self.ns)}:[qs]*"
 
+    def kind_of(self, key: str) -> tuple[str, str | None]:
+        """(kind, queue) of any key of the namespace, for messages about it: kind is
+        queue, scheduled, processing, outbox, dead, crashes, fence, dataset, lease,
+        supervisors or reaper ("" for a key that is none of them); queue is the queue it
+        belongs to, when it belongs to one."""
+        if key in (self.supervisors, self.reaper):
+            return ("supervisors" if key == self.supervisors else "reaper"), None
+        if key.startswith(self.supervisor("")):
+            return "lease", None
+        q = self.queue_named(key)
+        if q is not None:
+            return ("queue" if key == self.queue(q) else "scheduled"), q
+        for kind, stem in (("processing", "processing"), ("outbox", "outbox"),
+                           ("fence", "lease")):
+            prefix = f"{self.ns}:{stem}:"
+            if key.startswith(prefix) and ":" in key[len(prefix):]:
+                sup, _, _ = key[len(prefix):].partition(":")
+                return kind, self._queue_of(stem, sup, key)
+        for kind in ("dead", "crashes", "dataset"):
+            if key == f"{self.ns}:{kind}":
+                return kind, None
+            if key.startswith(f"{self.ns}:{kind}:"):
+                tail = self._untag(key[len(self.ns) + len(kind) + 2:])
+                return kind, (None if kind == "dataset" else tail)
+        return "", None
+
     def queue_named(self, key: str) -> str | None:
         """The queue of a queue list or scheduled set; None for any other key."""
         for prefix in (f"{self.ns}:queue:", f"{self.ns}:scheduled:"):

@@ -27,6 +27,7 @@ import uuid
 import redis
 
 from .errors import NameInUse
+from .keytypes import culprit
 from .protocol import Keys
 from .queue import load_script
 
@@ -94,12 +95,24 @@ class Reaper:
         self.name = name
         self._reap = load_script(r, "reap")
 
-    def run(self, lock_seconds: float = 1.0) -> dict[str, int]:
+    def run(self, lock_seconds: float = 1.0, wrongtype=None) -> dict[str, int]:
         """One round, unless another supervisor has reaped in the last ``lock_seconds``
         (the lock is left to expire: it also paces the rounds cluster-wide).  Returns
         {dead supervisor: jobs put back}.  Our own lease is not judged here: renewal
-        tells us when it is lost."""
-        if not self.r.set(self.keys.reaper, self.name, nx=True, px=int(lock_seconds * 1000)):
+        tells us when it is lost.
+
+        A key of the wrong type (keytypes.py) is handed to ``wrongtype(key, type)``: the
+        lock (SET NX cannot tell "held" from "holds a list": its type is asked in the
+        same round trip), or a dead supervisor's list, whose reap.lua refused before
+        moving anything; the other dead supervisors are reaped all the same."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self.keys.reaper, self.name, nx=True, px=int(lock_seconds * 1000))
+        pipe.type(self.keys.reaper)
+        locked, kind = pipe.execute()
+        if not locked:
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            if kind != "string" and wrongtype is not None:
+                wrongtype(self.keys.reaper, kind)
             return {}
         # (names, and below the keys found, are read with surrogateescape and written
         # back as the same bytes: a key that is not UTF-8, which redpool never writes,
@@ -111,7 +124,15 @@ class Reaper:
         for n in names:
             pipe.exists(_b(self.keys.supervisor(n)))
         dead = [n for n, alive in zip(names, pipe.execute()) if not alive]
-        return {n: self.reap(n) for n in dead}
+        out = {}
+        for n in dead:
+            try:
+                out[n] = self.reap(n)
+            except redis.ResponseError as e:
+                if culprit(e) is None or wrongtype is None:
+                    raise
+                wrongtype(*culprit(e))
+        return out
 
     def reap(self, dead: str) -> int:
         keys = [_b(self.keys.supervisor(dead)), self.keys.supervisors, self.keys.crashes]

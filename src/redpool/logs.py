@@ -286,6 +286,8 @@ _LEVELS = {
     "child_stopped": "info", "job_started": "debug", "redis_data_lost": "error",
     "internal_error": "error",
     "redis_not_persistent": "warning", "redis_persistence_unknown": "debug",
+    "queue_unusable": "error", "key_unusable": "error", "queue_usable": "warning",
+    "key_usable": "warning", "redis_error": "error", "redis_error_cleared": "warning",
 }
 
 

@@ -12,8 +12,6 @@ import functools
 import hashlib
 import re
 import time
-import uuid
-from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable
@@ -24,6 +22,7 @@ from redis.retry import Retry
 
 from . import dataset
 from .keys import crash_started
+from .keytypes import Holding, KeyMap, Unusable, culprit, pairs
 from .protocol import MAX_RESULT_TTL, Keys, unpaired_surrogate
 
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
@@ -117,7 +116,7 @@ def crash_info(reply) -> tuple[int, float | None]:
     return int(reply), None
 
 
-class RedisQueue:
+class RedisQueue(Holding, dataset.Markers):
     """One supervisor's view of Redis: its name, its queues, its processing lists."""
 
     def __init__(self, r: redis.Redis, keys: Keys, name: str, queues: list[str], *,
@@ -128,13 +127,15 @@ class RedisQueue:
         self.queues = list(queues)
         self.dead_max = dead_max
         self._proc = {q: keys.processing(name, q) for q in self.queues}
-        if not keys.cluster:  # cluster.ClusterQueue reserves and promotes queue by queue
-            self._reserve_keys = [keys.supervisor(name), keys.crashes] + \
-                [k for q in self.queues for k in (keys.queue(q), self._proc[q])]
         self.crashes_exist = True  # until a reserve says otherwise
         self._own_prefix = f"{keys.ns}:"
         self._reply_prefix = keys.reply("")
-        self._promote_keys = [k for q in self.queues for k in (keys.scheduled(q), keys.queue(q))]
+        #: Keys of the wrong type and what they stop (keytypes.py): see Holding for
+        #: _active (the queues served), _held and _released (completions held back).
+        self.unusable = Unusable(KeyMap(keys, name, self.queues), changed=self._keys_changed)
+        self._held: list[Completion] = []
+        self._released: list[Completion] = []
+        self._keys_changed()
         self._reserve = load_script(r, "reserve")
         self._complete = load_script(r, "complete")
         self._requeue = load_script(r, "requeue")
@@ -161,30 +162,42 @@ class RedisQueue:
         """Acknowledge ``done`` and reserve up to ``n`` more in ONE round trip (the two
         scripts, pipelined).  Returns (missing, skipped) as complete() does, and the
         reserved jobs (None: our lease is lost, nothing was taken)."""
+        hold = None  # (the plain path: no key of the wrong type, nothing held back)
+        if self.unusable.bad or self._released:
+            done, hold = self._sendable(done)
         if not done and n <= 0:
+            if hold is not None:
+                self._settled(hold)
             return 0, 0, []
         calls = []
         if done:
             calls.append((self._complete, *self._complete_args(done)))
         if n > 0:
             calls.append((self._reserve, self._reserve_keys, [min(n, MAX_RESERVE), epoch]))
+        qs = self._active  # (as the keys were given: a report below may change it)
         replies = self._evalsha_pipeline(calls)
+        if hold is not None:
+            self._settled(hold)
         missing = skipped = 0
         if done:
             reply = replies.pop(0)
             missing, skipped = int(reply[0]), int(reply[1])
-            if missing:  # (only those: others of the batch were written)
-                self.missed += [done[int(i) - 1] for i in reply[2:]]
+            if len(reply) > 3:  # jobs no longer ours, or held back (only those: the
+                missing = self._unwritten(done, reply)  # others of the batch were written)
         got: list[Reserved] | None = []
         if n > 0:
             flat = replies[0]
             got = None
             if flat[0]:
+                first = 2
+                if flat[0] == 2:  # keys of the wrong type: their queues were passed over
+                    first = 3
+                    self.unusable.found(pairs(flat[2]))
                 self.crashes_exist = bool(flat[1])
-                qs = self.queues  # (the hot path: a count is nearly always a plain 0)
+                # (the hot path: a count is nearly always a plain 0)
                 got = [Reserved(qs[flat[i] - 1], flat[i + 1], c) if (c := flat[i + 2]).__class__
                        is int else Reserved(qs[flat[i] - 1], flat[i + 1], *crash_info(c))
-                       for i in range(2, len(flat), 3)]
+                       for i in range(first, len(flat), 3)]
         return missing, skipped, got
 
     def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> Reserved | None:
@@ -199,10 +212,13 @@ class RedisQueue:
         if not self.crashes_exist:
             return Reserved(queue, raw, 0)
         sha = hashlib.sha1(raw).hexdigest()
-        crashes = int(conn.hget(self.keys.crashes_of(queue), sha) or 0)
-        if not crashes:
-            return Reserved(queue, raw, 0)
-        started = conn.hget(self.keys.crashes_of(queue), crash_started(sha))  # (rare)
+        try:
+            crashes = int(conn.hget(self.keys.crashes_of(queue), sha) or 0)
+            if not crashes:
+                return Reserved(queue, raw, 0)
+            started = conn.hget(self.keys.crashes_of(queue), crash_started(sha))  # (rare)
+        except redis.ResponseError:  # crash counts of the wrong type: the job is ours
+            return Reserved(queue, raw, 0)  # all the same (reserve.lua reports the key)
         return Reserved(queue, raw, crashes, float(started) if started else None)
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
@@ -210,7 +226,7 @@ class RedisQueue:
         results were therefore not written; replies skipped because the reply_to key
         holds something other than a list)."""
         items = list(items)
-        if not items:
+        if not items and not self._released:
             return 0, 0
         return self.exchange(items, 0, "")[:2]
 
@@ -284,7 +300,12 @@ class RedisQueue:
         keys: list[str] = []
         for q, _ in items:
             keys += [self._proc_key(q), self.keys.queue(q)]
-        return int(self._requeue(keys=keys, args=[raw for _, raw in items]))
+        moved, broken = self._requeue(keys=keys, args=[raw for _, raw in items])
+        if broken:  # a job whose queue holds another type stays in our list; one whose
+            self.unusable.found(pairs(broken))  # list was overwritten exists only here
+            moved += self.rescue([(q, raw) for q, raw in items if self._proc_key(q) in
+                                  self.unusable and self.keys.queue(q) not in self.unusable])
+        return int(moved)
 
     def crashed(self, queue: str, raw: bytes, max_crashes: int = 2 ** 31,
                 started_at: float | None = None) -> int:
@@ -302,7 +323,8 @@ class RedisQueue:
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
         """Move due scheduled jobs onto their queues.  Returns (moved, seconds until
         the next one is due, or None if none is scheduled)."""
-        moved, ms = self._promote(keys=self._promote_keys, args=[limit])
+        moved, ms, broken = self._promote(keys=self._promote_keys, args=[limit])
+        self.unusable.found(pairs(broken))
         return int(moved), (None if int(ms) < 0 else int(ms) / 1000)
 
     def _proc_key(self, queue: str) -> str:
@@ -326,15 +348,24 @@ class RedisQueue:
         up), not put back by an orderly shutdown."""
         moved: dict[str, int] = {}
         for q, key in self.processing_lists().items():
-            n = int(self._requeue_all(keys=[key, self.keys.queue(q), self.keys.crashes_of(q)],
-                                      args=["1" if crashed else "0"]))
+            try:
+                n = int(self._requeue_all(keys=[key, self.keys.queue(q), self.keys.crashes_of(q)],
+                                          args=["1" if crashed else "0"]))
+            except redis.ResponseError as e:
+                if culprit(e) is None:
+                    raise
+                self.unusable.add(*culprit(e))  # that list stays as it is; the others go
+                continue
             if n:
                 moved[q] = n
         return moved
 
-    #: Acknowledgements taken over but not yet sent (cluster.ClusterQueue: those a node
-    #: away holds up); the supervisor does not stop while there are any.
-    unsent = 0
+    @property
+    def unsent(self) -> int:
+        """Acknowledgements taken over, not yet sent: the supervisor does not stop while
+        there are any (keytypes.Holding; cluster.ClusterQueue: a node away's too)."""
+        return len(self._released)
+
     #: A call's reply was lost while other calls went through, so no outage is seen: a
     #: script may have reserved jobs nobody heard of.  The duties reconcile and reset it.
     suspect = False
@@ -345,56 +376,24 @@ class RedisQueue:
         (cluster.py has the two-step kind)."""
         return 0
 
-    # -- the server itself: did it keep its data? -------------------------------------------
-
-    def dataset_keys(self) -> list[str]:
-        return list(dict.fromkeys([self.keys.dataset, *map(self.keys.dataset_of, self.queues)]))
-
-    def read_markers(self) -> dict[str, bytes | None]:
-        """The dataset markers as they stand (keys.dataset): one round trip."""
-        keys = self.dataset_keys()
-        return dict(zip(keys, self._each([(k, ("GET", k)) for k in keys])))
-
-    def claim_markers(self) -> dict[str, bytes]:
-        """Set each missing marker to a fresh token (SET NX: the first supervisor's
-        wins) and return the ones that stand now."""
-        keys, token = self.dataset_keys(), uuid.uuid4().hex
-        out = self._each([c for k in keys for c in ((k, ("SET", k, token, "NX")),
-                                                     (k, ("GET", k)))])
-        return dict(zip(keys, out[1::2]))
+    # -- the server itself: did it keep its data? (dataset.Markers) ----------------------
 
     def _each(self, commands: list[tuple[str, tuple]]) -> list:
         """(routing key, command) pairs in one round trip; the first error raised."""
-        pipe = self.r.pipeline(transaction=False)
-        for _, cmd in commands:
-            pipe.execute_command(*cmd)
-        return pipe.execute()
-
-    def restore(self, items: Counter) -> int:
-        """Push (queue, raw) jobs back into our processing lists, as many times as
-        counted: after the server lost its data, the jobs we still hold are ours again,
-        so that their results are written and a stop puts them back.  Returns how many."""
-        by_key: dict[str, list[bytes]] = {}
-        for (q, raw), n in items.items():
-            by_key.setdefault(self._proc_key(q), []).extend([raw] * n)
-        if by_key:
-            self._each([(k, ("LPUSH", k, *raws)) for k, raws in by_key.items()])
-        return sum(len(v) for v in by_key.values())
+        out = self._ask(commands)
+        for reply in out:
+            if isinstance(reply, Exception):
+                raise reply
+        return out
 
     def nodes(self) -> list[redis.Redis]:
         """A client per primary (one here; every primary on Redis Cluster)."""
         return [self.r]
 
-    def run_ids(self) -> dict[str, str]:
-        return dataset.run_ids(self.nodes())
-
-    def persistence(self) -> tuple[bool | None, str]:
-        return dataset.persistence(self.nodes())
-
     def processing_contents(self) -> dict[str, list[bytes]]:
         """What Redis says we hold, per queue (to reconcile after a lost reply)."""
         pipe = self.r.pipeline(transaction=False)
-        lists = self.processing_lists()
+        lists = {q: k for q, k in self.processing_lists().items() if k not in self.unusable}
         for key in lists.values():
             pipe.lrange(key, 0, -1)
         return dict(zip(lists, pipe.execute()))

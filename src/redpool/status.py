@@ -30,6 +30,9 @@ from .urls import chosen_url, redact_url
 
 HEARTBEAT_NOTE = ("heartbeat age: time since the supervisor last renewed its lease (it "
                   "renews every lease/3, 5 s by default); past its lease it is dead")
+UNUSABLE_NOTE = ("keys of the wrong type (another program wrote to them): DEL each, or "
+                 "RENAME it away to keep its data; workers look again every few seconds and "
+                 "carry on by themselves")
 CLEAR, HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[2J", "\x1b[H", "\x1b[K", "\x1b[J"
 
 
@@ -117,7 +120,9 @@ def render_status(snap: Snapshot, keys: Keys, where: str) -> str:
     if snap.queues:
         out.append(table(
             ["QUEUE", "WAITING", "OLDEST", "SCHEDULED", "NEXT DUE", "DEAD"],
-            [[q.name, q.depth, duration(q.oldest_age) if q.depth else "-", q.scheduled,
+            [[q.name, "unusable" if keys.queue(q.name) in q.unusable else q.depth,
+              duration(q.oldest_age) if q.depth else "-",
+              "unusable" if keys.scheduled(q.name) in q.unusable else q.scheduled,
               ("overdue" if q.next_due_in < 0 else "in " + duration(q.next_due_in))
               if q.next_due_in is not None else "-", q.dead] for q in snap.queues],
             right={1, 2, 3, 5}))
@@ -146,6 +151,11 @@ def render_status(snap: Snapshot, keys: Keys, where: str) -> str:
     out.append(dead)
     if snap.supervisors:
         out.append(HEARTBEAT_NOTE)
+    if snap.unusable:
+        out += ["", UNUSABLE_NOTE]
+        out += [f"  {clean(u['key'])} holds a {clean(u['type'])}, not a {clean(u['expected'])}: "
+                f"{clean(u['effect'])} (seen by {clean(', '.join(u['seen_by']))})"
+                for u in snap.unusable]
     return "\n".join(out)
 
 

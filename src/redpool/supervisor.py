@@ -179,7 +179,7 @@ class Supervisor(ChildEvents, Lifecycle):
             self.duties.redis_failed(e, now, "complete")
             return
         self.acknowledged(missing, skipped, now)
-        self.duties.redis_ok(now)
+        self.duties.redis_ok(now, "complete")
 
     def acknowledged(self, missing: int, skipped: int, now: float) -> None:
         """The pending completions reached Redis (all of them: one script).  Those that
@@ -279,7 +279,7 @@ class Supervisor(ChildEvents, Lifecycle):
         if self.ack_can_wait(now):
             return
         if self.woken and len(self.rq.queues) == 1 and not self.pending \
-                and self.duties.leased and not self.duties.reconcile_pending \
+                and self.duties.may_reserve and not self.duties.reconcile_pending \
                 and self.duties.redis_ready(now) and self.want() > 0:
             # A waiter has just brought a job from an empty queue.  More may follow, but
             # asking for them here would hold this job's answer up by a round trip (the
@@ -292,8 +292,8 @@ class Supervisor(ChildEvents, Lifecycle):
             return
         ready = self.duties.redis_ready(now)
         done = self.pending if ready else []
-        n = self.want() if ready and self.duties.leased else 0
-        if not done and n <= 0:
+        n = self.want() if ready and self.duties.may_reserve else 0
+        if not done and n <= 0 and not (ready and self.rq.unsent):
             if self.waiter is not None:
                 self.waiter.disarm()
             return
@@ -305,13 +305,13 @@ class Supervisor(ChildEvents, Lifecycle):
             return
         self.acknowledged(missing, skipped, now)
         if got is None:
-            self.duties.redis_ok(now)
+            self.duties.redis_ok(now, "exchange")
             if self.duties.epoch == epoch:  # (else: registered anew since, data lost)
                 self.duties.lease_lost(now, "reserve")
             return
         # held before redis_ok(): after an outage it reconciles, and must see these as ours
         self.backlog.extend(self.admit(r) for r in got)
-        self.duties.redis_ok(now)
+        self.duties.redis_ok(now, "exchange")
         self.dispatch()
         if n <= 0:
             return
@@ -385,6 +385,7 @@ class Supervisor(ChildEvents, Lifecycle):
                 "busy": len(self.pool.busy()),
                 "unacknowledged": len(self.pending) + self.rq.unsent, "concurrency": self.pool.size,
                 "children": len(self.pool.children), "redis_down": self.duties.redis_down,
+                "unusable": len(self.rq.unusable.bad),
                 "drain_left": max(0.0, self.drain_deadline - now)
                 if self.state == DRAINING else None, **self.stats}
 
@@ -395,4 +396,5 @@ class Supervisor(ChildEvents, Lifecycle):
         held = Counter((w.queue, w.raw) for w in self.backlog)
         held.update((w.queue, w.raw) for w in self.inflight.values())
         held.update((c.queue, c.raw) for c in self.pending)
+        held.update(self.rq.holding())  # (completions a key of the wrong type holds back)
         return held

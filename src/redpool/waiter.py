@@ -9,7 +9,10 @@ what the pool asked for, and it is run in turn like any reserved job.
 
 A job a thread receives is handed to the main loop through an inbox and a byte on
 a pipe the loop waits on.  Redis errors are reported to the loop the same way and
-retried with backoff; the threads never die on them.
+retried with backoff; the threads never die on them.  BLMOVE on a key of the wrong type
+moves nothing (Redis checks both lists first) and answers WRONGTYPE without naming the
+key: the loop finds which (keytypes.py), and the thread of that queue then leaves it
+alone until it is fixed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import redis
 from .errors import RedisUnavailable
 from .queue import RedisQueue, Reserved
 from .wakeup import Wakeup
+
+UNUSABLE_WAIT = 1.0  # seconds between two looks of a waiter whose queue is unusable
 
 
 class Waiter:
@@ -91,6 +96,13 @@ class Waiter:
             self._armed.wait()
             if self._stop.is_set():
                 break
+            if queue in self.rq.unusable.queues or self.rq.unusable.paused:
+                # a key of this queue, or one every queue needs, holds another type
+                # (keytypes.py): nothing to wait for until the supervisor finds it fixed
+                # (it looks every few seconds; a BLMOVE already waiting ends within its
+                # timeout, and may bring one job meanwhile)
+                self._stop.wait(UNUSABLE_WAIT)
+                continue
             try:
                 if conn is None:
                     conn = self.connect()

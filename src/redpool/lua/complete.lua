@@ -34,8 +34,16 @@
 --                  refusing the whole batch, which would wedge the supervisor.
 -- Returns          {jobs no longer in their processing list, replies skipped because
 --                  the reply_to key held another type or was one of our own keys,
---                  then the position (1-based) in the batch of each job no longer
---                  there: only those were not written (a batch can mix both)}.
+--                  {key, type, ...} of keys found of the wrong type, then the position
+--                  (1-based) in the batch of each job no longer there, and minus the
+--                  position of each job held back: only those were not written}.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before a
+-- job's first write, never after: the dead-letter list (once, if a job has an entry)
+-- and the scheduled set (for a retry) are asked their type, and the job's removal from
+-- its processing list is a pcall.  A job that needs such a key is held back, untouched
+-- (it stays in its processing list), and the others of the batch are acknowledged.
+-- Crash counts are dropped with a pcall (a key of another type holds none to drop).
 local dead_cap = tonumber(ARGV[1])
 local reply_default_ttl = tonumber(ARGV[2])
 local own, replies = ARGV[3], ARGV[4]
@@ -46,24 +54,49 @@ end
 local counted = redis.call('EXISTS', KEYS[2]) == 1
 local now_ms = nil
 local missing = 0
-local gone = {}
+local out = {}
 local skipped = 0
 local dead_added = false
+local broken = nil
+local dead_bad = nil  -- the dead-letter list's wrong type, or false once known good
 local jobs = (#KEYS - 2) / 3
 for j = 1, jobs do
   local o = 2 + 3 * (j - 1)
   local a = 4 + 7 * (j - 1)
   local raw = ARGV[a + 1]
-  local removed = redis.call('LREM', KEYS[o + 1], -1, raw)
-  if removed == 0 then
+  local held = nil  -- the key of the wrong type this job needs
+  if ARGV[a + 4] ~= '' then
+    if dead_bad == nil then
+      local t = redis.call('TYPE', KEYS[1])['ok']
+      dead_bad = t ~= 'none' and t ~= 'list' and t
+    end
+    if dead_bad then held = {KEYS[1], dead_bad} end
+  end
+  if not held and ARGV[a + 5] ~= '' then
+    local t = redis.call('TYPE', KEYS[o + 3])['ok']
+    if t ~= 'none' and t ~= 'zset' then held = {KEYS[o + 3], t} end
+  end
+  local removed = 0
+  if not held then
+    removed = redis.pcall('LREM', KEYS[o + 1], -1, raw)
+    if type(removed) == 'table' then  -- WRONGTYPE: our processing list is not a list
+      held = {KEYS[o + 1], redis.call('TYPE', KEYS[o + 1])['ok']}
+    end
+  end
+  if held then
+    broken = broken or {}
+    broken[#broken + 1] = held[1]
+    broken[#broken + 1] = held[2]
+    out[#out + 1] = -j
+  elseif removed == 0 then
     missing = missing + 1
-    gone[missing] = j
+    out[#out + 1] = j
   else
     local ttl = tonumber(ARGV[a + 2])
     local env = ARGV[a + 3]
     if env ~= '' then
       if KEYS[o + 2] ~= '' and ttl > 0 then
-        redis.call('SET', KEYS[o + 2], env, 'EX', ttl)
+        redis.call('SET', KEYS[o + 2], env, 'EX', ttl)  -- (SET replaces a key of any type)
       end
       -- a reply_to naming a key that is not a list, or one the worker's ACL user may
       -- not write, must not fail the whole batch (a script error keeps the writes
@@ -91,17 +124,17 @@ for j = 1, jobs do
       end
       redis.call('ZADD', KEYS[o + 3], (now_ms + tonumber(ARGV[a + 6])) / 1000, ARGV[a + 5])
     end
-    if counted then
+    if counted then  -- (pcall: crash counts of another type hold none to drop)
       local sha = redis.sha1hex(raw)
-      redis.call('HDEL', KEYS[2], sha, sha .. ':started')
+      redis.pcall('HDEL', KEYS[2], sha, sha .. ':started')
     end
   end
 end
 if dead_added then
   redis.call('LTRIM', KEYS[1], 0, dead_cap - 1)
 end
-local reply = {missing, skipped}
-for i = 1, missing do
-  reply[i + 2] = gone[i]
+local reply = {missing, skipped, broken or {}}
+for i = 1, #out do
+  reply[i + 3] = out[i]
 end
 return reply

@@ -28,22 +28,61 @@
 -- Returns      {jobs no longer in the processing list, the entries this call pushed
 --              onto the outbox (older ones a failed write left there are cluster.py's
 --              housekeeping's, so that a node away does not make every call heavier),
---              then the position (1-based) in the batch of each job no longer there}
+--              {key, type, ...} of keys found of the wrong type, then the position
+--              (1-based) in the batch of each job no longer there, and minus the
+--              position of each job held back}
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before a
+-- job's first write, as in complete.lua: the outbox is asked its type first (it is
+-- written before any job is looked at), the dead-letter list and the scheduled set when
+-- a job needs them, and the removal from the processing list is a pcall.  A job that
+-- needs such a key is held back, untouched; the others are acknowledged.
+local function wrong(key, want)  -- (lua/_check.lua's)
+  local t = redis.call('TYPE', key)['ok']
+  return t ~= 'none' and t ~= want and t
+end
 local counted = redis.call('EXISTS', KEYS[4]) == 1
 local now_ms = nil
 local missing = 0
-local gone = {}
+local out = {}
 local dead_added = false
 local pushed = {}
+local broken = {}
+local box_bad = wrong(KEYS[2], 'list')
+local dead_bad, sched_bad = nil, nil  -- their wrong type, or false once known good
 local delivered = tonumber(ARGV[2])
-for i = 3, 2 + delivered do
-  redis.call('LREM', KEYS[2], 1, ARGV[i])
+if not box_bad then
+  for i = 3, 2 + delivered do
+    redis.call('LREM', KEYS[2], 1, ARGV[i])
+  end
 end
 for a = 2 + delivered, #ARGV - 1, 5 do
   local raw = ARGV[a + 1]
-  if redis.call('LREM', KEYS[1], -1, raw) == 0 then
+  local j = (a - 2 - delivered) / 5 + 1
+  local held = nil
+  if ARGV[a + 2] ~= '' and box_bad then held = {KEYS[2], box_bad} end
+  if not held and ARGV[a + 3] ~= '' then
+    if dead_bad == nil then dead_bad = wrong(KEYS[3], 'list') or false end
+    if dead_bad then held = {KEYS[3], dead_bad} end
+  end
+  if not held and ARGV[a + 4] ~= '' then
+    if sched_bad == nil then sched_bad = wrong(KEYS[5], 'zset') or false end
+    if sched_bad then held = {KEYS[5], sched_bad} end
+  end
+  local removed = 0
+  if not held then
+    removed = redis.pcall('LREM', KEYS[1], -1, raw)
+    if type(removed) == 'table' then  -- WRONGTYPE: our processing list is not a list
+      held = {KEYS[1], redis.call('TYPE', KEYS[1])['ok']}
+    end
+  end
+  if held then
+    broken[#broken + 1] = held[1]
+    broken[#broken + 1] = held[2]
+    out[#out + 1] = -j
+  elseif removed == 0 then
     missing = missing + 1
-    gone[missing] = (a - 2 - delivered) / 5 + 1
+    out[#out + 1] = j
   else
     if ARGV[a + 2] ~= '' then
       redis.call('RPUSH', KEYS[2], ARGV[a + 2])
@@ -60,17 +99,20 @@ for a = 2 + delivered, #ARGV - 1, 5 do
       end
       redis.call('ZADD', KEYS[5], (now_ms + tonumber(ARGV[a + 5])) / 1000, ARGV[a + 4])
     end
-    if counted then
+    if counted then  -- (pcall: crash counts of another type hold none to drop)
       local sha = redis.sha1hex(raw)
-      redis.call('HDEL', KEYS[4], sha, sha .. ':started')
+      redis.pcall('HDEL', KEYS[4], sha, sha .. ':started')
     end
   end
 end
 if dead_added then
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
 end
-local reply = {missing, pushed}
-for i = 1, missing do
-  reply[i + 2] = gone[i]
+if box_bad and #broken == 0 then
+  broken = {KEYS[2], box_bad}
+end
+local reply = {missing, pushed, broken}
+for i = 1, #out do
+  reply[i + 3] = out[i]
 end
 return reply

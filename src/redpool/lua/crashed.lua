@@ -15,6 +15,12 @@
 -- ARGV[3]  unix seconds when the crashed run started
 -- Returns  the job's crash count (> ARGV[2]: a poison pill, still in the processing
 --          list), or 0 if it was no longer ours (taken back by a reaper).
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
+local bad = check({KEYS[1], 'list', KEYS[2], 'list', KEYS[3], 'hash'})
+if bad then return bad end
 if not redis.call('LPOS', KEYS[1], ARGV[1]) then
   return 0
 end

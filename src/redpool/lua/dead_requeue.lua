@@ -10,6 +10,17 @@
 -- ARGV[2j-1]   entry j, byte for byte as it sits in the dead-letter list
 -- ARGV[2j]     its raw job (the caller decodes job_b64: these are the original bytes)
 -- Returns      an array: for each entry j, how many copies were removed (0: gone).
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
+local need = {}
+for j = 1, #KEYS do
+  need[#need + 1] = KEYS[j]
+  need[#need + 1] = 'list'
+end
+local bad = check(need)
+if bad then return bad end
 local out = {}
 for j = 1, #KEYS - 1 do
   local n = redis.call('LREM', KEYS[1], 0, ARGV[2 * j - 1])

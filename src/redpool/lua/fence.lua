@@ -9,6 +9,12 @@
 --          "drop": delete it only if the epoch is ours
 -- ARGV[2]  our epoch   ARGV[3] the lease in ms
 -- Returns  1 if done, 0 if the fence is not ours (lost: expired, or taken over)
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
+local bad = check({KEYS[1], 'hash'})
+if bad then return bad end
 if ARGV[1] == 'set' then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'epoch', ARGV[2])

@@ -6,6 +6,12 @@
 -- KEYS[2]  {<ns>}:supervisors         (set; SREM the name)
 -- ARGV[1]  the dead supervisor's name
 -- Returns  1 if forgotten, 0 if its lease is alive again.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
+local bad = check({KEYS[2], 'set'})
+if bad then return bad end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end

@@ -15,10 +15,21 @@
 --   KEYS[2i+3] <ns>:queue:<queue_i>               (list; RPUSH to its head)
 -- ARGV[1]      the dead supervisor's name
 -- Returns      the number of jobs put back, or -1 if its lease is alive again.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
+--#include _crash_stamp
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
---#include _crash_stamp
+local need = {KEYS[2], 'set', KEYS[3], 'hash'}
+for i = 4, #KEYS do
+  need[#need + 1] = KEYS[i]
+  need[#need + 1] = 'list'
+end
+local bad = check(need)
+if bad then return bad end
 local moved = 0
 for i = 4, #KEYS, 2 do
   while true do

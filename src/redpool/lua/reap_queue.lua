@@ -14,10 +14,16 @@
 -- KEYS[3]  <ns>:queue:{q}                (list; RPUSH to its head)
 -- KEYS[4]  <ns>:crashes:{q}              (hash; HINCRBY sha1(job))
 -- Returns  the number of jobs put back, or -1 if the fence is alive.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
+--#include _crash_stamp
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
---#include _crash_stamp
+local bad = check({KEYS[2], 'list', KEYS[3], 'list', KEYS[4], 'hash'})
+if bad then return bad end
 local moved = 0
 while true do
   local job = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')

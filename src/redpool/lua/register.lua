@@ -6,6 +6,12 @@
 -- ARGV[5]  "" to claim only a free name, or the epoch of a holder we know is dead
 --          (taken over only if that holder is still the one there)
 -- Returns  {1} when claimed, or {0, holder info JSON or false} when held.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
+local bad = check({KEYS[1], 'hash', KEYS[2], 'set'})
+if bad then return bad end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if epoch and epoch ~= ARGV[5] then
   return {0, redis.call('HGET', KEYS[1], 'info')}

@@ -6,13 +6,33 @@
 --   KEYS[2j-1]  <ns>:processing:<supervisor>:<queue_j>   (list; the job leaves it)
 --   KEYS[2j]    <ns>:queue:<queue_j>                     (list; RPUSH to its head)
 -- ARGV[j]      the raw job
--- Returns      the number of jobs put back.
+-- Returns      {the number of jobs put back, {key, type, ...} of keys found of the
+--              wrong type}.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before a
+-- job's first write: each list is asked its type once, and a job whose processing list
+-- or queue holds another type stays where it is (in our processing list: the next
+-- reconcile, or recovery at our next start, puts it back once the key is fixed).
+--#include _check
 local moved = 0
+local seen, broken = {}, {}
+local function usable(key)
+  if seen[key] == nil then
+    local t = wrong(key, 'list')
+    seen[key] = not t
+    if t then
+      broken[#broken + 1] = key
+      broken[#broken + 1] = t
+    end
+  end
+  return seen[key]
+end
 -- newest first, so the oldest ends up rightmost: the next to be taken
 for j = #ARGV, 1, -1 do
-  if redis.call('LREM', KEYS[2 * j - 1], -1, ARGV[j]) > 0 then
+  if usable(KEYS[2 * j - 1]) and usable(KEYS[2 * j])
+      and redis.call('LREM', KEYS[2 * j - 1], -1, ARGV[j]) > 0 then
     redis.call('RPUSH', KEYS[2 * j], ARGV[j])
     moved = moved + 1
   end
 end
-return moved
+return {moved, broken}

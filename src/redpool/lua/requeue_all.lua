@@ -12,7 +12,17 @@
 -- KEYS[3]  <ns>:crashes                           (hash; HINCRBY sha1(job) when counting)
 -- ARGV[1]  "1" to count a crash for each job, "0" not to
 -- Returns  the number of jobs moved.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
+-- write: the script then refuses as a whole, naming it (lua/_check.lua).
+--#include _check
 --#include _crash_stamp
+local need = {KEYS[1], 'list', KEYS[2], 'list'}
+if ARGV[1] == '1' then
+  need[5], need[6] = KEYS[3], 'hash'
+end
+local bad = check(need)
+if bad then return bad end
 local moved = 0
 while true do
   local job = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')

@@ -1,8 +1,16 @@
 -- reserve: move up to N jobs from the queues, in strict priority order, into this
 -- supervisor's processing lists.  The move is atomic: a job is always in exactly
 -- one list, so a crash at any point loses nothing.  Nothing is taken by a
--- supervisor whose lease is lost (it must re-register first).  A batch costs two
--- commands per queue (RPOP with a count, LPUSH of them all), not two per job.
+-- supervisor whose lease is lost (it must re-register first).  A batch costs at most
+-- three commands per queue (LMOVE of the first job, then RPOP with a count and LPUSH of
+-- the rest), not two per job.
+--
+-- A key of the wrong type (another program wrote to it: keytypes.py) never stops the
+-- script half way, which would keep what it wrote before: the lease is read with pcall,
+-- the crash counts' type is asked (TYPE, where EXISTS was), and each queue's first job
+-- moves with LMOVE, which checks both lists before it writes anything.  A queue whose
+-- list or processing list holds another type is passed over and reported; the rest of
+-- a batch moves only once its lists are known to be lists.
 --
 -- KEYS[1]      <ns>:supervisor:<name>   (hash; field epoch must equal ARGV[2])
 -- KEYS[2]      <ns>:crashes             (hash; sha1(job) -> crashed deliveries)
@@ -16,17 +24,48 @@
 --              first), or {0} when our lease is lost.  For a job that crashed before,
 --              crashes is {count, started}: started is the unix time its last crashed
 --              run started (a string), or "" when no start is known.
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then
+--              When keys of the wrong type were found: {2, counted, {key, type, ...},
+--              i, job, crashes, ...}; nothing of their queues moved (the lease's own key:
+--              {2, 0, {key, type}}, nothing taken).
+local broken = nil  -- {key, type, ...} of keys found of the wrong type
+local function note(key)
+  broken = broken or {}
+  broken[#broken + 1] = key
+  broken[#broken + 1] = redis.call('TYPE', key)['ok']
+end
+local epoch = redis.pcall('HGET', KEYS[1], 'epoch')
+if type(epoch) == 'table' then  -- an error (HGET answers a string or false)
+  note(KEYS[1])
+  return {2, 0, broken}
+end
+if epoch ~= ARGV[2] then
   return {0}
 end
 local n = tonumber(ARGV[1])
-local counted = redis.call('EXISTS', KEYS[2]) == 1
+local crash_type = redis.call('TYPE', KEYS[2])['ok']
+local counted = crash_type == 'hash'
+if not counted and crash_type ~= 'none' then
+  broken = {KEYS[2], crash_type}
+end
 local out = {1, counted and 1 or 0}
 for i = 3, #KEYS, 2 do
   if n <= 0 then break end
-  local jobs = redis.call('RPOP', KEYS[i], n)
-  if jobs then
-    redis.call('LPUSH', KEYS[i + 1], unpack(jobs))
+  local jobs = redis.pcall('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
+  if type(jobs) == 'table' then  -- WRONGTYPE: nothing moved; say which list
+    for k = i, i + 1 do
+      local t = redis.call('TYPE', KEYS[k])['ok']
+      if t ~= 'none' and t ~= 'list' then note(KEYS[k]) end
+    end
+  elseif jobs then
+    -- the first job moved, both keys are lists: the rest of the batch in two commands
+    local rest = n > 1 and redis.call('RPOP', KEYS[i], n - 1)
+    if rest then
+      redis.call('LPUSH', KEYS[i + 1], unpack(rest))
+      table.insert(rest, 1, jobs)
+      jobs = rest
+    else
+      jobs = {jobs}
+    end
     for _, job in ipairs(jobs) do
       local crashes = 0
       if counted then
@@ -42,5 +81,9 @@ for i = 3, #KEYS, 2 do
     end
     n = n - #jobs
   end
+end
+if broken then
+  out[1] = 2
+  table.insert(out, 3, broken)
 end
 return out

@@ -1,0 +1,165 @@
+"""Redis health as the supervisor judges it: outages, refusals, keys of the wrong type.
+
+A mixin of Duties (duties.py), kept apart so that each file stays one readable
+responsibility.  Errors are told apart (keytypes.classify), because they call for
+different things:
+
+* **Redis cannot be reached** (connection refused or lost, a timeout, a server loading
+  its data, a replica read-only after a failover, a cluster down): an outage.  Said once
+  (``redis_down``), retried with a backoff capped at BACKOFF_MAX, and a reconcile when
+  it is back (``redis_up``): a reply lost with the connection may hide a script that ran.
+* **A key of the wrong type** (WRONGTYPE): not an outage.  Redis answers every command on
+  every other key; that key is said once (``queue_unusable`` / ``key_unusable``) and
+  passed over, looked at every RECHECK_EVERY seconds, and served again once fixed
+  (keytypes.py).
+* **Any other error reply** (OOM, MISCONF, NOPERM, a script's error): Redis refusing a
+  command.  Said once per place (``redis_error``), retried with the backoff (a duty
+  refused while the rest is served waits alone, up to REFUSED_MAX, so that it neither
+  spins nor slows the jobs), a reconcile once it passes (a script may have stopped half
+  way), and ``redis_error_cleared`` when it goes through.  Never a crash.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from .errors import NameInUse
+from .keytypes import RECHECK_EVERY, classify, culprit
+
+BACKOFF_MAX = 2.0    # Redis retry backoff cap: back within ~2 s of Redis returning
+REFUSED_MAX = 30.0   # backoff cap of duties Redis refuses (while the rest is served)
+QUIET = 60.0         # a refusal not seen again for this long is over (see redis_ok)
+#: Where a success of its own is reported to redis_ok (others clear after QUIET).
+OWN_SUCCESS = ("duties", "exchange", "complete")
+
+
+class RedisHealth:
+    """Mixin of Duties: needs its cfg, rq, hooks, sup, reconcile(), check_dataset(),
+    report_dropped(), restore_held(), begin(), lease, and the state Duties.__init__ sets
+    for it (retry_at, _backoff, redis_down, refusals, duties_at, _duty_backoff, probe_at,
+    recheck_at, fixed, next_renew, reap_not_before, reconcile_pending, leased, begun, markers,
+    name_lost)."""
+
+    def redis_ready(self, now: float) -> bool:
+        return now >= self.retry_at
+
+    def redis_failed(self, e: BaseException, now: float, during: str) -> None:
+        """A Redis call failed.  Only a failure to reach Redis is an outage (redis_down,
+        a reconcile when it is back).  A key of the wrong type is that key's: our
+        scripts name it, and one that does not (Redis's own WRONGTYPE) is found by
+        asking every key's type.  Any other error reply (OOM, MISCONF, NOPERM, a script's
+        error) is Redis refusing a command: said once per place, a reconcile once it
+        passes (a script may have stopped half way), and retried with the backoff; a
+        duty refused while the rest is served waits alone, up to REFUSED_MAX."""
+        kind = classify(e)
+        if kind == "refused" and during == "duties":
+            self._duty_backoff = min(REFUSED_MAX, max(1.0, self._duty_backoff * 2))
+            self.duties_at = now + self._duty_backoff
+        else:
+            self._backoff = min(BACKOFF_MAX, max(0.05, self._backoff * 2))
+            self.retry_at = now + self._backoff
+        if kind == "down":
+            if not self.redis_down:
+                self.redis_down = True
+                self.hooks.emit("redis_down", error=str(e), during=during)
+        elif kind == "wrongtype":
+            named = culprit(e)
+            if named is not None:
+                self.rq.unusable.add(*named)
+            elif self.probe_at is None:  # (at most one probe per RECHECK_EVERY)
+                self.probe_at = max(now, self.recheck_at - RECHECK_EVERY + 1.0)
+        elif during in self.refusals and self.refusals[during][0] == str(e):
+            self.refusals[during] = (str(e), now)  # (said already)
+        else:
+            self.refusals[during] = (str(e), now)
+            self.rq.suspect = True
+            self.hooks.emit("redis_error", error=str(e), during=during,
+                            note="Redis refused a command (this is not an outage: Redis "
+                                 "answers); redpool retries with backoff, and says "
+                                 "redis_error_cleared once it goes through")
+
+    def redis_ok(self, now: float, during: str | None = None) -> None:
+        if self.refusals:
+            # cleared where it went through; a refusal of a call that reports no success
+            # of its own (a waiter's, a crash count's), once a minute has passed without it
+            for where in [w for w, (_, at) in self.refusals.items()
+                          if w == during or (w not in OWN_SUCCESS and now - at > QUIET)]:
+                del self.refusals[where]
+                self.hooks.emit("redis_error_cleared", during=where)
+        if during == "duties":
+            self._duty_backoff = 0.0
+        if not self.redis_down:
+            self._backoff = 0.0
+            return
+        self.redis_down = False
+        self.hooks.emit("redis_up")
+        self.next_renew = now  # renew first thing; others need a moment to renew theirs
+        self.reap_not_before = now + self.cfg.lease / 3 + BACKOFF_MAX + 1.0
+        try:
+            if not self.check_dataset(now, "outage"):  # (a server back empty: first of all)
+                self.report_dropped()
+            self.reconcile()
+        except redis.RedisError as e:
+            # (the backoff goes on growing: a reconcile that keeps failing while other
+            # calls succeed -- a Redis Cluster node away -- must not spin)
+            self.redis_failed(e, now, "reconcile")
+            return
+        self._backoff = 0.0
+
+    # -- keys of the wrong type (keytypes.py) -------------------------------------------------
+
+    def check_types(self, now: float, probe: bool = False) -> None:
+        """Ask the type of the keys found of the wrong type (every RECHECK_EVERY s while
+        there are any) and, with ``probe``, of every key we use: one round trip.  What
+        holds another type is said and passed over; what is fixed is served again."""
+        u = self.rq.unusable
+        self.probe_at = None
+        self.recheck_at = now + RECHECK_EVERY
+        keys = list(dict.fromkeys([*u.bad, *(self.rq.probe_keys() if probe else ())]))
+        for key, type_ in self.rq.key_types(keys).items():
+            if key not in u:
+                u.add(key, type_)
+            elif type_ in ("none", u.bad[key].expected):
+                self.fixed.append(u.clear(key))
+        self.apply_fixes()
+
+    def apply_fixes(self) -> None:
+        """Keys of the wrong type were fixed (deleted, renamed away).  Completions they
+        held back go again (RedisQueue._keys_changed); our processing list, if it was
+        one, first gets back the jobs we hold (the other program's write destroyed them
+        in Redis, not here); jobs a refused requeue left in our lists go back to their
+        queues (a reconcile); a lease key, our name again.  A Redis error leaves the rest
+        for the next tick."""
+        while self.fixed:
+            bad = self.fixed[0]
+            if bad.kind == "processing" and bad.ours:
+                self.restore_held((), queues={bad.queue})
+            if bad.kind == "dataset" and self.begun:
+                self.markers = self.rq.claim_markers()
+            if bad.kind in ("queue", "processing", "scheduled") or bad.ours:
+                self.reconcile_pending = True
+            if bad.kind in ("lease", "supervisors"):
+                self.leased = False   # (re-registers, then reconciles)
+            self.fixed.pop(0)
+
+    def rescue_overwritten(self) -> int:
+        """At an orderly stop: the jobs we hold of a processing list another program
+        overwrote exist nowhere else now (Redis replaced them): back to the head of their
+        queue, unless that is of the wrong type too.  Returns how many."""
+        u = self.rq.unusable
+        lost = {b.queue for b in u.bad.values() if b.kind == "processing" and b.ours}
+        lost -= {b.queue for b in u.bad.values() if b.kind == "queue"}
+        held = [(q, raw) for (q, raw), n in self.sup.held().items() if q in lost
+                for _ in range(n)] if lost and self.sup is not None else []
+        return self.rq.rescue(held) if held else 0
+
+    def begin_late(self, now: float) -> None:
+        """begin(), once the key that deferred it at start is fixed."""
+        try:
+            self.begin(now)
+        except NameInUse as e:
+            self.name_lost = True
+            self.hooks.emit("name_taken", error=str(e))
+            self.sup.stop_now()
+            return
+        self.hooks.emit("reregistered", epoch=self.lease.epoch)
