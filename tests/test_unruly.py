@@ -170,6 +170,23 @@ def test_a_daemon_a_task_detaches_is_left_alone_and_hides_nothing(r, keys, daemo
     assert daemon.alive() and d.proc.poll() is None
 
 
+def test_a_forked_copy_returning_from_a_task_answers_nothing(r, keys, daemons, left_behind):
+    d = daemons("--concurrency", "1", modules=MODULES).wait_started()
+    (pool_pid,) = d.children()
+    # Given a task that forks and forgets os._exit() in the copy: both return from it
+    copy = left_behind("copy")
+    lpush_jobs(r, keys, [{"task": "u.fork_and_return", "id": "fork", "args": [copy.path]},
+                         *[{"task": "t.add", "id": f"n{i}", "args": [i, i]} for i in range(5)]])
+    # Then the job is answered by the pool process, once, and the copy ends there
+    assert answered(r, keys, "fork")["result"] == pool_pid
+    copy.wait_written()
+    wait_for(lambda: not copy.alive(), what="the forked copy to exit")
+    for i in range(5):
+        assert answered(r, keys, f"n{i}")["result"] == 2 * i
+    assert d.children() == [pool_pid] and d.proc.poll() is None
+    assert len(named(d, "job_finished")) == 6
+
+
 def test_stopping_the_worker_stops_what_its_tasks_left_running(r, keys, daemons, left_behind):
     d = daemons("--concurrency", "2", "--grace", "1", modules=MODULES).wait_started()
     # Given a command a finished job left in the background, and a job that forked
@@ -260,3 +277,13 @@ def test_a_big_batch_to_a_process_busy_writing_a_big_answer_wedges_neither(pool)
     assert set(done) == {*first, *second}
     assert all(meta["status"] == p.SUCCEEDED for meta, *_ in done.values())
     assert len(json.loads(done[1][1])["result"]) == 4 << 20
+
+
+def test_programs_a_task_runs_inherit_none_of_the_pool_process_descriptors(pool):
+    pl, events = pool(), []
+    run(pl, "u.inherited")
+    collect(pl, events, lambda: events, "the answer")
+    (done,) = events
+    meta, env, *_ = decode_done(done.msg)
+    assert meta["status"] == p.SUCCEEDED, env
+    assert json.loads(env)["result"] == []
