@@ -292,7 +292,7 @@ class ProcessPool:
             elif c.lost_at and not c.cut_off and now >= c.lost_at + CUT_OFF_SECONDS:
                 c.cut_off = True   # killed; its death comes through the pidfd as any
                 kill_group(c.pid, signal.SIGKILL)
-        if not any(c.pidfd is None for c in self.children):
+        if look and all(c.pidfd is not None for c in self.children):
             self.look_at = math.inf
         return events
 

@@ -16,7 +16,6 @@ blocks on a single job, nor on a child (pool.py).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter, deque
 from itertools import count
@@ -131,8 +130,8 @@ class Supervisor(ChildEvents, Lifecycle):
             deadlines.append(min(w.deadline, w.kill_at))
         if self.pending and self.ack_due > now:
             deadlines.append(self.ack_due)
-        if self.pool.check_at < math.inf:   # (no pidfd: exit statuses are looked at)
-            deadlines.append(now + max(0.0, self.pool.check_at - time.monotonic()))
+        # (the pool's own clock: see ProcessPool.check_at; math.inf when all is well)
+        deadlines.append(now + max(0.0, self.pool.check_at - time.monotonic()))
         if self.state == RUNNING and len(self.pool.children) < self.pool.size \
                 and self.pool.next_spawn_at > now:
             deadlines.append(self.pool.next_spawn_at)
