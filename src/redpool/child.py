@@ -162,7 +162,8 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     except OSError:
         pass  # already a group leader (cannot happen for a spawned child)
     keep_to_ourselves()
-    me = os.getpid()
+    forked: list = []   # not empty in a copy a task forked (a flag: no syscall per job)
+    os.register_at_fork(after_in_child=lambda: forked.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = StopWhenAsked(asked)
     die_with_parent(parent_pid, stop)
@@ -207,7 +208,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
                         mailbox.send(MSG_STARTED + STARTED.pack(token, timeout))
 
                 out = runner.run(queue, raw, crashes, on_start=started)
-                if os.getpid() != me:
+                if forked:
                     forked_copy_returned()
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],

@@ -325,8 +325,8 @@ class ProcessPool:
             else:
                 self.respawn_backoff = 0.5
             self.next_spawn_at = time.monotonic() + self.respawn_backoff
-            events.append(BootFailed(c.pid, c.boot_error or describe_exit(exitcode, cut_off=c.cut_off),
-                                     import_error=c.boot_error is not None,
+            why = c.boot_error or describe_exit(exitcode, cut_off=c.cut_off)
+            events.append(BootFailed(c.pid, why, import_error=c.boot_error is not None,
                                      generation=c.generation))
             return
         running = c.progress.value if c.progress is not None else None

@@ -66,6 +66,8 @@ def exited(pid: int, pidfd: int | None) -> bool:
 def kill_group(pid: int, sig: int) -> None:
     """Signal a pool process and everything in its group; one still booting, that has
     not made its group yet, by pid.  Only for a process not reaped yet."""
+    if pid <= 0:
+        return   # (0 or -1 would be our own group, or every process we may signal)
     try:
         os.killpg(pid, sig)
         return
