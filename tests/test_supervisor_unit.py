@@ -446,6 +446,11 @@ class FakePool:
     def waitables(self):
         return []
 
+    def writing(self):
+        return []
+
+    check_at = math.inf   # (pidfds: no exit status to look at on a timer)
+
     generation = 0
 
     def resize(self, size):
@@ -3013,13 +3018,7 @@ def test_a_boot_failure_of_an_older_child_does_not_give_a_reload_up():
 
 class _Proc:
     def __init__(self, pid):
-        self.pid, self.killed = pid, False
-
-    def is_alive(self):
-        return not self.killed
-
-    def kill(self):
-        self.killed = True
+        self.pid = pid
 
 
 class _Conn:
@@ -3029,8 +3028,11 @@ class _Conn:
         self.closed = True
 
 
-def test_abort_reload_stops_the_new_children_and_keeps_the_old_ones():
+def test_abort_reload_stops_the_new_children_and_keeps_the_old_ones(monkeypatch):
+    from redpool import pool as pool_mod
     from redpool.pool import Child, ProcessPool
+    killed = []   # (the pids are made up: nothing is signalled for real)
+    monkeypatch.setattr(pool_mod, "kill_group", lambda pid, sig: killed.append((pid, sig)))
     pool = ProcessPool(3, [], "w", 1024)
     old = [Child(_Proc(1), _Conn(), ready=True), Child(_Proc(2), _Conn(), ready=True)]
     gone = Child(_Proc(3), _Conn(), ready=True)      # old, retired and exiting already
@@ -3047,7 +3049,7 @@ def test_abort_reload_stops_the_new_children_and_keeps_the_old_ones():
 
     assert all(c.generation == pool.generation for c in pool.children)
     assert not any(c.retiring for c in old)           # the old ones serve on
-    assert booting.stopping and booting.proc.killed    # stopped while booting
+    assert booting.stopping and killed == [(5, signal.SIGKILL)]   # stopped while booting
     assert booted.retiring and booted.stopping         # booted: retired (it held nothing)
     assert not pool.reloading
 

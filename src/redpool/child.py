@@ -176,6 +176,9 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
         os.setpgid(0, 0)
     except OSError:
         pass  # already a group leader (cannot happen for a spawned child)
+    keep_to_ourselves()
+    forked: list = []   # not empty in a copy a task forked (a flag: no syscall per job)
+    os.register_at_fork(after_in_child=lambda: forked.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = StopWhenAsked(asked)
     die_with_parent(parent_pid, stop)
@@ -220,6 +223,8 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
                         mailbox.send(MSG_STARTED + STARTED.pack(token, timeout))
 
                 out = runner.run(queue, raw, crashes, on_start=started)
+                if forked:
+                    forked_copy_returned()
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
                                   retry=err["retry"], dead=err["dead"],
@@ -229,6 +234,36 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
             progress.value = 0
         title.raw = None
         stop.adopt()  # (a job may have installed one)
+
+
+def keep_to_ourselves() -> None:
+    """What we inherited from multiprocessing (our pipe, the write end of its sentinel,
+    the resource tracker's pipe, the shared memory of our two words) stays ours: no
+    program a task runs (``os.system``, ``subprocess`` with ``close_fds=False``)
+    inherits it.  A fork keeps every descriptor anyway: the supervisor relies on none
+    of these to learn of our death (procwatch.py)."""
+    try:
+        fds = [int(fd) for fd in os.listdir("/dev/fd")]
+    except (OSError, ValueError):
+        return
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own descriptor, closed by now
+
+
+def forked_copy_returned() -> None:
+    """A task forked and its copy returned from the task, as the task itself: it must
+    not answer the job again, nor take jobs from our pipe.  It ends here, quietly (a
+    forked process should end with os._exit)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(0)
 
 
 class Mailbox:

@@ -5,13 +5,19 @@ always knows which job a child holds: when a child dies, exactly that job fails 
 nothing else is disturbed (multiprocessing.Pool's shared task queue loses track of a
 dead worker's task and hangs forever, CPython gh-66587).  Children are spawned: a fresh
 interpreter imports the task modules itself, and inherits nothing by fork.
+
+Nothing here waits on a child: pipes are non-blocking (channel.py), a death is learnt
+from the process itself (a pidfd, procwatch.py) and a child is reaped only once it
+has exited.  Only the stopping paths (terminate, close, kill_all) wait, with a deadline.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -19,8 +25,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from . import child as child_mod
+from .channel import Channel
 from .errors import BootError
-from .poller import readable
+from .poolevents import BootFailed, Died, Done, Ready, Returned, Started
+from .procwatch import (CHECK_SECONDS, CUT_OFF_SECONDS, describe_exit, exited, kill_group,
+                        open_pidfd, wait_exited)
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -28,7 +37,9 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 @dataclass(eq=False)
 class Child:
     proc: multiprocessing.process.BaseProcess
-    conn: Connection
+    chan: Channel                   # our end of its pipe
+    pidfd: int | None = None        # the process itself: readable once it has exited
+    watch: int | None = None        # what tells its death: the pidfd, else the sentinel
     ready: bool = False
     tokens: deque = field(default_factory=deque)  # jobs handed to it, the running one first
     jobs_done: int = 0
@@ -40,6 +51,8 @@ class Child:
     doomed: bool = False            # we sent it a signal: its death is not a crash
     stalled: bool = False           # gave back its other jobs while a long one runs
     generation: int = 0             # SIGHUP starts a new one: fresh imports of the code
+    lost_at: float = 0.0            # when its end of the pipe closed, it still alive
+    cut_off: bool = False           # killed for living on without its pipe
 
     @property
     def pid(self) -> int:
@@ -50,81 +63,9 @@ class Child:
         return self.tokens[0] if self.tokens else None
 
 
-# Events the supervisor receives from poll().
-@dataclass
-class Done:
-    token: int
-    msg: bytes
-    pid: int
-
-
-@dataclass
-class Died:
-    tokens: list[int]       # every job it held and had not answered, in order
-    pid: int
-    exitcode: int | None
-    description: str
-    running: int | None = None   # the one it was running when it died, if any
-    doomed: bool = False         # we killed it (a timeout): no job of it crashed it
-
-    @property
-    def token(self) -> int | None:
-        return self.running
-
-
-@dataclass
-class BootFailed:
-    pid: int
-    message: str
-    import_error: bool = True   # False: it died (was killed) before it could say why
-    generation: int = 0         # of the child (a reload's, or an older one's)
-
-
-@dataclass
-class Ready:
-    pid: int
-    generation: int = 0
-
-
-@dataclass
-class Returned:
-    """A child gave back the jobs it held and had not started (its batch ran long)."""
-    pid: int
-    tokens: list[int]
-
-
-@dataclass
-class Started:
-    """The job's own timeout (its field or task option differs from the default)."""
-    token: int
-    timeout: float
-
-
 def _retire_order(c: Child) -> tuple:
     """Which child to retire first: the one holding the least work."""
     return (len(c.tokens), c.jobs_done)
-
-
-def describe_exit(exitcode: int | None, stopped: bool = False) -> str:
-    """Say honestly how a child ended (gunicorn's reap_workers does the same); a SIGKILL
-    of one we ``stopped`` (a timeout) is ours, not the out-of-memory killer's."""
-    if exitcode is None:
-        return "vanished (exit status unknown)"
-    if exitcode < 0:
-        sig = -exitcode
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        text = f"was killed by {name} (signal {sig})"
-        if sig == signal.SIGKILL and stopped:
-            text += " after it had not stopped at SIGTERM"
-        elif sig == signal.SIGKILL:
-            text += "; if nobody sent it, the kernel's out-of-memory killer probably did"
-        elif sig == signal.SIGSEGV:
-            text += " (a segmentation fault, usually in a C extension)"
-        return text
-    return f"exited with code {exitcode}"
 
 
 @dataclass
@@ -140,6 +81,7 @@ class ProcessPool:
     respawn_backoff: float = 0.0
     next_spawn_at: float = 0.0
     generation: int = 0   # the children to have; older ones are replaced (a reload)
+    look_at: float = math.inf   # no pidfd: when to look at exit statuses next
 
     def __post_init__(self) -> None:
         self.ctx = multiprocessing.get_context("spawn")
@@ -148,16 +90,27 @@ class ProcessPool:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def spawn(self) -> Child:
-        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        # (what multiprocessing.Pipe(duplex=True) makes; our end is a Channel)
+        ours, theirs = socket.socketpair()
+        child_conn = Connection(theirs.detach())
         progress, asked = self.ctx.RawValue("L", 0), self.ctx.RawValue("B", 0)
         proc = self.ctx.Process(
             target=child_mod.main, name="redpool-child", daemon=True,
             args=(child_conn, self.modules, os.getpid(), self.worker, self.max_payload,
                   self._sys_path, self.namespace, self.defaults, progress, asked,
                   self.max_result_size))
-        proc.start()
-        child_conn.close()
-        c = Child(proc, parent_conn, progress=progress, asked=asked, generation=self.generation)
+        try:
+            proc.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            child_conn.close()
+        pidfd = open_pidfd(proc.pid)
+        c = Child(proc, Channel(ours.detach()), pidfd, proc.sentinel if pidfd is None else pidfd,
+                  progress=progress, asked=asked, generation=self.generation)
+        if pidfd is None:
+            self.look_at = min(self.look_at, time.monotonic() + CHECK_SECONDS)
         self.children.append(c)
         return c
 
@@ -174,7 +127,8 @@ class ProcessPool:
             if left <= 0:
                 self.kill_all()
                 raise BootError(f"pool children did not boot within {timeout:.0f} s")
-            ready = multiprocessing.connection.wait(self.waitables(), timeout=left)
+            ready = multiprocessing.connection.wait(
+                self.waitables(), timeout=max(0.0, min(left, self.check_at - time.monotonic())))
             for ev in self.poll(ready):
                 if isinstance(ev, BootFailed) and ev.import_error:
                     self.kill_all()
@@ -245,9 +199,8 @@ class ProcessPool:
                 c.retiring = c.retiring and c.stopping    # not retired after all
             elif not c.ready and not c.stopping:
                 c.stopping = True
-                c.conn.close()
-                if c.proc.is_alive():
-                    c.proc.kill()
+                c.chan.close()
+                kill_group(c.pid, signal.SIGKILL)
             elif c.ready:
                 self.retire(c)
             c.generation = self.generation
@@ -256,18 +209,21 @@ class ProcessPool:
 
     def accepting(self) -> list[Child]:
         """Children that may be handed jobs (booted, not being retired)."""
-        return [c for c in self.children if c.ready and not c.retiring and not c.stopping]
+        return [c for c in self.children
+                if c.ready and not c.retiring and not c.stopping and not c.lost_at]
 
     def busy(self) -> list[Child]:
         return [c for c in self.children if c.tokens]
 
     def send(self, c: Child, tokens: list[int], msg: bytes) -> None:
-        """Hand a child a batch of jobs (child.encode_batch); it runs them in order."""
+        """Hand a child a batch of jobs (child.encode_batch); it runs them in order.
+        Never blocks: what its pipe does not take now goes when it is writable."""
         c.tokens.extend(tokens)
-        try:
-            c.conn.send_bytes(msg)
-        except OSError:
-            pass  # it died under us; poll() reports the death with these tokens
+        c.chan.send(msg)   # if it died under us, poll() reports the death with these tokens
+
+    def writing(self) -> list[Channel]:
+        """Pipes with something still to write: the loop polls them for POLLOUT too."""
+        return [c.chan for c in self.children if c.chan.out]
 
     def retire(self, c: Child) -> None:
         """Replace a child (too many jobs, too much memory) once it has finished what
@@ -275,16 +231,14 @@ class ProcessPool:
         c.retiring = True
         if not c.tokens:
             c.stopping = True
-            c.conn.close()
+            c.chan.close()
 
     @staticmethod
     def signal(c: Child, sig: int) -> None:
+        """Signal a child and whatever its tasks started in its process group."""
         if sig == signal.SIGTERM and c.asked is not None:
             c.asked.value = 1  # first: a child ignores a SIGTERM we did not ask for
-        try:
-            os.kill(c.pid, sig)
-        except ProcessLookupError:
-            pass
+        kill_group(c.pid, sig)
 
     @staticmethod
     def rss(c: Child) -> int | None:
@@ -298,53 +252,90 @@ class ProcessPool:
     def waitables(self) -> list:
         out: list = []
         for c in self.children:
-            if not c.conn.closed:  # a retired child's pipe is closed; its sentinel remains
-                out.append(c.conn)
-            out.append(c.proc.sentinel)
+            if not c.chan.closed:  # a retired child's pipe is closed; its pidfd remains
+                out.append(c.chan)
+            if c.watch is not None:
+                out.append(c.watch)
         return out
 
     # -- collecting --------------------------------------------------------------------------
 
     def poll(self, ready: list) -> list:
-        """Turn ready pipes and process sentinels into events.  Every message a child
-        sent before it died is read before its death is reported."""
-        ready_conns = {id(x) for x in ready if not isinstance(x, int)}
+        """Turn ready pipes and pidfds into events, and write what waits to be written.
+        Every message a child sent before it died is read before its death is reported."""
+        ready_ids = {id(x) for x in ready if not isinstance(x, int)}
         ready_fds = {x for x in ready if isinstance(x, int)}
+        now = time.monotonic()
+        look = self.look_at <= now   # no pidfd: look at every exit status now
+        if look:
+            self.look_at = now + CHECK_SECONDS
         events: list = []
         for c in list(self.children):
-            dead = c.proc.sentinel in ready_fds
-            if not dead and id(c.conn) not in ready_conns:
+            if c.chan.out:
+                c.chan.flush()
+            fired = c.watch is not None and c.watch in ready_fds
+            if c.pidfd is not None:
+                dead = fired
+            else:
+                dead = (fired or look) and exited(c.pid, None)
+                if fired and not dead:
+                    c.watch = None  # a task closed the sentinel's write end: look instead
+            if not (dead or id(c.chan) in ready_ids or c.chan.eof):
                 continue
-            try:
-                while not c.conn.closed and readable(c.conn.fileno()):
-                    self._read(c, c.conn.recv_bytes(), events)
-            except (EOFError, OSError):
-                dead = True
+            for msg in c.chan.receive(drain=dead):
+                self._read(c, msg, events)
             if dead:
-                c.proc.join(timeout=5)
-                self.children.remove(c)
-                c.conn.close()
-                if c.stopping and not c.tokens and (c.proc.exitcode == 0 or not c.ready):
-                    continue  # retired on request, or a reload's child we stopped booting
-                if c.boot_error is not None or not c.ready:
-                    # a replacement that cannot import the task modules is retried with
-                    # backoff, not in a loop; one killed while booting, after a short pause
-                    if c.boot_error is not None:
-                        self.respawn_backoff = min(30.0, max(1.0, self.respawn_backoff * 2))
-                    else:
-                        self.respawn_backoff = 0.5
-                    self.next_spawn_at = time.monotonic() + self.respawn_backoff
-                    events.append(BootFailed(c.pid, c.boot_error or describe_exit(c.proc.exitcode),
-                                             import_error=c.boot_error is not None,
-                                             generation=c.generation))
-                else:
-                    running = c.progress.value if c.progress is not None else None
-                    if running not in c.tokens:  # between jobs, or no shared word
-                        running = c.tokens[0] if c.tokens and c.progress is None else None
-                    why = describe_exit(c.proc.exitcode, c.doomed)
-                    events.append(Died(list(c.tokens), c.pid, c.proc.exitcode, why, running,
-                                       c.doomed))
+                self._reaped(c, events)
+            elif c.chan.eof and not c.lost_at:
+                # Its end of the pipe closed: it is exiting, or a task closed its
+                # descriptors and it can never answer again (see check_at)
+                c.lost_at = now
+                c.chan.close()
+            elif c.lost_at and not c.cut_off and now >= c.lost_at + CUT_OFF_SECONDS:
+                c.cut_off = True   # killed; its death comes through the pidfd as any
+                kill_group(c.pid, signal.SIGKILL)
+        if look and all(c.pidfd is not None for c in self.children):
+            self.look_at = math.inf
         return events
+
+    @property
+    def check_at(self) -> float:
+        """When poll() must run even if nothing is ready: to look at exit statuses (no
+        pidfd), or to kill a child still alive CUT_OFF_SECONDS after its pipe closed."""
+        t = self.look_at
+        for c in self.children:
+            if c.lost_at and not c.cut_off:
+                t = min(t, c.lost_at + CUT_OFF_SECONDS)
+        return t
+
+    def _reaped(self, c: Child, events: list) -> None:
+        """``c`` has exited: what it left in its group dies with it (before it is reaped,
+        while its pid, and so its group's id, are still its own), then its event."""
+        kill_group(c.pid, signal.SIGKILL)
+        exitcode = c.proc.exitcode   # reaps it (no wait: it has exited)
+        self.children.remove(c)
+        c.chan.close()
+        if c.pidfd is not None:
+            os.close(c.pidfd)
+        if c.stopping and not c.tokens and (exitcode == 0 or not c.ready):
+            return  # retired on request, or a reload's child we stopped booting
+        if c.boot_error is not None or not c.ready:
+            # a replacement that cannot import the task modules is retried with
+            # backoff, not in a loop; one killed while booting, after a short pause
+            if c.boot_error is not None:
+                self.respawn_backoff = min(30.0, max(1.0, self.respawn_backoff * 2))
+            else:
+                self.respawn_backoff = 0.5
+            self.next_spawn_at = time.monotonic() + self.respawn_backoff
+            why = c.boot_error or describe_exit(exitcode, cut_off=c.cut_off)
+            events.append(BootFailed(c.pid, why, import_error=c.boot_error is not None,
+                                     generation=c.generation))
+            return
+        running = c.progress.value if c.progress is not None else None
+        if running not in c.tokens:  # between jobs, or no shared word
+            running = c.tokens[0] if c.tokens and c.progress is None else None
+        why = describe_exit(exitcode, c.doomed, c.cut_off)
+        events.append(Died(list(c.tokens), c.pid, exitcode, why, running, c.doomed))
 
     def _read(self, c: Child, msg: bytes, events: list) -> None:
         kind = msg[:1]
@@ -373,30 +364,28 @@ class ProcessPool:
     # -- stopping ----------------------------------------------------------------------------
 
     def terminate(self, grace: float = 2.0) -> None:
-        """SIGTERM every child, then SIGKILL those still alive after ``grace``."""
+        """SIGTERM every child (and its group), then SIGKILL what is left after ``grace``."""
         for c in self.children:
-            if c.proc.is_alive():
-                self.signal(c, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for c in self.children:
-            c.proc.join(max(0.0, deadline - time.monotonic()))
+            self.signal(c, signal.SIGTERM)
+        wait_exited([(c.pid, c.pidfd) for c in self.children], time.monotonic() + grace)
         self.kill_all()
 
     def close(self, timeout: float = 2.0) -> None:
         """Let idle children exit on their own (EOF on their pipe), then kill stragglers."""
         for c in self.children:
-            c.conn.close()  # idempotent
-        deadline = time.monotonic() + timeout
-        for c in self.children:
-            c.proc.join(max(0.0, deadline - time.monotonic()))
+            c.chan.close()  # idempotent
+        wait_exited([(c.pid, c.pidfd) for c in self.children], time.monotonic() + timeout)
         self.kill_all()
 
     def kill_all(self) -> None:
+        """SIGKILL every child and its group; reap those that are gone within 5 s."""
         for c in self.children:
-            if c.proc.is_alive():
-                c.proc.kill()
+            kill_group(c.pid, signal.SIGKILL)
+        wait_exited([(c.pid, c.pidfd) for c in self.children], time.monotonic() + 5.0)
         for c in self.children:
-            c.proc.join(5)
-            if not c.conn.closed:
-                c.conn.close()
+            if exited(c.pid, c.pidfd):
+                c.proc.exitcode  # reaps it
+            c.chan.close()
+            if c.pidfd is not None:
+                os.close(c.pidfd)
         self.children.clear()

@@ -9,9 +9,9 @@ One iteration, ``tick(ready, now)``, reads like a to-do list:
 5. reserve more when there is room, or arm the blocking waiters when queues are empty,
 6. periodic duties: renew the lease, reap dead supervisors, promote due jobs.
 
-Between iterations the loop sleeps in one ``poll()`` on every child pipe and process
-sentinel, the signal pipe and the waiter pipe, until the next deadline: it never
-polls and never blocks on a single job.
+Between iterations the loop sleeps in one ``poll()`` on every child pipe and pidfd,
+the signal pipe and the waiter pipe, until the next deadline: it never polls and never
+blocks on a single job, nor on a child (pool.py).
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class Supervisor(ChildEvents, Lifecycle):
             self.startup()
             self.tick([])  # take what is already queued without waiting for a wake-up
             while self.state != STOPPED:
-                ready = self.poller.wait(self.waitables(), self.wait_timeout(self.clock()))
+                ready = self.poller.wait(self.waitables(), self.wait_timeout(self.clock()),
+                                         self.pool.writing())
                 self.tick(ready)
         finally:
             self.shutdown()
@@ -129,6 +130,8 @@ class Supervisor(ChildEvents, Lifecycle):
             deadlines.append(min(w.deadline, w.kill_at))
         if self.pending and self.ack_due > now:
             deadlines.append(self.ack_due)
+        # (the pool's own clock: see ProcessPool.check_at; math.inf when all is well)
+        deadlines.append(now + max(0.0, self.pool.check_at - time.monotonic()))
         if self.state == RUNNING and len(self.pool.children) < self.pool.size \
                 and self.pool.next_spawn_at > now:
             deadlines.append(self.pool.next_spawn_at)
