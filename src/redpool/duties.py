@@ -116,8 +116,10 @@ class Duties(DataLoss, RedisHealth):
                 "dead": s.stats["dead"] if s else 0,
                 "state": s.state if s else "starting",
                 "heartbeat_at": time.time(), "lease": self.cfg.lease,
-                "unusable": self.rq.unusable.to_info(),
-                "rate_1m": round((finished - before) / (now - since), 3) if now > since else 0.0}
+                "rate_1m": round((finished - before) / (now - since), 3) if now > since else 0.0,
+                # keys of the wrong type (keytypes.py), only when there are some: the
+                # started line and the heartbeat say nothing of them otherwise
+                **({"unusable": self.rq.unusable.to_info()} if self.rq.unusable.bad else {})}
 
     # -- start and stop ----------------------------------------------------------------------
 
