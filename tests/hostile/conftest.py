@@ -28,7 +28,7 @@ CONCURRENCY = 2
 
 def started(d: Daemon) -> Daemon:
     d.wait_started()
-    d.baseline_kib = vm_kib(d.pid)["VmRSS"]
+    d.baseline_kib = vm_kib(d.pid)["VmHWM"]   # its peak so far: start-up's
     return d
 
 
@@ -67,7 +67,8 @@ class Worker:
     def checker(self):
         """A Checker of the module's daemon; the daemon is tainted if the block fails."""
         try:
-            yield Checker(self.r, self.keys, [self.ensure()], concurrency=CONCURRENCY)
+            d = self.ensure()   # (first: it may start a daemon in a new namespace)
+            yield Checker(self.r, self.keys, [d], concurrency=CONCURRENCY)
         except BaseException:
             self.taint()
             raise

@@ -33,6 +33,9 @@ CASES = {
     # -- strings JSON can hold and UTF-8 cannot: lone surrogates, written as escapes
     "surrogate in task": lambda chk: [doc(chk, r'"task":"h.ok\ud800"', status="failed")],
     "surrogate alone as task": lambda chk: [doc(chk, r'"task":"\udfff"', status="failed")],
+    "surrogate in reply_to": lambda chk: [
+        Case(b'{"id":"srt","reply_to":"%s\\udc80","task":"h.ok"}' % chk.reply("srt").encode(),
+             "srt", id="srt")],
     "surrogate in id": lambda chk: [
         Case(b'{"task":"h.ok","id":"x\\ud800","reply_to":"%s"}' % chk.reply("sid").encode(),
              "sid", reply_to=chk.reply("sid"), status="failed")],
@@ -102,6 +105,7 @@ RETRY_SURROGATE = waiting("§1", "a lone surrogate in a job retried: re-encoding
                           "pool process", None)
 XFAIL = {
     "surrogate in task": SURROGATE,
+    "surrogate in reply_to": SURROGATE,
     "surrogate alone as task": SURROGATE,
     "surrogate in args of a job retried": RETRY_SURROGATE,
     "NaN in an unknown field of a job retried": RETRY_NAN,

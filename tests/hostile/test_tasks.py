@@ -95,7 +95,8 @@ def test_pipe_both_ways_full(hostile_daemons, r, keys):
     """Large jobs reserved ahead (prefetch) and large answers: the supervisor writing a
     batch to a child while that child writes an answer back must not block both."""
     d = hostile_daemons("--concurrency", "1", "--prefetch", "8")
-    chk = Checker(r, keys, [d], concurrency=1)
+    # up to 1 + 8 + 1 jobs of 0.9 MB held, and their answers: 18 MB, twice over
+    chk = Checker(r, keys, [d], concurrency=1, allowance=40 * 1024 * 1024)
     big = "y" * (900 * 1024)
     chk.run([job(chk, "h.echo", big, i) for i in range(12)])
 

@@ -41,6 +41,23 @@ def one(a):
     return a
 
 
+@task(name="h.nap")
+def nap(seconds: float):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@task(name="h.hold")
+def hold(path: str):
+    """Says it started (``path``.started), then runs until the file ``path`` exists
+    (the test releases it), or for at most HOSTILE_LINGER seconds."""
+    open(path + ".started", "w").close()
+    deadline = time.monotonic() + float(os.environ.get("HOSTILE_LINGER", "120"))
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "released"
+
+
 # -- misbehaving tasks -----------------------------------------------------------------------
 
 
