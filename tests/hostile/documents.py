@@ -251,11 +251,19 @@ def surrogates_in_task_or_reply_to():
                 st.just("ok"), st.just(lambda r: r + "\udc80"))))
 
 
-def odd_values_in_retried_jobs():
-    """A job retried (its task raises, max_retries 1 or 2) that carries lone
-    surrogates, NaN, Infinity or 1e400: the retry is the job written again."""
-    return documents(values=ODD_VALUES, strings=ODD_STRINGS, ascii_only=True,
-                     tasks=st.just("h.boom"), forced={"max_retries": st.integers(1, 2)})
+def retried(values, strings=TEXT):
+    """A job retried (its task raises, max_retries 1 or 2) carrying ``values``: the
+    retry is the job written again."""
+    return documents(values=values, strings=strings, ascii_only=True, tasks=st.just("h.boom"),
+                     forced={"max_retries": st.integers(1, 2)})
+
+
+def non_finite_numbers_in_retried_jobs():
+    return retried(json_values(numbers=NUMBERS | NON_FINITE))
+
+
+def surrogates_in_retried_jobs():
+    return retried(json_values(ODD_STRINGS), ODD_STRINGS)
 
 
 def deep_nesting():

@@ -5,7 +5,8 @@ worker"), checked against real daemons after every hostile case:
    envelope on its reply list; a job with no usable id or reply_to has a dead-letter
    entry (its exact bytes) instead; a failed answer has an ``error.type`` and a
    non-empty ``error.message``, a dead-letter entry an ``error_type`` and a ``reason``;
-   a refused job (InvalidJob, UnknownTask, PayloadTooLarge) is dead-lettered too;
+   a refused job (InvalidJob, UnknownTask, PayloadTooLarge) is dead-lettered too; every
+   answer and dead-letter entry is valid by the protocol's JSON Schemas;
 2. every supervisor is alive, and its pool is back to its configured concurrency;
 3. nothing is left behind: no processing list holds a job, no crash count is left;
 4. a plain job pushed afterwards runs;
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from helpers import Daemon, wait_for
+from test_protocol import DEAD, ENVELOPE
 
 #: The answer of each of these also leaves a dead-letter entry (docs/protocol.md).
 REFUSALS = frozenset({"InvalidJob", "UnknownTask", "PayloadTooLarge"})
@@ -332,11 +334,11 @@ class Checker:
         """Every supervisor alive, pools back to size, nothing held, memory bounded,
         and no child died unless ``crashes``."""
         for d in self.daemons:
+            wait_for(lambda: d.proc.poll() is not None or len(pool(d)) == self.concurrency,
+                     timeout=60, what=f"{self.concurrency} pool processes under {d.pid} "
+                                      f"(has {pool(d)})")
             assert d.proc.poll() is None, f"supervisor {d.pid} exited {d.proc.returncode}" \
                 + self.diagnosis()
-        for d in self.daemons:
-            wait_for(lambda: len(pool(d)) == self.concurrency, timeout=60,
-                     what=f"{self.concurrency} pool processes under {d.pid} (has {pool(d)})")
         wait_for(self.nothing_held, timeout=60, what="processing lists and crash counts to empty")
         for d in self.daemons:
             vm = vm_kib(d.pid)
@@ -363,7 +365,8 @@ class Checker:
                      json.dumps({"task": "h.ok", "id": label, "reply_to": self.reply(label)}))
         deadline = time.monotonic() + timeout
         item = None
-        while item is None and time.monotonic() < deadline:
+        while item is None and time.monotonic() < deadline and all(
+                d.proc.poll() is None for d in self.daemons):
             item = self.r.brpop(self.reply(label), timeout=1)  # (redis-py's socket timeout: 5 s)
         assert item is not None, "a plain job pushed after the hostile ones got no answer" \
             + self.diagnosis()
@@ -375,6 +378,7 @@ class Checker:
         dead = self.dead_raws()
         for e in dead.values():
             assert e.get("error_type") and e.get("reason"), f"dead letter without a reason: {e}"
+            DEAD.validate(e)
         for c in cases:
             envs = []
             if c.reply_to is not None:
@@ -391,6 +395,7 @@ class Checker:
                 continue
             env = json.loads(envs[0])
             c.answer = env
+            ENVELOPE.validate(env)
             assert env["status"] in ("succeeded", "failed"), f"{c.short()}\n  {env}"
             if c.id is not None:
                 assert env["id"] == c.id, f"{c.short()}\n  answered as {env['id']!r}"

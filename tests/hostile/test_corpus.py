@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from hostile import documents as docs
+from hostile.invariants import waiting
 
 pytestmark = [pytest.mark.daemon, pytest.mark.timeout(600)]
 
@@ -22,9 +23,9 @@ WORKER_ARGS = ("--retry-backoff", "0.01", "--retry-backoff-max", "0.05")
 CORPUS = settings(deadline=None, database=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
     HealthCheck.large_base_example])
-#: A class waiting for its fix fails on its pinned examples first: no need to look for
-#: more, or to shrink what it finds.
-WAITING = settings(CORPUS, max_examples=20, phases=[Phase.explicit, Phase.generate])
+#: A class waiting for its fix fails on its pinned examples first: no need to shrink
+#: what it finds.  (When its marker goes, so does this: use CORPUS, which shrinks.)
+WAITING = settings(CORPUS, max_examples=40, phases=[Phase.explicit, Phase.generate])
 
 
 def batches(strategy, size: int = 8):
@@ -53,8 +54,7 @@ def test_surrogates_and_non_finite_numbers_in_jobs_not_retried(worker, batch):
     run(worker, batch)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 §1: surrogates in task/reply_to; fixed on "
-                   "branch h-decode")
+@waiting("§1", "surrogates in task/reply_to", "h-decode")
 @settings(WAITING)
 @given(batch=batches(docs.surrogates_in_task_or_reply_to()))
 @example(batch=[docs.fixed(rb'"task":"\ud800"')])
@@ -63,18 +63,25 @@ def test_surrogates_in_task_or_reply_to(worker, batch):
     run(worker, batch)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 §1: NaN/1e400 and lone surrogates in a job "
-                   "that is retried kill its pool process (Job.retry re-encodes them); "
-                   "found by h-hostile, fixed on branch h-decode (NaN/1e400; surrogates: none)")
+@waiting("§1", "NaN/1e400 (in a job retried: re-encoding it kills the pool process)",
+         "h-decode")
 @settings(WAITING)
-@given(batch=batches(docs.odd_values_in_retried_jobs()))
+@given(batch=batches(docs.non_finite_numbers_in_retried_jobs()))
 @example(batch=[docs.fixed(b'"task":"h.boom","x":NaN,"max_retries":1')])
-@example(batch=[docs.fixed(rb'"task":"h.boom","args":["\ud800"],"max_retries":1')])
-def test_odd_values_in_retried_jobs(worker, batch):
+def test_non_finite_numbers_in_retried_jobs(worker, batch):
     run(worker, batch)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 §1: nesting depth; fixed on branch h-decode")
+@waiting("§1", "a lone surrogate in a job retried: re-encoding it kills the pool process",
+         None)
+@settings(WAITING)
+@given(batch=batches(docs.surrogates_in_retried_jobs()))
+@example(batch=[docs.fixed(rb'"task":"h.boom","args":["\ud800"],"max_retries":1')])
+def test_surrogates_in_retried_jobs(worker, batch):
+    run(worker, batch)
+
+
+@waiting("§1", "nesting depth", "h-decode")
 @settings(WAITING)
 @given(batch=batches(docs.deep_nesting()))
 @example(batch=[docs.fixed(b'"task":"h.ok","x":' + b"[" * 990 + b"]" * 990)])
@@ -82,8 +89,7 @@ def test_deep_nesting(worker, batch):
     run(worker, batch)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 §1: invalid UTF-8 salvage; fixed on "
-                   "branch h-decode")
+@waiting("§1", "invalid UTF-8 salvage", "h-decode")
 @settings(WAITING)
 @given(batch=batches(docs.not_utf8()))
 @example(batch=[docs.fixed(b'"task":"h.ok","x":"\xff"')])

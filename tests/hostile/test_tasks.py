@@ -64,6 +64,18 @@ TASKS = {
                                + [job(chk, "h.ok") for _ in range(6)], False),
     "closes every fd it did not open": (lambda chk: [job(chk, "h.closerange")]
                                         + [job(chk, "h.ok") for _ in range(6)], True),
+    "raises an exception class named with a lone surrogate": (
+        failed()("h.raise_surrogate_class"), False),
+    "leaves a recursion limit of 60 behind": (
+        lambda chk: [job(chk, "h.low_recursion_limit")]
+        + [job(chk, "h.echo", [[[[1]]]]) for _ in range(6)], False),
+    "leaves a SIGALRM timer behind": (
+        lambda chk: [job(chk, "h.leave_alarm", 1)] + [job(chk, "h.nap", 0.5) for _ in range(8)],
+        False),
+    "signals its supervisor with SIGTERM": (
+        lambda chk: [job(chk, "h.signal_parent", "SIGTERM")], False),
+    "signals its supervisor with SIGHUP (a reload)": (
+        lambda chk: [job(chk, "h.signal_parent", "SIGHUP")], False),
 }
 
 
@@ -78,6 +90,12 @@ XFAIL = {
                              "over its start", "h-encode"),
     "forks and dies, its fork living on": waiting(
         "§4", "process death via pidfd: a fork holding the pipe hides the death", "h-process"),
+    "leaves a SIGALRM timer behind": waiting(
+        "§4", "a timer a task leaves (signal.alarm, setitimer) kills its process during a later "
+        "job, which is blamed", None),
+    "signals its supervisor with SIGTERM": waiting(
+        "§4", "a task stops its worker with os.kill(os.getppid(), SIGTERM) (the supervisor "
+        "could ignore signals its own pool processes send)", None),
     "forks, and both return": waiting(
         "§4", "fork tasks: the copy answers too, and the supervisor dies (KeyError: -1)",
         "h-process"),

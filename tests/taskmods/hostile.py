@@ -228,3 +228,29 @@ def secrets():
         cmdline = f.read().decode("utf-8", "replace")
     return {"env": {k: v for k, v in os.environ.items() if k.startswith("REDPOOL")},
             "parent_cmdline": cmdline, "argv": sys.argv}
+
+
+@task(name="h.leave_alarm")
+def leave_alarm(seconds: int = 1):
+    """Leaves a SIGALRM timer behind: it goes off during whatever runs next here."""
+    signal.alarm(seconds)
+    return "armed"
+
+
+@task(name="h.signal_parent")
+def signal_parent(signame: str = "SIGTERM"):
+    """Signals its supervisor (the pool process's parent)."""
+    os.kill(os.getppid(), getattr(signal, signame))
+    return signame
+
+
+@task(name="h.raise_surrogate_class")
+def raise_surrogate_class():
+    raise type("Bad\ud800Name", (Exception,), {})("a class named with a lone surrogate")
+
+
+@task(name="h.low_recursion_limit")
+def low_recursion_limit():
+    """Leaves the interpreter's recursion limit far too low for what runs next here."""
+    sys.setrecursionlimit(60)
+    return "lowered"
