@@ -1,8 +1,8 @@
 """Fixtures of the hostile suite: real daemons that load tests/taskmods/hostile.py.
 
 ``worker``: one long-lived daemon per test module (2 pool processes, the module's
-``WORKER_ARGS``), in a namespace of the module's own, restarted if a case killed it
-(the case that did fails; the next one gets a live daemon).  ``hostile_daemons``: more
+``WORKER_ARGS``), in a namespace of the module's own; a case that fails gets the next
+one a fresh daemon in a fresh namespace (Worker).  ``hostile_daemons``: more
 daemons for one test, in the test's own namespace (tests/conftest.py's ``daemons``).
 """
 

@@ -277,7 +277,8 @@ def deep_nesting():
 def not_utf8(draw):
     """A job whose id and reply_to are readable, with bytes that are not UTF-8 after
     them: it must be answered (its producer is waiting), not only dead-lettered."""
-    bad = draw(st.sampled_from([b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\x80", b"\xf5\x80\x80\x80"]))
+    bad = draw(st.sampled_from([b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\x80",
+                                b"\xf5\x80\x80\x80"]))
     where = draw(st.sampled_from(["task", "args", "extra"]))
 
     def build(chk) -> Case:

@@ -240,9 +240,6 @@ class Checker:
         raw = json.dumps(doc).encode()
         return expect(doc, self.ns, label, raw, **kw)
 
-    def raw_case(self, raw: bytes, label: str, **kw) -> Case:
-        return Case(raw, label, **kw)
-
     # -- running them ------------------------------------------------------------------------
 
     def push(self, cases: list[Case], queue: str | None = None) -> None:
@@ -254,7 +251,8 @@ class Checker:
             pipe.lpush(self.keys.queue(queue or self.queue), c.raw)
         pipe.execute()
 
-    def run(self, cases: list[Case], *, crashes: bool = False, queue: str | None = None) -> list[Case]:
+    def run(self, cases: list[Case], *, crashes: bool = False,
+            queue: str | None = None) -> list[Case]:
         """Push ``cases`` and check every invariant; ``crashes``: the cases may kill
         their own process (so child_died is expected)."""
         self.push(cases, queue)

@@ -80,7 +80,7 @@ CASES = {
              status="failed")],
     # -- JSON Python will not read, and documents that are too large
     "UTF-8 byte order mark before the object": lambda chk: [
-        Case(b"\xef\xbb\xbf" + b'{"id":"bom","reply_to":"%s","task":"h.ok"}' % chk.reply("bom").encode(),
+        Case(b'\xef\xbb\xbf{"id":"bom","reply_to":"%s","task":"h.ok"}' % chk.reply("bom").encode(),
              "bom", id="bom", reply_to=chk.reply("bom"))],
     "16 MB, far over --max-payload": lambda chk: [
         doc(chk, '"task":"h.echo","args":["' + "z" * (16 * 1024 * 1024) + '"]', status="failed",
