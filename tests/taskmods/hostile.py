@@ -183,3 +183,17 @@ def after(seconds: float = 0.0):
     print("after", flush=True)
     print("after", file=sys.stderr, flush=True)
     return {"cwd": os.getcwd(), "deep": nested(100)}
+
+
+class SurrogateName(Exception):
+    """Its qualified name and module hold unpaired surrogates (``type()`` refuses such a
+    name; assigning ``__qualname__`` and ``__module__`` does not)."""
+
+
+SurrogateName.__qualname__ = "Bad\ud800Name"
+SurrogateName.__module__ = "mod\udc00ule"
+
+
+@task(name="h.surrogate_class")
+def surrogate_class():
+    raise SurrogateName("odd class")
