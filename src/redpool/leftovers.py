@@ -19,7 +19,7 @@ every job and puts back, as they were once the task modules and hooks had run:
   opened again on the same descriptor (a later job's ``print`` would raise, and the
   child's log lines would be lost).
 
-About 1.5 us a job in all: two syscalls (setitimer, getcwd) and a few compares.  Not
+About 1.9 us a job in all: two syscalls (setitimer, getcwd) and a few compares.  Not
 put back (docs/design.md says why): environment variables, the umask, imported modules,
 threads a task started, ``sys.path``, logging's configuration, the virtual and
 profiling timers (SIGVTALRM, SIGPROF: a syscall each, for what only profilers set).
