@@ -300,3 +300,34 @@ def test_whatever_a_task_returns_or_raises_its_child_answers_and_lives_on(spawn)
             env = decode_done(ev.msg)[1]
             assert env is not None and len(env) <= 4096 * 64
             json.loads(env.decode("utf-8"))
+
+
+# -- what a job leaves behind (src/redpool/leftovers.py) ----------------------------------------
+
+LEFT_BEHIND = ["alarm", "itimer", "alarm_handler", "sigpipe", "recursion", "chdir",
+               "close_stdout", "close_stderr", "replace_stdout"]
+
+
+def test_state_a_job_leaves_behind_never_fails_or_kills_a_later_job(spawn, tmp_path):
+    # Given a child, and jobs that each leave state behind (a pending alarm, a low
+    # recursion limit, another directory, stdout closed...), each followed by a job
+    # that runs past the alarm, prints, encodes a nested result and reads its cwd
+    f = spawn("tests.taskmods.hostile")
+    pid = f.child.pid
+    jobs = []
+    for kind in LEFT_BEHIND:
+        jobs.append(p.make_job("h.leave", [kind, str(tmp_path)], id=f"leave-{kind}"))
+        wait = 1.5 if kind in ("alarm", "itimer", "alarm_handler") else 0.0
+        jobs.append(p.make_job("h.after", [wait], id=f"after-{kind}"))
+    tokens = f.send(*(p.encode_job(j) for j in jobs), return_after=3600)  # none given back
+    # When they have run
+    f.collect(lambda f: len(f.done()) == len(jobs) or f.died(), "every job answered",
+              timeout=120)
+    # Then the process lived through them all, and every job succeeded
+    assert f.died() == [] and f.child.pid == pid and f.child.proc.is_alive()
+    done = f.done()
+    assert {j["id"]: done[t]["status"] for t, j in zip(tokens, jobs)} == {
+        j["id"]: p.SUCCEEDED for j in jobs}
+    # in the directory the process started in
+    envelopes = [json.loads(decode_done(ev.msg)[1]) for ev in f.events if isinstance(ev, Done)]
+    assert {e["result"]["cwd"] for e in envelopes if e["id"].startswith("after-")} == {os.getcwd()}

@@ -591,3 +591,18 @@ def test_depth_is_exact_whatever_the_shape(shape):
     for depth in (99, 100, 101, 5000):
         raw = b'{"task":"t","args":' + one(depth) + b"}"
         assert too_deep(raw) == (depth + 1 if depth + 1 > p.MAX_DEPTH else 0), depth
+
+
+def test_a_job_starting_with_a_utf8_byte_order_mark_is_read_without_it():
+    # Given a valid job as .NET's Encoding.UTF8 writes it: a BOM first
+    raw = p.encode_job(p.make_job("t.add", [1, 2], id="bom", reply_to="redpool:reply:r"))
+    job = p.decode_job(b"\xef\xbb\xbf" + raw)
+    # Then it reads as the job itself (RFC 8259 lets a reader ignore the mark)
+    assert (job.id, job.task, job.args, job.reply_to) == ("bom", "t.add", [1, 2], "redpool:reply:r")
+    # and a job refused for another reason is still salvaged, answered to its producer
+    bad = p.salvage(b"\xef\xbb\xbf" + b'{"task": 1, "id": "b2", "reply_to": "redpool:reply:r"}')
+    assert isinstance(bad, p.InvalidJob)
+    assert (bad.job_id, bad.reply_to) == ("b2", "redpool:reply:r")
+    # a mark anywhere else is not ignored
+    with pytest.raises(p.InvalidJob):
+        p.decode_job(raw + b"\xef\xbb\xbf")

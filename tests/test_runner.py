@@ -574,7 +574,8 @@ def test_a_refused_job_that_ran_before_never_says_it_never_started(runner):
 from taskmods import hostile  # noqa: E402
 
 hostile_registry = Registry()
-for _name in ("surrogate_raise", "surrogate_result", "returns", "raises", "big", "long_error"):
+for _name in ("surrogate_raise", "surrogate_result", "returns", "raises", "big", "long_error",
+              "surrogate_class"):
     hostile_registry.task(name=f"h.{_name}")(getattr(hostile, _name))
 
 
@@ -1017,3 +1018,21 @@ def test_a_job_nested_to_the_limit_runs_and_is_retried_intact(runner):
     out = runner.run("q", raw)
     assert out.meta["status"] == "retrying"
     assert p.decode_job(out.retry).extra["deep"] == args
+
+
+def test_an_exception_class_named_with_unpaired_surrogates_fails_its_job_readably(hrunner):
+    # Given a task raising a class whose __qualname__ and __module__ hold lone surrogates
+    out = hrunner.run("q", raw_job("h.surrogate_class", attempt=2, dead_letter=True))
+    # Then its job fails once, the type readable (the surrogates replaced) everywhere
+    readable = "mod\ufffdule.Bad\ufffdName"
+    env = valid_envelope(out)
+    assert env["error"]["type"] == readable and env["error"]["message"] == "odd class"
+    assert out.meta["error_type"] == readable   # (the supervisor's events and completions)
+    meta = decode_done(encode_done(1, out))[0]
+    assert meta["error_type"] == readable and "warnings" not in meta
+    dead = p.loads(out.dead)
+    assert dead["error_type"] == readable and "warnings" not in dead
+    assert dead["reason"] == f"failed after 2 attempt(s): {readable}: odd class"
+    # and a retry says the same
+    again = hrunner.run("q", raw_job("h.surrogate_class"))
+    assert again.meta["status"] == "retrying" and again.meta["error_type"] == readable

@@ -20,6 +20,7 @@ import time
 
 from . import boot, logs
 from . import protocol as p
+from .leftovers import Leftovers
 from .lifeline import StopWhenAsked, die_with_parent
 from .poller import readable
 from .registry import default_registry
@@ -203,6 +204,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     policy = Policy(**(defaults or {}))
     runner = Runner(registry, worker, max_payload, namespace, policy, max_result_size)
     mailbox = Mailbox(conn)
+    leftovers = Leftovers()   # what a job changes in this process, put back after it
     # ps shows what we run: a thread retitles us once a second from the two attributes
     # set per job below (negligible per job; see titles.py)
     title = ChildTitle(worker, registry.tasks).start()
@@ -225,6 +227,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
                 out = runner.run(queue, raw, crashes, on_start=started)
                 if forked:
                     forked_copy_returned()
+                leftovers.reset()
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
                                   retry=err["retry"], dead=err["dead"],

@@ -197,6 +197,13 @@ def configure_child() -> None:
         configure(level, fmt, daemon=False, clock=True)
 
 
+def point_at(old, new) -> None:
+    """Our log lines go to ``new`` where they went to ``old`` (a pool child's stderr,
+    closed by a task and opened again: leftovers.py)."""
+    if _state.sink is not None and _state.sink.stream is old:
+        _state.sink.stream = new
+
+
 def _route_stdlib(sink: Sink, stamp, render: list) -> None:
     """stdlib logging (libraries, task code, warnings.warn) through our renderer, in
     our format: no bare text among JSON lines from logging's last-resort handler."""

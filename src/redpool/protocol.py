@@ -280,12 +280,18 @@ def _short(v: Any) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
+#: A UTF-8 byte-order mark: producers must not send one, a worker ignores one at the start.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
     """Parse and validate raw job bytes.  Raises InvalidJob with a human reason."""
     if len(raw) > max_payload:
         raise InvalidJob(f"payload is {len(raw)} bytes, over the limit of {max_payload} "
                          "(--max-payload): store large data elsewhere and pass a reference",
                          E_PAYLOAD_TOO_LARGE, **_salvaged(raw))
+    if raw[:3] == UTF8_BOM:  # ignored, as RFC 8259 allows (.NET and PowerShell write one)
+        raw = raw[3:]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -345,14 +345,17 @@ def error_type_of(e: BaseException) -> str:
     other class as module.QualName (myapp.errors.QuotaExceeded), so that a task's own
     class never passes for a built-in or for another module's class of the same name.
     A module that is not a string reads ``<unknown>``, as in Python's tracebacks; a class
-    whose name cannot be read at all is UnprintableError."""
+    whose name cannot be read at all is UnprintableError.  Unpaired surrogates (a
+    ``__qualname__`` or ``__module__`` may hold them) are replaced by U+FFFD here, so
+    the type reads the same in the envelope, the dead letter, the events and the logs."""
     try:
         t = type(e)
         name, module = str.__str__(t.__qualname__), t.__module__
         if type(module) is str and module == "builtins":
             return name[:MAX_TYPE]
         module = str.__str__(module) if issubclass(type(module), str) and module else "<unknown>"
-        return brief(f"{module}.{name}", MAX_TYPE)
+        text = brief(f"{module}.{name}", MAX_TYPE)
+        return text if text.isascii() else encoding.fix(text)[0]
     except BaseException:
         return p.E_UNPRINTABLE_ERROR
 

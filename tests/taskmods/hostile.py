@@ -134,3 +134,66 @@ def long_error(n: int):
 @task(name="h.add")
 def add(a, b):
     return a + b
+
+
+# -- state a task leaves behind in its process (src/redpool/leftovers.py) -----------------------
+
+@task(name="h.leave")
+def leave(kind: str, arg=None):
+    """Change per-process state and return, as a careless task would."""
+    import os
+    import signal
+    import sys
+
+    if kind == "alarm":
+        signal.alarm(1)
+    elif kind == "itimer":
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+    elif kind == "alarm_handler":   # a handler that would raise into a later job
+        def timeout(signum, frame):
+            raise TimeoutError("the alarm of an earlier job")
+        signal.signal(signal.SIGALRM, timeout)
+        signal.alarm(1)
+    elif kind == "sigpipe":
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    elif kind == "recursion":
+        sys.setrecursionlimit(50)
+    elif kind == "chdir":
+        os.chdir(arg)
+    elif kind == "close_stdout":
+        sys.stdout.close()
+    elif kind == "close_stderr":
+        sys.stderr.close()
+    elif kind == "replace_stdout":
+        sys.stdout = None
+    return kind
+
+
+@task(name="h.after")
+def after(seconds: float = 0.0):
+    """A later job: a little Python that prints, recurses a bit and reads its
+    surroundings, and waits past any alarm left for it."""
+    import os
+    import sys
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("after", flush=True)
+    print("after", file=sys.stderr, flush=True)
+    return {"cwd": os.getcwd(), "deep": nested(100)}
+
+
+class SurrogateName(Exception):
+    """Its qualified name and module hold unpaired surrogates (``type()`` refuses such a
+    name; assigning ``__qualname__`` and ``__module__`` does not)."""
+
+
+SurrogateName.__qualname__ = "Bad\ud800Name"
+SurrogateName.__module__ = "mod\udc00ule"
+
+
+@task(name="h.surrogate_class")
+def surrogate_class():
+    raise SurrogateName("odd class")
