@@ -361,9 +361,11 @@ def error_type_of(e: BaseException) -> str:
 
 
 def message_of(e: BaseException) -> str:
-    """``str(e)``, or what went wrong reading it."""
+    """``str(e)``, or what went wrong reading it; never empty."""
     try:
-        return str.__str__(str(e))  # (an exact str, whatever __str__ returned)
+        text = str.__str__(str(e))  # (an exact str, whatever __str__ returned)
+        # MemoryError(), KeyError(): an empty message would tell the producer nothing
+        return text or f"{error_type_of(e)} raised with no message (see the traceback)"
     except BaseException as inner:
         return f"<the exception's message could not be read: str() raised {error_type_of(inner)}>"
 

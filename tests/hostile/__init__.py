@@ -5,19 +5,10 @@ type (test_keys.py), abusive producers (test_producers.py) and two supervisors s
 queue (test_two_supervisors.py), all against real daemons, each case followed by the
 invariants of invariants.py.
 
-A case that fails until a fix is merged is a strict xfail naming the class, numbered as
-the issue's classes are here:
-
-  §1  decode side: lone surrogates in task/reply_to, NaN/1e400, nesting depth, invalid
-      UTF-8 salvage (branch h-decode)
-  §2  encode side: lone surrogates and unencodable results and exceptions,
-      --max-result-size / ResultTooLarge, the envelope's "warnings" (h-encode)
-  §3  Redis keys of the wrong type (WRONGTYPE) (h-wrongtype)
-  §4  process death seen through a pidfd, tasks that fork or close fds, pipe deadlock
-      (h-process)
-  §5  reply_to only under <ns>:reply:* and --reply-to patterns (h-reply)
-  §6  secrets (h-secrets)
-
-Once the branch is merged the case XPASSes, which strict xfail reports as a failure:
-remove its marker then.  Classes that no branch fixes yet say so.
+A case that fails for want of a fix is a strict xfail naming its class (invariants.waiting):
+when the fix lands the case XPASSes, which strict xfail reports as a failure, and the
+marker goes.  Every class the issue named is fixed; what is still marked is a class the
+suite found beyond it, not fixed yet (a job far over --max-payload is read whole; a
+result under --max-result-size is copied a few times on its way to Redis; a task can
+SIGTERM its own supervisor).
 """

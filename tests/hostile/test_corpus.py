@@ -23,8 +23,8 @@ WORKER_ARGS = ("--retry-backoff", "0.01", "--retry-backoff-max", "0.05")
 CORPUS = settings(deadline=None, database=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
     HealthCheck.large_base_example])
-#: A class waiting for its fix fails on its pinned examples first: no need to shrink
-#: what it finds.  (When its marker goes, so does this: use CORPUS, which shrinks.)
+#: A class waiting for a fix (invariants.waiting) fails on its pinned examples first:
+#: no need to shrink what it finds.
 WAITING = settings(CORPUS, max_examples=40, phases=[Phase.explicit, Phase.generate])
 
 
@@ -54,8 +54,7 @@ def test_surrogates_and_non_finite_numbers_in_jobs_not_retried(worker, batch):
     run(worker, batch)
 
 
-@waiting("§1", "surrogates in task/reply_to", "h-decode")
-@settings(WAITING)
+@settings(CORPUS, max_examples=40)
 @given(batch=batches(docs.surrogates_in_task_or_reply_to()))
 @example(batch=[docs.fixed(rb'"task":"\ud800"')])
 @example(batch=[docs.fixed(b'"task":"h.ok"', reply_suffix=rb"\udc80")])
@@ -63,34 +62,28 @@ def test_surrogates_in_task_or_reply_to(worker, batch):
     run(worker, batch)
 
 
-@waiting("§1", "NaN/1e400 (in a job retried: re-encoding it kills the pool process)",
-         "h-decode")
-@settings(WAITING)
+@settings(CORPUS, max_examples=40)
 @given(batch=batches(docs.non_finite_numbers_in_retried_jobs()))
 @example(batch=[docs.fixed(b'"task":"h.boom","x":NaN,"max_retries":1')])
 def test_non_finite_numbers_in_retried_jobs(worker, batch):
     run(worker, batch)
 
 
-@waiting("§1", "a lone surrogate in a job retried: re-encoding it kills the pool process",
-         None)
-@settings(WAITING)
+@settings(CORPUS, max_examples=40)
 @given(batch=batches(docs.surrogates_in_retried_jobs()))
 @example(batch=[docs.fixed(rb'"task":"h.boom","args":["\ud800"],"max_retries":1')])
 def test_surrogates_in_retried_jobs(worker, batch):
     run(worker, batch)
 
 
-@waiting("§1", "nesting depth", "h-decode")
-@settings(WAITING)
+@settings(CORPUS, max_examples=40)
 @given(batch=batches(docs.deep_nesting()))
 @example(batch=[docs.fixed(b'"task":"h.ok","x":' + b"[" * 990 + b"]" * 990)])
 def test_deep_nesting(worker, batch):
     run(worker, batch)
 
 
-@waiting("§1", "invalid UTF-8 salvage", "h-decode")
-@settings(WAITING)
+@settings(CORPUS, max_examples=40)
 @given(batch=batches(docs.not_utf8()))
 @example(batch=[docs.fixed(b'"task":"h.ok","x":"\xff"')])
 def test_not_utf8_after_id_and_reply_to(worker, batch):

@@ -25,7 +25,6 @@ def other_app_list(r, name: str) -> tuple[str, tuple]:
     return name, (r.lrange(name, 0, -1), r.ttl(name))
 
 
-@waiting("§5", "reply_to allowed only under <ns>:reply:* and --reply-to patterns", "h-reply")
 def test_reply_to_another_applications_list_is_refused(worker):
     with worker.checker() as chk:
         key, before = other_app_list(chk.r, f"{chk.ns}-other-app:inbox")
@@ -48,7 +47,6 @@ def test_reply_to_a_key_of_the_namespace_is_refused(worker, which):
         assert not chk.r.exists(key)
 
 
-@waiting("§5", "reply_to allowed only under <ns>:reply:* and --reply-to patterns", "h-reply")
 def test_reply_to_allowed_by_a_pattern(hostile_daemons, r, keys):
     pattern = f"{keys.ns}-app:replies:*"
     d = hostile_daemons("--concurrency", "2", "--reply-to", pattern)
@@ -63,8 +61,6 @@ def test_reply_to_allowed_by_a_pattern(hostile_daemons, r, keys):
         r.delete(reply)
 
 
-@waiting("§5", "a job with a short result_ttl cuts short the answers of the others on its "
-         "reply list", "h-reply")
 def test_jobs_sharing_a_reply_list_keep_the_longest_ttl(worker):
     # Given a producer's one reply list, answered for a job that keeps its result an hour
     with worker.checker() as chk:
@@ -82,7 +78,6 @@ def test_jobs_sharing_a_reply_list_keep_the_longest_ttl(worker):
         assert chk.r.ttl(shared) > 3000, f"the list expires in {chk.r.ttl(shared)} s"
 
 
-@waiting("§6", "secrets: the Redis password given in a file (--redis-url-file)", "h-secrets")
 def test_the_redis_password_reaches_no_task_answer_log_or_ps(redis_url, r, keys, tmp_path):
     # Given a worker whose Redis user has a password, given in a file
     user, password = f"hostile-{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"

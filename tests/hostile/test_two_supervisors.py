@@ -16,8 +16,6 @@ pytestmark = pytest.mark.daemon
 
 #: The bad job: a lone surrogate in its task's name (issue 12 §1)
 BAD = rb'"task":"h.ok\ud800"'
-SURROGATE = waiting("§1", "surrogates in task/reply_to: the supervisor that holds the job "
-                    "dies, then the one that takes it next", "h-decode")
 
 
 def bad_job(chk: Checker) -> Case:
@@ -41,7 +39,6 @@ def both_serve(chk: Checker, names: set[str]) -> None:
     wait_for(more, timeout=120, interval=0, what=f"jobs answered by each of {sorted(names)}")
 
 
-@SURROGATE
 def test_one_bad_job_cannot_stop_both(hostile_daemons, r, keys):
     a = hostile_daemons("--concurrency", "1", name="a")
     b = hostile_daemons("--concurrency", "1", name="b")
@@ -50,7 +47,6 @@ def test_one_bad_job_cannot_stop_both(hostile_daemons, r, keys):
     both_serve(chk, {"a", "b"})
 
 
-@SURROGATE
 def test_the_bad_job_of_a_killed_supervisor_cannot_stop_the_one_that_reaps_it(
         hostile_daemons, r, keys, tmp_path):
     # Given a supervisor holding the bad job, reserved while its one process is busy
