@@ -10,6 +10,7 @@ outcome; nothing a job does can end this loop except killing the process.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
 import signal
@@ -227,7 +228,11 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
                 out = runner.run(queue, raw, crashes, on_start=started)
                 if forked:
                     forked_copy_returned()
-                leftovers.reset()
+                try:
+                    leftovers.reset()
+                except Exception:  # (never expected) the job's answer must still go
+                    logging.getLogger("redpool").exception(
+                        "could not put back what a job left behind (a bug in redpool)")
             else:
                 out = runner.fail(queue, raw, crashes, err["type"], err["message"],
                                   retry=err["retry"], dead=err["dead"],
