@@ -1036,3 +1036,39 @@ def test_an_exception_class_named_with_unpaired_surrogates_fails_its_job_readabl
     # and a retry says the same
     again = hrunner.run("q", raw_job("h.surrogate_class"))
     assert again.meta["status"] == "retrying" and again.meta["error_type"] == readable
+
+
+# -- a retry near --max-payload ------------------------------------------------------------------
+
+def test_a_job_near_max_payload_is_retried_though_its_retry_is_a_little_longer():
+    # Given a job without an id, 1000 bytes with a limit of 1000: its retry carries the id
+    # the worker assigned and the attempt number (~60 bytes more)
+    runner = Runner(registry, WORKER, 1000, defaults=DEFAULTS)
+    job = p.make_job("tests.flaky", [], now=1700000000.0, max_retries=3)
+    del job["id"]
+    job["pad"] = ""
+    job["pad"] = "p" * (1000 - len(p.encode_job(job)))
+    raw = p.encode_job(job)
+    assert len(raw) == 1000
+    out = runner.run("q", raw)
+    assert out.meta["status"] == "retrying" and len(out.retry) > 1000
+    # Then the retry is read back and runs again (it is not refused as PayloadTooLarge)
+    again = runner.run("q", out.retry)
+    assert again.meta["status"] == "retrying", again.meta
+    assert p.decode_job(again.retry, 1000).attempt == 3
+    # while a producer's job a little over the limit is still refused
+    with pytest.raises(p.InvalidJob, match="over the limit of 1000"):
+        p.decode_job(p.encode_job({**job, "pad": job["pad"] + "pp"}), 1000)
+
+
+def test_a_retry_that_no_longer_fits_fails_now_and_says_why():
+    # Given a job whose numbers Python writes longer (1e5 -> 100000.0), near the limit
+    runner = Runner(registry, WORKER, 1000, defaults=DEFAULTS)
+    raw = (b'{"task":"tests.flaky","id":"j","max_retries":3,"args":[],"kwargs":{},"n":['
+           + b",".join([b"1e5"] * 200) + b"]}")
+    assert len(raw) <= 1000
+    out = runner.run("q", raw)
+    # Then it is not retried into a certain refusal: it fails now, saying why
+    assert out.meta["status"] == p.FAILED and out.retry is None
+    message = p.loads(out.envelope)["error"]["message"]
+    assert "not retried: its next attempt would be" in message and "--max-payload 1000" in message

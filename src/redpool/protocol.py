@@ -29,6 +29,9 @@ from .strictjson import loads as _loads_job
 VERSION = 1
 DEFAULT_RESULT_TTL = 86400  # seconds
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes
+# A retry may be this much over --max-payload: the worker writes it with the attempt
+# number and, for a job that had none, the id it assigned (about 60 bytes).
+RETRY_SLACK = 128
 # Largest envelope of a succeeded job (--max-result-size): far below the 512 MB string
 # Redis refuses, and what a supervisor may hold per job in flight (docs/design.md).
 DEFAULT_MAX_RESULT_SIZE = 16 * 1024 * 1024
@@ -286,7 +289,8 @@ UTF8_BOM = b"\xef\xbb\xbf"
 
 def decode_job(raw: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Job:
     """Parse and validate raw job bytes.  Raises InvalidJob with a human reason."""
-    if len(raw) > max_payload:
+    if len(raw) > max_payload and not (len(raw) <= max_payload + RETRY_SLACK
+                                        and _salvaged(raw).get("attempt", 1) > 1):
         raise InvalidJob(f"payload is {len(raw)} bytes, over the limit of {max_payload} "
                          "(--max-payload): store large data elsewhere and pass a reference",
                          E_PAYLOAD_TOO_LARGE, **_salvaged(raw))

@@ -175,11 +175,16 @@ class Runner:
                 tb, started, t0, *, retry: bool = True, dead: bool = False,
                 ran: float | None = None) -> Outcome:
         if retry and job.attempt <= policy.max_retries:
-            delay = policy.backoff(job.attempt)
-            meta = self._meta(job, "retrying", error_type, t0, ran)
-            meta["retry_delay"] = delay
-            meta["error"] = brief(message)
-            return Outcome(meta, retry=job.retry())
+            again = job.retry()
+            if len(again) <= self.max_payload + p.RETRY_SLACK:
+                meta = self._meta(job, "retrying", error_type, t0, ran)
+                meta["retry_delay"] = policy.backoff(job.attempt)
+                meta["error"] = brief(message)
+                return Outcome(meta, retry=again)
+            # written again (numbers as Python writes them), it no longer fits: it fails
+            # now, saying why, rather than be refused as PayloadTooLarge when it comes back
+            message += (f" (not retried: its next attempt would be {len(again)} bytes, over "
+                        f"--max-payload {self.max_payload})")
         base = self._base(job, queue, crashes, started)
         message, cut_message = encoding.cut(message, p.MAX_ERROR_TEXT, "error message")
         cut_tb = None
