@@ -3445,3 +3445,18 @@ def test_a_hostile_job_whose_settling_child_died_is_failed_by_the_supervisor(cas
     from redpool.outcomes import job_names
     names = job_names(case.raw)
     assert names["id"] == case.result_id and p.dumps(names)
+
+
+def test_while_a_namespace_key_is_of_the_wrong_type_the_loop_sleeps_until_the_next_look():
+    # Given a supervisor that has run a while (its reap and promote times passed), then a
+    # namespace-wide key found of the wrong type: reserving, reaping and promoting pause
+    w = World([job(1)], size=1)
+    w.tick()
+    w.pool.finish_all()
+    w.ticks(until=30.0, step=1.0)
+    w.rq.unusable.paused = True
+    w.duties.recheck_at = w.clock.t + 5.0
+    w.tick(1.0)
+    # Then the loop does not spin on the duties that wait: it sleeps until the next look
+    # at the broken keys, or the next renewal, whichever comes first (found in review: 0)
+    assert w.sup.wait_timeout(w.clock.t) > 0.5

@@ -333,3 +333,28 @@ def test_enqueue_onto_a_queue_of_the_wrong_type_is_a_clear_error(redis_url, r, k
     [line] = res.stderr.splitlines()
     assert f"{keys.queue('lo')} holds a string" in line and "DEL it, or RENAME it away" in line
     assert r.get(keys.queue("lo")) == b"not a list"
+
+
+def test_reserve_refused_for_another_reason_than_a_type_says_so_rather_than_find_nothing(
+        r, redis_url, keys):
+    # Given a worker user that may not move jobs (an ACL rule; Redis out of memory refuses
+    # the first write of the script in the same way): its queue holds a job
+    import uuid
+
+    import redis as redis_py
+    lease = registered(r, keys)
+    r.lpush(keys.queue("a"), job(1))
+    user, password = f"nolmove-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    r.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"],
+                  commands=["+@all", "-lmove"])
+    limited = redis_py.Redis.from_url(redis_url, username=user, password=password)
+    try:
+        rq = RedisQueue(limited, keys, "w", ["a"])
+        # Then the reserve raises Redis's refusal (the loop logs it once, as redis_error),
+        # instead of answering "the queue is empty" while a job waits in it
+        with pytest.raises(redis_py.ResponseError, match="NOPERM|no permissions"):
+            rq.reserve(10, lease.epoch)
+        assert r.lrange(keys.queue("a"), 0, -1) == [job(1)] and not rq.unusable
+    finally:
+        limited.close()
+        r.acl_deluser(user)

@@ -21,6 +21,7 @@ Kept apart from the loop so that supervisor.py stays a to-do list.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -187,6 +188,13 @@ class Duties(DataLoss, RedisHealth):
     def next_due(self, now: float) -> float:
         # nothing is done before a Redis call waiting out its backoff may be retried
         due = min(self.next_renew, self.next_reap, self.next_promote)
+        if self.rq.unusable.paused:
+            # reaping and promoting (and, before we are registered, everything) wait for
+            # the keys of the wrong type: overdue meanwhile, they are not what is due, the
+            # next look at those keys is (else the loop would spin: found in review)
+            due = min(self.next_renew if self.begun else math.inf, max(self.recheck_at, now))
+            if self.probe_at is not None:
+                due = min(due, max(self.probe_at, now))
         if self.reconcile_pending:  # waiting for the waiters' BLMOVE calls to return
             due = min(due, now + 0.05)
         return min(max(due, self.retry_at), self.next_heartbeat)

@@ -51,6 +51,13 @@ local out = {1, counted and 1 or 0}
 for i = 3, #KEYS, 2 do
   if n <= 0 then break end
   local jobs = redis.pcall('LMOVE', KEYS[i], KEYS[i + 1], 'RIGHT', 'LEFT')
+  if type(jobs) == 'table' and not string.find(tostring(jobs.err), 'WRONGTYPE', 1, true) then
+    -- refused for another reason (OOM, an ACL rule): not an empty queue.  Said as an
+    -- error while nothing is moved yet; after a queue that gave jobs, those are
+    -- returned as usual, and the refusal is met again at the next reserve.
+    if #out == 2 then return redis.error_reply(tostring(jobs.err)) end
+    break
+  end
   if type(jobs) == 'table' then  -- WRONGTYPE: nothing moved; say which list
     for k = i, i + 1 do
       local t = redis.call('TYPE', KEYS[k])['ok']
