@@ -9,6 +9,7 @@
 -- refuse(key, t, want): the error a script returns instead of running, naming the key
 -- (keytypes.culprit reads it back): "WRONGTYPE redpool key <key> holds a <t>, not a <want>".
 -- check({key, want, key, want, ...}): refuse() for the first such key, or nil.
+-- lists(need, from): ``need`` with KEYS[from], KEYS[from + 1], ... each wanted a list.
 local function wrong(key, want)
   local t = redis.call('TYPE', key)['ok']
   if t == 'none' or t == want then return nil end
@@ -23,4 +24,11 @@ local function check(list)
     if t then return refuse(list[i], t, list[i + 1]) end
   end
   return nil
+end
+local function lists(need, from)
+  for i = from, #KEYS do
+    need[#need + 1] = KEYS[i]
+    need[#need + 1] = 'list'
+  end
+  return need
 end

@@ -14,12 +14,7 @@
 -- A key of the wrong type (another program wrote to it: keytypes.py) is found before any
 -- write: the script then refuses as a whole, naming it (lua/_check.lua).
 --#include _check
-local need = {}
-for j = 1, #KEYS do
-  need[#need + 1] = KEYS[j]
-  need[#need + 1] = 'list'
-end
-local bad = check(need)
+local bad = check(lists({}, 1))
 if bad then return bad end
 local out = {}
 for j = 1, #KEYS - 1 do

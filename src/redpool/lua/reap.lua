@@ -23,12 +23,7 @@
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
 end
-local need = {KEYS[2], 'set', KEYS[3], 'hash'}
-for i = 4, #KEYS do
-  need[#need + 1] = KEYS[i]
-  need[#need + 1] = 'list'
-end
-local bad = check(need)
+local bad = check(lists({KEYS[2], 'set', KEYS[3], 'hash'}, 4))
 if bad then return bad end
 local moved = 0
 for i = 4, #KEYS, 2 do
