@@ -191,7 +191,7 @@ def test_supervisor_is_glue_over_queue_pool_and_signals():
                "signals", "waiter", "logs", "duties", "work", "outcomes", "poller", "lifecycle"}
     assert internal(imports("supervisor")) <= allowed
     assert internal(imports("outcomes")) <= {"protocol", "pool", "child", "queue", "work", "config"}
-    assert internal(imports("lifecycle")) <= {"outcomes", "pool"}
+    assert internal(imports("lifecycle")) <= {"outcomes", "pool", "signals"}
 
 
 def test_duties_use_redis_only_through_queue_and_lease():

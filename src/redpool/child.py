@@ -26,6 +26,7 @@ from .lifeline import StopWhenAsked, die_with_parent
 from .poller import readable
 from .registry import default_registry
 from .runner import Outcome, Policy, Runner
+from .signals import unblock
 from .titles import ChildTitle
 
 # supervisor -> child: a batch of jobs, run in order, each answered with its own D
@@ -183,6 +184,7 @@ def main(conn, modules: list[str], parent_pid: int, worker: str, max_payload: in
     os.register_at_fork(after_in_child=lambda: forked.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = StopWhenAsked(asked)
+    unblock()   # the signals the supervisor blocks (signals.py): ours again, handled above
     die_with_parent(parent_pid, stop)
     sys.path[:0] = [x for x in sys_path if x not in sys.path]
     registry = default_registry

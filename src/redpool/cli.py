@@ -228,6 +228,19 @@ def run_worker(cfg: config.WorkerConfig, *,
                watch: Callable[[], contextlib.AbstractContextManager] | None = None) -> int:
     """Run the daemon until it stops.  ``watch``: a context to hold while it runs, with
     its signal handlers in place (`redpool dev --reload` sends it SIGHUP)."""
+    from .signals import SignalInbox
+
+    # First of all: its signals are blocked in every thread started from now on
+    # (metrics, waiters), so that one thread takes each with its sender (signals.py)
+    inbox = SignalInbox()
+    try:
+        return _run_worker(cfg, inbox, watch)
+    finally:
+        inbox.close()
+
+
+def _run_worker(cfg: config.WorkerConfig, inbox,
+                watch: Callable[[], contextlib.AbstractContextManager] | None) -> int:
     from . import titles
     from .connection import check, check_cluster, is_cluster_url, with_tls
     from .duties import Duties
@@ -236,7 +249,6 @@ def run_worker(cfg: config.WorkerConfig, *,
     from .pool import ProcessPool
     from .protocol import Keys
     from .queue import RedisQueue, connect
-    from .signals import SignalInbox
     from .supervisor import Supervisor
     from .systemd import notify_systemd
     from .urls import redact_url
@@ -290,12 +302,10 @@ def run_worker(cfg: config.WorkerConfig, *,
         hooks.subscribe(serve_metrics(cfg.metrics_port, cfg.metrics_addr, cfg.name, cfg.queues,
                                       keys, lambda: connect(url)))
     duties = Duties(cfg, rq, lease, reaper, hooks)
-    inbox = SignalInbox()
     try:
         with watch() if watch else contextlib.nullcontext():
             Supervisor(cfg, rq, pool, duties, waiter=waiter, inbox=inbox, hooks=hooks).run()
     finally:
-        inbox.close()
         rq.close()
         r.close()
     return EXIT_OK

@@ -15,8 +15,9 @@ from multiprocessing.connection import wait
 
 import redis
 
-from .outcomes import KILL_GRACE
+from .outcomes import KILL_GRACE, job_names
 from .pool import Done
+from .signals import HANDLED, signame
 
 RUNNING, DRAINING, STOPPED = "running", "draining", "stopped"
 
@@ -25,6 +26,34 @@ class Lifecycle:
     """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, waiter, state,
     backlog, inflight, pending, stats, drain_deadline, reloading, put_back, receive() and
     job_done()."""
+
+    def take_signals(self, ready: list, now: float) -> None:
+        """Act on the signals received, but those a pool process (or what it started)
+        sent: a task must not stop, reload, resize or kill its worker (signals.py).  One
+        the worker does not act on, from anyone else, does what it did before it was
+        guarded (its default action: end the process, or stop it)."""
+        for got in self.inbox.drain(pipe=self.inbox.fileno() in ready):
+            c = self.pool.owner(got.lineage, got.pgid) if got.pid else None
+            if c is not None:
+                self.signal_from_pool(got, c)
+            elif got.signum in HANDLED:
+                self.handle_signal(got.signum, now)
+            else:
+                self.inbox.default_action(got.signum)
+        self.pool.forget_gone()   # (owner() knew those a tick had reaped since the last)
+
+    def signal_from_pool(self, got, c) -> None:
+        """Ignored; said once per pool process, with the job it was running."""
+        if c.signalled_us:
+            return
+        c.signalled_us = True
+        w = self.inflight.get(c.tokens[0]) if c.tokens else None
+        job = job_names(w.raw) if w is not None else {"id": None, "task": None, "attempt": None}
+        self.hooks.emit("signal_from_pool", signal=signame(got.signum),
+                        sender=got.pid, pid=c.pid, **job,
+                        note="a task (or a program it ran) signalled the supervisor: ignored, "
+                             "as every signal this pool process sends; only SIGKILL and "
+                             "SIGSTOP cannot be")
 
     def handle_signal(self, signum: int, now: float) -> None:
         name = signal.Signals(signum).name

@@ -289,7 +289,7 @@ _LEVELS = {
     "reregistered": "warning", "reaped": "warning", "reconciled": "warning",
     "job_timeout": "warning", "child_retired": "info", "child_ready": "info", "promoted": "debug",
     "heartbeat": "debug", "resized": "info", "reloading": "info", "reloaded": "info",
-    "reload_failed": "error", "signal_ignored": "warning",
+    "reload_failed": "error", "signal_ignored": "warning", "signal_from_pool": "warning",
     "child_stopped": "info", "job_started": "debug", "redis_data_lost": "error",
     "internal_error": "error",
     "redis_not_persistent": "warning", "redis_persistence_unknown": "debug",

@@ -30,6 +30,7 @@ from .errors import BootError
 from .poolevents import BootFailed, Died, Done, Ready, Returned, Started
 from .procwatch import (CHECK_SECONDS, CUT_OFF_SECONDS, describe_exit, exited, kill_group,
                         open_pidfd, wait_exited)
+from .signals import reblock
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -53,10 +54,18 @@ class Child:
     generation: int = 0             # SIGHUP starts a new one: fresh imports of the code
     lost_at: float = 0.0            # when its end of the pipe closed, it still alive
     cut_off: bool = False           # killed for living on without its pipe
+    signalled_us: bool = False      # one of its tasks signalled the supervisor (said once)
 
     @property
     def pid(self) -> int:
         return self.proc.pid or 0
+
+    @property
+    def reaped(self) -> bool:
+        """Its exit status was collected: its pid, and its group's id, may be anyone's
+        now.  (multiprocessing sets returncode when it reaps, and only then.)"""
+        popen = getattr(self.proc, "_popen", None)
+        return popen is not None and popen.returncode is not None
 
     @property
     def token(self) -> int | None:  # the job it runs now
@@ -82,6 +91,7 @@ class ProcessPool:
     next_spawn_at: float = 0.0
     generation: int = 0   # the children to have; older ones are replaced (a reload)
     look_at: float = math.inf   # no pidfd: when to look at exit statuses next
+    gone: dict = field(default_factory=dict)   # pid -> Child reaped since forget_gone()
 
     def __post_init__(self) -> None:
         self.ctx = multiprocessing.get_context("spawn")
@@ -106,6 +116,11 @@ class ProcessPool:
             raise
         finally:
             child_conn.close()
+            reblock()
+        # ours alone to reap: multiprocessing reaps its exited children at every start()
+        # (and active_children()); one reaped behind our back could not be told from a
+        # stranger that got its pid (kill() below)
+        multiprocessing.process._children.discard(proc)
         pidfd = open_pidfd(proc.pid)
         c = Child(proc, Channel(ours.detach()), pidfd, proc.sentinel if pidfd is None else pidfd,
                   progress=progress, asked=asked, generation=self.generation)
@@ -200,7 +215,7 @@ class ProcessPool:
             elif not c.ready and not c.stopping:
                 c.stopping = True
                 c.chan.close()
-                kill_group(c.pid, signal.SIGKILL)
+                self.kill(c, signal.SIGKILL)
             elif c.ready:
                 self.retire(c)
             c.generation = self.generation
@@ -233,12 +248,30 @@ class ProcessPool:
             c.stopping = True
             c.chan.close()
 
-    @staticmethod
-    def signal(c: Child, sig: int) -> None:
+    @classmethod
+    def signal(cls, c: Child, sig: int) -> None:
         """Signal a child and whatever its tasks started in its process group."""
         if sig == signal.SIGTERM and c.asked is not None:
             c.asked.value = 1  # first: a child ignores a SIGTERM we did not ask for
-        kill_group(c.pid, sig)
+        cls.kill(c, sig)
+
+    @staticmethod
+    def kill(c: Child, sig: int) -> None:
+        """kill_group, unless ``c`` was reaped: its pid may be another process's now."""
+        if not c.reaped:
+            kill_group(c.pid, sig)
+
+    def owner(self, pids, pgid: int | None) -> Child | None:
+        """The pool process ``pids`` (a process and its parents) or ``pgid`` (its group)
+        name, alive or reaped since forget_gone(): a signal's sender is one of ours."""
+        ours = {c.pid: c for c in self.children} | self.gone
+        for pid in (*pids, pgid):
+            if pid in ours:
+                return ours[pid]
+        return None
+
+    def forget_gone(self) -> None:
+        self.gone.clear()
 
     @staticmethod
     def rss(c: Child) -> int | None:
@@ -293,7 +326,7 @@ class ProcessPool:
                 c.chan.close()
             elif c.lost_at and not c.cut_off and now >= c.lost_at + CUT_OFF_SECONDS:
                 c.cut_off = True   # killed; its death comes through the pidfd as any
-                kill_group(c.pid, signal.SIGKILL)
+                self.kill(c, signal.SIGKILL)
         if look and all(c.pidfd is not None for c in self.children):
             self.look_at = math.inf
         return events
@@ -311,8 +344,9 @@ class ProcessPool:
     def _reaped(self, c: Child, events: list) -> None:
         """``c`` has exited: what it left in its group dies with it (before it is reaped,
         while its pid, and so its group's id, are still its own), then its event."""
-        kill_group(c.pid, signal.SIGKILL)
+        self.kill(c, signal.SIGKILL)
         exitcode = c.proc.exitcode   # reaps it (no wait: it has exited)
+        self.gone[c.pid] = c
         self.children.remove(c)
         c.chan.close()
         if c.pidfd is not None:
@@ -380,11 +414,12 @@ class ProcessPool:
     def kill_all(self) -> None:
         """SIGKILL every child and its group; reap those that are gone within 5 s."""
         for c in self.children:
-            kill_group(c.pid, signal.SIGKILL)
+            self.kill(c, signal.SIGKILL)
         wait_exited([(c.pid, c.pidfd) for c in self.children], time.monotonic() + 5.0)
         for c in self.children:
             if exited(c.pid, c.pidfd):
                 c.proc.exitcode  # reaps it
+                self.gone[c.pid] = c
             c.chan.close()
             if c.pidfd is not None:
                 os.close(c.pidfd)

@@ -142,8 +142,7 @@ class Supervisor(ChildEvents, Lifecycle):
     def tick(self, ready: list, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         if self.inbox is not None:
-            for signum in self.inbox.drain(pipe=self.inbox.fileno() in ready):
-                self.handle_signal(signum, now)
+            self.take_signals(ready, now)
         for ev in self.pool.poll(ready):
             self.handle_event(ev, now)
         self.enforce_timeouts(now)
