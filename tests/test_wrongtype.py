@@ -7,7 +7,8 @@ once, the other queues are served, `redpool status` shows it, it is looked at ag
 and then, and the queue is served again once an operator fixes it, without a restart; a
 job that must be dead-lettered into a dead-letter list of the wrong type stays in its
 processing list meanwhile; jobs of a processing list another program overwrote are
-answered once it is fixed, or go back to their queue at a stop; a namespace-wide key
+answered once it is fixed, or at a stop if they finished (the others go back to their
+queue); a namespace-wide key
 stops reserving, and nothing crashes.  The classification of errors (only an outage is
 ``redis_down``) is checked with the supervisor's fakes, and docs/deploy.md's examples
 against the code.  The scripts alone: tests/test_wrongtype_scripts.py.
@@ -209,19 +210,37 @@ def test_jobs_of_an_overwritten_processing_list_are_answered_once_it_is_fixed(r,
     r.delete(ledger)
 
 
-def test_jobs_of_an_overwritten_processing_list_go_back_to_their_queue_at_a_stop(
+def test_at_a_stop_jobs_of_an_overwritten_processing_list_are_answered_or_go_back(
         r, keys, daemons):
+    """The worker stops before anyone fixes the key: the jobs exist only in the
+    supervisor now.  One that finished is answered (its completion was held back), never
+    run again; those that did not finish go back to the head of their queue."""
     ledger = f"{keys.ns}-ledger"
-    d = overwrite_a_processing_list(r, keys, daemons, ledger)
-    wait_for(lambda: named(d, "queue_unusable") or named(d, "job_finished"), timeout=30,
-             what="the overwrite seen")
-    # When the worker stops before anyone fixes the key: the jobs exist only in the
-    # supervisor now, and go back to the head of their queue (to run again: at least once)
+    d = daemons("--concurrency", "1", "--prefetch", "2", "--grace", "1",
+                ledger=ledger).wait_started()
+    r.lpush(keys.queue("default"), json.dumps({"task": "t.sleep", "id": "long", "args": [2]}))
+    wait_for(lambda: r.lrange(ledger, 0, -1), timeout=30, what="the long job started")
+    r.lpush(keys.queue("default"), json.dumps({"task": "t.sleep", "id": "longer", "args": [60]}))
+    push(r, keys, "default", "next")
+    wait_for(lambda: r.llen(keys.processing("w1", "default")) == 3, timeout=30,
+             what="all three held")
+    r.set(keys.processing("w1", "default"), "overwritten")
+    # long finishes (its answer held back: the list it must leave is a string); longer
+    # starts, and is stopped at the end of the grace; next never starts
+    wait_for(lambda: [e for e in named(d, "job_finished") if e["id"] == "long"], timeout=30,
+             what="long finished")
+    wait_for(lambda: any(x.startswith(b"longer:start:") for x in r.lrange(ledger, 0, -1)),
+             timeout=30, what="longer started")
+    assert envelope(r, keys, "long") is None   # held back
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0
+    assert envelope(r, keys, "long")["status"] == "succeeded"
     back = sorted(json.loads(x)["id"] for x in r.lrange(keys.queue("default"), 0, -1))
-    assert back == ["long", "next0", "next1"]
+    assert back == ["longer", "next"]
+    runs = [x.decode().rsplit(":", 1)[0] for x in r.lrange(ledger, 0, -1)]
+    assert runs.count("long:start") == 1 and runs.count("long:end") == 1
     assert r.get(keys.processing("w1", "default")) == b"overwritten"
+    assert not [k for k in r.scan_iter(f"{keys.ns}:processing:*stopping*")]
     r.delete(ledger)
 
 

@@ -144,13 +144,19 @@ class RedisHealth:
 
     def rescue_overwritten(self) -> int:
         """At an orderly stop: the jobs we hold of a processing list another program
-        overwrote exist nowhere else now (Redis replaced them): back to the head of their
-        queue, unless that is of the wrong type too.  Returns how many."""
+        overwrote exist nowhere else now (Redis replaced them).  Those that finished are
+        answered (their completions were held back), not run again; the others go back
+        to the head of their queue, unless that is of the wrong type too (and so do
+        finished ones that cannot be answered: a dead-letter list or scheduled set of
+        the wrong type too, or Redis Cluster).  Returns how many went back."""
         u = self.rq.unusable
         lost = {b.queue for b in u.bad.values() if b.kind == "processing" and b.ours}
         lost -= {b.queue for b in u.bad.values() if b.kind == "queue"}
+        if not lost or self.sup is None:
+            return 0
+        self.rq.answer_orphans(lost)   # (first: what finished leaves what we hold)
         held = [(q, raw) for (q, raw), n in self.sup.held().items() if q in lost
-                for _ in range(n)] if lost and self.sup is not None else []
+                for _ in range(n)]
         return self.rq.rescue(held) if held else 0
 
     def begin_late(self, now: float) -> None:

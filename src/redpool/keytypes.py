@@ -318,6 +318,36 @@ class Holding:
         """(queue, raw) of the jobs whose completions wait here: still ours (reconcile)."""
         return [(c.queue, c.raw) for c in self._held + self._released]
 
+    def answer_orphans(self, queues: set[str]) -> int:
+        """At an orderly stop: completions held back only because another program
+        overwrote our processing list of one of ``queues`` are written now.  Their jobs
+        exist nowhere else in Redis (the write destroyed them there: nothing to fence
+        against), so each goes through complete.lua as ever, from a scratch list that
+        holds just them, all in one transaction: no answer half written, no scratch list
+        left behind.  One server only (Redis Cluster answers through an outbox per
+        queue: those jobs go back to their queue, to run again).  Returns how many."""
+        bad, k = self.unusable.bad, self.keys
+        mine = [c for c in self._held + self._released if c.queue in queues
+                and not (c.dead is not None and k.dead_of(c.queue) in bad)
+                and not (c.retry is not None and k.scheduled(c.queue) in bad)]
+        if not mine or k.cluster:
+            return 0
+        keys, args = self._complete_args(mine)
+        scratch = {q: f"{self._proc_key(q)}:stopping" for q in {c.queue for c in mine}}
+        for j, c in enumerate(mine):
+            keys[2 + 3 * j] = scratch[c.queue]
+        self.r.script_load(self._complete.script)   # (NOSCRIPT inside MULTI: no retry)
+        pipe = self.r.pipeline(transaction=True)
+        for q, key in scratch.items():
+            pipe.rpush(key, *[c.raw for c in mine if c.queue == q])
+        pipe.evalsha(self._complete.sha, len(keys), *keys, *args)
+        pipe.delete(*scratch.values())
+        pipe.execute()
+        done = set(map(id, mine))
+        self._held = [c for c in self._held if id(c) not in done]
+        self._released = [c for c in self._released if id(c) not in done]
+        return len(mine)
+
     def rescue(self, items: list[tuple[str, bytes]]) -> int:
         """Push (queue, raw) jobs back to the head of their queues: jobs whose processing
         list another program overwrote, which exist nowhere else now (requeue(),

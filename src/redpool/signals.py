@@ -125,7 +125,11 @@ class SignalInbox:
             info = signal.sigwaitinfo(self.signals)
             if self._closing and info.si_pid == me:
                 return   # close() woke us
-            self._received.append(sender(info.si_pid)._replace(signum=info.si_signo))
+            try:
+                got = sender(info.si_pid)._replace(signum=info.si_signo)
+            except Exception:   # (never lose a signal, nor this thread)
+                got = Received(info.si_signo, info.si_pid)
+            self._received.append(got)
             self._pipe.wake()
 
     def fileno(self) -> int:
@@ -156,8 +160,9 @@ class SignalInbox:
     def close(self) -> None:
         if self._thread is not None:
             self._closing = True
-            signal.pthread_kill(self._thread.ident, self.signals[0])
-            self._thread.join(5.0)
+            if self._thread.is_alive():
+                signal.pthread_kill(self._thread.ident, self.signals[0])
+                self._thread.join(5.0)
             _blocked.clear()
             signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
         for s, h in self._previous.items():
