@@ -170,6 +170,7 @@ class Duties(DataLoss, RedisHealth):
             return                            # are not ours), or we never took any job
         s = self.sup
         try:
+            self.apply_fixes()  # (a fixed processing list first gets its jobs back)
             for _ in range(2):  # again if Redis turned out to have lost the jobs: restored
                 if s is not None and (s.pending or self.rq.unsent):
                     self.retry_at = 0.0

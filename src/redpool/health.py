@@ -117,9 +117,15 @@ class RedisHealth:
         self.recheck_at = now + RECHECK_EVERY
         keys = list(dict.fromkeys([*u.bad, *(self.rq.probe_keys() if probe else ())]))
         for key, type_ in self.rq.key_types(keys).items():
-            if key not in u:
+            bad = u.bad.get(key)
+            if bad is None:
                 u.add(key, type_)
-            elif type_ in ("none", u.bad[key].expected):
+            elif bad.restoring:
+                continue   # (apply_fixes has it)
+            elif type_ in ("none", bad.expected) and bad.kind == "processing" and bad.ours:
+                bad.restoring = True   # cleared once our jobs are back in it (apply_fixes)
+                self.fixed.append(bad)
+            elif type_ in ("none", bad.expected):
                 self.fixed.append(u.clear(key))
         self.apply_fixes()
 
@@ -127,13 +133,15 @@ class RedisHealth:
         """Keys of the wrong type were fixed (deleted, renamed away).  Completions they
         held back go again (RedisQueue._keys_changed); our processing list, if it was
         one, first gets back the jobs we hold (the other program's write destroyed them
-        in Redis, not here); jobs a refused requeue left in our lists go back to their
-        queues (a reconcile); a lease key, our name again.  A Redis error leaves the rest
-        for the next tick."""
+        in Redis, not here), and only then are the completions it held back released
+        (before, they would find their jobs gone, and their answers be dropped); jobs a
+        refused requeue left in our lists go back to their queues (a reconcile); a lease
+        key, our name again.  A Redis error leaves the rest for the next tick."""
         while self.fixed:
             bad = self.fixed[0]
             if bad.kind == "processing" and bad.ours:
                 self.restore_held((), queues={bad.queue})
+                self.rq.unusable.clear(bad.key)   # (releases what it held back)
             if bad.kind == "dataset" and self.begun:
                 self.markers = self.rq.claim_markers()
             if bad.kind in ("queue", "processing", "scheduled") or bad.ours:

@@ -118,6 +118,9 @@ class Bad:
     queue: str | None        # the queue it stops, or None
     ours: bool               # a key of one of our queues (its queue is not served)
     since: float = field(default_factory=time.time)
+    # our processing list, fixed, that does not hold our jobs again yet: usable to put
+    # them back, and nothing else (its completions, held back, would find them gone)
+    restoring: bool = False
 
     @property
     def expected(self) -> str:
@@ -209,7 +212,9 @@ class Unusable:
         return bool(self.bad)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.bad
+        """Is ``key`` of the wrong type?  (One being restored is not: ``bad`` has it.)"""
+        b = self.bad.get(key)
+        return b is not None and not b.restoring
 
     def add(self, key: str, type_: str, *, update: bool = True) -> Bad | None:
         """``key`` holds ``type_``; returns the new entry (None: known already, or it holds

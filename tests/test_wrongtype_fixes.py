@@ -1,0 +1,92 @@
+"""The loop with a real RedisQueue on a real server (the pool faked, as in
+test_supervisor_unit): what happens when another program overwrites our processing
+list while jobs finish, and an operator then fixes it.
+
+The completions the overwrite held back may go only once our jobs are back in the fixed
+list: released before (while putting them back failed), they would find their jobs
+gone, be taken for jobs a reaper took, and their answers be dropped (found in review)."""
+
+from __future__ import annotations
+
+import redis
+
+from helpers import envelope
+from redpool.config import WorkerConfig
+from redpool.duties import Duties
+from redpool.hooks import Hooks
+from redpool.keytypes import RECHECK_EVERY
+from redpool.lease import Lease, Reaper
+from redpool.queue import RedisQueue
+from redpool.runner import Policy
+from redpool.supervisor import Supervisor
+from test_supervisor_unit import WORKER, Clock, FakePool, job
+
+
+class Loop:
+    def __init__(self, r, keys) -> None:
+        self.cfg = WorkerConfig(modules=["tests"], queues=["default"], concurrency=1,
+                                prefetch=0, name=WORKER)
+        self.clock = Clock()
+        self.rq = RedisQueue(r, keys, WORKER, ["default"])
+        self.pool = FakePool(1, Policy(**self.cfg.child_defaults()))
+        self.events: list[tuple[str, dict]] = []
+        hooks = Hooks()
+        hooks.subscribe(lambda name, fields: self.events.append((name, fields)))
+        self.duties = Duties(self.cfg, self.rq, Lease(r, keys, WORKER), Reaper(r, keys, WORKER),
+                             hooks, clock=self.clock)
+        self.sup = Supervisor(self.cfg, self.rq, self.pool, self.duties, hooks=hooks,
+                              clock=self.clock)
+        self.sup.startup()
+
+    def tick(self, dt: float = 0.0) -> None:
+        self.clock.t += dt
+        self.sup.tick([], self.clock.t)
+
+    def named(self, event: str) -> list[dict]:
+        return [f for name, f in self.events if name == event]
+
+
+def test_held_completions_wait_until_the_fixed_processing_list_has_our_jobs_again(
+        r, keys, monkeypatch):
+    loop = Loop(r, keys)
+    r.lpush(keys.queue("default"), job(1))
+    loop.tick()
+    [token] = loop.pool.busy()
+    proc = keys.processing(WORKER, "default")
+    assert r.lrange(proc, 0, -1) == [job(1)]
+
+    # Another program overwrites our processing list; the job then finishes: its
+    # completion is held back (the list it must leave is a string)
+    r.set(proc, "overwritten")
+    loop.pool.finish(token)
+    loop.tick()
+    assert loop.rq.holding() == [("default", job(1))]
+    assert loop.named("queue_unusable") and not envelope(r, keys, "job-1")
+
+    # An operator deletes the key; the supervisor sees it, but putting our job back
+    # into the list fails (Redis went away at that moment)
+    r.delete(proc)
+    restore = loop.rq.restore
+    calls = []
+
+    def failing(items):
+        calls.append(items)
+        raise redis.ConnectionError("Connection reset by peer")
+    monkeypatch.setattr(loop.rq, "restore", failing)
+    loop.tick(RECHECK_EVERY + 0.1)
+    assert calls, "the fix was seen and a restore tried"
+    # Then the completion is still held back: nothing went that would find its job gone
+    assert loop.rq.holding() == [("default", job(1))]
+    for _ in range(3):
+        loop.tick(0.1)
+    assert not envelope(r, keys, "job-1") and not loop.named("results_dropped")
+
+    # Once the restore works, the job is back in the list and answered from there
+    monkeypatch.setattr(loop.rq, "restore", restore)
+    for _ in range(20):
+        loop.tick(0.5)
+        if envelope(r, keys, "job-1"):
+            break
+    assert envelope(r, keys, "job-1")["status"] == "succeeded"
+    assert loop.rq.holding() == [] and r.llen(proc) == 0
+    assert not loop.named("results_dropped") and len(loop.named("queue_usable")) == 1
