@@ -14,7 +14,7 @@ from helpers import envelope
 from redpool.config import WorkerConfig
 from redpool.duties import Duties
 from redpool.hooks import Hooks
-from redpool.keytypes import RECHECK_EVERY
+from redpool.keytypes import RECHECK_EVERY, classify
 from redpool.lease import Lease, Reaper
 from redpool.queue import RedisQueue
 from redpool.runner import Policy
@@ -90,3 +90,43 @@ def test_held_completions_wait_until_the_fixed_processing_list_has_our_jobs_agai
     assert envelope(r, keys, "job-1")["status"] == "succeeded"
     assert loop.rq.holding() == [] and r.llen(proc) == 0
     assert not loop.named("results_dropped") and len(loop.named("queue_usable")) == 1
+
+
+# -- errors told apart (keytypes.classify) -------------------------------------------------------
+
+def test_a_script_on_a_read_only_replica_is_an_outage_whatever_wraps_the_error():
+    """Redis 6.2 wraps the error of a command a script runs ("Error running script ...
+    -READONLY ..."), which redis-py takes for a plain reply: still Redis read-only (a
+    replica after a failover), an outage, not a refusal.  Likewise the other codes of
+    an outage, and WRONGTYPE; a refusal stays one."""
+    wrapped = ("Error running script (call to f_0123456789abcdef0123456789abcdef01234567): "
+               "@user_script:12: @user_script: 12: -{} ")
+    assert classify(redis.ResponseError(wrapped.format(
+        "READONLY You can't write against a read only replica."))) == "down"
+    assert classify(redis.ResponseError(wrapped.format(
+        "LOADING Redis is loading the dataset in memory"))) == "down"
+    assert classify(redis.ResponseError(wrapped.format(
+        "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'."
+    ))) == "down"
+    assert classify(redis.ResponseError(wrapped.format(
+        "WRONGTYPE Operation against a key holding the wrong kind of value"))) == "wrongtype"
+    assert classify(redis.ResponseError(wrapped.format(
+        "OOM command not allowed when used memory > 'maxmemory'."))) == "refused"
+    assert classify(redis.ResponseError("ERR unknown command 'READONLY'")) == "refused"
+
+
+def test_a_script_that_writes_on_a_real_replica_is_an_outage(redis_url):
+    from redpool.server import EmbeddedServer
+
+    port = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"]
+    with EmbeddedServer(extra_args=["--replicaof", "127.0.0.1", str(port)]) as replica:
+        rr = redis.Redis.from_url(replica.url)
+        try:
+            rr.eval("return redis.call('SET', KEYS[1], 'x')", 1, "redpool-readonly-probe")
+        except redis.RedisError as e:
+            print("Redis", rr.info("server")["redis_version"], "said:", repr(e))
+            assert classify(e) == "down"
+        else:
+            raise AssertionError("a replica took a write")
+        finally:
+            rr.close()

@@ -69,6 +69,11 @@ _OURS = re.compile(r"^WRONGTYPE redpool key (?P<key>.*) holds a (?P<type>\w+), n
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
          redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError)
+# The same as error codes anywhere in a reply: Redis 6.2 wraps a script's error ("Error
+# running script (call to f_...): @user_script:1: @user_script: 1: -READONLY You can't
+# write against a read only replica."), which redis-py then takes for a plain reply.
+_DOWN_CODE = re.compile(r"(?:^|[\s:(-])(?:READONLY|LOADING|MASTERDOWN|CLUSTERDOWN|TRYAGAIN)\b")
+_WRONGTYPE_CODE = re.compile(r"(?:^|[\s:(-])WRONGTYPE\b")
 
 
 def classify(e: BaseException) -> str:
@@ -76,7 +81,9 @@ def classify(e: BaseException) -> str:
     replica); "wrongtype": a key holds another type; "refused": any other error reply."""
     if isinstance(e, _DOWN):
         return "down"
-    if isinstance(e, redis.ResponseError) and str(e).startswith("WRONGTYPE"):
+    if isinstance(e, redis.ResponseError) and _DOWN_CODE.search(str(e)):
+        return "down"
+    if isinstance(e, redis.ResponseError) and _WRONGTYPE_CODE.search(str(e)):
         return "wrongtype"
     if isinstance(e, redis.RedisError) and not isinstance(e, redis.ResponseError):
         return "down"   # (client-side: a lost connection's odd forms, a cluster map)
