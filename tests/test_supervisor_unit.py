@@ -250,7 +250,7 @@ class FakeQueue:
     def holding(self):
         return []     # (completions a key of the wrong type holds back: keytypes.Holding)
 
-    def key_types(self, keys):
+    def key_types(self, keys, errors=None):
         return {k: t for k, t in self.types.items() if k in keys}
 
     def probe_keys(self):

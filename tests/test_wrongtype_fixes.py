@@ -130,3 +130,29 @@ def test_a_script_that_writes_on_a_real_replica_is_an_outage(redis_url):
             raise AssertionError("a replica took a write")
         finally:
             rr.close()
+
+
+# -- TYPE refused (an ACL user without +type) ----------------------------------------------------
+
+def test_a_refused_type_is_said_once_with_what_to_grant_and_cleared_once_granted(r, keys,
+                                                                                 redis_url):
+    from redpool import acl
+
+    assert "+type" in acl.rules("worker", keys.ns)   # what `redpool acl worker` grants
+    user = f"{keys.ns}-worker"
+    rules = [x for x in acl.rules("worker", keys.ns) if x != "+type"]
+    r.execute_command("ACL", "SETUSER", user, *rules, ">pw")
+    port = r.connection_pool.connection_kwargs["port"]
+    worker = redis.Redis(host="127.0.0.1", port=port, username=user, password="pw")
+    try:
+        loop = Loop(worker, keys)     # (its start asks the type of every key it uses)
+        said = [f for f in loop.named("redis_error") if f["during"] == "types"]
+        assert len(said) == 1 and "'type'" in said[0]["error"] and "+type" in said[0]["note"]
+        loop.duties.check_types(loop.clock.t + 10, probe=True)
+        assert len([f for f in loop.named("redis_error") if f["during"] == "types"]) == 1
+        r.execute_command("ACL", "SETUSER", user, "+type")
+        loop.duties.check_types(loop.clock.t + 20, probe=True)
+        assert [f for f in loop.named("redis_error_cleared") if f["during"] == "types"]
+    finally:
+        worker.close()
+        r.execute_command("ACL", "DELUSER", user)

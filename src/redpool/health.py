@@ -30,7 +30,7 @@ BACKOFF_MAX = 2.0    # Redis retry backoff cap: back within ~2 s of Redis return
 REFUSED_MAX = 30.0   # backoff cap of duties Redis refuses (while the rest is served)
 QUIET = 60.0         # a refusal not seen again for this long is over (see redis_ok)
 #: Where a success of its own is reported to redis_ok (others clear after QUIET).
-OWN_SUCCESS = ("duties", "exchange", "complete")
+OWN_SUCCESS = ("duties", "exchange", "complete", "types")
 
 
 class RedisHealth:
@@ -116,7 +116,10 @@ class RedisHealth:
         self.probe_at = None
         self.recheck_at = now + RECHECK_EVERY
         keys = list(dict.fromkeys([*u.bad, *(self.rq.probe_keys() if probe else ())]))
-        for key, type_ in self.rq.key_types(keys).items():
+        errors: list = []
+        types = self.rq.key_types(keys, errors=errors)
+        self.types_answered(errors, now)
+        for key, type_ in types.items():
             bad = u.bad.get(key)
             if bad is None:
                 u.add(key, type_)
@@ -128,6 +131,28 @@ class RedisHealth:
             elif type_ in ("none", bad.expected):
                 self.fixed.append(u.clear(key))
         self.apply_fixes()
+
+    def types_answered(self, errors: list, now: float) -> None:
+        """Say, once, that Redis refused TYPE (an ACL user without ``+type``): keys of
+        the wrong type are then neither found nor seen fixed.  A node away (an outage,
+        said elsewhere) only leaves its keys for the next look."""
+        refused = [e for e in errors if classify(e) != "down"]
+        if not refused:
+            if "types" in self.refusals and not errors:
+                del self.refusals["types"]
+                self.hooks.emit("redis_error_cleared", during="types")
+            return
+        e = refused[0]
+        said = self.refusals.get("types")
+        self.refusals["types"] = (str(e), now)
+        if said is not None and said[0] == str(e):
+            return
+        grant = " grant the worker's ACL user +type (`redpool acl worker` prints its rules);" \
+            if isinstance(e, redis.exceptions.NoPermissionError) or "NOPERM" in str(e) else ""
+        self.hooks.emit("redis_error", error=str(e), during="types",
+                        note=f"Redis refused TYPE, which finds keys another program wrote "
+                             f"another type into and sees them fixed:{grant} until it "
+                             f"answers, such keys are not looked at")
 
     def apply_fixes(self) -> None:
         """Keys of the wrong type were fixed (deleted, renamed away).  Completions they

@@ -380,10 +380,13 @@ class Holding:
             pipe.execute_command(*cmd)
         return pipe.execute(raise_on_error=False)
 
-    def key_types(self, keys: list[str]) -> dict[str, str]:
+    def key_types(self, keys: list[str], errors: list | None = None) -> dict[str, str]:
         """The type of each key, in one round trip (per node on Redis Cluster); a key
-        whose node could not be asked is left out."""
+        that could not be asked (its node away, TYPE refused) is left out, and its
+        error added to ``errors``."""
         out = self._ask([(key, ("TYPE", key)) for key in keys])
+        if errors is not None:
+            errors += [t for t in out if isinstance(t, Exception)]
         return {key: t.decode() if isinstance(t, bytes) else str(t)
                 for key, t in zip(keys, out) if not isinstance(t, Exception)}
 
