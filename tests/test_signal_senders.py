@@ -66,3 +66,27 @@ def test_the_operators_signals_the_worker_does_not_act_on_keep_their_default(dae
     d = daemons("--concurrency", "1", modules=MODULES).wait_started()
     d.signal(signal.SIGUSR1)
     assert d.wait(60) == -signal.SIGUSR1
+
+
+def test_a_sender_is_looked_up_with_its_group_and_parents_up_to_us():
+    import os
+    import subprocess
+    import sys
+
+    from redpool.signals import sender, signame
+
+    # a program that starts a program (in a session of its own) and waits for it
+    inner = "import time; time.sleep(30)"
+    outer = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {inner!r}], "
+             "start_new_session=True); print(p.pid, flush=True); p.wait()")
+    proc = subprocess.Popen([sys.executable, "-c", outer], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(proc.stdout.readline())
+        got = sender(grandchild)
+        assert got.lineage == (grandchild, proc.pid)   # up to us, not including us
+        assert got.pgid == grandchild != os.getpgid(proc.pid)
+    finally:
+        subprocess.run(["kill", str(grandchild)])
+        proc.wait(30)
+    assert sender(proc.pid) == (0, proc.pid, (proc.pid,), None)   # gone: its pid alone
+    assert signame(signal.SIGRTMIN + 3) == "SIGRTMIN+3" and signame(signal.SIGHUP) == "SIGHUP"

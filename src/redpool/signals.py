@@ -9,11 +9,12 @@ children's pipes: no polling, no missed wake-ups.
 **Who sent it.**  A task may signal its supervisor (``os.kill(os.getppid(), SIGTERM)``,
 or a program it runs): that must not stop, reload, resize or kill the worker.  A Python
 handler is not told the sender, so the signals are blocked in every thread and taken
-by one thread in ``sigwaitinfo``, which is: the sending process (``si_pid``), and, looked
-up at once (the sender still exists, or is a zombie if it is one of our pool processes,
-until we reap it), its process group and its parents.  The loop then ignores a signal
-from one of its pool processes or anything they started (Lifecycle.from_pool) and acts
-on everyone else's (systemd, a shell, ``kill``, a supervisor of processes).  A sender
+by one thread in ``sigwaitinfo``, which tells the sending process (``si_pid``); that
+thread looks up at once its process group and its parents (the sender still exists
+then, or is a zombie if it is one of our pool processes, until the loop reaps it).
+The loop then ignores a signal from one of its pool processes or anything they started
+(Lifecycle.take_signals) and acts on everyone else's (systemd, a shell, ``kill``, a
+supervisor of processes).  A sender
 that has exited and been reaped before it is looked up (a short-lived ``kill`` a task
 ran) is nobody's: taken as the operator's.
 
