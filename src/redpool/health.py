@@ -187,7 +187,10 @@ class RedisHealth:
         lost -= {b.queue for b in u.bad.values() if b.kind == "queue"}
         if not lost or self.sup is None:
             return 0
-        self.rq.answer_orphans(lost)   # (first: what finished leaves what we hold)
+        try:   # (first: what finished leaves what we hold)
+            self.rq.answer_orphans(lost)
+        except redis.RedisError:
+            pass   # not answered: they go back with the others, to run again
         held = [(q, raw) for (q, raw), n in self.sup.held().items() if q in lost
                 for _ in range(n)]
         return self.rq.rescue(held) if held else 0

@@ -38,6 +38,7 @@ the same capped backoff, never a crash.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -334,10 +335,11 @@ class Holding:
         """At an orderly stop: completions held back only because another program
         overwrote our processing list of one of ``queues`` are written now.  Their jobs
         exist nowhere else in Redis (the write destroyed them there: nothing to fence
-        against), so each goes through complete.lua as ever, from a scratch list that
-        holds just them, all in one transaction: no answer half written, no scratch list
-        left behind.  One server only (Redis Cluster answers through an outbox per
-        queue: those jobs go back to their queue, to run again).  Returns how many."""
+        against), so each goes through complete.lua as ever, from a scratch list of a
+        name nobody else uses that holds just them, all in one transaction: no answer
+        half written, no scratch list left behind.  One server only (Redis Cluster
+        answers through an outbox per queue: those go back to their queue, to run
+        again).  Returns how many were answered; the others stay held."""
         bad, k = self.unusable.bad, self.keys
         mine = [c for c in self._held + self._released if c.queue in queues
                 and not (c.dead is not None and k.dead_of(c.queue) in bad)
@@ -345,7 +347,8 @@ class Holding:
         if not mine or k.cluster:
             return 0
         keys, args = self._complete_args(mine)
-        scratch = {q: f"{self._proc_key(q)}:stopping" for q in {c.queue for c in mine}}
+        token = os.urandom(8).hex()
+        scratch = {q: f"{k.ns}:stopping:{self.name}:{token}:{q}" for q in {c.queue for c in mine}}
         for j, c in enumerate(mine):
             keys[2 + 3 * j] = scratch[c.queue]
         self.r.script_load(self._complete.script)   # (NOSCRIPT inside MULTI: no retry)
@@ -354,7 +357,9 @@ class Holding:
             pipe.rpush(key, *[c.raw for c in mine if c.queue == q])
         pipe.evalsha(self._complete.sha, len(keys), *keys, *args)
         pipe.delete(*scratch.values())
-        pipe.execute()
+        reply = pipe.execute()[len(scratch)]
+        if int(reply[0]) or len(reply) > 3:
+            return 0   # (cannot happen: each was in its scratch list; they stay held)
         done = set(map(id, mine))
         self._held = [c for c in self._held if id(c) not in done]
         self._released = [c for c in self._released if id(c) not in done]
