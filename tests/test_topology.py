@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 
 import pytest
 import redis
@@ -42,18 +41,22 @@ from topology import (QUEUES, VICTIM_QUEUE, ClusterTopology, Producer, SentinelT
 pytestmark = pytest.mark.daemon
 
 LAG = 1.5        # seconds the replica is cut off before its primary is killed
-BURST = 60       # confirmed jobs per queue pushed just before the cut (or the kill)
-IN_LAG = 20      # confirmed jobs that must have run during the lag before the kill
+BURST = 60       # confirmed jobs per queue pushed just before the cut (or the kill),
+BURST_JOB = 0.01  # of this many seconds each: ~1 s of work for the daemon's 2 processes
+IN_LAG = 10      # confirmed jobs of each queue that must have run during the lag
 
 
 def failover(topo, kind: str, ledger_url: str, tmp_path, *, lagging: bool,
              daemon_args: tuple[str, ...] = ()):
     cluster = isinstance(topo, ClusterTopology)
     ledger = redis.Redis.from_url(ledger_url)   # a plain server no failover touches
-    ns = f"fo{uuid.uuid4().hex[:8]}"
+    ns = topo.namespace("fo")
     keys = Keys(ns, cluster=cluster)
     ledger_key = f"{ns}:ledger"
-    queues = [a for q in QUEUES for a in ("--queue", q)]
+    # the victim's queue first (the daemon takes queues in this order): its part of the
+    # burst runs in the lag, then the other queues' part, whose answers are on the victim
+    order = [VICTIM_QUEUE] + [q for q in QUEUES if q != VICTIM_QUEUE]
+    queues = [a for q in order for a in ("--queue", q)]
     d = Daemon(topo.url, ns, "--concurrency", "2", *queues, *daemon_args, name="w-topo",
                env={"REDPOOL_LEDGER_URL": ledger_url, "REDPOOL_LEDGER": ledger_key}
                ).start(tmp_path)
@@ -65,7 +68,7 @@ def failover(topo, kind: str, ledger_url: str, tmp_path, *, lagging: bool,
         # Given confirmed jobs flowing through the daemon
         wait_for(lambda: ledger.llen(ledger_key) >= 60, 60, 0.1, "jobs to flow")
         # and a backlog of confirmed jobs still running when the trouble starts
-        assert producer.burst(BURST) == BURST * len(QUEUES)
+        assert producer.burst(BURST, BURST_JOB) == BURST * len(QUEUES)
         lag_from = None
         if lagging:
             # When the victim's replica is cut off while jobs complete on the primary
@@ -73,11 +76,13 @@ def failover(topo, kind: str, ledger_url: str, tmp_path, *, lagging: bool,
             cut_off(topo.victim_replica)
 
             def lagged() -> bool:
-                confirmed = producer.confirmed
-                ran = sum(ts[0] >= lag_from for i, ts in runs(ledger, ledger_key).items()
-                          if i in confirmed)
-                return time.time() >= lag_from + LAG and ran >= IN_LAG
-            wait_for(lagged, 60, 0.1, f"{IN_LAG} confirmed jobs to run during the lag")
+                confirmed, ran = producer.confirmed, dict.fromkeys(QUEUES, 0)
+                for i, ts in runs(ledger, ledger_key).items():
+                    if i in confirmed and ts[0] >= lag_from:
+                        ran[producer.queue_of[i]] += 1
+                return time.time() >= lag_from + LAG and min(ran.values()) >= IN_LAG
+            wait_for(lagged, 60, 0.1, f"{IN_LAG} confirmed jobs of each queue to run "
+                     "during the lag")
         missed = lag(topo.victim, topo.victim_replica)
         # and the primary is killed
         kill_at = kill(topo.victim)
@@ -107,6 +112,7 @@ def failover(topo, kind: str, ledger_url: str, tmp_path, *, lagging: bool,
         producer.stop()
         d.kill()
         admin.close()
+        ledger.delete(ledger_key)
         ledger.close()
 
 

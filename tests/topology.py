@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -59,6 +60,21 @@ def replication(node: EmbeddedServer) -> dict:
         return r.info("replication")
 
 
+def wait_replicating(node: EmbeddedServer, primary: EmbeddedServer,
+                     timeout: float = 60) -> None:
+    """Until ``node`` is a replica in step with ``primary``; else fail saying what both
+    report (and the tail of node's log)."""
+    def ok() -> bool:
+        info = replication(node)
+        return info.get("role") == "slave" and info.get("master_link_status") == "up" \
+            and int(info.get("master_port", 0)) == primary.port
+    try:
+        wait_for(ok, timeout, 0.1, "the old primary to replicate the promoted one")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: it says {replication(node)}; the promoted one says "
+                             f"{replication(primary)}; its log: {node._tail_log()}") from None
+
+
 def durable_results_flag() -> list[str]:
     """The daemon flag that keeps answers until a replica confirms them, if this
     version of redpool has it and TOPOLOGY_DURABLE_RESULTS is not "off": the hook a test
@@ -80,10 +96,12 @@ class SentinelTopology:
     def __init__(self) -> None:
         self.started: list[EmbeddedServer] = []
         try:
-            self.victim = self._start(EmbeddedServer())
-            self.victim_replica = self._start(EmbeddedServer(
-                extra_args=["--replicaof", "127.0.0.1", str(self.victim.port)]))
-            self.sentinels = [self._start(EmbeddedSentinel(
+            self.victim = EmbeddedServer().start()
+            self.started.append(self.victim)
+            self.victim_replica = EmbeddedServer(
+                extra_args=["--replicaof", "127.0.0.1", str(self.victim.port)]).start()
+            self.started.append(self.victim_replica)
+            self.sentinels = [self._sentinel(EmbeddedSentinel(
                 self.victim.port, service=self.service, down_after=1000,
                 failover_timeout=5000)) for _ in range(3)]
             wait_for(self._ready, 30, 0.2, "the replica in sync and the sentinels to meet")
@@ -91,12 +109,12 @@ class SentinelTopology:
             self.cleanup()
             raise
 
-    def _start(self, srv: EmbeddedServer) -> EmbeddedServer:
+    def _sentinel(self, srv: EmbeddedSentinel) -> EmbeddedSentinel:
         try:
             srv.start()
         except ConfigError as e:
             import pytest
-            pytest.skip(f"{srv.binary} cannot run this topology here: {e}")
+            pytest.skip(f"{srv.binary} cannot run as a sentinel here: {e}")
         self.started.append(srv)
         return srv
 
@@ -121,21 +139,24 @@ class SentinelTopology:
                         for v in views))
 
     def promoted(self) -> bool:
-        """The sentinels have made the replica the primary (one saying so is enough:
-        clients ask any of them)."""
-        return any(int(self.sentinel_view(s)["port"]) == self.victim_replica.port
-                   for s in self.sentinels)
+        """The replica is a primary, and the sentinels say so (one is enough: clients ask
+        any of them)."""
+        return replication(self.victim_replica).get("role") == "master" and \
+            any(int(self.sentinel_view(s)["port"]) == self.victim_replica.port
+                for s in self.sentinels)
 
     def rejoin(self) -> None:
         """Start the killed primary again, empty, as a replica of the promoted one (what
         an operator does next), so that pushes can be confirmed by WAIT again."""
         self.victim.extra_args = ["--replicaof", "127.0.0.1", str(self.victim_replica.port)]
         self.victim.start()
-        wait_for(lambda: replication(self.victim).get("master_link_status") == "up", 30, 0.1,
-                 "the old primary to replicate the new one")
+        wait_replicating(self.victim, self.victim_replica)
 
     def job_id(self, queue: str, i: int, keys: Keys) -> str:
         return f"{queue}-{i}"
+
+    def namespace(self, prefix: str) -> str:
+        return f"{prefix}{uuid.uuid4().hex[:8]}"
 
     def cleanup(self) -> None:
         for srv in reversed(self.started):
@@ -167,11 +188,16 @@ class ClusterTopology:
         """Start the killed primary again (its nodes.conf, no data): the cluster makes it
         a replica of the promoted one, so that pushes can be confirmed by WAIT again."""
         self.victim.start()
+        wait_replicating(self.victim, self.victim_replica)
 
-        def replicating() -> bool:
-            info = replication(self.victim)
-            return info.get("role") == "slave" and info.get("master_link_status") == "up"
-        wait_for(replicating, 60, 0.1, "the old primary to replicate the promoted one")
+    def namespace(self, prefix: str) -> str:
+        """A fresh namespace whose own shard (``{ns}``: the supervisors' leases) is not
+        the victim's, so that every run kills the same kind of shard: one of queues and
+        answers."""
+        while True:
+            ns = f"{prefix}{uuid.uuid4().hex[:8]}"
+            if self.cluster.node_of(Keys(ns, cluster=True).supervisors) is not self.victim:
+                return ns
 
     def job_id(self, queue: str, i: int, keys: Keys) -> str:
         for k in range(1000):
@@ -246,7 +272,8 @@ class Producer:
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
+            if t.ident is not None:
+                t.join(30)
 
     def confirmed_since(self, t: float, queue: str | None = None) -> int:
         return sum(when > t and (queue is None or self.queue_of[i] == queue)
@@ -276,7 +303,7 @@ class Producer:
         finally:
             client.close()
 
-    def _push(self, client, qkey: str, *data: bytes) -> int:
+    def _push(self, client, qkey: str, *data: bytes, wait_ms: int | None = None) -> int:
         """LPUSH then WAIT on one connection (WAIT counts that connection's writes): a
         pipeline on one server; on a cluster, one on the connection of the key's node.
         Returns how many replicas WAIT says have the push."""
@@ -285,20 +312,22 @@ class Producer:
             node = client.get_node_from_key(qkey).redis_connection
         pipe = node.pipeline(transaction=False)
         pipe.lpush(qkey, *data)
-        pipe.execute_command("WAIT", 1, self.wait_ms)
+        pipe.execute_command("WAIT", 1, wait_ms or self.wait_ms)
         return int(pipe.execute()[1])
 
-    def burst(self, n: int) -> int:
-        """Push ``n`` jobs onto each queue at once, each queue's confirmed by one WAIT:
-        a backlog that is still running when a replica is cut off or a primary killed.
-        Returns how many were confirmed."""
+    def burst(self, n: int, seconds: float) -> int:
+        """Push ``n`` jobs of ``seconds`` each onto each queue at once, each queue's
+        confirmed by one WAIT: a backlog that is still running when a replica is cut off
+        or a primary killed.  Returns how many were confirmed."""
         done = 0
         client = connect(self.topo.url, socket_timeout=5, socket_connect_timeout=2)
         try:
             for queue in self.queues:
                 ids = [self.topo.job_id(queue, 1_000_000 + k, self.keys) for k in range(n)]
-                data = [encode_job(make_job("t.logged", [k], id=jid)) for k, jid in enumerate(ids)]
-                if self._push(client, self.keys.queue(queue), *data) >= 1:
+                data = [encode_job(make_job("t.logged", [k, seconds], id=jid))
+                        for k, jid in enumerate(ids)]
+                # (the replica is in step: it answers at once; 5 s for a busy machine)
+                if self._push(client, self.keys.queue(queue), *data, wait_ms=5000) >= 1:
                     at = time.time()
                     for jid in ids:
                         self.queue_of[jid] = queue

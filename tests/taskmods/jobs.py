@@ -121,8 +121,10 @@ def hold(path: str, tag=None):
 
 
 @task(name="t.logged")
-def logged(n):
-    """Writes its run, with the time (``run@<epoch seconds>``), to the ledger; returns n.
-    The failover tests (tests/topology.py) tell from it which jobs ran twice, and when."""
+def logged(n, seconds=0):
+    """Writes its run, with the time (``run@<epoch seconds>``), to the ledger, takes
+    ``seconds``, returns n.  The failover tests (tests/topology.py) tell from the ledger
+    which jobs ran twice, and when."""
     record(f"run@{time.time():.6f}")
+    time.sleep(seconds)
     return n
