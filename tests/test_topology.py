@@ -97,7 +97,10 @@ def failover(topo, kind: str, ledger_url: str, tmp_path, *, lagging: bool,
                  "pushes confirmed by the new primary")
         producer.stop()
         wait_for(lambda: settled(admin, keys), 90, 0.2, "every job to leave the queues")
+        # and the daemon lived through it: it saw Redis go, and come back
         assert d.proc.poll() is None, d.log()[-3000:]
+        events = [e.get("event") for e in d.events()]
+        assert "redis_down" in events and "redis_up" in events[events.index("redis_down"):]
         ledger_runs = runs(ledger, ledger_key)
         out = account(kind, producer, ledger_runs,
                       answered(admin, keys, list(producer.confirmed)),

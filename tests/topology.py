@@ -35,6 +35,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from helpers import wait_for
 from redpool.config import SETTINGS
@@ -275,12 +277,18 @@ class Producer:
             if t.ident is not None:
                 t.join(30)
 
+    def _client(self):
+        # no retries by redis-py: a push it sent again after a lost connection could be
+        # queued twice, and run twice for a reason that is not the failover's
+        return connect(self.topo.url, socket_timeout=5, socket_connect_timeout=2,
+                       retry=Retry(NoBackoff(), 0))
+
     def confirmed_since(self, t: float, queue: str | None = None) -> int:
         return sum(when > t and (queue is None or self.queue_of[i] == queue)
                    for i, when in list(self.confirmed.items()))
 
     def _run(self, queue: str) -> None:
-        client = connect(self.topo.url, socket_timeout=5, socket_connect_timeout=2)
+        client = self._client()
         qkey = self.keys.queue(queue)
         i = 0
         try:
@@ -320,7 +328,7 @@ class Producer:
         confirmed by one WAIT: a backlog that is still running when a replica is cut off
         or a primary killed.  Returns how many were confirmed."""
         done = 0
-        client = connect(self.topo.url, socket_timeout=5, socket_connect_timeout=2)
+        client = self._client()
         try:
             for queue in self.queues:
                 ids = [self.topo.job_id(queue, 1_000_000 + k, self.keys) for k in range(n)]
