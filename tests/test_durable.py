@@ -107,10 +107,10 @@ def cut_off(c: EmbeddedCluster, primary) -> object:
     return replica
 
 
-def ids_on(c: EmbeddedCluster, keys: Keys, node, n: int, prefix: str = "j") -> list[str]:
-    """``n`` job ids whose result key hashes to ``node``."""
-    return [i for i in (f"{prefix}{x}" for x in range(100_000))
-            if c.node_of(keys.result(i)) is node][:n]
+def ids_on(c: EmbeddedCluster, keys: Keys, node, n: int, replies: bool = False) -> list[str]:
+    """``n`` job ids whose result key (and reply list ``keys.reply(id)``) hash to ``node``."""
+    return [i for i in (f"j{x}" for x in range(100_000)) if c.node_of(keys.result(i)) is node
+            and (not replies or c.node_of(keys.reply(i)) is node)][:n]
 
 
 def test_answers_stay_in_the_outbox_until_a_replica_of_their_node_has_them():
@@ -161,12 +161,13 @@ def test_answers_stay_in_the_outbox_until_a_replica_of_their_node_has_them():
 
 @pytest.mark.daemon
 def test_answers_survive_the_failover_of_their_primary_with_durable_results(tmp_path):
-    """Queue a lives on a shard that never fails.  For each setting, the results of the
-    jobs hash to another primary whose replica is cut off; the jobs run (each pushed and
-    confirmed with WAIT on the queue's shard) and their results are seen on that
-    primary; then it is killed and its replica promoted.  On: every result is there
-    afterwards (rewritten from the outbox) and the outbox is empty.  Off: printed (and
-    the control: answers are lost, the setup does test something)."""
+    """Queue a lives on a shard that never fails.  For each setting, the results and
+    replies of the jobs hash to another primary whose replica is cut off; the jobs run
+    (each pushed and confirmed with WAIT on the queue's shard) and their answers are
+    seen on that primary; then it is killed and its replica promoted.  On: every
+    result is there afterwards (rewritten from the outbox), every reply too (pushed
+    again, its node having changed: once or twice), and the outbox is empty.  Off:
+    printed (and the control: answers are lost, the setup does test something)."""
     n = 20
     with EmbeddedCluster(3, replicas=1) as c:
         home = c.node_of(Keys("x", cluster=True).queue("a"))
@@ -175,7 +176,7 @@ def test_answers_survive_the_failover_of_their_primary_with_durable_results(tmp_
         lost = {}
         for mode, victim in zip(("on", "off"), victims):
             k = Keys(f"du{mode}", cluster=True)
-            ids = ids_on(c, k, victim, n)
+            ids = ids_on(c, k, victim, n, replies=True)
             d = Daemon(url, k.ns, "--concurrency", "2", "--queue", "a",
                        "--durable-results", mode, name=f"w-{mode}").start(tmp_path)
             admin = connect(url, socket_timeout=5)
@@ -188,11 +189,13 @@ def test_answers_survive_the_failover_of_their_primary_with_durable_results(tmp_
                     with redis.Redis(port=home.port, socket_timeout=10) as q:
                         for i in ids:
                             q.lpush(k.queue("a"), json.dumps({"id": i, "task": "t.add",
-                                                              "args": [1, 2]}))
+                                                              "args": [1, 2],
+                                                              "reply_to": k.reply(i)}))
                         assert q.execute_command("WAIT", 1, 5000) == 1  # the job is durable
                     with redis.Redis(port=victim.port, socket_timeout=5) as v:
-                        wait_for(lambda: all(v.get(k.result(i)) for i in ids), 60, 0.1,
-                                 "every result, on the answers' primary")
+                        wait_for(lambda: all(v.get(k.result(i)) and v.llen(k.reply(i))
+                                                 for i in ids), 60, 0.1,
+                                 "every result and reply, on the answers' primary")
                     acked = time.monotonic()
                     # acknowledged on the queue's shard: nothing left there but, when
                     # durable, the answers in the outbox
@@ -213,21 +216,32 @@ def test_answers_survive_the_failover_of_their_primary_with_durable_results(tmp_
                     except redis.ConnectionError:  # the dead primary: the map is learned again
                         return [None] * len(ids)
 
+                def replies() -> list:
+                    try:
+                        return [admin.llen(k.reply(i)) for i in ids]
+                    except redis.ConnectionError:
+                        return [0] * len(ids)
+
                 if mode == "on":
                     assert in_box == n  # nothing confirmed while the replica was cut off
                     wait_for(lambda: all(results()), 60, 0.2, "every result after the failover")
+                    wait_for(lambda: all(replies()), 60, 0.2, "every reply after the failover")
                     wait_for(lambda: admin.llen(k.outbox(f"w-{mode}", "a")) == 0, 30, 0.2,
                              "the outbox to be trimmed")
-                    print(f"\ndurable on: {n} of {n} results there after the failover, "
-                          f"{time.monotonic() - acked:.1f} s after the acknowledgement")
+                    twice = sum(x > 1 for x in replies())
+                    assert max(replies()) <= 2
+                    print(f"\ndurable on: {n} of {n} results and replies there after the "
+                          f"failover, {time.monotonic() - acked:.1f} s after the acknowledgement;"
+                          f" {twice} replies arrived twice")
                 else:
                     wait_for(lambda: results() != [None] * n or
                              c._call(replica, "CLUSTER", "INFO").find("cluster_state:ok") >= 0,
                              30, 0.2, "the cluster to be ok again")
                     time.sleep(2)  # what the daemon would still do (nothing: no outbox)
                     lost[mode] = sum(x is None for x in results())
-                    print(f"\ndurable off: {lost[mode]} of {n} results lost with their "
-                          f"primary (the jobs ran once and are in no list; {in_box} were still in the outbox at the kill, trimmed since)")
+                    print(f"\ndurable off: {lost[mode]} of {n} results and "
+                          f"{sum(x == 0 for x in replies())} replies lost with their "
+                          f"primary (acknowledged: in no queue or processing list; {in_box} were still in the outbox at the kill, trimmed since)")
                 assert [json.loads(x)["id"] for x in results() if x] == \
                     [i for i, x in zip(ids, results()) if x]
                 assert admin.llen(k.queue("a")) == 0

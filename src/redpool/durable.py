@@ -17,7 +17,9 @@ replica are removed from the outbox; the others stay there and the housekeeping
 confirms them later: it writes the result key again (the same bytes: a result key
 that the failover lost comes back), and, for a reply already pushed, writes a probe key
 in the reply's slot instead of pushing it twice (``Keys.probe``): a WAIT after any
-write of ours covers the earlier ones too.
+write of ours covers the earlier ones too.  Only a reply whose slot has moved to
+another node since it was pushed (its node failed over) is pushed again: it may then
+arrive twice, which the protocol allows, rather than never.
 
 The event loop is single-threaded: a WAIT that times out stalls every queue for
 ``wait_ms``.  So a node whose WAIT fell short is *lagging*: for ``retry`` seconds its
@@ -53,6 +55,7 @@ class Durable:
         self._seen, self._refresh_at = None, 0.0
         self.on = mode == "on" or (mode == "auto" and any(self.replicas().values()))
         self.waits = self.short = 0          # WAITs sent, and those that fell short
+        self.pushed: dict[bytes, str] = {}   # entry -> node its reply went to, unconfirmed
 
     def describe(self) -> dict:
         """What to log once at start (cli.py)."""
@@ -81,6 +84,15 @@ class Durable:
                 known[ids[v["master_id"]]] += 1
         self._known, self._seen, self._refresh_at = known, cache, now + REFRESH
         return known
+
+    def moved(self, raw: bytes, key: str) -> bool:
+        """Whether the reply of ``raw``, pushed but not confirmed, was pushed to a node
+        that no longer serves ``key`` (failed over: the push may be lost with it)."""
+        name = self.pushed.get(raw)
+        if name is None:
+            return False
+        owners = self.r.nodes_manager.slots_cache.get(self.r.keyslot(key)) or ()
+        return bool(owners) and owners[0].name != name
 
     def plan(self, commands: list[tuple[str, tuple]]) -> tuple[list, list[str], dict]:
         """For ``commands`` (key, command) about to go out with send_by_node: the

@@ -82,7 +82,9 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
     ``failed`` too (every part written, no error): kept in its outbox.  Written again,
     its result key is SET again (the same bytes: back if a failover lost it) and, for
     a reply already pushed, a probe key in the reply's slot is written (Keys.probe), so
-    that the WAIT covers the push without pushing the reply twice."""
+    that the WAIT covers the push without pushing the reply twice -- unless the reply's
+    slot has moved to another node since (a failover): then it is pushed again, and
+    may arrive twice rather than never."""
     own, replies = (f"{keys.ns}:", f"{{{keys.ns}}}:"), keys.reply("")
     reply_script = load_script(r, "reply")
     again = durable is not None and durable.on
@@ -101,7 +103,7 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
             commands.append((result_key, ("SET", result_key, env, "EX", ttl)))
         if not reply_to:
             continue
-        if 1 in done:
+        if 1 in done and not (again and durable.moved(raw, reply_to)):
             if again and (probe := keys.probe(reply_to)):
                 parts.append((raw, 2))
                 commands.append((probe, ("SET", probe, "1", "PX", PROBE_TTL_MS)))
@@ -140,8 +142,14 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
                 ok[raw].add(part)
             if sure is not None and (rerun or nodes[i] not in sure):
                 unsure.add(raw)
+                if part == 1:
+                    durable.pushed[raw] = nodes[i]
     for raw in unsure:
         out.failed.setdefault(raw, set(progress.get(raw, ()) if progress else ()))
+    if again and durable.pushed:
+        for raw, _ in parts:
+            if raw not in out.failed:
+                durable.pushed.pop(raw, None)
     for raw, done in out.failed.items():
         done |= ok[raw]
     return out
