@@ -75,7 +75,9 @@ class Durable:
         try:
             nodes = self.r.cluster_nodes()
         except (redis.RedisError, RedisClusterException):
-            return self._known or {}  # (the next call asks again)
+            if self._known is None:  # (an ACL user of an older `redpool acl`: the slot map)
+                self._known = {owners[0].name: len(owners) - 1 for owners in cache.values()}
+            return self._known  # (the next call asks again)
         ids = {v["node_id"]: name for name, v in nodes.items()}
         known = {name: 0 for name, v in nodes.items() if "master" in v["flags"].split(",")}
         for v in nodes.values():
