@@ -110,6 +110,15 @@ def run_setup(name: str, url: str, r, keys: Keys, queues: tuple[str, ...],
             "jobs_per_s": rates, "median": statistics.median(rates)}
 
 
+def wait_calls(cluster: EmbeddedCluster) -> int:
+    """WAIT commands the cluster's primaries have served so far."""
+    total = 0
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as n:
+            total += n.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = []
@@ -130,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
                    SPREAD, ("--durable-results", "on"))]
         for name, url, r, keys, queues, extra in setups:
             print(f"{name}: ", end="", flush=True)
+            waits = wait_calls(rl)
             res = run_setup(name, url, r, keys, queues, args, extra)
-            print(", ".join(f"{x:,.0f}" for x in res["jobs_per_s"]) + " jobs/s", flush=True)
+            res["wait_calls"] = wait_calls(rl) - waits  # (durable results: one per node, round)
+            print(", ".join(f"{x:,.0f}" for x in res["jobs_per_s"]) + " jobs/s"
+                  + (f" ({res['wait_calls']:,} WAITs)" if res["wait_calls"] else ""), flush=True)
             results.append(res)
         machine = report.machine(plain)
     base = results[0]["median"]

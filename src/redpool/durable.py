@@ -51,7 +51,7 @@ class Durable:
             raise ValueError(f"durable results: {mode!r} is not one of {', '.join(MODES)}")
         self.r, self.mode, self.wait_ms, self.retry, self.clock = r, mode, wait_ms, retry, clock
         self.lagging: dict[str, float] = {}  # node name -> when to WAIT on it again
-        self._known: dict[str, int] | None = None  # primary name -> its replicas up
+        self._known: dict[str, int] | None = None  # primary name -> its replicas
         self._seen, self._refresh_at = None, 0.0
         self.on = mode == "on" or (mode == "auto" and any(self.replicas().values()))
         self.waits = self.short = 0          # WAITs sent, and those that fell short
@@ -112,7 +112,7 @@ class Durable:
             name = owners[0].name if owners else ""
             nodes.append(name)
             last[name] = key
-            need[name] = min(1, known.get(name, len(owners) - 1))
+            need[name] = min(1, max(0, known.get(name, len(owners) - 1)))
         waits = []
         for name, n in need.items():
             if not n:
