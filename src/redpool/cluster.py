@@ -122,13 +122,10 @@ class ClusterQueue(RedisQueue):
             for q in queues:
                 if n <= 0:
                     break
-                if q != queues[0]:
-                    try:
-                        flat = self._reserve(keys=self._queue_keys[q],
-                                             args=[min(n, MAX_RESERVE), epoch])
-                    except redis.RedisError as e:
-                        flat = e
-                        self.suspect = self.suspect or lost_reply(e)  # see RedisQueue.suspect
+                if q != queues[0]:  # (send_by_node: a slot moving is followed)
+                    flat = self._scripts([(self._reserve, self._queue_keys[q],
+                                           [min(n, MAX_RESERVE), epoch])], [])[0]
+                    self.suspect = self.suspect or lost_reply(flat)  # see RedisQueue.suspect
                 if isinstance(flat, Exception):
                     errors.append(flat)
                     continue
@@ -199,6 +196,13 @@ class ClusterQueue(RedisQueue):
     @property
     def unsent(self) -> int:
         return len(self._unsent) + len(self._released)
+
+    def _blmove(self, conn, queue: str, timeout: float) -> bytes | None:
+        """BLMOVE through send_by_node: a slot moving is followed (ASK) or said at once
+        (TRYAGAIN), not retried 16 times by redis-py between the two nodes (redirects.py)."""
+        src, dst = self.keys.queue(queue), self._proc_key(queue)
+        return _raise_first(send_by_node(conn, [(src, ("BLMOVE", src, dst, "RIGHT", "LEFT",
+                                                        timeout))]))[0]
 
     def _each(self, commands: list[tuple[str, tuple]]) -> list:
         """As RedisQueue._each, per node (send_by_node): one round trip."""

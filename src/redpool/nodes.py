@@ -20,6 +20,7 @@ from redis.exceptions import RedisClusterException
 from .durable import PROBE_TTL_MS
 from .protocol import Keys
 from .queue import REPLY_TTL_WHEN_NO_RESULT, load_script
+from .redirects import follow
 from .topology import unreachable_as_connection_error
 
 
@@ -167,33 +168,59 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
     command of a node that could not be reached, its ConnectionError (or TimeoutError),
     so the other nodes' replies still count.  After such a failure the slot map is
     learned again, as the client does for its own commands (the node may have failed
-    over to its replica).  A command redirected (MOVED, ASK: slots moving) or refused
-    with TRYAGAIN goes again through the client, which follows the cluster."""
+    over to its replica).  A slot moving is followed (redirects.py): a command
+    redirected by ASK goes to the importing node after ASKING, one by MOVED to the
+    slot's new owner; TRYAGAIN (the slot's keys split between two nodes for now) is
+    answered as it is, for the caller to wait a moment and try again."""
     if not commands:
         return []
     by_node: dict = defaultdict(list)
     with unreachable_as_connection_error():
         for i, (key, _) in enumerate(commands):
-            by_node[r.get_node_from_key(key).name].append(i)
+            by_node[(r.get_node_from_key(key).name, False)].append(i)
     replies: list = [None] * len(commands)
-    held = []   # (pool, connection, indexes) of the nodes written to
+    failed = _round(r, commands, by_node, replies)
+    failed = follow(r, commands, replies, _round) or failed
+    if failed:
+        try:
+            try:
+                r.nodes_manager.initialize(last_failed_node_name=failed)
+            except TypeError:  # redis-py before the hint: the same, asking in any order
+                r.nodes_manager.initialize()
+        except (redis.RedisError, RedisClusterException):
+            pass  # the whole cluster is away: the next call tries again
+    return replies
+
+
+def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) -> str:
+    """Send the commands ``groups`` names, {(node name, asking): their indexes}, every
+    node's before any reply is read, and put the replies in place.  With ``asking``
+    each command goes after an ASKING, on the same connection (a slot being imported
+    there: redirects.py).  Returns the name of a node that could not be reached, or ""."""
+    held = []   # (pool, connection, indexes, asking) of the nodes written to
     failed = ""
-    for name, idx in by_node.items():
+    for (name, asking), idx in groups.items():
         pool = conn = None
         try:
             pool = r.get_node(node_name=name).redis_connection.connection_pool
             conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_commands([commands[i][1] for i in idx]))
-            held.append((pool, conn, idx))
+            sent = [c for i in idx for c in ((("ASKING",), commands[i][1]) if asking
+                                              else (commands[i][1],))]
+            conn.send_packed_command(conn.pack_commands(sent))
+            held.append((pool, conn, idx, asking))
+            for i in idx:
+                replies[i] = None  # (a redirect's, if sent again)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             failed = name
             _put_back(pool, conn, broken=True)
             for i in idx:
                 replies[i] = e
-    for pool, conn, idx in held:
+    for pool, conn, idx, asking in held:
         try:
             for i in idx:
                 try:
+                    if asking:
+                        conn.read_response()  # OK (an error: the command's says more)
                     replies[i] = conn.read_response()
                 except redis.ResponseError as e:  # read in full: the connection stays in step
                     replies[i] = e
@@ -208,21 +235,7 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
         except BaseException:
             _put_back(pool, conn, broken=True)  # a reply may be half read
             raise
-    if failed:
-        try:
-            try:
-                r.nodes_manager.initialize(last_failed_node_name=failed)
-            except TypeError:  # redis-py before the hint: the same, asking in any order
-                r.nodes_manager.initialize()
-        except (redis.RedisError, RedisClusterException):
-            pass  # the whole cluster is away: the next call tries again
-    for i, reply in enumerate(replies):
-        if isinstance(reply, (redis.exceptions.AskError, redis.exceptions.TryAgainError)):
-            try:  # (MovedError is an AskError)
-                replies[i] = r.execute_command(*commands[i][1])
-            except redis.RedisError as e:
-                replies[i] = e
-    return replies
+    return failed
 
 
 def lost_reply(e: BaseException) -> bool:
