@@ -218,12 +218,9 @@ def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) ->
     for pool, conn, idx, asking in held:
         try:
             for i in idx:
-                try:
-                    if asking:
-                        conn.read_response()  # OK (an error: the command's says more)
-                    replies[i] = conn.read_response()
-                except redis.ResponseError as e:  # read in full: the connection stays in step
-                    replies[i] = e
+                if asking:
+                    _read(conn)  # OK (an error: the command's own reply says more)
+                replies[i] = _read(conn)
             _put_back(pool, conn)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             failed = conn.host and f"{conn.host}:{conn.port}"
@@ -236,6 +233,13 @@ def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) ->
             _put_back(pool, conn, broken=True)  # a reply may be half read
             raise
     return failed
+
+
+def _read(conn):
+    try:
+        return conn.read_response()
+    except redis.ResponseError as e:  # read in full: the connection stays in step
+        return e
 
 
 def lost_reply(e: BaseException) -> bool:
