@@ -126,6 +126,44 @@ def test_a_script_naming_a_key_that_exists_nowhere_waits_for_the_slot_to_be_assi
     assert send_by_node(rc2, [("{gone1}:here", script)]) == [1]
 
 
+def test_scripts_that_empty_a_key_while_their_slot_migrates_do_not_stop_half_way(rc2, two):
+    """While a slot migrates, a key a script deletes (a list emptied) is "non local" to
+    it afterwards: touching it again was an error half way, after writes -- a job moved
+    into our list unreported (reserve.lua), a job removed without its answer
+    (complete_cluster.lua, which emptied the outbox before pushing onto it)."""
+    from redpool.cluster import ClusterLease, ClusterQueue
+    from redpool.queue import Completion
+
+    ck = Keys("half", cluster=True)
+    lease = ClusterLease(rc2, ck, "sup", ["q"])
+    lease.register({"host": "elsewhere", "pid": 1}, 60)
+    rq = ClusterQueue(rc2, ck, "sup", ["q"])
+    rc2.rpush(ck.queue("q"), b'{"id":"j3"}', b'{"id":"j2"}', b'{"id":"j1"}')  # j1 first
+    j1, j2 = [g.raw for g in rq.exchange([], 2, lease.epoch)[2]]
+
+    def done(raw: bytes, job_id: str) -> Completion:
+        return Completion("q", raw, job_id, 60, None, b'{"id":"%s"}' % job_id.encode())
+    assert rq.exchange([done(j1, "j1")], 0, "")[:2] == (0, 0)  # its answer: trimmed next
+    # every key of the queue exists, so that the scripts run on the source
+    rc2.lpush(ck.dead_of("q"), b"{}")
+    rc2.hset(ck.crashes_of("q"), "some", 1)
+    rc2.zadd(ck.scheduled("q"), {b'{"id":"later"}': time.time() + 3600})
+    assert rc2.exists(ck.outbox("sup", "q"), ck.processing("sup", "q"), ck.queue("q")) == 3
+    move = opened(two, "q")
+    try:
+        # When one job is left and more are asked for, it alone comes, no error
+        [j3] = rq.exchange([], 5, lease.epoch)[2]
+        assert j3.raw == b'{"id":"j3"}'
+        # When the completions empty the processing list, then one more is not there
+        missing, _, _ = rq.exchange([done(j2, "j2"), done(j3.raw, "j3"),
+                                     done(b'{"id":"gone"}', "gone")], 0, "")
+        assert missing == 1
+        assert rc2.get(ck.result("j2")) and rc2.get(ck.result("j3"))
+    finally:
+        move.close()
+    assert rc2.exists(ck.processing("sup", "q")) == 0
+
+
 def test_tryagain_is_a_slot_moving_not_an_outage():
     from redpool.health import MOVING_MAX
     from redpool.keytypes import classify
