@@ -66,4 +66,3 @@ def _through_client(r, command: tuple):
         return r.execute_command(*command)
     except redis.RedisError as e:
         return e
-
