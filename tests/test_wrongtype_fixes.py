@@ -109,6 +109,8 @@ def test_a_script_on_a_read_only_replica_is_an_outage_whatever_wraps_the_error()
         "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'."
     ))) == "down"
     assert classify(redis.ResponseError(wrapped.format(
+        "TRYAGAIN Multiple keys request during rehashing of slot"))) == "moving"
+    assert classify(redis.ResponseError(wrapped.format(
         "WRONGTYPE Operation against a key holding the wrong kind of value"))) == "wrongtype"
     assert classify(redis.ResponseError(wrapped.format(
         "OOM command not allowed when used memory > 'maxmemory'."))) == "refused"

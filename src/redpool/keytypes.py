@@ -69,21 +69,30 @@ PAUSING = {"lease", "supervisors", "crashes", "dataset"}
 _OURS = re.compile(r"^WRONGTYPE redpool key (?P<key>.*) holds a (?P<type>\w+), not a \w+$", re.S)
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
-         redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError)
+         redis.exceptions.ReadOnlyError)
 # The same as error codes anywhere in a reply: Redis 6.2 wraps a script's error ("Error
 # running script (call to f_...): @user_script:1: @user_script: 1: -READONLY You can't
 # write against a read only replica."), which redis-py then takes for a plain reply.
-_DOWN_CODE = re.compile(r"(?:^|[\s:(-])(?:READONLY|LOADING|MASTERDOWN|CLUSTERDOWN|TRYAGAIN)\b")
+_DOWN_CODE = re.compile(r"(?:^|[\s:(-])(?:READONLY|LOADING|MASTERDOWN|CLUSTERDOWN)\b")
+_MOVING_CODE = re.compile(r"(?:^|[\s:(-])TRYAGAIN\b")
 _WRONGTYPE_CODE = re.compile(r"(?:^|[\s:(-])WRONGTYPE\b")
 
 
 def classify(e: BaseException) -> str:
     """"down": Redis cannot be reached (or is loading, failing over, read-only: a
-    replica); "wrongtype": a key holds another type; "refused": any other error reply."""
+    replica); "moving": a Redis Cluster slot is moving between nodes (TRYAGAIN while its
+    keys are split, a redirection left unresolved, or redis-py's retries of those
+    running out: redirects.py); "wrongtype": a key holds another type; "refused": any
+    other error reply."""
     if isinstance(e, _DOWN):
         return "down"
+    if isinstance(e, (redis.exceptions.TryAgainError, redis.exceptions.AskError)) or (
+            type(e) is redis.exceptions.ClusterError and "TTL exhausted" in str(e)):
+        return "moving"
     if isinstance(e, redis.ResponseError) and _DOWN_CODE.search(str(e)):
         return "down"
+    if isinstance(e, redis.ResponseError) and _MOVING_CODE.search(str(e)):
+        return "moving"
     if isinstance(e, redis.ResponseError) and _WRONGTYPE_CODE.search(str(e)):
         return "wrongtype"
     if isinstance(e, redis.RedisError) and not isinstance(e, redis.ResponseError):

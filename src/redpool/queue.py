@@ -202,7 +202,7 @@ class RedisQueue(Holding, dataset.Markers):
 
     def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> Reserved | None:
         """Wait in Redis (no polling) for one job on ``queue``; moved atomically."""
-        raw = conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
+        raw = self._blmove(conn, queue, timeout)
         if raw is None:
             return None
         # reserve.lua reads the crash count in the same script; BLMOVE cannot, so ask
@@ -220,6 +220,9 @@ class RedisQueue(Holding, dataset.Markers):
         except redis.ResponseError:  # crash counts of the wrong type: the job is ours
             return Reserved(queue, raw, 0)  # all the same (reserve.lua reports the key)
         return Reserved(queue, raw, crashes, float(started) if started else None)
+
+    def _blmove(self, conn: redis.Redis, queue: str, timeout: float) -> bytes | None:
+        return conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose
