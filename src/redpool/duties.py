@@ -63,7 +63,7 @@ class Duties(DataLoss, RedisHealth):
         self.leased = False
         self.name_lost = False
         self.nothing_scheduled = False
-        self.redis_down = False
+        self.outage = None                # an outage in progress (outage.py)
         self.retry_at = 0.0
         self._backoff = 0.0
         self.moving_since: float | None = None  # a Cluster slot of ours moving (health.py)

@@ -45,7 +45,7 @@ from typing import Callable
 
 import redis
 
-from .errors import WrongType
+from .errors import RedisUnavailable, WrongType
 from .protocol import Keys
 
 #: Seconds between two looks at the keys found of the wrong type (and the most a
@@ -68,7 +68,8 @@ PAUSING = {"lease", "supervisors", "crashes", "dataset"}
 _OURS = re.compile(r"^WRONGTYPE redpool key (?P<key>.*) holds a (?P<type>\w+), not a \w+$", re.S)
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
-         redis.exceptions.ReadOnlyError)
+         redis.exceptions.ReadOnlyError,
+         RedisUnavailable)  # (a waiter connecting anew found no Redis Cluster node)
 
 
 def classify(e: BaseException) -> str:

@@ -259,9 +259,14 @@ def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
     """A RedisCluster client: it learns the slot map from the nodes named and sends each
     command to the node of its keys.  Its own retries (on a lost connection it would
     send a script again) are off, as everywhere: ``retry`` sets the count, 0 unless
-    the caller asks."""
+    the caller asks.  ``known_from``: a cluster client whose nodes are tried first (a
+    connection made anew -- a waiter's -- must not depend on the nodes the URL names
+    being up: after a failover the URL may name only the dead one)."""
     options = dict(kwargs)
     retry = options.pop("retry", None)
+    known = options.pop("known_from", None)
+    hosts = list(dict.fromkeys([*((n.host, n.port) for n in known.get_nodes()),
+                                *target.hosts])) if known is not None else target.hosts
     options.pop("health_check_interval", None)  # per node pool, not meaningful here
     for name, value in target.options.items():
         parse = URL_QUERY_ARGUMENT_PARSERS.get(name)
@@ -273,7 +278,7 @@ def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
     if target.tls:
         options["ssl"] = True
     try:
-        return ClusterRedis(startup_nodes=[ClusterNode(h, p) for h, p in target.hosts],
+        return ClusterRedis(startup_nodes=[ClusterNode(h, p) for h, p in hosts],
                             username=target.username, password=target.password,
                             retry=retry or Retry(NoBackoff(), 0), **options)
     except RedisClusterException as e:
