@@ -97,6 +97,8 @@ def test_a_frozen_supervisor_loses_its_lease_and_does_not_write_fenced_results(r
                          for e in a.events()), timeout=15, what="the stale run to finish")
     wait_for(lambda: any(e.get("event") == "results_dropped" for e in a.events()), timeout=10,
              what="its stale result dropped")
+    (dropped,) = [e for e in a.events() if e.get("event") == "results_dropped"]
+    assert dropped["cause"] == "lease_expired" and "another worker" in dropped["reason"]
     assert envelope(r, keys, "f1")["worker"] == "healthy"  # never overwritten
     assert runs(r, keys, "start")["f1"] == 2
     lpush_jobs(r, keys, [{"task": "t.add", "id": f"after{i}", "args": [i, 1]} for i in range(6)])

@@ -6,6 +6,7 @@ seconds).  Real daemons on a real cluster with replicas; a primary SIGKILLed."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -107,3 +108,27 @@ def test_a_cluster_failover_is_one_redis_down_and_one_redis_up_per_worker(tmp_pa
             for d in daemons:
                 d.kill()
             admin.close()
+
+
+def test_a_job_rolled_back_while_the_lease_held_is_not_said_to_have_run_elsewhere(
+        r, keys, daemons):
+    """results_dropped says what happened (issue 19): a job that vanishes from our
+    processing list while our lease holds was not taken by a reaper.  A failover to a
+    replica that had not received the reservation leaves Redis as this test does: the
+    job back in its queue, not in our list."""
+    d = daemons("--concurrency", "1", "--prefetch", "0", "--queue", "rb", name="w-rb")
+    d.wait_started()
+    r.lpush(keys.queue("rb"), json.dumps({"task": "t.sleep", "id": "g1", "args": [1.5, "x"]}))
+    proc = keys.processing("w-rb", "rb")
+    wait_for(lambda: r.llen(proc) == 1, what="g1 reserved")
+    # Given the reservation rolled back while the job runs
+    assert r.lmove(proc, keys.queue("rb"), "LEFT", "RIGHT")
+    # Then its result is dropped, said as what it is, and the job runs again
+    (dropped,) = wait_for(lambda: named(d, "results_dropped"), 30, 0.1, "results_dropped")
+    print(f"\n{dropped}")
+    assert dropped["count"] == 1 and dropped["cause"] == "gone_from_redis"
+    assert "although our lease held" in dropped["reason"]
+    assert "ran elsewhere" not in dropped["reason"] and "inspect" in dropped["note"]
+    wait_for(lambda: r.get(keys.result("g1")), 30, 0.1, "g1 answered by its second run")
+    assert json.loads(r.get(keys.result("g1")))["status"] == "succeeded"
+    assert named(d, "lease_lost") == []

@@ -893,15 +893,34 @@ def test_job_finished_says_what_went_wrong_and_nothing_more_when_all_went_well()
 
 
 def test_results_dropped_by_fencing_are_reported():
-    w = World([job(1)], size=1, prefetch=0)
+    w = World([job(1)], size=1, prefetch=0, lease=15.0)
     w.tick()
-    # Given a reaper took the job back while it ran (our lease had expired)
+    # Given a reaper took the job back while it ran: this supervisor was frozen for
+    # longer than its lease (no tick, no renewal, for 20 s)
     w.rq.processing.clear()
     w.pool.finish_all()
+    w.clock.t += 20.0
     w.tick()
     (dropped,) = w.named("results_dropped")
-    assert dropped["count"] == 1 and "taken back" in dropped["reason"]
+    assert dropped["count"] == 1 and dropped["cause"] == "lease_expired"
+    assert "not renewed its lease for 20 s" in dropped["reason"]
+    assert "another worker" in dropped["reason"] and "--lease" in dropped["note"]
     assert not w.sup.pending
+
+
+def test_results_dropped_while_the_lease_held_are_not_said_to_have_run_elsewhere():
+    w = World([job(1)], size=1, prefetch=0, lease=15.0)
+    w.ticks(T0 + 6.0, 0.5)   # (renewed at 5 s)
+    # Given the job vanished from our processing list while our lease held: a failover
+    # to a replica that had not received our reservation rolls it back so
+    w.rq.processing.clear()
+    w.pool.finish_all()
+    w.tick(0.5)
+    (dropped,) = w.named("results_dropped")
+    assert dropped["count"] == 1 and dropped["cause"] == "gone_from_redis"
+    assert "renewed 2 s before" in dropped["reason"] and "failover" in dropped["reason"]
+    assert "elsewhere" not in dropped["reason"] and "another worker" not in dropped["reason"]
+    assert "redpool inspect" in dropped["note"]
 
 
 # -- children dying ---------------------------------------------------------------------------

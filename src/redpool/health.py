@@ -124,7 +124,7 @@ class RedisHealth:
         self.reap_not_before = now + self.cfg.lease / 3 + BACKOFF_MAX + 1.0
         try:
             if not self.check_dataset(now, "outage"):  # (a server back empty: first of all)
-                self.report_dropped()
+                self.report_dropped(now)
             self.reconcile()
         except redis.RedisError as e:
             # (the backoff goes on growing: a reconcile that keeps failing while other
