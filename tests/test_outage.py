@@ -7,13 +7,16 @@ seconds).  Real daemons on a real cluster with replicas; a primary SIGKILLed."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import redis
 
-from helpers import Daemon, wait_for
+from helpers import ROOT, Daemon, kill_group, wait_for
 from redpool.client import Client
 from redpool.connection import connect
 from redpool.keys import Keys
@@ -132,3 +135,36 @@ def test_a_job_rolled_back_while_the_lease_held_is_not_said_to_have_run_elsewher
     wait_for(lambda: r.get(keys.result("g1")), 30, 0.1, "g1 answered by its second run")
     assert json.loads(r.get(keys.result("g1")))["status"] == "succeeded"
     assert named(d, "lease_lost") == []
+
+
+def test_status_watch_on_a_cluster_waits_for_a_node_to_answer(tmp_path):
+    """`redpool status --watch` started while no node of a Redis Cluster answers says
+    so and retries, as on one server (it exited 4: the cluster client must reach a node
+    to be made); once the nodes are up it shows the deployment; Ctrl-C ends it, 0."""
+    with EmbeddedCluster(3) as c:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in c.nodes)
+        for n in c.nodes:
+            n.stop()
+        out = tmp_path / "watch.out"
+        with open(out, "wb") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "redpool", "status", "--watch", "0.3",
+                                     "--json", "--redis-url", url, "--namespace", "wq"],
+                                    cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            def lines() -> list[dict]:
+                return [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+            wait_for(lambda: len(lines()) >= 3 or proc.poll() is not None, 60, 0.1,
+                     "three refreshes with the cluster away")
+            assert proc.poll() is None, out.read_text()
+            assert all("no Redis Cluster node" in x["error"] for x in lines())
+            for n in c.nodes:
+                n.start()
+            c.wait_ok(30)
+            snap = wait_for(lambda: next((x for x in lines() if "error" not in x), None),
+                            60, 0.1, "a snapshot once the nodes answer")
+            assert snap["namespace"] == "wq" and proc.poll() is None
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            kill_group(proc)
