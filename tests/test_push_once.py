@@ -148,3 +148,26 @@ def test_on_a_cluster_a_node_that_cannot_be_reached_is_redis_pys_error_as_ever(
             client.enqueue_many("t.add", jobs(), queue="ours", reply_to=False)
         monkeypatch.undo()
     assert "Connection refused" in str(e.value) and not isinstance(e.value, MaybeQueued), e.value
+
+
+def test_redpool_enqueue_says_the_jobs_may_be_queued_and_does_not_exit_4(server):
+    # exit 4 means "Redis cannot be reached": a script would take the jobs for unsent
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    proxy = DropProxy(server.port, b"LPUSH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REDPOOL_")}
+    try:
+        res = subprocess.run([sys.executable, "-m", "redpool", "enqueue", "t.add", "--from", "-",
+                              "--redis-url", f"redis://127.0.0.1:{proxy.port}",
+                              "--namespace", "once-cli"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120,
+                             input="".join(f"[{i}, 1]\n" for i in range(N)))
+    finally:
+        proxy.close()
+    assert res.returncode == 1, res.stderr
+    assert "may or may not be queued" in res.stderr and "redpool inspect" in res.stderr
+    assert redis.Redis(port=server.port).llen(Keys("once-cli").queue("default")) == N
