@@ -237,6 +237,16 @@ class ClusterRedis(RedisCluster):
         return pipe
 
 
+def _known(r: RedisCluster | None) -> list[tuple[str, int]]:
+    """The nodes ``r`` knows, primaries first.  (Read from another thread, a waiter's,
+    while ``r`` may be rebuilding its map: a copy that fails is none.)"""
+    try:
+        nodes = list(r.get_nodes()) if r is not None else []
+    except RuntimeError:  # (its dict changed size while copied)
+        return []
+    return [(n.host, n.port) for n in sorted(nodes, key=lambda n: n.server_type != "primary")]
+
+
 @contextlib.contextmanager
 def unreachable_as_connection_error():
     """Failures to reach the cluster, as redis.ConnectionError, with a message that says
@@ -264,9 +274,7 @@ def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
     being up: after a failover the URL may name only the dead one)."""
     options = dict(kwargs)
     retry = options.pop("retry", None)
-    known = options.pop("known_from", None)
-    hosts = list(dict.fromkeys([*((n.host, n.port) for n in known.get_nodes()),
-                                *target.hosts])) if known is not None else target.hosts
+    hosts = list(dict.fromkeys([*_known(options.pop("known_from", None)), *target.hosts]))
     options.pop("health_check_interval", None)  # per node pool, not meaningful here
     for name, value in target.options.items():
         parse = URL_QUERY_ARGUMENT_PARSERS.get(name)
