@@ -202,7 +202,8 @@ def test_duties_use_redis_only_through_queue_and_lease():
     # the queue and the lease as they do, and imports neither the loop nor the pool;
     # health, the same for Redis's errors, with keytypes: keys of the wrong type)
     assert internal(imports("dataset")) <= {"errors"}
-    assert internal(imports("health")) <= {"errors", "keytypes"}
+    assert internal(imports("health")) <= {"errors", "keytypes", "outage"}
+    assert internal(imports("outage")) == set()   # (what counts as one outage: a rule)
     assert internal(imports("keytypes")) <= {"errors", "protocol"}
     assert "pool" not in internal(imports("duties"))
     assert "cli" not in closure("supervisor")

@@ -182,7 +182,7 @@ def test_tryagain_is_a_slot_moving_not_an_outage():
             self.hooks = type("H", (), {"emit": lambda _, e, **kw: self.events.append(e)})()
             self.retry_at = self.duties_at = self._backoff = self._moving_backoff = 0.0
             self.moving_since, self.moving_last = None, 0.0
-            self.redis_down, self.refusals = False, {}
+            self.outage, self.refusals = None, {}  # (no outage: outage.py)
             self._duty_backoff = 0.0
 
     h = Health()

@@ -141,8 +141,10 @@ def test_the_daemon_follows_a_failover_and_only_unreplicated_pushes_are_lost(dep
         wait_for(drained, 60, 0.2, "every job pushed after the failover to complete")
         # Then the daemon is still running, on the new primary
         assert d.proc.poll() is None, d.log()[-3000:]
+        wait_for(lambda: any(e.get("event") == "redis_up" for e in d.events()), 30, 0.2,
+                 "redis_up")
         events = [e.get("event") for e in d.events()]
-        assert "redis_down" in events and "redis_up" in events
+        assert events.count("redis_down") == 1 and events.count("redis_up") == 1  # one outage
         assert events.index("redis_up") > events.index("redis_down")
         lost = sorted((i for i, v in results(list(acked)).items() if v is None),
                       key=lambda i: acked[i])

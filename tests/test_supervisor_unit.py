@@ -36,6 +36,7 @@ from redpool.queue import Reserved
 from redpool.registry import Registry
 from redpool.runner import Policy, Runner
 from redpool.outcomes import KILL_GRACE
+from redpool.outage import UP_AFTER
 from redpool.supervisor import (ACK_DELAY, BATCH_SECONDS, DRAINING, MAX_BATCH, RUNNING, STOPPED,
                                 Supervisor)
 
@@ -109,6 +110,7 @@ class FakeQueue:
         self.due: list[tuple[str, bytes]] = []  # scheduled jobs the next promote moves
         self.next_due: float | None = None       # what promote says of the rest
         self.down = False
+        self.away: set[str] = set()             # calls that fail (a cluster node away)
         self.lose_reply: str | None = None      # the next call of this name runs, then fails
         self.clock = None
         self.markers: dict[str, bytes] = {}     # keys.dataset: None until a claim
@@ -121,7 +123,7 @@ class FakeQueue:
 
     def _io(self, what: str) -> None:
         self.calls.append(what)
-        if self.down:
+        if self.down or what in self.away:
             raise DOWN
 
     def _reply(self, what: str, value):
@@ -672,6 +674,12 @@ class World:
         while self.clock.t + step <= until + 1e-9:
             self.tick(step)
 
+    def outage_over(self, step: float = 0.5) -> list[dict]:
+        """Tick on for UP_AFTER (the loop's housekeeping calls Redis every half second):
+        the redis_up events by then (outage.py)."""
+        self.ticks(self.clock.t + UP_AFTER, step)
+        return self.named("redis_up")
+
     def replace_dead(self) -> None:
         """Two ticks: the pool spawns a replacement for a dead child, which boots."""
         self.tick()
@@ -885,15 +893,34 @@ def test_job_finished_says_what_went_wrong_and_nothing_more_when_all_went_well()
 
 
 def test_results_dropped_by_fencing_are_reported():
-    w = World([job(1)], size=1, prefetch=0)
+    w = World([job(1)], size=1, prefetch=0, lease=15.0)
     w.tick()
-    # Given a reaper took the job back while it ran (our lease had expired)
+    # Given a reaper took the job back while it ran: this supervisor was frozen for
+    # longer than its lease (no tick, no renewal, for 20 s)
     w.rq.processing.clear()
     w.pool.finish_all()
+    w.clock.t += 20.0
     w.tick()
     (dropped,) = w.named("results_dropped")
-    assert dropped["count"] == 1 and "taken back" in dropped["reason"]
+    assert dropped["count"] == 1 and dropped["cause"] == "lease_expired"
+    assert "not renewed its lease for 20 s" in dropped["reason"]
+    assert "another worker" in dropped["reason"] and "--lease" in dropped["note"]
     assert not w.sup.pending
+
+
+def test_results_dropped_while_the_lease_held_are_not_said_to_have_run_elsewhere():
+    w = World([job(1)], size=1, prefetch=0, lease=15.0)
+    w.ticks(T0 + 6.0, 0.5)   # (renewed at 5 s)
+    # Given the job vanished from our processing list while our lease held: a failover
+    # to a replica that had not received our reservation rolls it back so
+    w.rq.processing.clear()
+    w.pool.finish_all()
+    w.tick(0.5)
+    (dropped,) = w.named("results_dropped")
+    assert dropped["count"] == 1 and dropped["cause"] == "gone_from_redis"
+    assert "renewed 2 s before" in dropped["reason"] and "failover" in dropped["reason"]
+    assert "elsewhere" not in dropped["reason"] and "another worker" not in dropped["reason"]
+    assert "redpool inspect" in dropped["note"]
 
 
 # -- children dying ---------------------------------------------------------------------------
@@ -1473,7 +1500,7 @@ def test_the_reaper_waits_after_an_outage():
     w.tick(1.0)
     w.rq.down = False
     w.tick(0.5)
-    assert w.named("redis_up") == [{}]
+    assert w.duties.outage.back_at == w.clock.t   # answered, reconciled (redis_up: later)
     back = w.clock.t
     quiet = 15.0 / 3 + BACKOFF_MAX + 1.0
     w.ticks(back + quiet - 0.5, 0.25)
@@ -1604,7 +1631,6 @@ def test_jobs_reserved_by_a_lost_reply_are_put_back_when_redis_is_back():
 
     # When Redis answers again, the job we never heard of goes back to its queue
     w.tick(1.0)
-    assert w.named("redis_up") == [{}]
     assert w.named("reconciled") == [{"requeued": 1}]
     # and is then reserved and run once, normally
     w.tick()
@@ -1900,8 +1926,55 @@ def test_redis_down_keeps_completions_and_retries_after_backoff():
     assert [sorted(c.raw for c in batch) for batch in w.rq.complete_calls] == [[job(1), job(2)]]
     assert w.rq.exchange_calls[-1] == (2, 2)    # with the reserve for the two idle children
     assert not w.sup.pending
-    assert w.named("redis_up") == [{}]
+    # and the outage is said over once Redis has answered for UP_AFTER (outage.py)
+    assert w.named("redis_up") == [] and w.duties.redis_down
+    (up,) = w.outage_over()
+    assert up["failures"] == 2 and up["duration"] > 0
     assert w.duties.redis_down is False
+
+
+def test_redis_flapping_is_one_outage_said_once_each_way():
+    # Given Redis that fails, answers, fails again... as calls to a failing-over cluster do
+    w = World([job(i) for i in range(20)], size=2, prefetch=1)
+    w.tick()
+    for _ in range(6):
+        w.rq.down = True
+        w.tick(0.6)   # (the housekeeping calls Redis every half second)
+        w.rq.down = False
+        w.tick(0.6)
+    since, last_back = w.duties.outage.since, w.duties.outage.back_at
+    # Then one redis_down, no redis_up while it flaps, and the work went on between flaps
+    assert len(w.named("redis_down")) == 1 and w.named("redis_up") == []
+    assert w.rq.calls.count("processing_contents") == 6   # a reconcile after each failure
+    # When it has answered for UP_AFTER: one redis_up, how long and how many failures
+    (up,) = w.outage_over()
+    assert up == {"duration": round(last_back - since, 3), "failures": 6}
+    assert not w.duties.redis_down
+    # and a later failure is a new outage
+    w.rq.down = True
+    w.tick(1.0)
+    assert len(w.named("redis_down")) == 2
+
+
+def test_an_outage_lasts_while_the_reconcile_cannot_reach_every_node():
+    # Given a Redis Cluster node away: the exchange (other nodes) succeeds, and the
+    # reconcile, which reads every queue's processing list, fails
+    w = World([job(1), job(2)], size=1, prefetch=0)
+    w.tick()
+    w.rq.down = True
+    w.tick(0.5)
+    w.rq.down = False
+    w.rq.away = {"processing_contents"}
+    w.ticks(w.clock.t + 3 * UP_AFTER, 0.25)
+    # Then the outage goes on (one redis_down, no redis_up), and the retries back off
+    assert len(w.named("redis_down")) == 1 and w.named("redis_up") == []
+    assert w.rq.calls.count("processing_contents") <= 3 * UP_AFTER / BACKOFF_MAX + 6
+    # When the node is back, the reconcile goes through, and after UP_AFTER it is over
+    w.rq.away = set()
+    w.tick(BACKOFF_MAX)
+    assert w.duties.outage.back_at == w.clock.t
+    (up,) = w.outage_over()
+    assert up["failures"] >= 3
 
 
 def test_backoff_grows_and_is_capped():
@@ -1931,7 +2004,7 @@ def test_redis_down_during_reserve_does_not_raise_and_recovers():
     w.rq.down = False
     w.tick(1.0)
     assert w.sent_raws() == [job(1)]
-    assert w.named("redis_up") == [{}]
+    assert w.outage_over() == [{"duration": 1.0, "failures": 1}]
 
 
 def test_redis_down_while_draining_keeps_the_backlog_until_it_is_back():
@@ -2100,7 +2173,7 @@ def test_waiter_errors_are_reported_as_redis_down():
     assert w.named("redis_down") == [{"error": "gone", "during": "wait"}]
     assert not w.waiter.errors
     w.tick(1.0)
-    assert w.named("redis_up") == [{}]
+    assert w.outage_over() == [{"duration": 1.0, "failures": 1}]
 
 
 # -- sleeping until something can happen ------------------------------------------------------
@@ -2152,7 +2225,7 @@ def test_no_busy_loop_after_a_failed_renewal_with_a_full_pool():
     assert w.duties.redis_down
     assert w.sup.wait_timeout(w.clock.t) > 0  # sleeps until the retry, does not spin
     w.tick(0.1)                              # past the retry time: the duties are retried
-    assert not w.duties.redis_down
+    assert w.duties.outage.back_at == w.clock.t
     w.tick()                                 # and the renewal first thing after
     assert w.lease.renewals == 1
     assert w.sup.wait_timeout(w.clock.t) > 0

@@ -99,8 +99,13 @@ def failover(topo, kind: str, ledger_url: str, tmp_path, *, lagging: bool,
         wait_for(lambda: settled(admin, keys), 90, 0.2, "every job to leave the queues")
         # and the daemon lived through it: it saw Redis go, and come back
         assert d.proc.poll() is None, d.log()[-3000:]
+        # (redis_up comes once Redis has answered for 6 s: outage.py)
+        wait_for(lambda: any(e.get("event") == "redis_up" for e in d.events()), 30, 0.2,
+                 "redis_up")
         events = [e.get("event") for e in d.events()]
         assert "redis_down" in events and "redis_up" in events[events.index("redis_down"):]
+        print(f"\noutages logged: {events.count('redis_down')} redis_down, "
+              f"{events.count('redis_up')} redis_up")
         ledger_runs = runs(ledger, ledger_key)
         out = account(kind, producer, ledger_runs,
                       answered(admin, keys, list(producer.confirmed)),

@@ -6,12 +6,12 @@ from .registry import JobInfo, Task, current_job, on_child_start, task
 __version__ = "0.1.0"
 
 __all__ = ["task", "on_child_start", "current_job", "JobInfo", "Task", "Client", "AsyncResult",
-           "Pool", "JobFailed", "RedpoolError", "__version__"]
+           "Pool", "JobFailed", "RedpoolError", "MaybeQueued", "__version__"]
 
 
 def __getattr__(name: str):
     # The client pulls in redis-py; keep `import redpool` in pool children light.
-    if name in ("Client", "AsyncResult", "Pool"):
+    if name in ("Client", "AsyncResult", "Pool", "MaybeQueued"):
         from . import client
         return getattr(client, name)
     raise AttributeError(f"module 'redpool' has no attribute {name!r}")

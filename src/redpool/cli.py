@@ -294,7 +294,8 @@ def _run_worker(cfg: config.WorkerConfig, inbox,
     pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace,
                        cfg.child_defaults(), max_result_size=cfg.max_result_size)
     waiter = None if cfg.burst else Waiter(
-        rq, lambda: connect(url, blocking_timeout=1.0), timeout=1.0)
+        rq, lambda: connect(url, blocking_timeout=1.0, **({"known_from": r} if cluster else {})),
+        timeout=1.0)
     hooks = Hooks()
     hooks.subscribe(logs.event_logger())
     notify_systemd(hooks)  # only when run by systemd (NOTIFY_SOCKET is set)

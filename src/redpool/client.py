@@ -35,6 +35,7 @@ from .connection import connect, is_cluster_url, tls_options
 from .errors import ConfigError, RedpoolError
 from .keytypes import wrong_type
 from .registry import task_name
+from .sendonce import MaybeQueued, send_once
 from .results import AsyncResult, MapResult, TimeoutError
 from .urls import chosen_url, redact_url
 
@@ -270,16 +271,19 @@ class Client:
                         raise ValueError(f"job id {ar.id!r} is already waiting for its result")
                 self._pending.update((ar.id, ar) for ar in results)
         try:
+            # sent once at most, whatever the client's retry policy (sendonce.py)
             if due is None:
-                self._redis.lpush(qkey, *batch)
-            elif due[0] == "at":
-                self._redis.zadd(self.keys.scheduled(queue), {data: due[1] for data in batch})
-            else:  # "delay": the due time is taken from the server's clock (TIME), so
-                # producers with skewed clocks agree; no script, so a producer's ACL user
-                # needs no scripting rights
-                sec, usec = self._redis.time()
-                when = sec + usec / 1_000_000 + due[1]
-                self._redis.zadd(self.keys.scheduled(queue), {data: when for data in batch})
+                send_once(self._redis, "LPUSH", qkey, *batch)
+            else:
+                if due[0] == "at":
+                    when = due[1]
+                else:  # "delay": the due time is taken from the server's clock (TIME),
+                    # so producers with skewed clocks agree; no script, so a producer's
+                    # ACL user needs no scripting rights
+                    sec, usec = self._redis.time()
+                    when = sec + usec / 1_000_000 + due[1]
+                send_once(self._redis, "ZADD", self.keys.scheduled(queue),
+                          *(x for data in batch for x in (repr(when), data)))
         except BaseException as e:
             with self._lock:
                 for ar in results:
@@ -291,6 +295,8 @@ class Client:
             if isinstance(e, redispy.ResponseError) and str(e).startswith("WRONGTYPE"):
                 raise wrong_type(self._redis, self.keys, self.keys.scheduled(queue) if due
                                  else qkey, f"{len(batch)} job(s) not enqueued") from None
+            if isinstance(e, MaybeQueued):
+                raise MaybeQueued.of(e, queue, [ar.id for ar in results]) from e
             raise
         if on_pushed is not None:
             on_pushed(len(batch))

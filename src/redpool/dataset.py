@@ -156,15 +156,42 @@ class DataLoss:
         except redis.RedisError as e:
             self.redis_failed(e, now, "dataset")
             return
-        self.report_dropped()
+        self.report_dropped(now)
 
-    def report_dropped(self) -> None:
+    def report_dropped(self, now: float) -> None:
+        """Say that completions found their job gone (its result not written), and why,
+        as far as it can be told here: our lease unrenewed for longer than it lasts
+        (frozen, cut off) lets a reaper take them; a lease that held means no reaper
+        did, and Redis itself lost them (a failover to a replica that had not received
+        them) or another program removed them."""
         self.rq.missed = []
-        if self.dropped:
-            count, self.dropped = self.dropped, 0
-            self.hooks.emit("results_dropped", count=count,
-                            reason="jobs were no longer in our processing list (taken back "
-                                   "after our lease expired): they ran elsewhere")
+        if not self.dropped:
+            return
+        count, self.dropped = self.dropped, 0
+        since = now - self.renewed_at
+        if since >= self.cfg.lease:
+            self.hooks.emit(
+                "results_dropped", count=count, cause="lease_expired",
+                reason=f"jobs were no longer in our processing list, and this supervisor had "
+                       f"not renewed its lease for {since:.0f} s, longer than it lasts "
+                       f"({self.cfg.lease:g} s): a reaper gave them back to their queue, so "
+                       "they ran, or will run, on another worker (or Redis lost them in a "
+                       "failover meanwhile: then they are queued again, or lost)",
+                note="nothing to do for these jobs; find why this host stalled or was cut off "
+                     "from Redis that long (lease_lost says when), or raise --lease")
+            return
+        self.hooks.emit(
+            "results_dropped", count=count, cause="gone_from_redis",
+            reason=f"jobs were no longer in our processing list although our lease held "
+                   f"(renewed {max(0.0, since):.0f} s before, it lasts {self.cfg.lease:g} s), so "
+                   "no reaper took them: Redis lost the write that gave them to us (a failover "
+                   "promoted a replica that had not received it: they are back in their queue "
+                   "and run again, or are lost if their enqueue was lost too), or an "
+                   "acknowledgement of ours whose reply was lost had gone through (their "
+                   "results are written), or another program removed them",
+            note="these jobs may run again (delivery is at least once) or not at all: check "
+                 "each was answered (redpool inspect ID) and send again what was not; to "
+                 "narrow the window, min-replicas-to-write (docs/deploy.md, What can be lost)")
 
     def check_dataset(self, now: float, during: str, also: list[tuple[str, bytes]] = ()) -> bool:
         """Has the server lost its data since we last looked (a marker gone, or set anew
@@ -202,6 +229,7 @@ class DataLoss:
             s.stop_now()
             return
         self.leased = True
+        self.renewed_at = now
         self.next_renew = now + self.cfg.lease / 3
         self.markers = self.rq.claim_markers()
         before, self.run_ids = self.run_ids, self.rq.run_ids()

@@ -63,7 +63,7 @@ class Duties(DataLoss, RedisHealth):
         self.leased = False
         self.name_lost = False
         self.nothing_scheduled = False
-        self.redis_down = False
+        self.outage = None                # an outage in progress (outage.py)
         self.retry_at = 0.0
         self._backoff = 0.0
         self.moving_since: float | None = None  # a Cluster slot of ours moving (health.py)
@@ -78,6 +78,7 @@ class Duties(DataLoss, RedisHealth):
         self.data_lost_during: str | None = None      # a loss found, not yet fully handled
         self.lost_counts: dict[str, int] = {}         # what we held when it was found
         self.dropped = 0   # completions that found their job gone, not yet judged
+        self.renewed_at = -math.inf  # (clock) our lease last registered or renewed
         self.begun = False                # registered and recovered (start(), or later)
         self.refusals: dict[str, str] = {}  # where Redis refused a command -> its error
         self.duties_at = 0.0              # duties Redis refused wait until then
@@ -156,6 +157,7 @@ class Duties(DataLoss, RedisHealth):
         """Register (NameInUse propagates), put back what a run of ours left, claim
         the dataset markers."""
         self.lease.register(self.info(), self.cfg.lease)
+        self.renewed_at = now
         self.leased = self.begun = True
         # Jobs left under our name were held by a run of ours that died: each counts
         # as a crash (a job that keeps killing its host ends as a poison pill).
@@ -232,7 +234,9 @@ class Duties(DataLoss, RedisHealth):
                 self.rq.suspect = False  # (after it: one that failed is tried again)
             if now >= self.next_renew:
                 self.next_renew = now + self.cfg.lease / 3
-                if not self.lease.renew(self.info(), self.cfg.lease):
+                if self.lease.renew(self.info(), self.cfg.lease):
+                    self.renewed_at = now
+                else:
                     self.lease_lost(now, "renew")
             if now >= self.next_reap and not paused:
                 self.next_reap = now + REAP_EVERY
@@ -286,6 +290,7 @@ class Duties(DataLoss, RedisHealth):
             self.sup.stop_now()
             return
         self.leased = True
+        self.renewed_at = now
         self.next_renew = now + self.cfg.lease / 3
         self.hooks.emit("reregistered", epoch=self.lease.epoch)
         self.reconcile()

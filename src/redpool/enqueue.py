@@ -153,6 +153,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
     from .client import Client
     from .connection import check, check_cluster, explain
+    from .sendonce import MaybeQueued
 
     out, err = out or sys.stdout, err or sys.stderr
     args.wait = args.wait or args.wait_timeout is not None
@@ -165,6 +166,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             if calls is not None:
                 return enqueue_lines(client, args, calls, options, out, err)
             return enqueue_one(client, args, options, out, err)
+        except MaybeQueued as e:
+            # not exit 4 ("cannot reach Redis"): a script would push them again (sendonce.py)
+            print(f"redpool: {e}", file=err)
+            return 1
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise RedisUnavailable(explain(e, client.url)) from None
 

@@ -6,8 +6,9 @@ different things:
 
 * **Redis cannot be reached** (connection refused or lost, a timeout, a server loading
   its data, a replica read-only after a failover, a cluster down): an outage.  Said once
-  (``redis_down``), retried with a backoff capped at BACKOFF_MAX, and a reconcile when
-  it is back (``redis_up``): a reply lost with the connection may hide a script that ran.
+  (``redis_down``), retried with a backoff capped at BACKOFF_MAX, a reconcile as soon as
+  it answers again (a reply lost with the connection may hide a script that ran), and
+  said over (``redis_up``) only once it has answered for a while: outage.py says why.
 * **A key of the wrong type** (WRONGTYPE): not an outage.  Redis answers every command on
   every other key; that key is said once (``queue_unusable`` / ``key_unusable``) and
   passed over, looked at every RECHECK_EVERY seconds, and served again once fixed
@@ -25,6 +26,7 @@ import redis
 
 from .errors import NameInUse
 from .keytypes import RECHECK_EVERY, classify, culprit
+from .outage import Outage
 
 BACKOFF_MAX = 2.0    # Redis retry backoff cap: back within ~2 s of Redis returning
 MOVING_MIN, MOVING_MAX = 0.01, 0.25  # backoff while a Cluster slot is moving (TRYAGAIN)
@@ -38,9 +40,14 @@ OWN_SUCCESS = ("duties", "exchange", "complete", "types")
 class RedisHealth:
     """Mixin of Duties: needs its cfg, rq, hooks, sup, reconcile(), check_dataset(),
     report_dropped(), restore_held(), begin(), lease, and the state Duties.__init__ sets
-    for it (retry_at, _backoff, redis_down, refusals, duties_at, _duty_backoff, probe_at,
+    for it (retry_at, _backoff, outage, refusals, duties_at, _duty_backoff, probe_at,
     recheck_at, fixed, next_renew, reap_not_before, reconcile_pending, leased, begun, markers,
     name_lost)."""
+
+    @property
+    def redis_down(self) -> bool:
+        """An outage is in progress (outage.py): from redis_down to redis_up."""
+        return self.outage is not None
 
     def redis_ready(self, now: float) -> bool:
         return now >= self.retry_at
@@ -64,9 +71,10 @@ class RedisHealth:
             self._backoff = min(BACKOFF_MAX, max(0.05, self._backoff * 2))
             self.retry_at = now + self._backoff
         if kind == "down":
-            if not self.redis_down:
-                self.redis_down = True
+            if self.outage is None:
+                self.outage = Outage(now)
                 self.hooks.emit("redis_down", error=str(e), during=during)
+            self.outage.failed()
         elif kind == "wrongtype":
             named = culprit(e)
             if named is not None:
@@ -98,22 +106,34 @@ class RedisHealth:
             if self.moving_since is not None and now - self.moving_last > MOVING_QUIET:
                 self.hooks.emit("slot_moved", waited=round(self.moving_last - self.moving_since, 3))
                 self.moving_since = None
-        if not self.redis_down:
-            self._backoff = 0.0
+        o = self.outage
+        if o is not None and o.back_at is None:
+            self.back(now, o)
             return
-        self.redis_down = False
-        self.hooks.emit("redis_up")
+        self._backoff = 0.0
+        if o is not None and o.over(now):
+            self.outage = None
+            self.hooks.emit("redis_up", **o.summary())
+
+    def back(self, now: float, o: Outage) -> None:
+        """Redis answers again after a failure to reach it: renew first, then make our
+        processing lists hold what we hold (a reply lost with the connection may hide a
+        script that ran).  The outage goes on until that has gone through and nothing
+        failed for UP_AFTER (outage.py)."""
         self.next_renew = now  # renew first thing; others need a moment to renew theirs
         self.reap_not_before = now + self.cfg.lease / 3 + BACKOFF_MAX + 1.0
         try:
             if not self.check_dataset(now, "outage"):  # (a server back empty: first of all)
-                self.report_dropped()
+                self.report_dropped(now)
             self.reconcile()
         except redis.RedisError as e:
             # (the backoff goes on growing: a reconcile that keeps failing while other
             # calls succeed -- a Redis Cluster node away -- must not spin)
             self.redis_failed(e, now, "reconcile")
+            if classify(e) in ("refused", "wrongtype"):
+                o.back_at = now  # (said, and retried on its own; a slot moving: again)
             return
+        o.back_at = now
         self._backoff = 0.0
 
     def slot_moving(self, e: BaseException, now: float, during: str) -> None:

@@ -46,7 +46,7 @@ from typing import Callable
 
 import redis
 
-from .errors import WrongType
+from .errors import RedisUnavailable, WrongType
 from .protocol import Keys
 
 #: Seconds between two looks at the keys found of the wrong type (and the most a
@@ -69,7 +69,8 @@ PAUSING = {"lease", "supervisors", "crashes", "dataset"}
 _OURS = re.compile(r"^WRONGTYPE redpool key (?P<key>.*) holds a (?P<type>\w+), not a \w+$", re.S)
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
-         redis.exceptions.ReadOnlyError)
+         redis.exceptions.ReadOnlyError,
+         RedisUnavailable)  # (a waiter connecting anew found no Redis Cluster node)
 # The same as error codes anywhere in a reply: Redis 6.2 wraps a script's error ("Error
 # running script (call to f_...): @user_script:1: @user_script: 1: -READONLY You can't
 # write against a read only replica."), which redis-py then takes for a plain reply.

@@ -43,7 +43,14 @@ def open_redis(args: argparse.Namespace) -> tuple[redis.Redis, Keys, str]:
     that does not parse is a ConfigError naming it without its password (connect()),
     and so is one whose form does not match the server: a Redis Cluster node reached
     by redis:// would otherwise answer with MOVED errors.  Redis being unreachable is
-    left to the reads, which say so (and which --watch retries)."""
+    left to the reads, which say so (and which --watch retries); but a Redis Cluster
+    client learns the slot map when it is made, so with no node answering connect()
+    raises RedisUnavailable here (--watch: see Connecting)."""
+    keys, url = target(args)
+    return connected(url), keys, url
+
+
+def target(args: argparse.Namespace) -> tuple[Keys, str]:
     url = chosen_url(args.redis_url)
     try:
         keys = Keys(args.namespace or os.environ.get("REDPOOL_NAMESPACE") or DEFAULT_NAMESPACE,
@@ -55,10 +62,39 @@ def open_redis(args: argparse.Namespace) -> tuple[redis.Redis, Keys, str]:
             keys.check_queue(q)
     except ValueError as e:
         raise ConfigError(f"--queue: {e}") from None
+    return keys, url
+
+
+def connected(url: str) -> redis.Redis:
     r = connect(url)
     with contextlib.suppress(RedisUnavailable):
         check_cluster(r, url)
-    return r, keys, url
+    return r
+
+
+class Connecting:
+    """The Observer of `status --watch`, made once Redis answers.  On one server the
+    client connects at its first read, and a watch started while Redis is away waits
+    for it; a Redis Cluster client must reach a node to be made at all.  Until one
+    answers, each read raises redis.ConnectionError (the watch shows it and retries)."""
+
+    def __init__(self, url: str, keys: Keys, queues: list[str] | None) -> None:
+        self.url, self.keys, self.queues = url, keys, queues
+        self.r: redis.Redis | None = None
+        self.observer: Observer | None = None
+
+    def read(self) -> Snapshot:
+        if self.observer is None:
+            try:
+                self.r = connected(self.url)
+            except RedisUnavailable as e:
+                raise redis.ConnectionError(str(e)) from None
+            self.observer = Observer(self.r, self.keys, queues=self.queues)
+        return self.observer.read()
+
+    def close(self) -> None:
+        if self.r is not None:
+            self.r.close()
 
 
 @contextlib.contextmanager
@@ -168,17 +204,22 @@ def status_json(snap: Snapshot, keys: Keys, where: str) -> str:
 def run_status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.watch is not None and args.watch <= 0:
         raise ConfigError(f"--watch: give a number of seconds above 0, got {args.watch:g}")
-    r, keys, url = open_redis(args)
-    where = redact_url(url)
     render = status_json if args.json else render_status
-    observer = Observer(r, keys, queues=args.queue)
+    if args.watch is not None:
+        keys, url = target(args)
+        where = redact_url(url)
+        observer = Connecting(url, keys, args.queue)
+        try:
+            return watch(observer, lambda snap: render(snap, keys, where), args.watch, out,
+                         where, json_lines=args.json)
+        finally:
+            observer.close()
+    r, keys, url = open_redis(args)
     try:
-        if args.watch is None:
-            with redis_errors(url):
-                print(render(observer.read(), keys, where), file=out)
-            return EXIT_OK
-        return watch(observer, lambda snap: render(snap, keys, where), args.watch, out,
-                     where, json_lines=args.json)
+        with redis_errors(url):
+            print(render(Observer(r, keys, queues=args.queue).read(), keys, redact_url(url)),
+                  file=out)
+        return EXIT_OK
     finally:
         r.close()
 

@@ -237,6 +237,16 @@ class ClusterRedis(RedisCluster):
         return pipe
 
 
+def _known(r: RedisCluster | None) -> list[tuple[str, int]]:
+    """The nodes ``r`` knows, primaries first.  (Read from another thread, a waiter's,
+    while ``r`` may be rebuilding its map: a copy that fails is none.)"""
+    try:
+        nodes = list(r.get_nodes()) if r is not None else []
+    except RuntimeError:  # (its dict changed size while copied)
+        return []
+    return [(n.host, n.port) for n in sorted(nodes, key=lambda n: n.server_type != "primary")]
+
+
 @contextlib.contextmanager
 def unreachable_as_connection_error():
     """Failures to reach the cluster, as redis.ConnectionError, with a message that says
@@ -259,9 +269,12 @@ def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
     """A RedisCluster client: it learns the slot map from the nodes named and sends each
     command to the node of its keys.  Its own retries (on a lost connection it would
     send a script again) are off, as everywhere: ``retry`` sets the count, 0 unless
-    the caller asks."""
+    the caller asks.  ``known_from``: a cluster client whose nodes are tried first (a
+    connection made anew -- a waiter's -- must not depend on the nodes the URL names
+    being up: after a failover the URL may name only the dead one)."""
     options = dict(kwargs)
     retry = options.pop("retry", None)
+    hosts = list(dict.fromkeys([*_known(options.pop("known_from", None)), *target.hosts]))
     options.pop("health_check_interval", None)  # per node pool, not meaningful here
     for name, value in target.options.items():
         parse = URL_QUERY_ARGUMENT_PARSERS.get(name)
@@ -273,7 +286,7 @@ def cluster_client(url: str, target: ClusterURL, kwargs: dict) -> redis.Redis:
     if target.tls:
         options["ssl"] = True
     try:
-        return ClusterRedis(startup_nodes=[ClusterNode(h, p) for h, p in target.hosts],
+        return ClusterRedis(startup_nodes=[ClusterNode(h, p) for h, p in hosts],
                             username=target.username, password=target.password,
                             retry=retry or Retry(NoBackoff(), 0), **options)
     except RedisClusterException as e:
