@@ -29,6 +29,7 @@ from .duties import Duties
 from .hooks import Hooks
 from .lifecycle import DRAINING, RUNNING, STOPPED, Lifecycle
 from .outcomes import ChildEvents, job_names
+from .oversized import Oversized
 from .poller import Poller
 from .pool import ProcessPool
 from .queue import Completion, RedisQueue, Reserved
@@ -313,7 +314,7 @@ class Supervisor(ChildEvents, Lifecycle):
                 self.duties.lease_lost(now, "reserve")
             return
         # held before redis_ok(): after an outage it reconciles, and must see these as ours
-        self.backlog.extend(self.admit(r) for r in got)
+        self.hold(got)
         self.duties.redis_ok(now, "exchange")
         self.dispatch()
         if n <= 0:
@@ -363,7 +364,16 @@ class Supervisor(ChildEvents, Lifecycle):
                 if self.put_back[(r.queue, r.raw)] > 0:
                     self.put_back[(r.queue, r.raw)] -= 1
                     self.stats["requeued"] -= 1
-        self.backlog.extend(self.admit(r) for r in taken)
+        self.hold(taken)
+
+    def hold(self, got: list[Reserved]) -> None:
+        """Hold reserved jobs to run; a job far over --max-payload (of which we have only
+        its head) is answered at once instead, without a child (oversized.py)."""
+        for r in got:
+            if r.raw.__class__ is Oversized:
+                self.refuse(r.queue, r.raw, r.crashes)
+            else:
+                self.backlog.append(self.admit(r))
 
     def admit(self, r: Reserved) -> Work:
         """A reserved job, or a poison pill: one whose host or process died running it
@@ -398,6 +408,8 @@ class Supervisor(ChildEvents, Lifecycle):
         """Every (queue, raw job) this supervisor holds, with multiplicity."""
         held = Counter((w.queue, w.raw) for w in self.backlog)
         held.update((w.queue, w.raw) for w in self.inflight.values())
-        held.update((c.queue, c.raw) for c in self.pending)
+        # (not a job known by its head only: Redis has it whole, and reconciling puts it
+        # back to be reserved again; its completion then finds it gone and writes nothing)
+        held.update((c.queue, c.raw) for c in self.pending if c.raw.__class__ is not Oversized)
         held.update(self.rq.holding())  # (completions a key of the wrong type holds back)
         return held

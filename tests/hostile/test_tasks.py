@@ -80,9 +80,6 @@ TASKS = {
 
 
 XFAIL = {
-    "returns 10 MB": waiting("§2", "a 10 MB result (under the default --max-result-size of 16 "
-                             "MiB) still takes the supervisor ~50 MB over its start: the answer "
-                             "is copied on its way to Redis", None),
     "signals its supervisor with SIGTERM": waiting(
         "§4", "a task stops its worker with os.kill(os.getppid(), SIGTERM) (the supervisor "
         "could ignore signals its own pool processes send)", None),
