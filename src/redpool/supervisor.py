@@ -29,10 +29,9 @@ from .duties import Duties
 from .hooks import Hooks
 from .lifecycle import DRAINING, RUNNING, STOPPED, Lifecycle
 from .outcomes import ChildEvents, job_names
-from .oversized import Oversized
 from .poller import Poller
 from .pool import ProcessPool
-from .queue import Completion, RedisQueue, Reserved
+from .queue import Completion, Oversized, RedisQueue, Reserved
 from .signals import SignalInbox
 from .waiter import Waiter
 from .work import Work
