@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from hashlib import sha1
 
 import pytest
 import redis
@@ -15,7 +16,8 @@ from helpers import wait_for
 from hostile.invariants import vm_kib
 from redpool import protocol as p
 from redpool.lease import Lease
-from redpool.oversized import Oversized, head_fields, limit, refusal
+from redpool.oversized import (Oversized, from_raw, head_fields, known_fields, limit,
+                                refusal, tail_members)
 from redpool.queue import RedisQueue
 
 MAX_PAYLOAD = 100_000
@@ -29,10 +31,29 @@ def big_job(label: str, reply_to: str) -> bytes:
 
 def test_head_fields_reads_the_members_whole_within_the_head():
     head = b'\xef\xbb\xbf {"id": "a1", "reply_to":"ns:reply:a1", "result_ttl": 5, "args": ["zz'
-    assert head_fields(head) == {"job_id": "a1", "reply_to": "ns:reply:a1", "result_ttl": 5}
+    assert head_fields(head) == {"id": "a1", "reply_to": "ns:reply:a1", "result_ttl": 5}
     assert head_fields(b'{"task":"t","id":"x') == {"task": "t"}   # the id is cut off
     assert head_fields(b'[1, 2') == {} and head_fields(b'') == {}
     assert head_fields(b'{"x":' + b"[" * 5000) == {}              # too deep: nothing, no error
+
+
+def test_tail_members_reads_the_top_level_members_after_the_last_nested_value():
+    tail = b'zz"], "kwargs": {"a": 1, "b": 2}, "enqueued_at": 1.5, "reply_to": "r", "v": 1}\n'
+    assert tail_members(tail) == {"enqueued_at": 1.5, "reply_to": "r", "v": 1}
+    # a member of a nested object is not the job's
+    assert tail_members(b'zz", "args": [{"k": 1, "reply_to": "evil"}]}') == {}
+    assert tail_members(b'zz", "x": {"k": 1, "reply_to": "evil"}}') == {}
+    # a string ending in a comma is no member's start
+    assert tail_members(b'"a,", "b"], "id": "j"}') == {"id": "j"}
+    assert tail_members(b"") == {} and tail_members(b"zzzz") == {}
+
+
+def test_known_fields_of_a_job_as_redpool_writes_it():
+    raw = p.encode_job(p.make_job("t.echo", ["z" * BIG], id="j1", reply_to="ns:reply:j1",
+                                  result_ttl=60))
+    job = from_raw(raw)
+    assert known_fields(job) == {"job_id": "j1", "task": "t.echo", "reply_to": "ns:reply:j1",
+                                 "result_ttl": 60, "enqueued_at": json.loads(raw)["enqueued_at"]}
 
 
 def answered(r, reply_to: str, timeout: float = 60.0) -> dict:
@@ -99,6 +120,7 @@ def test_a_supervisor_dying_with_one_reserved_leaves_it_whole(r, keys, daemons):
     [got] = q.reserve(5, lease.epoch)
     assert isinstance(got.raw, Oversized) and len(got.raw) == p.DEAD_JOB_KEPT
     assert got.raw.size == len(raw) and raw.startswith(got.raw)
+    assert got.raw.tail == raw[-p.DEAD_JOB_KEPT:] and got.raw.sha == sha1(raw).hexdigest()
     # Then the job is in its processing list, whole, byte for byte
     assert r.lrange(keys.processing("gone", "default"), 0, -1) == [raw]
     # and a completion naming another job by hash removes nothing
@@ -113,3 +135,42 @@ def test_a_supervisor_dying_with_one_reserved_leaves_it_whole(r, keys, daemons):
     check_refused(env, r.lrange(keys.dead, 0, -1), raw, "crash")
     assert not r.exists(keys.processing("gone", "default"))
     d.kill()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 200_000, 1_000_000])
+def test_a_waiter_reads_blmove_replies_itself(r, keys, size):
+    """oversized.blmove: BLMOVE's reply read from the socket by us.  An element up to
+    the limit comes back byte for byte; a longer one as its head, length and SHA-1,
+    while the element itself moves whole; nil and errors as redis-py gives them."""
+    import hashlib
+
+    from redpool.queue import connect
+
+    lease = Lease(r, keys, "w")
+    lease.register({"name": "w", "host": socket.gethostname(), "pid": os.getpid(),
+                    "version": "test"}, lease=15.0)
+    q = RedisQueue(r, keys, "w", ["default"])
+    q.head_over = 100_000
+    conn = connect(r.connection_pool.connection_kwargs and
+                   f"redis://{r.connection_pool.connection_kwargs['host']}:"
+                   f"{r.connection_pool.connection_kwargs['port']}/0", blocking_timeout=0.2)
+    try:
+        assert q.block_reserve(conn, "default", 0.1) is None          # nil, after a wait
+        raw = os.urandom(size)
+        r.lpush(keys.queue("default"), raw)
+        got = q.block_reserve(conn, "default", 1.0)
+        assert r.lrange(keys.processing("w", "default"), 0, -1) == [raw]
+        if size <= q.head_over:
+            assert got.raw == raw and got.raw.__class__ is bytes
+        else:
+            assert isinstance(got.raw, Oversized) and got.raw == raw[:p.DEAD_JOB_KEPT]
+            assert got.raw.size == size and got.raw.sha == hashlib.sha1(raw).hexdigest()
+            assert got.raw.tail == raw[-p.DEAD_JOB_KEPT:]
+        assert conn.ping()                                            # still in step
+        r.delete(keys.queue("default"))
+        r.set(keys.queue("default"), "not a list")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            q.block_reserve(conn, "default", 0.1)
+        assert conn.ping()
+    finally:
+        conn.close()

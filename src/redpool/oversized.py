@@ -3,17 +3,18 @@
 A producer may push a job of hundreds of megabytes.  Read whole (reserved, piped to a
 pool process, parsed there, then sent back to Redis to be removed by value) it cost the
 supervisor about ten times its size.  Instead reserve.lua returns a job longer than
-``limit()`` as ``{length, its first DEAD_JOB_KEPT bytes, sha1}`` while the job itself
-moves into our processing list as any other (so a crash at any point leaves it there,
-whole, for the reaper or our next start to put back).  The supervisor then answers it
-here, from that head alone: PayloadTooLarge to its producer (id and reply_to are read
-from the head, ``head_fields``), and a dead-letter entry holding the head and
-``job_size``; its completion names it by ``"<sha1> <length>"`` and complete.lua finds
-and removes it by hash, in Redis.  Its bytes never reach Python.
+``limit()`` as {length, its first DEAD_JOB_KEPT bytes, sha1, its last DEAD_JOB_KEPT
+bytes} while the job itself moves into our processing list as any other (so a crash at
+any point leaves it there, whole, for the reaper or our next start to put back).  The
+supervisor answers it from those bytes alone: PayloadTooLarge to its producer (id and
+reply_to are read from the head and the tail: ``known_fields``), and a dead-letter entry
+holding the head and ``job_size``; its completion names it by ``"<sha1> <length>"``, and
+complete.lua finds and removes it by hash, in Redis.  Its bytes never reach Python.
 
-The waiters' BLMOVE returns whole elements: block_reserve turns such a job into the
-same head at once, so that it is never held, piped nor sent back (docs/design.md says
-what that path still costs).
+The waiters' BLMOVE returns whole elements: ``blmove`` reads its reply from the socket
+itself, keeping the head and tail of such a job and hashing the rest as it streams past
+(on Redis Cluster redis-py reads it whole, and block_reserve drops it to the same at
+once: docs/design.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Oversized(bytes):
 
     size: int
     sha: str
+    tail: bytes   # its last DEAD_JOB_KEPT bytes (where a producer may write reply_to)
 
     @property
     def name(self) -> str:
@@ -51,10 +53,11 @@ def limit(max_payload: int) -> int:
 
 
 def from_reply(reply: list) -> Oversized:
-    """reserve.lua's {length, head, sha1} of a job over the limit."""
+    """reserve.lua's {length, head, sha1, tail} of a job over the limit."""
     job = Oversized(reply[1])
     job.size = int(reply[0])
     job.sha = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+    job.tail = reply[3]
     return job
 
 
@@ -63,6 +66,7 @@ def from_raw(raw: bytes, head: int = p.DEAD_JOB_KEPT) -> Oversized:
     job = Oversized(raw[:head])
     job.size = len(raw)
     job.sha = hashlib.sha1(raw).hexdigest()
+    job.tail = raw[-head:]
     return job
 
 
@@ -88,14 +92,50 @@ def head_fields(head: bytes) -> dict:
             if text[i:i + 1] != ":":
                 break
             value, i = _DECODER.raw_decode(text, _WS.match(text, i + 1).end())
-            obj.setdefault(key, value)   # (a later duplicate may be cut off: the first)
+            obj[key] = value   # (the last of duplicates, as a whole job is read)
             i = _WS.match(text, i).end()
             if text[i:i + 1] != ",":
                 break
             i += 1
     except (ValueError, RecursionError):   # cut off there, or not JSON
         pass
-    return p._usable(obj)
+    return obj
+
+
+#: The most places of the tail tried as the start of its top-level members.
+TAIL_TRIES = 64
+
+
+def tail_members(tail: bytes) -> dict:
+    """The top-level members at the end of a job of which ``tail`` is the last bytes
+    (redpool's own producers write reply_to after args).  Each comma followed by a
+    quote (whitespace between) may start a member; read from that quote as an object,
+    the top-level members are those whose object ends where the job does (a nested
+    object ends at its own brace, with more after it).  Tried from the right, at most
+    TAIL_TRIES places, until one is not top-level: the members after the last nested
+    value.  Best effort, as salvage is: a job that is not JSON may mislead it, and then
+    only as its own producer could (the reply rule still applies)."""
+    text = tail.decode("utf-8", "surrogateescape").rstrip(" \t\r\n")
+    found: dict = {}
+    for m in list(_MEMBER.finditer(text))[:-TAIL_TRIES - 1:-1]:
+        start = m.end() - 1   # (the quote)
+        try:
+            obj, end = _DECODER.raw_decode("{" + text[start:])
+        except (ValueError, RecursionError):
+            break
+        if not isinstance(obj, dict) or end != len(text) - start + 1:
+            break
+        found = obj
+    return found
+
+
+_MEMBER = re.compile(r',[ \t\r\n]*"')
+
+
+def known_fields(job: Oversized) -> dict:
+    """What identifies the producer of ``job``: the members read from its head, then
+    those of its tail (a later member wins, as when a whole job is read)."""
+    return p._usable({**head_fields(job), **tail_members(getattr(job, "tail", b""))})
 
 
 _WS = re.compile(r"[ \t\r\n]*")
@@ -110,7 +150,7 @@ def refusal(job: Oversized, queue: str, crashes: int, cfg, *, answer: bool = Tru
     Returns the job_finished event's fields and the completion."""
     from .queue import Completion   # (queue.py imports this module)
 
-    found = head_fields(job)
+    found = known_fields(job)
     reason = (f"payload is {job.size} bytes, over the limit of {cfg.max_payload} "
               "(--max-payload): store large data elsewhere and pass a reference")
     bad = p.InvalidJob(reason, p.E_PAYLOAD_TOO_LARGE, **(found if answer else {}))
@@ -206,17 +246,21 @@ def _read_bulk(c, over: int) -> bytes | Oversized | None:
                 seen += recv(view[seen:])
         del body[n:]
         return bytes(body)
-    sha, head, seen = hashlib.sha1(), bytearray(), 0   # (seen: bytes of body and CRLF)
+    sha, head, tail, seen = hashlib.sha1(), bytearray(), bytearray(), 0
+    keep = p.DEAD_JOB_KEPT   # (seen: bytes of body and CRLF)
     with memoryview(chunk) as view:
         while True:
             take = rest[:max(0, n - seen)]
             sha.update(take)
-            if len(head) < p.DEAD_JOB_KEPT:
-                head += take[:p.DEAD_JOB_KEPT - len(head)]
+            if len(head) < keep:
+                head += take[:keep - len(head)]
+            tail += take
+            if len(tail) > 2 * keep:
+                del tail[:-keep]
             seen += len(rest)
             if seen >= n + 2:
                 break
             rest = view[:recv(view[:min(CHUNK, n + 2 - seen)])]
     job = Oversized(bytes(head))
-    job.size, job.sha = n, sha.hexdigest()
+    job.size, job.sha, job.tail = n, sha.hexdigest(), bytes(tail[-keep:])
     return job

@@ -407,8 +407,11 @@ class Supervisor(ChildEvents, Lifecycle):
         """Every (queue, raw job) this supervisor holds, with multiplicity."""
         held = Counter((w.queue, w.raw) for w in self.backlog)
         held.update((w.queue, w.raw) for w in self.inflight.values())
-        # (not a job known by its head only: Redis has it whole, and reconciling puts it
-        # back to be reserved again; its completion then finds it gone and writes nothing)
-        held.update((c.queue, c.raw) for c in self.pending if c.raw.__class__ is not Oversized)
+        held.update((c.queue, c.raw) for c in self.pending)
         held.update(self.rq.holding())  # (completions a key of the wrong type holds back)
+        # Not a job known by its head only (oversized.py): only Redis has it whole, and
+        # must never be given the head for it.  Reconciling puts it back to be reserved
+        # again; its completion then finds it gone, and writes nothing.
+        for k in [k for k in held if k[1].__class__ is Oversized]:
+            del held[k]
         return held

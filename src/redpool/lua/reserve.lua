@@ -20,7 +20,8 @@
 -- ARGV[1]      N, the most jobs to take (at most a few thousand: unpack() limit)
 -- ARGV[2]      our lease epoch
 -- ARGV[3]      optional: a job longer than this many bytes (far over --max-payload) is
---              not returned whole but as {length, its first ARGV[4] bytes, sha1hex}: the
+--              not returned whole but as {length, its first ARGV[4] bytes, sha1hex,
+--              its last ARGV[4] bytes (where reply_to may be)}: the
 --              supervisor refuses it from that (oversized.py) and names it by hash when
 --              it completes it, so its bytes never leave Redis (it stays whole in the
 --              processing list meanwhile, as any job: a crash loses nothing)
@@ -91,7 +92,8 @@ for i = 3, #KEYS, 2 do
         end
       end
       if over and #job > over then
-        job = {#job, string.sub(job, 1, head), sha or redis.sha1hex(job)}
+        job = {#job, string.sub(job, 1, head), sha or redis.sha1hex(job),
+               string.sub(job, -head)}
       end
       out[#out + 1] = (i - 1) / 2
       out[#out + 1] = job
