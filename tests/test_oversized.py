@@ -96,6 +96,18 @@ def test_an_oversized_job_is_answered_and_dead_lettered_unread(daemons, r, keys,
 
 
 @pytest.mark.daemon
+def test_an_oversized_job_alone_is_answered_at_once_in_burst_mode(daemons, r, keys):
+    # Given only an oversized job queued (no waiter: --burst reserves with reserve.lua)
+    reply = keys.reply("alone")
+    raw = big_job("alone", reply)
+    r.lpush(keys.queue("default"), raw)
+    # When a --burst worker starts, it answers it and stops (the queue is then empty)
+    d = daemons("--max-payload", str(MAX_PAYLOAD), "--concurrency", "1", "--burst")
+    assert d.wait(60) == 0, d.log()
+    check_refused(answered(r, reply, timeout=5), r.lrange(keys.dead, 0, -1), raw, "alone")
+
+
+@pytest.mark.daemon
 def test_an_oversized_job_on_a_cluster(cluster_daemons, rc, cluster_keys):
     d = cluster_daemons("--max-payload", str(MAX_PAYLOAD), "--concurrency", "1")
     d.wait_started()

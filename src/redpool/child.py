@@ -132,6 +132,12 @@ def encode_many(dones: list[bytes]) -> bytes:
         LENGTH.pack(len(d)) + d for d in dones)
 
 
+#: Parts of an answer up to this size are copied out as bytes; a larger one (a big
+#: result) stays a view into the message, which goes to Redis as it is (redis-py writes
+#: a memoryview without copying it): the supervisor holds one copy of it, not three.
+VIEW_OVER = 65536
+
+
 def split_many(msg: bytes):
     """The D messages of an M message: views into it, not copies (an answer may be
     megabytes)."""
@@ -141,7 +147,7 @@ def split_many(msg: bytes):
     for _ in range(count):
         (n,) = LENGTH.unpack_from(msg, o)
         o += LENGTH.size
-        yield view[o:o + n]
+        yield view[o:o + n] if n > VIEW_OVER else msg[o:o + n]
         o += n
 
 
@@ -151,18 +157,17 @@ def decode_returned(msg: bytes) -> list[int]:
     return [LENGTH.unpack_from(msg, o + LENGTH.size * i)[0] for i in range(count)]
 
 
-#: Parts of an answer up to this size are copied out as bytes; a larger one (a big
-#: result) stays a view into the message, which goes to Redis as it is (redis-py writes
-#: a memoryview without copying it): the supervisor holds one copy of it, not three.
-VIEW_OVER = 65536
-
-
 def decode_done(msg, views: bool = False) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
     """(meta, envelope, dead-letter entry, retry) of a D message (bytes, a bytearray or
     a view): each part bytes, or None if empty; ``views``: a part over VIEW_OVER is a
     memoryview into ``msg`` instead (the supervisor's way: no copy)."""
     lm, le, ld, lr = DONE_HEADER.unpack_from(msg, 1)
     o = 1 + DONE_HEADER.size
+    if msg.__class__ is bytes and (not views or len(msg) <= VIEW_OVER):  # (the usual: small)
+        meta = p.loads(msg[o:o + lm])
+        o += lm
+        return (meta, msg[o:o + le] or None, msg[o + le:o + le + ld] or None,
+                msg[o + le + ld:o + le + ld + lr] or None)
     view = memoryview(msg)
     meta = p.loads(bytes(view[o:o + lm]))
     o += lm

@@ -270,6 +270,7 @@ class ChildEvents:
         except ValueError:  # (an id or reply_to no key can be named by: answered by none)
             meta, done = refusal(job, queue, crashes, self.cfg, answer=False)
         self.pending.append(done)
+        self.answer_now = True  # (found in an exchange, after it sent what was pending)
         self.stats["failed"] += 1
         self.stats["dead"] += 1
         self.hooks.emit("job_finished", queue=queue, **meta, dead=True)

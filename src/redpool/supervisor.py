@@ -86,6 +86,7 @@ class Supervisor(ChildEvents, Lifecycle):
         self.reloading = False                     # SIGHUP: a new generation is taking over
         self.woken = False                         # this tick, the waiters brought jobs
         self.gave_back = False                     # a child gave back jobs; it still runs long
+        self.answer_now = False                    # refused unread: acknowledge next tick
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
         # job_started (debug) costs a decode of every job, which the loop otherwise never
@@ -123,6 +124,8 @@ class Supervisor(ChildEvents, Lifecycle):
         return objs
 
     def wait_timeout(self, now: float) -> float:
+        if self.answer_now:  # (a job refused in an exchange: its answer goes at once)
+            return 0.0
         deadlines = [self.duties.next_due(now)]
         if self.state == DRAINING:
             deadlines.append(self.drain_deadline)
@@ -174,6 +177,7 @@ class Supervisor(ChildEvents, Lifecycle):
 
     def flush(self, now: float) -> None:
         """Acknowledge every finished job in one round trip."""
+        self.answer_now = False
         if not (self.pending or self.rq.unsent) or not self.duties.redis_ready(now):
             return
         try:
@@ -279,6 +283,7 @@ class Supervisor(ChildEvents, Lifecycle):
     def exchange(self, now: float) -> None:
         """Acknowledge what finished and reserve more in one round trip; when the
         queues run dry, let the waiters block in Redis for the next job."""
+        self.answer_now = False
         if self.ack_can_wait(now):
             return
         if self.woken and len(self.rq.queues) == 1 and not self.pending \
