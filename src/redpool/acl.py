@@ -61,6 +61,7 @@ WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "s
                  "type",  # keys of the wrong type, found and looked at again (keytypes.py)
                  "lpush", "expire", "lrem")  # the last three: cluster.py's deliver()
 WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
+                     "lindex", "llen",  # (lua/_by_hash.lua: a job named by its hash)
                      "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "pttl", "rpop",
                      "rpush", "sadd", "set", "srem", "time", "type", "zadd", "zrange",
                      "zrangebyscore", "zrem")
