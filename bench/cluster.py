@@ -6,7 +6,9 @@ three-primary cluster, in the same run.
 For each setup a real worker (`python -m redpool worker bench.tasks`) drains N jobs
 staged beforehand: one queue on one server (the baseline, as `make bench` W1), three
 queues on one server, one queue on the cluster, and three queues on the cluster whose
-hash tags fall on three different primaries.  Jobs are staged in a list of their own and
+hash tags fall on three different primaries; then those three queues on a cluster whose
+primaries have a replica each, with --durable-results off and on (on: one WAIT per node
+per round, an answer leaves its outbox once a replica has it).  Jobs are staged in a list of their own and
 renamed onto the queue in one step (on the cluster the staging list carries the queue's
 hash tag, so RENAME stays in one slot); the clock runs from that rename until every
 result key exists.  The last job of each queue replies on a list the bench blocks on, so
@@ -91,11 +93,11 @@ def drain(r, keys: Keys, queues: tuple[str, ...], n: int, rep: int, worker: Mana
 
 
 def run_setup(name: str, url: str, r, keys: Keys, queues: tuple[str, ...],
-              args: argparse.Namespace) -> dict:
+              args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict:
     worker = Managed(f"redpool-{name}", python_module(
         "redpool", "worker", "bench.tasks", "--redis-url", url, "--namespace", keys.ns,
         "--name", f"bench-{keys.ns}", "--concurrency", str(args.concurrency),
-        "--log-format", "json", *[a for q in queues for a in ("--queue", q)]))
+        "--log-format", "json", *extra, *[a for q in queues for a in ("--queue", q)]))
     try:
         wait_until(lambda: '"event": "started"' in worker.log_tail(100_000), 60,
                    f"{name} worker start", check=worker.check_alive)
@@ -108,22 +110,40 @@ def run_setup(name: str, url: str, r, keys: Keys, queues: tuple[str, ...],
             "jobs_per_s": rates, "median": statistics.median(rates)}
 
 
+def wait_calls(cluster: EmbeddedCluster) -> int:
+    """WAIT commands the cluster's primaries have served so far."""
+    total = 0
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as n:
+            total += n.info("commandstats").get("cmdstat_wait", {}).get("calls", 0)
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = []
-    with EmbeddedServer() as srv, EmbeddedCluster(3) as cl:
+    with EmbeddedServer() as srv, EmbeddedCluster(3) as cl, \
+            EmbeddedCluster(3, replicas=1) as rl:
         plain = redis.Redis.from_url(srv.url)
-        rc = RedisCluster.from_url(cl.url)
+        rc, rr = RedisCluster.from_url(cl.url), RedisCluster.from_url(rl.url)
         curl = cl.url.replace("redis://", "redis+cluster://")
-        setups = [("one server, 1 queue", srv.url, plain, Keys("b1"), ("a",)),
-                  ("one server, 3 queues", srv.url, plain, Keys("b3"), SPREAD),
-                  ("cluster, 1 queue", curl, rc, Keys("c1", cluster=True), ("a",)),
+        rurl = rl.url.replace("redis://", "redis+cluster://")
+        setups = [("one server, 1 queue", srv.url, plain, Keys("b1"), ("a",), ()),
+                  ("one server, 3 queues", srv.url, plain, Keys("b3"), SPREAD, ()),
+                  ("cluster, 1 queue", curl, rc, Keys("c1", cluster=True), ("a",), ()),
                   ("cluster, 3 queues on 3 primaries", curl, rc, Keys("c3", cluster=True),
-                   SPREAD)]
-        for name, url, r, keys, queues in setups:
+                   SPREAD, ()),
+                  ("cluster+replicas, 3q, durable off", rurl, rr, Keys("r0", cluster=True),
+                   SPREAD, ("--durable-results", "off")),
+                  ("cluster+replicas, 3q, durable on", rurl, rr, Keys("r1", cluster=True),
+                   SPREAD, ("--durable-results", "on"))]
+        for name, url, r, keys, queues, extra in setups:
             print(f"{name}: ", end="", flush=True)
-            res = run_setup(name, url, r, keys, queues, args)
-            print(", ".join(f"{x:,.0f}" for x in res["jobs_per_s"]) + " jobs/s", flush=True)
+            waits = wait_calls(rl)
+            res = run_setup(name, url, r, keys, queues, args, extra)
+            res["wait_calls"] = wait_calls(rl) - waits  # (durable results: one per node, round)
+            print(", ".join(f"{x:,.0f}" for x in res["jobs_per_s"]) + " jobs/s"
+                  + (f" ({res['wait_calls']:,} WAITs)" if res["wait_calls"] else ""), flush=True)
             results.append(res)
         machine = report.machine(plain)
     base = results[0]["median"]

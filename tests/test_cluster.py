@@ -652,18 +652,22 @@ def test_only_an_error_after_sending_counts_as_a_lost_reply():
     assert lost_reply(sent) and not lost_reply(redis.ResponseError("WRONGTYPE"))
 
 
-def test_a_lost_reply_on_one_queue_while_others_answer_asks_for_a_reconcile(rc, cluster_keys):
+def test_a_lost_reply_on_one_queue_while_others_answer_asks_for_a_reconcile(
+        rc, cluster_keys, monkeypatch):
+    import redpool.cluster
+
     keys = cluster_keys
     rq, lease = reserved_by(rc, keys, "sup", ["a", "b"])
     push(rc, keys, "a", task="t", id="a1")
+    real = redpool.cluster.send_by_node
 
-    rc.script_load(rq._reserve.script)  # a's goes out by its sha, with the completions
-    class Lost:  # queue b's reservation
-        sha = rq._reserve.sha
-
-        def __call__(self, **kw):
-            raise redis.ConnectionError("Connection reset by peer (the reply was lost)")
-    rq._reserve = Lost()
+    def lost_for_b(r, commands):  # queue b's reservation (a round trip of its own)
+        if any(keys.queue("b") in cmd for _, cmd in commands):
+            e = redis.ConnectionError("Connection reset by peer (the reply was lost)")
+            e.sent = True
+            return [e] * len(commands)
+        return real(r, commands)
+    monkeypatch.setattr(redpool.cluster, "send_by_node", lost_for_b)
     assert [g.queue for g in rq.exchange([], 5, lease.epoch)[2]] == ["a"]
     assert rq.suspect  # the duties reconcile before anything else
 

@@ -341,11 +341,18 @@ def test_the_worker_user_reaches_its_cluster_keys_and_no_others(cluster_users, c
         # and the scripts (loaded on the node that runs them)
         bump = w.register_script("return redis.call('HINCRBY', KEYS[1], 'n', 1)")
         assert [bump(keys=[k.fence("w1", q)]) for q in SPREAD_QUEUES] == [1, 1, 1]
+        # --durable-results: the replicas per primary, and a WAIT after an answer
+        from redpool.nodes import send_by_node
+        assert w.cluster_nodes()
+        answer = k.result("j1")
+        assert send_by_node(w, [(answer, ("SET", answer, "{}")), (answer, ("WAIT", 0, 10))]) \
+            == [b"OK", 0]
         # but nothing of another namespace
         for call in (lambda: w.sadd(other.supervisors, "w1"),
                      lambda: w.lpush(other.queue("a"), "x"),
                      lambda: w.hset(other.fence("w1", "b"), "x", 1),
-                     lambda: w.execute_command("CLUSTER NODES"),
+                     # (CLUSTER NODES it may: --durable-results counts replicas)
+                     lambda: w.execute_command("CLUSTER INFO"),
                      lambda: w.keys("*")):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 call()

@@ -59,7 +59,8 @@ PRODUCER_REPLIES = ("brpop", "rpop", "rpush", "del")        # its own reply list
 WORKER_SCRIPTS = ("evalsha", "script|load")
 WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "smembers",
                  "type",  # keys of the wrong type, found and looked at again (keytypes.py)
-                 "lpush", "expire", "lrem")  # the last three: cluster.py's deliver()
+                 "lpush", "expire", "lrem",  # these three: cluster.py's deliver()
+                 "wait", "cluster|nodes")  # --durable-results (durable.py)
 WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
                      "lindex", "llen",  # (lua/_by_hash.lua: a job named by its hash)
                      "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "pttl", "rpop",

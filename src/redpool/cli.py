@@ -271,8 +271,12 @@ def run_worker(cfg: config.WorkerConfig, *,
         raise ConfigError(str(e)) from None
     if cluster:  # one slot per queue: the same guarantees, other scripts (cluster.py)
         from .cluster import ClusterLease, ClusterQueue, ClusterReaper
-        rq = ClusterQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
-        lease, reaper = ClusterLease(r, keys, cfg.name, cfg.queues), ClusterReaper(r, keys, cfg.name)
+        from .durable import Durable
+        durable = Durable(r, cfg.durable_results)
+        log.info("durable_results", **durable.describe())
+        rq = ClusterQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max, durable=durable)
+        lease = ClusterLease(r, keys, cfg.name, cfg.queues)
+        reaper = ClusterReaper(r, keys, cfg.name, durable)
     else:
         rq = RedisQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
         lease, reaper = Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name)

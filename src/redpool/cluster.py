@@ -53,8 +53,9 @@ class ClusterQueue(RedisQueue):
     """RedisQueue for Redis Cluster: same interface, the two-step completion."""
 
     def __init__(self, r, keys: Keys, name: str, queues: list[str], *,
-                 dead_max: int = 10_000) -> None:
+                 dead_max: int = 10_000, durable=None) -> None:
         super().__init__(r, keys, name, queues, dead_max=dead_max)
+        self.durable = durable  # durable.Durable: answers leave outboxes once replicated
         self._complete_q = load_script(r, "complete_cluster")
         self._queue_keys = {q: [keys.fence(name, q), keys.crashes_of(q), keys.queue(q),
                                 keys.processing(name, q)] for q in self.queues}
@@ -122,13 +123,10 @@ class ClusterQueue(RedisQueue):
             for q in queues:
                 if n <= 0:
                     break
-                if q != queues[0]:
-                    try:
-                        flat = self._reserve(keys=self._queue_keys[q],
-                                             args=self._reserve_args(n, epoch))
-                    except redis.RedisError as e:
-                        flat = e
-                        self.suspect = self.suspect or lost_reply(e)  # see RedisQueue.suspect
+                if q != queues[0]:  # (send_by_node: a slot moving is followed)
+                    flat = self._scripts([(self._reserve, self._queue_keys[q],
+                                           self._reserve_args(n, epoch))], [])[0]
+                    self.suspect = self.suspect or lost_reply(flat)  # see RedisQueue.suspect
                 if isinstance(flat, Exception):
                     errors.append(flat)
                     continue
@@ -183,7 +181,7 @@ class ClusterQueue(RedisQueue):
         went through is remembered, so a reply is not pushed twice) and its error
         joins ``errors``."""
         written = write_answers(self.r, self.keys, [e for es in outboxes.values() for e in es],
-                                self._progress)
+                                self._progress, self.durable)
         for q, entries in outboxes.items():
             for e in entries:
                 if e in written.failed:
@@ -199,6 +197,13 @@ class ClusterQueue(RedisQueue):
     @property
     def unsent(self) -> int:
         return len(self._unsent) + len(self._released)
+
+    def _blmove(self, conn, queue: str, timeout: float) -> bytes | None:
+        """BLMOVE through send_by_node: a slot moving is followed (ASK) or said at once
+        (TRYAGAIN), not retried 16 times by redis-py between the two nodes (redirects.py)."""
+        src, dst = self.keys.queue(queue), self._proc_key(queue)
+        return _raise_first(send_by_node(conn, [(src, ("BLMOVE", src, dst, "RIGHT", "LEFT",
+                                                        timeout))]))[0]
 
     def _each(self, commands: list[tuple[str, tuple]]) -> list:
         """As RedisQueue._each, per node (send_by_node): one round trip."""
@@ -285,13 +290,13 @@ class ClusterQueue(RedisQueue):
                 raise redis.ConnectionError("completions wait for a Redis Cluster node")
         errors: list[Exception] = []
         count = 0
+        self._undelivered.clear()  # (what is still not written or confirmed comes back)
         for key in list(self.r.scan_iter(match=self.keys.outbox_pattern(self.name), count=1000)):
             q = self.keys.queue_of_outbox(self.name, key.decode())
             entries = [e for e in self.r.lrange(key, 0, -1) if e not in self._delivered[q]]
             self._deliver({q: entries}, errors)
             count += len(entries)
         _raise_first(errors)
-        self._undelivered.clear()
         return count
 
     def recover(self, *, crashed: bool) -> dict[str, int]:
@@ -348,8 +353,9 @@ class ClusterLease(Lease):
 class ClusterReaper(Reaper):
     """Reaper, queue by queue: reap_queue.lua in each queue's slot, then forget.lua."""
 
-    def __init__(self, r, keys: Keys, name: str) -> None:
+    def __init__(self, r, keys: Keys, name: str, durable=None) -> None:
         super().__init__(r, keys, name)
+        self.durable, self._progress = durable, {}  # (as ClusterQueue's)
         self._reap_queue = load_script(r, "reap_queue")
         self._forget = load_script(r, "forget")
 
@@ -368,7 +374,7 @@ class ClusterReaper(Reaper):
                 continue
             moved += n
             box = k.outbox(dead, q)
-            deliver(self.r, k, box, self.r.lrange(box, 0, -1))
+            deliver(self.r, k, box, self.r.lrange(box, 0, -1), self._progress, self.durable)
         # Forgotten only once a fresh look finds nothing of it left: a key moving between
         # nodes (resharding) can escape one SCAN, and a forgotten name is never reaped.
         if done and not self._queues_of(dead):

@@ -209,6 +209,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_memory_per_child", "--max-memory-per-child", "REDPOOL_MAX_MEMORY_PER_CHILD", 0,
             "replace a pool process, after its current job, once its resident memory is "
             "above this (bytes, or 512M, 2G; 0: never)", _size),
+    Setting("durable_results", "--durable-results", "REDPOOL_DURABLE_RESULTS", "auto",
+            "Redis Cluster: a job's answer leaves its outbox only once a replica of the node "
+            "it was written to has it (WAIT), so that a failover of that node cannot lose it; "
+            "auto: on when the primaries have replicas", _choice("auto", "on", "off")),
     Setting("log_level", "--log-level", "REDPOOL_LOG_LEVEL", "info",
             "debug, info (shows every job), warning, error",
             _choice("debug", "info", "warning", "error")),
@@ -253,6 +257,7 @@ class WorkerConfig:
     max_crashes: int = 3
     max_jobs_per_child: int = 0
     max_memory_per_child: int = 0
+    durable_results: str = "auto"       # Redis Cluster only (durable.py)
     log_level: str = "info"
     log_format: str = "auto"
     metrics_port: int = 0               # 0: no metrics server

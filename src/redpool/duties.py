@@ -66,6 +66,9 @@ class Duties(DataLoss, RedisHealth):
         self.redis_down = False
         self.retry_at = 0.0
         self._backoff = 0.0
+        self.moving_since: float | None = None  # a Cluster slot of ours moving (health.py)
+        self.moving_last = 0.0
+        self._moving_backoff = 0.0
         self.next_renew = self.next_reap = self.next_promote = self.next_heartbeat = 0.0
         self.reap_not_before = 0.0
         self.reconcile_pending = False

@@ -27,6 +27,8 @@ from .errors import NameInUse
 from .keytypes import RECHECK_EVERY, classify, culprit
 
 BACKOFF_MAX = 2.0    # Redis retry backoff cap: back within ~2 s of Redis returning
+MOVING_MIN, MOVING_MAX = 0.01, 0.25  # backoff while a Cluster slot is moving (TRYAGAIN)
+MOVING_QUIET = 2.0   # no TRYAGAIN for this long (and a call through): the slot has moved
 REFUSED_MAX = 30.0   # backoff cap of duties Redis refuses (while the rest is served)
 QUIET = 60.0         # a refusal not seen again for this long is over (see redis_ok)
 #: Where a success of its own is reported to redis_ok (others clear after QUIET).
@@ -52,6 +54,9 @@ class RedisHealth:
         passes (a script may have stopped half way), and retried with the backoff; a
         duty refused while the rest is served waits alone, up to REFUSED_MAX."""
         kind = classify(e)
+        if kind == "moving":
+            self.slot_moving(e, now, during)
+            return
         if kind == "refused" and during == "duties":
             self._duty_backoff = min(REFUSED_MAX, max(1.0, self._duty_backoff * 2))
             self.duties_at = now + self._duty_backoff
@@ -88,6 +93,11 @@ class RedisHealth:
                 self.hooks.emit("redis_error_cleared", during=where)
         if during == "duties":
             self._duty_backoff = 0.0
+        if during in OWN_SUCCESS:
+            self._moving_backoff = 0.0
+            if self.moving_since is not None and now - self.moving_last > MOVING_QUIET:
+                self.hooks.emit("slot_moved", waited=round(self.moving_last - self.moving_since, 3))
+                self.moving_since = None
         if not self.redis_down:
             self._backoff = 0.0
             return
@@ -105,6 +115,26 @@ class RedisHealth:
             self.redis_failed(e, now, "reconcile")
             return
         self._backoff = 0.0
+
+    def slot_moving(self, e: BaseException, now: float, during: str) -> None:
+        """A Redis Cluster slot of ours is moving between nodes and its keys are split
+        for now (TRYAGAIN: the command did not run; redirects.py).  Not an outage and
+        not a refusal: no reconcile, and short growing sleeps (MOVING_MIN..MOVING_MAX)
+        rather than the outage's backoff, so that the queue is served again within a
+        moment of its keys being on one node.  Said once (``slot_moving``), and
+        ``slot_moved`` once calls go through and none met it for MOVING_QUIET."""
+        self._moving_backoff = min(MOVING_MAX, max(MOVING_MIN, self._moving_backoff * 2))
+        if during == "duties":
+            self.duties_at = now + self._moving_backoff
+        else:
+            self.retry_at = now + self._moving_backoff
+        self.moving_last = now
+        if self.moving_since is None:
+            self.moving_since = now
+            self.hooks.emit("slot_moving", error=str(e), during=during,
+                            note="a Redis Cluster reshard is moving a queue's slot: its "
+                                 "scripts wait until the slot is assigned to one node "
+                                 "(docs/deploy.md, \"Resharding\")")
 
     # -- keys of the wrong type (keytypes.py) -------------------------------------------------
 

@@ -136,6 +136,16 @@ class Keys:
         (the job left its processing list) but not yet written to their own slots."""
         return f"{self.ns}:outbox:{supervisor}:{self._tag(queue)}"
 
+    def probe(self, key: str) -> str | None:
+        """Redis Cluster only (--durable-results): a key in ``key``'s slot that a worker
+        writes (a string, 60 s TTL) before a WAIT, to confirm that an answer it pushed
+        earlier to ``key`` reached a replica without pushing it twice.  None when the
+        slot's hash tag cannot be carried over (a key with a stray '}')."""
+        start = key.find("{")
+        end = key.find("}", start + 1) if start >= 0 else -1
+        tag = key[start + 1:end] if start >= 0 and end > start + 1 else key
+        return None if "}" in tag else f"{self.ns}:probe:{{{tag}}}"
+
     def outbox_pattern(self, supervisor: str) -> str:
         return self._pattern("outbox", supervisor)
 

@@ -68,14 +68,20 @@ PAUSING = {"lease", "supervisors", "crashes", "dataset"}
 _OURS = re.compile(r"^WRONGTYPE redpool key (?P<key>.*) holds a (?P<type>\w+), not a \w+$", re.S)
 
 _DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterDownError,
-         redis.exceptions.ReadOnlyError, redis.exceptions.TryAgainError)
+         redis.exceptions.ReadOnlyError)
 
 
 def classify(e: BaseException) -> str:
     """"down": Redis cannot be reached (or is loading, failing over, read-only: a
-    replica); "wrongtype": a key holds another type; "refused": any other error reply."""
+    replica); "moving": a Redis Cluster slot is moving between nodes (TRYAGAIN while its
+    keys are split, a redirection left unresolved, or redis-py's retries of those
+    running out: redirects.py); "wrongtype": a key holds another type; "refused": any
+    other error reply."""
     if isinstance(e, _DOWN):
         return "down"
+    if isinstance(e, (redis.exceptions.TryAgainError, redis.exceptions.AskError)) or (
+            type(e) is redis.exceptions.ClusterError and "TTL exhausted" in str(e)):
+        return "moving"
     if isinstance(e, redis.ResponseError) and str(e).startswith("WRONGTYPE"):
         return "wrongtype"
     if isinstance(e, redis.RedisError) and not isinstance(e, redis.ResponseError):

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import redis
 from redis.exceptions import RedisClusterException
 
+from .durable import PROBE_TTL_MS
 from .protocol import Keys
 from .queue import REPLY_TTL_WHEN_NO_RESULT, load_script
+from .redirects import follow
 from .topology import unreachable_as_connection_error
 
 
@@ -32,18 +34,24 @@ def rerun_unknown(script, keys: list, args: list, reply):
         return e
 
 
-def deliver(r, keys: Keys, outbox: str, entries: list[bytes]) -> int:
-    """Write the answers of an outbox's ``entries`` and remove those written from it (by
-    value: two deliverers racing cannot drop an entry the other has not written).
+def deliver(r, keys: Keys, outbox: str, entries: list[bytes], progress: dict | None = None,
+            durable=None) -> int:
+    """Write the answers of an outbox's ``entries`` and remove those written (and, if
+    ``durable``, confirmed) from it (by value: two deliverers racing cannot drop an
+    entry the other has not written).  ``progress`` as write_answers', kept up to date.
     Returns the replies skipped; raises the first failure, once the rest is done."""
     if not entries:
         return 0
-    written = write_answers(r, keys, entries)
+    written = write_answers(r, keys, entries, progress, durable)
     pipe = r.pipeline(transaction=False)
     for raw in entries:
         if raw not in written.failed:
             pipe.lrem(outbox, 1, raw)
+            if progress is not None:
+                progress.pop(raw, None)
     pipe.execute()
+    if progress is not None:
+        progress.update(written.failed)
     if written.error is not None:
         raise written.error
     return written.skipped
@@ -61,18 +69,29 @@ class Written:
     error: Exception | None = None
 
 
-def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = None) -> Written:
+def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = None,
+                  durable=None) -> Written:
     """Write outbox entries' answers into their own slots in one round trip
     (send_by_node): the result key (SET with its TTL) and the reply (reply.lua: LPUSH
     and EXPIRE, or nothing on a key of another type).  A part that fails (its node is
     away, out of memory) leaves the entry to be written again; ``progress`` (entry ->
     the parts already written, from an earlier Written.failed) keeps a reply that went
-    through from being pushed twice while, say, the result key's node is away."""
+    through from being pushed twice while, say, the result key's node is away.
+
+    ``durable`` (durable.Durable, when on): each node written to is sent a WAIT after
+    its writes, and an entry written to a node whose WAIT fell short is returned in
+    ``failed`` too (every part written, no error): kept in its outbox.  Written again,
+    its result key is SET again (the same bytes: back if a failover lost it) and, for
+    a reply already pushed, a probe key in the reply's slot is written (Keys.probe), so
+    that the WAIT covers the push without pushing the reply twice -- unless the reply's
+    slot has moved to another node since (a failover): then it is pushed again, and
+    may arrive twice rather than never."""
     own, replies = (f"{keys.ns}:", f"{{{keys.ns}}}:"), keys.reply("")
     reply_script = load_script(r, "reply")
+    again = durable is not None and durable.on
     out = Written()
     commands: list[tuple] = []
-    parts: list[tuple[bytes, int]] = []
+    parts: list[tuple[bytes, int]] = []  # (entry, 0: result key, 1: reply, 2: probe)
     for raw in entries:
         try:
             result_key, ttl, reply_to, env = json.loads(raw)
@@ -80,10 +99,15 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
             out.skipped += 1
             continue
         done = progress.get(raw, ()) if progress else ()
-        if result_key and ttl > 0 and 0 not in done:
+        if result_key and ttl > 0 and (0 not in done or again):
             parts.append((raw, 0))
             commands.append((result_key, ("SET", result_key, env, "EX", ttl)))
-        if not reply_to or 1 in done:
+        if not reply_to:
+            continue
+        if 1 in done and not (again and durable.moved(raw, reply_to)):
+            if again and (probe := keys.probe(reply_to)):
+                parts.append((raw, 2))
+                commands.append((probe, ("SET", probe, "1", "PX", PROBE_TTL_MS)))
             continue
         if reply_to.startswith(own) and not reply_to.startswith(replies):
             out.skipped += 1
@@ -91,9 +115,22 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
         parts.append((raw, 1))
         commands.append((reply_to, ("EVALSHA", reply_script.sha, 1, reply_to, env,
                                     ttl if ttl > 0 else REPLY_TTL_WHEN_NO_RESULT)))
+    waits, nodes, need = durable.plan(commands) if again else ([], [], {})
+    # what would only be written again to confirm it, on a node that lags: not now
+    idle = {i for i, (raw, part) in enumerate(parts) if need.get(nodes[i], 0) is None
+            and (part == 2 or part == 0 and 0 in (progress or {}).get(raw, ()))} if again else ()
+    go = [i for i in range(len(commands)) if i not in idle]
+    got = send_by_node(r, [commands[i] for i in go] + [w for _, w in waits])
+    sent: list = [0] * len(commands)
+    for i, reply in zip(go, got):
+        sent[i] = reply
+    sure = durable.confirmed(waits, got[len(go):], need) if again else None
     ok: dict = defaultdict(set)
-    for (raw, part), cmd, reply in zip(parts, commands, send_by_node(r, commands)):
+    unsure: set = set()
+    for i, ((raw, part), cmd, reply) in enumerate(zip(parts, commands, sent)):
+        rerun = False  # (on a connection of its own: the WAIT does not cover it)
         if part == 1:
+            rerun = isinstance(reply, redis.exceptions.NoScriptError)
             reply = rerun_unknown(reply_script, cmd[1][3:4], cmd[1][4:], reply)
             if reply == 0 or isinstance(reply, redis.exceptions.NoPermissionError):
                 out.skipped += 1
@@ -102,7 +139,18 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
             out.failed.setdefault(raw, set(progress.get(raw, ()) if progress else ()))
             out.error = out.error or reply
         else:
-            ok[raw].add(part)
+            if part < 2:
+                ok[raw].add(part)
+            if sure is not None and (rerun or nodes[i] not in sure):
+                unsure.add(raw)
+                if part == 1:
+                    durable.pushed[raw] = nodes[i]
+    for raw in unsure:
+        out.failed.setdefault(raw, set(progress.get(raw, ()) if progress else ()))
+    if again and durable.pushed:
+        for raw, _ in parts:
+            if raw not in out.failed:
+                durable.pushed.pop(raw, None)
     for raw, done in out.failed.items():
         done |= ok[raw]
     return out
@@ -120,36 +168,59 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
     command of a node that could not be reached, its ConnectionError (or TimeoutError),
     so the other nodes' replies still count.  After such a failure the slot map is
     learned again, as the client does for its own commands (the node may have failed
-    over to its replica).  A command redirected (MOVED, ASK: slots moving) or refused
-    with TRYAGAIN goes again through the client, which follows the cluster."""
+    over to its replica).  A slot moving is followed (redirects.py): a command
+    redirected by ASK goes to the importing node after ASKING, one by MOVED to the
+    slot's new owner; TRYAGAIN (the slot's keys split between two nodes for now) is
+    answered as it is, for the caller to wait a moment and try again."""
     if not commands:
         return []
     by_node: dict = defaultdict(list)
     with unreachable_as_connection_error():
         for i, (key, _) in enumerate(commands):
-            by_node[r.get_node_from_key(key).name].append(i)
+            by_node[(r.get_node_from_key(key).name, False)].append(i)
     replies: list = [None] * len(commands)
-    held = []   # (pool, connection, indexes) of the nodes written to
+    failed = _round(r, commands, by_node, replies)
+    failed = follow(r, commands, replies, _round) or failed
+    if failed:
+        try:
+            try:
+                r.nodes_manager.initialize(last_failed_node_name=failed)
+            except TypeError:  # redis-py before the hint: the same, asking in any order
+                r.nodes_manager.initialize()
+        except (redis.RedisError, RedisClusterException):
+            pass  # the whole cluster is away: the next call tries again
+    return replies
+
+
+def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) -> str:
+    """Send the commands ``groups`` names, {(node name, asking): their indexes}, every
+    node's before any reply is read, and put the replies in place.  With ``asking``
+    each command goes after an ASKING, on the same connection (a slot being imported
+    there: redirects.py).  Returns the name of a node that could not be reached, or ""."""
+    held = []   # (pool, connection, indexes, asking) of the nodes written to
     failed = ""
-    for name, idx in by_node.items():
+    for (name, asking), idx in groups.items():
         pool = conn = None
         try:
             pool = r.get_node(node_name=name).redis_connection.connection_pool
             conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_commands([commands[i][1] for i in idx]))
-            held.append((pool, conn, idx))
+            sent = [c for i in idx for c in ((("ASKING",), commands[i][1]) if asking
+                                              else (commands[i][1],))]
+            conn.send_packed_command(conn.pack_commands(sent))
+            held.append((pool, conn, idx, asking))
+            for i in idx:
+                replies[i] = None  # (a redirect's, if sent again)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             failed = name
             _put_back(pool, conn, broken=True)
             for i in idx:
                 replies[i] = e
-    for pool, conn, idx in held:
+    for pool, conn, idx, asking in held:
         try:
             for i in idx:
-                try:
-                    replies[i] = conn.read_response()
-                except redis.ResponseError as e:  # read in full: the connection stays in step
-                    replies[i] = e
+                if asking:
+                    _read(conn)  # OK (an error: the command's own reply says more)
+                replies[i] = _read(conn)
             _put_back(pool, conn)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             failed = conn.host and f"{conn.host}:{conn.port}"
@@ -161,21 +232,14 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
         except BaseException:
             _put_back(pool, conn, broken=True)  # a reply may be half read
             raise
-    if failed:
-        try:
-            try:
-                r.nodes_manager.initialize(last_failed_node_name=failed)
-            except TypeError:  # redis-py before the hint: the same, asking in any order
-                r.nodes_manager.initialize()
-        except (redis.RedisError, RedisClusterException):
-            pass  # the whole cluster is away: the next call tries again
-    for i, reply in enumerate(replies):
-        if isinstance(reply, (redis.exceptions.AskError, redis.exceptions.TryAgainError)):
-            try:  # (MovedError is an AskError)
-                replies[i] = r.execute_command(*commands[i][1])
-            except redis.RedisError as e:
-                replies[i] = e
-    return replies
+    return failed
+
+
+def _read(conn):
+    try:
+        return conn.read_response()
+    except redis.ResponseError as e:  # read in full: the connection stays in step
+        return e
 
 
 def lost_reply(e: BaseException) -> bool:

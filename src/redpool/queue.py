@@ -218,14 +218,10 @@ class RedisQueue(Holding, dataset.Markers):
 
     def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> Reserved | None:
         """Wait in Redis (no polling) for one job on ``queue``; moved atomically."""
-        if self.head_over and isinstance(conn, redis.Redis):  # (one server: read by us)
-            raw = blmove(conn, self.keys.queue(queue), self._proc_key(queue), timeout,
-                         self.head_over)
-        else:
-            raw = conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout,
-                              "RIGHT", "LEFT")
-            if raw is not None and self.head_over and len(raw) > self.head_over:
-                raw = from_raw(raw)   # (held as its head only, as reserve.lua returns it)
+        raw = self._blmove(conn, queue, timeout)
+        if raw is not None and self.head_over and len(raw) > self.head_over \
+                and raw.__class__ is not Oversized:
+            raw = from_raw(raw)   # (held as its head only, as reserve.lua returns it)
         if raw is None:
             return None
         # reserve.lua reads the crash count in the same script; BLMOVE cannot, so ask
@@ -234,7 +230,7 @@ class RedisQueue(Holding, dataset.Markers):
         # lives in Redis, and crashed.lua judges poison pills by it.
         if not self.crashes_exist:
             return Reserved(queue, raw, 0)
-        sha = hashlib.sha1(raw).hexdigest()
+        sha = raw.sha if raw.__class__ is Oversized else hashlib.sha1(raw).hexdigest()
         try:
             crashes = int(conn.hget(self.keys.crashes_of(queue), sha) or 0)
             if not crashes:
@@ -243,6 +239,12 @@ class RedisQueue(Holding, dataset.Markers):
         except redis.ResponseError:  # crash counts of the wrong type: the job is ours
             return Reserved(queue, raw, 0)  # all the same (reserve.lua reports the key)
         return Reserved(queue, raw, crashes, float(started) if started else None)
+
+    def _blmove(self, conn: redis.Redis, queue: str, timeout: float) -> bytes | None:
+        if self.head_over:  # (its reply read by us: a job over the limit is never held whole)
+            return blmove(conn, self.keys.queue(queue), self._proc_key(queue), timeout,
+                          self.head_over)
+        return conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
         """Acknowledge a batch in one round trip.  Returns (jobs no longer ours, whose

@@ -24,6 +24,8 @@ from typing import Callable
 import redis
 
 from .errors import RedisUnavailable
+from .health import MOVING_MAX, MOVING_MIN
+from .keytypes import classify
 from .queue import RedisQueue, Reserved
 from .wakeup import Wakeup
 
@@ -118,6 +120,10 @@ class Waiter:
                 # (RedisUnavailable: connecting anew found no node of a Redis Cluster)
                 self.errors.append(e)
                 self._pipe.wake()
+                if classify(e) == "moving":  # a Cluster slot moving (TRYAGAIN): a moment
+                    backoff = min(MOVING_MAX, max(MOVING_MIN, backoff * 2))
+                    self._stop.wait(backoff)
+                    continue
                 if conn is not None:
                     conn.close()
                 conn = None

@@ -118,3 +118,13 @@ def hold(path: str, tag=None):
         time.sleep(0.01)
     record("end")
     return tag
+
+
+@task(name="t.logged")
+def logged(n, seconds=0):
+    """Writes its run, with the time (``run@<epoch seconds>``), to the ledger, takes
+    ``seconds``, returns n.  The failover tests (tests/topology.py) tell from the ledger
+    which jobs ran twice, and when."""
+    record(f"run@{time.time():.6f}")
+    time.sleep(seconds)
+    return n

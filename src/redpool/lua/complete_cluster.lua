@@ -54,11 +54,13 @@ local broken = {}
 local box_bad = wrong(KEYS[2], 'list')
 local dead_bad, sched_bad = nil, nil  -- their wrong type, or false once known good
 local delivered = tonumber(ARGV[2])
-if not box_bad then
-  for i = 3, 2 + delivered do
-    redis.call('LREM', KEYS[2], 1, ARGV[i])
-  end
-end
+-- While a Redis Cluster slot migrates, a key this script empties (deletes) cannot be
+-- touched again: it is "non local", an error half way.  So the delivered answers leave
+-- the outbox last, after the pushes, and the processing list is not touched once its
+-- length, taken first, says it is empty.  (Every key exists when such a script runs:
+-- the node answers TRYAGAIN otherwise.)
+local proc_left = redis.pcall('LLEN', KEYS[1])
+if type(proc_left) ~= 'number' then proc_left = nil end  -- WRONGTYPE: the pcall below says
 for a = 2 + delivered, #ARGV - 1, 5 do
   local raw = ARGV[a + 1]
   local j = (a - 2 - delivered) / 5 + 1
@@ -73,16 +75,18 @@ for a = 2 + delivered, #ARGV - 1, 5 do
     if sched_bad then held = {KEYS[5], sched_bad} end
   end
   local removed = 0
-  if not held and ARGV[a + 5] == '-1' then  -- named by its hash: find it
+  if not held and proc_left ~= 0 and ARGV[a + 5] == '-1' then  -- named by its hash: find it
     raw = by_hash(KEYS[1], raw)
     if not raw then held = false end  -- (not there: counted as missing below)
   end
   if held == false then
     held = nil
-  elseif not held then
+  elseif not held and proc_left ~= 0 then
     removed = type(raw) == 'table' and raw or redis.pcall('LREM', KEYS[1], -1, raw)
     if type(removed) == 'table' then  -- WRONGTYPE: our processing list is not a list
       held = {KEYS[1], redis.call('TYPE', KEYS[1])['ok']}
+    elseif proc_left then
+      proc_left = proc_left - removed
     end
   end
   if held then
@@ -116,6 +120,11 @@ for a = 2 + delivered, #ARGV - 1, 5 do
 end
 if dead_added then
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
+end
+if not box_bad then
+  for i = 3, 2 + delivered do
+    redis.call('LREM', KEYS[2], 1, ARGV[i])
+  end
 end
 if box_bad and #broken == 0 then
   broken = {KEYS[2], box_bad}

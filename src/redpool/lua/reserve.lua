@@ -72,8 +72,12 @@ for i = 3, #KEYS, 2 do
       if t ~= 'none' and t ~= 'list' then note(KEYS[k]) end
     end
   elseif jobs then
-    -- the first job moved, both keys are lists: the rest of the batch in two commands
-    local rest = n > 1 and redis.call('RPOP', KEYS[i], n - 1)
+    -- the first job moved, both keys are lists: the rest of the batch in two commands.
+    -- (pcall: the move may have emptied the queue, and while a Redis Cluster slot
+    -- migrates a key gone is "non local" to a script: an error after the move, which
+    -- would leave that job in our list unreported.  An empty queue is all it means.)
+    local rest = n > 1 and redis.pcall('RPOP', KEYS[i], n - 1)
+    if type(rest) == 'table' and rest.err then rest = false end
     if rest then
       redis.call('LPUSH', KEYS[i + 1], unpack(rest))
       table.insert(rest, 1, jobs)
