@@ -180,8 +180,10 @@ def test_a_waiter_reads_blmove_replies_itself(r, keys, size):
     try:
         assert q.block_reserve(conn, "default", 0.1) is None          # nil, after a wait
         raw = os.urandom(size)
+        r.hset(keys.crashes_of("default"), sha1(raw).hexdigest(), 2)  # (its crash count)
         r.lpush(keys.queue("default"), raw)
         got = q.block_reserve(conn, "default", 1.0)
+        assert got.crashes == 2   # found by the whole job's hash, not its head's
         assert r.lrange(keys.processing("w", "default"), 0, -1) == [raw]
         if size <= q.head_over:
             assert got.raw == raw and got.raw.__class__ is bytes
