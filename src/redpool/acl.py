@@ -62,6 +62,7 @@ WORKER_DIRECT = ("blmove", "exists", "hget", "info", "lrange", "scan", "set", "s
                  "lpush", "expire", "lrem",  # these three: cluster.py's deliver()
                  "wait", "cluster|nodes")  # --durable-results (durable.py)
 WORKER_IN_SCRIPTS = ("del", "exists", "expire", "hdel", "hget", "hincrby", "hset", "lmove",
+                     "lindex", "llen",  # (lua/_by_hash.lua: a job named by its hash)
                      "lpos", "lpush", "lrem", "lrange", "ltrim", "pexpire", "pttl", "rpop",
                      "rpush", "sadd", "set", "srem", "time", "type", "zadd", "zrange",
                      "zrangebyscore", "zrem")

@@ -133,13 +133,22 @@ def encode_many(dones: list[bytes]) -> bytes:
         LENGTH.pack(len(d)) + d for d in dones)
 
 
+#: Parts of an answer up to this size are copied out as bytes; a larger one (a big
+#: result) stays a view into the message, which goes to Redis as it is (redis-py writes
+#: a memoryview without copying it): the supervisor holds one copy of it, not three.
+VIEW_OVER = 65536
+
+
 def split_many(msg: bytes):
+    """The D messages of an M message: views into it, not copies (an answer may be
+    megabytes)."""
     (count,) = BATCH_HEADER.unpack_from(msg, 1)
     o = 1 + BATCH_HEADER.size
+    view = memoryview(msg)
     for _ in range(count):
         (n,) = LENGTH.unpack_from(msg, o)
         o += LENGTH.size
-        yield msg[o:o + n]
+        yield view[o:o + n] if n > VIEW_OVER else msg[o:o + n]
         o += n
 
 
@@ -149,14 +158,26 @@ def decode_returned(msg: bytes) -> list[int]:
     return [LENGTH.unpack_from(msg, o + LENGTH.size * i)[0] for i in range(count)]
 
 
-def decode_done(msg: bytes) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
+def decode_done(msg, views: bool = False) -> tuple[dict, bytes | None, bytes | None, bytes | None]:
+    """(meta, envelope, dead-letter entry, retry) of a D message (bytes, a bytearray or
+    a view): each part bytes, or None if empty; ``views``: a part over VIEW_OVER is a
+    memoryview into ``msg`` instead (the supervisor's way: no copy)."""
     lm, le, ld, lr = DONE_HEADER.unpack_from(msg, 1)
     o = 1 + DONE_HEADER.size
-    meta = p.loads(msg[o:o + lm])
+    if msg.__class__ is bytes and (not views or len(msg) <= VIEW_OVER):  # (the usual: small)
+        meta = p.loads(msg[o:o + lm])
+        o += lm
+        return (meta, msg[o:o + le] or None, msg[o + le:o + le + ld] or None,
+                msg[o + le + ld:o + le + ld + lr] or None)
+    view = memoryview(msg)
+    meta = p.loads(bytes(view[o:o + lm]))
     o += lm
-    env = msg[o:o + le] or None
-    dead = msg[o + le:o + le + ld] or None
-    retry = msg[o + le + ld:o + le + ld + lr] or None
+    parts = []
+    for n in (le, ld, lr):
+        parts.append(None if not n else view[o:o + n] if views and n > VIEW_OVER
+                     else bytes(view[o:o + n]))
+        o += n
+    env, dead, retry = parts
     return meta, env, dead, retry
 
 

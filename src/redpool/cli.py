@@ -253,6 +253,7 @@ def _run_worker(cfg: config.WorkerConfig, inbox,
     from .systemd import notify_systemd
     from .urls import redact_url
     from .waiter import Waiter
+    from . import oversized
 
     if not cfg.modules:
         raise ConfigError("name the modules that define your tasks, e.g. "
@@ -291,6 +292,7 @@ def _run_worker(cfg: config.WorkerConfig, inbox,
     else:
         rq = RedisQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max)
         lease, reaper = Lease(r, keys, cfg.name), Reaper(r, keys, cfg.name)
+    rq.head_over = oversized.limit(cfg.max_payload)  # (longer jobs: refused unread)
     pool = ProcessPool(cfg.concurrency, cfg.modules, cfg.name, cfg.max_payload, cfg.namespace,
                        cfg.child_defaults(), max_result_size=cfg.max_result_size)
     waiter = None if cfg.burst else Waiter(

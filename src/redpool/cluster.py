@@ -45,7 +45,8 @@ from .lease import Lease, Reaper
 from .nodes import deliver, lost_reply, rerun_unknown, send_by_node, write_answers
 from .protocol import Keys
 from .keytypes import pairs
-from .queue import MAX_RESERVE, Completion, RedisQueue, Reserved, crash_info, load_script
+from .oversized import Oversized
+from .queue import Completion, RedisQueue, Reserved, crash_info, load_script
 
 
 class ClusterQueue(RedisQueue):
@@ -95,7 +96,7 @@ class ClusterQueue(RedisQueue):
         queues = self._active  # (as the keys were given: a report below may change it)
         if n > 0 and queues:
             calls.append((self._reserve, self._queue_keys[queues[0]],
-                          [min(n, MAX_RESERVE), epoch]))
+                          self._reserve_args(n, epoch)))
         try:
             replies = self._scripts(calls, [])
         except BaseException:
@@ -124,7 +125,7 @@ class ClusterQueue(RedisQueue):
                     break
                 if q != queues[0]:  # (send_by_node: a slot moving is followed)
                     flat = self._scripts([(self._reserve, self._queue_keys[q],
-                                           [min(n, MAX_RESERVE), epoch])], [])[0]
+                                           self._reserve_args(n, epoch))], [])[0]
                     self.suspect = self.suspect or lost_reply(flat)  # see RedisQueue.suspect
                 if isinstance(flat, Exception):
                     errors.append(flat)
@@ -230,8 +231,10 @@ class ClusterQueue(RedisQueue):
             answer = b""
             if c.envelope is not None and (c.result_id or c.reply_to):
                 answer = json.dumps([self.keys.result(c.result_id) if c.result_id else "",
-                                     c.ttl, c.reply_to or "", c.envelope.decode()])
-            args += [c.raw, answer, c.dead or b"", c.retry or b"", int(c.retry_delay * 1000)]
+                                     c.ttl, c.reply_to or "", str(c.envelope, "utf-8")])
+            big = c.raw.__class__ is Oversized  # named by hash (lua/_by_hash.lua)
+            args += [c.raw.name if big else c.raw, answer, c.dead or b"", c.retry or b"",
+                     -1 if big else int(c.retry_delay * 1000)]
         return args
 
     def requeue(self, items: list[tuple[str, bytes]]) -> int:

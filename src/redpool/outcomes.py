@@ -17,6 +17,7 @@ import redis
 from . import protocol as p
 from .pool import BootFailed, Died, Done, Ready, Returned, Started
 from .child import decode_done
+from .oversized import Oversized, refusal
 from .queue import Completion
 from .work import Work
 
@@ -41,7 +42,7 @@ def job_names(raw: bytes) -> dict:
 def answer_of(work: Work, msg: bytes) -> tuple[dict, Completion]:
     """A child's answer (MSG_DONE) for ``work``: the job_finished event's fields and the
     completion to acknowledge (which refuses what no script call could carry)."""
-    meta, env, dead, retry = decode_done(msg)
+    meta, env, dead, retry = decode_done(msg, views=True)
     done = Completion(work.queue, work.raw, meta["result_id"], meta["ttl"], meta["reply_to"],
                       env, dead, retry, meta.get("retry_delay", 0.0))
     if meta["status"] not in (p.SUCCEEDED, p.FAILED, "retrying") \
@@ -260,6 +261,19 @@ class ChildEvents:
         self.hooks.emit("internal_error", during=during, queue=work.queue, error=why,
                         **job_names(work.raw), note="a bug in redpool: the job was failed and "
                         "dead-lettered, and the worker carries on")
+
+    def refuse(self, queue: str, job: Oversized, crashes: int) -> None:
+        """A job far over --max-payload, of which we hold only its head: answered and
+        dead-lettered here, never handed to a child (oversized.py)."""
+        try:
+            meta, done = refusal(job, queue, crashes, self.cfg)
+        except ValueError:  # (an id or reply_to no key can be named by: answered by none)
+            meta, done = refusal(job, queue, crashes, self.cfg, answer=False)
+        self.pending.append(done)
+        self.answer_now = True  # (found in an exchange, after it sent what was pending)
+        self.stats["failed"] += 1
+        self.stats["dead"] += 1
+        self.hooks.emit("job_finished", queue=queue, **meta, dead=True)
 
     def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool,
                started_at: float | None, ran: float | None = None) -> None:

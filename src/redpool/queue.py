@@ -21,9 +21,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import dataset
+from .oversized import Oversized, blmove, from_raw, from_reply
 from .keys import crash_started
 from .keytypes import Holding, KeyMap, Unusable, culprit, pairs
-from .protocol import MAX_RESULT_TTL, Keys, unpaired_surrogate
+from .protocol import DEAD_JOB_KEPT, MAX_RESULT_TTL, Keys, unpaired_surrogate
 
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
 #: producer waiting on it must still get its answer.
@@ -80,7 +81,9 @@ class Completion:
     result_id: str | None       # None: no result key (no id of the producer's, or ttl 0)
     ttl: int
     reply_to: str | None
-    envelope: bytes | None      # None: nobody to answer (no id, no reply_to)
+    envelope: bytes | None      # None: nobody to answer (no id, no reply_to).  This,
+    #                             dead and retry may be memoryviews of a child's answer
+    #                             when large (child.decode_done): sent as they are
     dead: bytes | None = None   # a dead-letter entry, when the job could not run
     retry: bytes | None = None  # the next attempt, scheduled instead of a result
     retry_delay: float = 0.0    # seconds until it is due
@@ -103,9 +106,13 @@ class Completion:
 @dataclass(slots=True)
 class Reserved:
     queue: str
-    raw: bytes
+    raw: bytes                  # or an Oversized head: a job over the limit (oversized.py)
     crashes: int = 0            # earlier deliveries of it that ended in a crash
     crashed_at: float | None = None   # when the last of those started (unix seconds)
+
+    def __post_init__(self) -> None:
+        if self.raw.__class__ is list:  # reserve.lua's {length, head, sha1}
+            self.raw = from_reply(self.raw)
 
 
 def crash_info(reply) -> tuple[int, float | None]:
@@ -126,6 +133,9 @@ class RedisQueue(Holding, dataset.Markers):
         self.name = name
         self.queues = list(queues)
         self.dead_max = dead_max
+        #: A job longer than this is reserved as its head (oversized.py); 0: never.  Set
+        #: by the caller that knows --max-payload (oversized.limit()).
+        self.head_over = 0
         self._proc = {q: keys.processing(name, q) for q in self.queues}
         self.crashes_exist = True  # until a reserve says otherwise
         self._own_prefix = f"{keys.ns}:"
@@ -173,7 +183,7 @@ class RedisQueue(Holding, dataset.Markers):
         if done:
             calls.append((self._complete, *self._complete_args(done)))
         if n > 0:
-            calls.append((self._reserve, self._reserve_keys, [min(n, MAX_RESERVE), epoch]))
+            calls.append((self._reserve, self._reserve_keys, self._reserve_args(n, epoch)))
         qs = self._active  # (as the keys were given: a report below may change it)
         replies = self._evalsha_pipeline(calls)
         if hold is not None:
@@ -200,9 +210,18 @@ class RedisQueue(Holding, dataset.Markers):
                        for i in range(first, len(flat), 3)]
         return missing, skipped, got
 
+    def _reserve_args(self, n: int, epoch: str) -> list:
+        """reserve.lua's arguments (cluster.py's too)."""
+        if not self.head_over:
+            return [min(n, MAX_RESERVE), epoch]
+        return [min(n, MAX_RESERVE), epoch, self.head_over, DEAD_JOB_KEPT]
+
     def block_reserve(self, conn: redis.Redis, queue: str, timeout: float) -> Reserved | None:
         """Wait in Redis (no polling) for one job on ``queue``; moved atomically."""
         raw = self._blmove(conn, queue, timeout)
+        if raw is not None and self.head_over and len(raw) > self.head_over \
+                and raw.__class__ is not Oversized:
+            raw = from_raw(raw)   # (held as its head only, as reserve.lua returns it)
         if raw is None:
             return None
         # reserve.lua reads the crash count in the same script; BLMOVE cannot, so ask
@@ -211,7 +230,7 @@ class RedisQueue(Holding, dataset.Markers):
         # lives in Redis, and crashed.lua judges poison pills by it.
         if not self.crashes_exist:
             return Reserved(queue, raw, 0)
-        sha = hashlib.sha1(raw).hexdigest()
+        sha = raw.sha if raw.__class__ is Oversized else hashlib.sha1(raw).hexdigest()
         try:
             crashes = int(conn.hget(self.keys.crashes_of(queue), sha) or 0)
             if not crashes:
@@ -222,6 +241,9 @@ class RedisQueue(Holding, dataset.Markers):
         return Reserved(queue, raw, crashes, float(started) if started else None)
 
     def _blmove(self, conn: redis.Redis, queue: str, timeout: float) -> bytes | None:
+        if self.head_over:  # (its reply read by us: a job over the limit is never held whole)
+            return blmove(conn, self.keys.queue(queue), self._proc_key(queue), timeout,
+                          self.head_over)
         return conn.blmove(self.keys.queue(queue), self._proc_key(queue), timeout, "RIGHT", "LEFT")
 
     def complete(self, items: Iterable[Completion]) -> tuple[int, int]:
@@ -292,8 +314,10 @@ class RedisQueue(Holding, dataset.Markers):
             keys += [self._proc_key(c.queue),
                      self.keys.result(c.result_id) if c.result_id and c.envelope else "",
                      self.keys.scheduled(c.queue) if c.retry else ""]
-            args += [c.raw, c.ttl, c.envelope or b"", c.dead or b"", c.retry or b"",
-                     int(c.retry_delay * 1000), c.reply_to if c.reply_to and c.envelope else ""]
+            big = c.raw.__class__ is Oversized  # named by hash (lua/_by_hash.lua)
+            args += [c.raw.name if big else c.raw, c.ttl, c.envelope or b"", c.dead or b"",
+                     c.retry or b"", -1 if big else int(c.retry_delay * 1000),
+                     c.reply_to if c.reply_to and c.envelope else ""]
         return keys, args
 
     def requeue(self, items: list[tuple[str, bytes]]) -> int:

@@ -31,7 +31,7 @@ from .lifecycle import DRAINING, RUNNING, STOPPED, Lifecycle
 from .outcomes import ChildEvents, job_names
 from .poller import Poller
 from .pool import ProcessPool
-from .queue import Completion, RedisQueue, Reserved
+from .queue import Completion, Oversized, RedisQueue, Reserved
 from .signals import SignalInbox
 from .waiter import Waiter
 from .work import Work
@@ -86,6 +86,7 @@ class Supervisor(ChildEvents, Lifecycle):
         self.reloading = False                     # SIGHUP: a new generation is taking over
         self.woken = False                         # this tick, the waiters brought jobs
         self.gave_back = False                     # a child gave back jobs; it still runs long
+        self.answer_now = False                    # refused unread: acknowledge next tick
         self.stats = {"succeeded": 0, "failed": 0, "retrying": 0, "dead": 0, "crashed": 0,
                       "timed_out": 0, "requeued": 0}
         # job_started (debug) costs a decode of every job, which the loop otherwise never
@@ -123,6 +124,8 @@ class Supervisor(ChildEvents, Lifecycle):
         return objs
 
     def wait_timeout(self, now: float) -> float:
+        if self.answer_now:  # (a job refused in an exchange: its answer goes at once)
+            return 0.0
         deadlines = [self.duties.next_due(now)]
         if self.state == DRAINING:
             deadlines.append(self.drain_deadline)
@@ -173,6 +176,7 @@ class Supervisor(ChildEvents, Lifecycle):
 
     def flush(self, now: float) -> None:
         """Acknowledge every finished job in one round trip."""
+        self.answer_now = False
         if not (self.pending or self.rq.unsent) or not self.duties.redis_ready(now):
             return
         try:
@@ -278,6 +282,7 @@ class Supervisor(ChildEvents, Lifecycle):
     def exchange(self, now: float) -> None:
         """Acknowledge what finished and reserve more in one round trip; when the
         queues run dry, let the waiters block in Redis for the next job."""
+        self.answer_now = False
         if self.ack_can_wait(now):
             return
         if self.woken and len(self.rq.queues) == 1 and not self.pending \
@@ -312,7 +317,7 @@ class Supervisor(ChildEvents, Lifecycle):
                 self.duties.lease_lost(now, "reserve")
             return
         # held before redis_ok(): after an outage it reconciles, and must see these as ours
-        self.backlog.extend(self.admit(r) for r in got)
+        self.hold(got)
         self.duties.redis_ok(now, "exchange")
         self.dispatch()
         if n <= 0:
@@ -362,7 +367,16 @@ class Supervisor(ChildEvents, Lifecycle):
                 if self.put_back[(r.queue, r.raw)] > 0:
                     self.put_back[(r.queue, r.raw)] -= 1
                     self.stats["requeued"] -= 1
-        self.backlog.extend(self.admit(r) for r in taken)
+        self.hold(taken)
+
+    def hold(self, got: list[Reserved]) -> None:
+        """Hold reserved jobs to run; a job far over --max-payload (of which we have only
+        its head) is answered at once instead, without a child (oversized.py)."""
+        for r in got:
+            if r.raw.__class__ is Oversized:
+                self.refuse(r.queue, r.raw, r.crashes)
+            else:
+                self.backlog.append(self.admit(r))
 
     def admit(self, r: Reserved) -> Work:
         """A reserved job, or a poison pill: one whose host or process died running it
@@ -399,4 +413,9 @@ class Supervisor(ChildEvents, Lifecycle):
         held.update((w.queue, w.raw) for w in self.inflight.values())
         held.update((c.queue, c.raw) for c in self.pending)
         held.update(self.rq.holding())  # (completions a key of the wrong type holds back)
+        # Not a job known by its head only (oversized.py): only Redis has it whole, and
+        # must never be given the head for it.  Reconciling puts it back to be reserved
+        # again; its completion then finds it gone, and writes nothing.
+        for k in [k for k in held if k[1].__class__ is Oversized]:
+            del held[k]
         return held

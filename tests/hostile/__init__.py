@@ -8,7 +8,5 @@ invariants of invariants.py.
 A case that fails for want of a fix is a strict xfail naming its class (invariants.waiting):
 when the fix lands the case XPASSes, which strict xfail reports as a failure, and the
 marker goes.  Every class the issue named is fixed; what is still marked is a class the
-suite found beyond it, not fixed yet (a job far over --max-payload is read whole; a
-result under --max-result-size is copied a few times on its way to Redis; a task can
-SIGTERM its own supervisor).
+suite found beyond it, not fixed yet (a task can SIGTERM its own supervisor).
 """

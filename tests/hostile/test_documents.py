@@ -100,11 +100,7 @@ CASES = {
 }
 
 
-XFAIL = {
-    "16 MB, far over --max-payload": waiting(
-        "§1", "a job far over --max-payload is still read whole, piped to a pool process and "
-        "parsed: the supervisor peaks at ~10 times its size", None),
-}
+XFAIL: dict = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=XFAIL.get(n, ())) for n in CASES])

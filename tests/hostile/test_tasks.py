@@ -79,11 +79,8 @@ TASKS = {
 }
 
 
-XFAIL = {
-    "returns 10 MB": waiting("§2", "a 10 MB result (under the default --max-result-size of 16 "
-                             "MiB) still takes the supervisor ~50 MB over its start: the answer "
-                             "is copied on its way to Redis", None),
-}
+# Known failures, each marked waiting("§n", why, None); none today.
+XFAIL: dict = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=XFAIL.get(n, ())) for n in TASKS])

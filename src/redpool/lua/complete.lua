@@ -25,7 +25,9 @@
 --   ARGV[a+3]      the envelope JSON, or ""
 --   ARGV[a+4]      the dead-letter entry JSON, or ""
 --   ARGV[a+5]      the next attempt's raw job, or ""
---   ARGV[a+6]      its delay in milliseconds (due = Redis server time + delay)
+--   ARGV[a+6]      its delay in milliseconds (due = Redis server time + delay); -1: the
+--                  job is too large for the supervisor to have read it (oversized.py),
+--                  and ARGV[a+1] names it as "<sha1hex> <length>" (lua/_by_hash.lua)
 --   ARGV[a+7]      the reply_to list, or "" (LPUSH, then EXPIRE unless that would
 --                  shorten its TTL).  A key the producer
 --                  chose, passed as an argument rather than a key on purpose: the
@@ -45,6 +47,7 @@
 -- (it stays in its processing list), and the others of the batch are acknowledged.
 -- Crash counts are dropped with a pcall (a key of another type holds none to drop).
 local dead_cap = tonumber(ARGV[1])
+--#include _by_hash
 local reply_default_ttl = tonumber(ARGV[2])
 local own, replies = ARGV[3], ARGV[4]
 --#include _reply_ttl
@@ -77,8 +80,14 @@ for j = 1, jobs do
     if t ~= 'none' and t ~= 'zset' then held = {KEYS[o + 3], t} end
   end
   local removed = 0
-  if not held then
-    removed = redis.pcall('LREM', KEYS[o + 1], -1, raw)
+  if not held and ARGV[a + 6] == '-1' then  -- named by its hash: find it
+    raw = by_hash(KEYS[o + 1], raw)
+    if not raw then held = false end  -- (not there: counted as missing below)
+  end
+  if held == false then
+    held = nil
+  elseif not held then
+    removed = type(raw) == 'table' and raw or redis.pcall('LREM', KEYS[o + 1], -1, raw)
     if type(removed) == 'table' then  -- WRONGTYPE: our processing list is not a list
       held = {KEYS[o + 1], redis.call('TYPE', KEYS[o + 1])['ok']}
     end

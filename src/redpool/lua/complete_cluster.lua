@@ -24,7 +24,9 @@
 --   ARGV[a+2]  the outbox entry (JSON [result key, ttl, reply_to, envelope]), or ""
 --   ARGV[a+3]  the dead-letter entry JSON, or ""
 --   ARGV[a+4]  the next attempt's raw job, or ""
---   ARGV[a+5]  its delay in milliseconds (due = Redis server time + delay)
+--   ARGV[a+5]  its delay in milliseconds (due = Redis server time + delay); -1: the job
+--              is too large for the supervisor to have read it (oversized.py), and
+--              ARGV[a+1] names it as "<sha1hex> <length>" (lua/_by_hash.lua)
 -- Returns      {jobs no longer in the processing list, the entries this call pushed
 --              onto the outbox (older ones a failed write left there are cluster.py's
 --              housekeeping's, so that a node away does not make every call heavier),
@@ -41,6 +43,7 @@ local function wrong(key, want)  -- (lua/_check.lua's)
   local t = redis.call('TYPE', key)['ok']
   return t ~= 'none' and t ~= want and t
 end
+--#include _by_hash
 local counted = redis.call('EXISTS', KEYS[4]) == 1
 local now_ms = nil
 local missing = 0
@@ -72,8 +75,14 @@ for a = 2 + delivered, #ARGV - 1, 5 do
     if sched_bad then held = {KEYS[5], sched_bad} end
   end
   local removed = 0
-  if not held and proc_left ~= 0 then
-    removed = redis.pcall('LREM', KEYS[1], -1, raw)
+  if not held and proc_left ~= 0 and ARGV[a + 5] == '-1' then  -- named by its hash: find it
+    raw = by_hash(KEYS[1], raw)
+    if not raw then held = false end  -- (not there: counted as missing below)
+  end
+  if held == false then
+    held = nil
+  elseif not held and proc_left ~= 0 then
+    removed = type(raw) == 'table' and raw or redis.pcall('LREM', KEYS[1], -1, raw)
     if type(removed) == 'table' then  -- WRONGTYPE: our processing list is not a list
       held = {KEYS[1], redis.call('TYPE', KEYS[1])['ok']}
     elseif proc_left then

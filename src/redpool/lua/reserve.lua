@@ -19,6 +19,13 @@
 --   KEYS[2i+2] <ns>:processing:<supervisor>:<name_i>   (list; this supervisor's)
 -- ARGV[1]      N, the most jobs to take (at most a few thousand: unpack() limit)
 -- ARGV[2]      our lease epoch
+-- ARGV[3]      optional: a job longer than this many bytes (far over --max-payload) is
+--              not returned whole but as {length, its first ARGV[4] bytes, sha1hex,
+--              its last ARGV[4] bytes (where reply_to may be)}: the
+--              supervisor refuses it from that (oversized.py) and names it by hash when
+--              it completes it, so its bytes never leave Redis (it stays whole in the
+--              processing list meanwhile, as any job: a crash loses nothing)
+-- ARGV[4]      the bytes kept of such a job (protocol.DEAD_JOB_KEPT)
 -- Returns      {1, counted, i, job, crashes, i, job, crashes, ...} (counted: 1 if any
 --              job has a crash count at all; i: 1-based queue index; oldest job
 --              first), or {0} when our lease is lost.  For a job that crashed before,
@@ -42,6 +49,7 @@ if epoch ~= ARGV[2] then
   return {0}
 end
 local n = tonumber(ARGV[1])
+local over, head = tonumber(ARGV[3]), tonumber(ARGV[4])
 local crash_type = redis.call('TYPE', KEYS[2])['ok']
 local counted = crash_type == 'hash'
 if not counted and crash_type ~= 'none' then
@@ -79,12 +87,17 @@ for i = 3, #KEYS, 2 do
     end
     for _, job in ipairs(jobs) do
       local crashes = 0
+      local sha = nil
       if counted then
-        local sha = redis.sha1hex(job)
+        sha = redis.sha1hex(job)
         crashes = tonumber(redis.call('HGET', KEYS[2], sha) or 0)
         if crashes > 0 then
           crashes = {crashes, redis.call('HGET', KEYS[2], sha .. ':started') or ''}
         end
+      end
+      if over and #job > over then
+        job = {#job, string.sub(job, 1, head), sha or redis.sha1hex(job),
+               string.sub(job, -head)}
       end
       out[#out + 1] = (i - 1) / 2
       out[#out + 1] = job

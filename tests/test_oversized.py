@@ -1,0 +1,201 @@
+"""Jobs far over --max-payload (oversized.py): answered PayloadTooLarge and dead-lettered
+with their head, on one server and on a Redis Cluster, without the supervisor ever
+holding them whole; a supervisor that dies with one reserved leaves it whole in Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from hashlib import sha1
+
+import pytest
+import redis
+
+from helpers import wait_for
+from hostile.invariants import vm_kib
+from redpool import protocol as p
+from redpool.lease import Lease
+from redpool.oversized import (Oversized, from_raw, head_fields, known_fields, limit,
+                                refusal, tail_members)
+from redpool.queue import RedisQueue
+
+MAX_PAYLOAD = 100_000
+BIG = 3 * 1024 * 1024
+
+
+def big_job(label: str, reply_to: str) -> bytes:
+    return json.dumps({"id": label, "reply_to": reply_to, "task": "jobs.echo",
+                       "args": ["z" * BIG]}).encode()
+
+
+def test_head_fields_reads_the_members_whole_within_the_head():
+    head = b'\xef\xbb\xbf {"id": "a1", "reply_to":"ns:reply:a1", "result_ttl": 5, "args": ["zz'
+    assert head_fields(head) == {"id": "a1", "reply_to": "ns:reply:a1", "result_ttl": 5}
+    assert head_fields(b'{"task":"t","id":"x') == {"task": "t"}   # the id is cut off
+    assert head_fields(b'[1, 2') == {} and head_fields(b'') == {}
+    assert head_fields(b'{"x":' + b"[" * 5000) == {}              # too deep: nothing, no error
+
+
+def test_tail_members_reads_the_top_level_members_after_the_last_nested_value():
+    tail = b'zz"], "kwargs": {"a": 1, "b": 2}, "enqueued_at": 1.5, "reply_to": "r", "v": 1}\n'
+    assert tail_members(tail) == {"enqueued_at": 1.5, "reply_to": "r", "v": 1}
+    # a member of a nested object is not the job's
+    assert tail_members(b'zz", "args": [{"k": 1, "reply_to": "evil"}]}') == {}
+    assert tail_members(b'zz", "x": {"k": 1, "reply_to": "evil"}}') == {}
+    # a string ending in a comma is no member's start
+    assert tail_members(b'"a,", "b"], "id": "j"}') == {"id": "j"}
+    assert tail_members(b"") == {} and tail_members(b"zzzz") == {}
+
+
+def test_known_fields_of_a_job_as_redpool_writes_it():
+    raw = p.encode_job(p.make_job("t.echo", ["z" * BIG], id="j1", reply_to="ns:reply:j1",
+                                  result_ttl=60))
+    job = from_raw(raw)
+    assert known_fields(job) == {"job_id": "j1", "task": "t.echo", "reply_to": "ns:reply:j1",
+                                 "result_ttl": 60, "enqueued_at": json.loads(raw)["enqueued_at"]}
+
+
+def answered(r, reply_to: str, timeout: float = 60.0) -> dict:
+    item = r.brpop(reply_to, timeout=timeout)
+    assert item is not None, "no answer"
+    return json.loads(item[1])
+
+
+def check_refused(env: dict, dead: list[bytes], raw: bytes, label: str) -> None:
+    assert env["status"] == "failed" and env["id"] == label
+    assert env["error"]["type"] == p.E_PAYLOAD_TOO_LARGE and env["started_at"] is None
+    entries = [json.loads(e) for e in dead]
+    mine = [e for e in entries if e.get("id") == label]
+    assert len(mine) == 1, entries
+    e = mine[0]
+    assert e["job_size"] == len(raw) and raw.startswith(e["job"].encode())
+    assert len(e["job"]) == p.DEAD_JOB_KEPT and e["error_type"] == p.E_PAYLOAD_TOO_LARGE
+
+
+@pytest.mark.daemon
+@pytest.mark.parametrize("path", ["waiter", "reserve"])
+def test_an_oversized_job_is_answered_and_dead_lettered_unread(daemons, r, keys, path):
+    d = daemons("--max-payload", str(MAX_PAYLOAD), "--concurrency", "1")
+    d.wait_started()
+    base = vm_kib(d.pid)["VmHWM"]
+    reply = keys.reply("big")
+    raw = big_job("big", reply)
+    if path == "reserve":
+        # behind a plain job: the waiter brings that one, reserve.lua the big one
+        r.lpush(keys.queue("default"), raw, json.dumps({"task": "jobs.echo", "args": [1]}))
+    else:
+        r.lpush(keys.queue("default"), raw)
+    env = answered(r, reply)
+    check_refused(env, r.lrange(keys.dead, 0, -1), raw, "big")
+    wait_for(lambda: not any(r.llen(k) for k in r.scan_iter(match=f"{keys.ns}:processing:*")),
+             timeout=30, what="its processing list to empty")
+    grew = vm_kib(d.pid)["VmHWM"] - base
+    print(f"supervisor peak +{grew} KiB for a job of {len(raw)} bytes ({path})")
+    assert grew * 1024 < len(raw), "the supervisor held the job whole"
+
+
+@pytest.mark.daemon
+def test_an_oversized_job_alone_is_answered_at_once_in_burst_mode(daemons, r, keys):
+    # Given only an oversized job queued (no waiter: --burst reserves with reserve.lua)
+    reply = keys.reply("alone")
+    raw = big_job("alone", reply)
+    r.lpush(keys.queue("default"), raw)
+    # When a --burst worker starts, it answers it and stops (the queue is then empty)
+    d = daemons("--max-payload", str(MAX_PAYLOAD), "--concurrency", "1", "--burst")
+    assert d.wait(60) == 0, d.log()
+    check_refused(answered(r, reply, timeout=5), r.lrange(keys.dead, 0, -1), raw, "alone")
+
+
+@pytest.mark.daemon
+@pytest.mark.parametrize("path", ["waiter", "burst"])
+def test_an_oversized_job_on_a_cluster(cluster_daemons, rc, cluster_keys, path):
+    k = cluster_keys
+    reply = k.reply("bigc")
+    raw = big_job("bigc", reply)
+    if path == "burst":   # reserve.lua, then complete_cluster.lua by hash
+        rc.lpush(k.queue("default"), raw)
+        d = cluster_daemons("--max-payload", str(MAX_PAYLOAD), "--concurrency", "1", "--burst")
+        assert d.wait(90) == 0, d.log()
+    else:                 # the waiter's BLMOVE (redis-py reads it: see oversized.py)
+        d = cluster_daemons("--max-payload", str(MAX_PAYLOAD), "--concurrency", "1")
+        d.wait_started()
+        base = vm_kib(d.pid)["VmHWM"]
+        rc.lpush(k.queue("default"), raw)
+    env = answered(rc, reply)
+    check_refused(env, rc.lrange(k.dead_of("default"), 0, -1), raw, "bigc")
+    if path == "waiter":   # (measured, not asserted: redis-py reads the element whole)
+        print(f"cluster supervisor peak +{vm_kib(d.pid)['VmHWM'] - base} KiB for a job of "
+              f"{len(raw)} bytes (waiter)")
+    assert not rc.llen(k.processing("w1", "default"))   # (helpers.Daemon's default name)
+
+
+def test_a_supervisor_dying_with_one_reserved_leaves_it_whole(r, keys, daemons):
+    # Given a supervisor that reserved an oversized job (its head only) and died
+    lease = Lease(r, keys, "gone")
+    lease.register({"name": "gone", "host": socket.gethostname(), "pid": 999_999_999,
+                    "version": "test"}, lease=1.0)
+    q = RedisQueue(r, keys, "gone", ["default"])
+    q.head_over = limit(MAX_PAYLOAD)
+    reply = keys.reply("crash")
+    raw = big_job("crash", reply)
+    r.lpush(keys.queue("default"), raw)
+    [got] = q.reserve(5, lease.epoch)
+    assert isinstance(got.raw, Oversized) and len(got.raw) == p.DEAD_JOB_KEPT
+    assert got.raw.size == len(raw) and raw.startswith(got.raw)
+    assert got.raw.tail == raw[-p.DEAD_JOB_KEPT:] and got.raw.sha == sha1(raw).hexdigest()
+    # Then the job is in its processing list, whole, byte for byte
+    assert r.lrange(keys.processing("gone", "default"), 0, -1) == [raw]
+    # and a completion naming another job by hash removes nothing
+    from redpool.config import WorkerConfig
+    other = Oversized(bytes(got.raw))
+    other.size, other.sha = got.raw.size, "0" * 40
+    _, done = refusal(other, "default", 0, WorkerConfig(max_payload=MAX_PAYLOAD))
+    assert q.complete([done]) == (1, 0) and r.llen(keys.processing("gone", "default")) == 1
+    # When a live worker's reaper finds it (its lease expired), it is answered once
+    d = daemons("--max-payload", str(MAX_PAYLOAD), "--concurrency", "1")
+    env = answered(r, reply)
+    check_refused(env, r.lrange(keys.dead, 0, -1), raw, "crash")
+    assert not r.exists(keys.processing("gone", "default"))
+    d.kill()
+
+
+@pytest.mark.parametrize("size", [0, 1, 65535, 65536, 65537, 200_000, 1_000_000])
+def test_a_waiter_reads_blmove_replies_itself(r, keys, size):
+    """oversized.blmove: BLMOVE's reply read from the socket by us.  An element up to
+    the limit comes back byte for byte; a longer one as its head, length and SHA-1,
+    while the element itself moves whole; nil and errors as redis-py gives them."""
+    import hashlib
+
+    from redpool.queue import connect
+
+    lease = Lease(r, keys, "w")
+    lease.register({"name": "w", "host": socket.gethostname(), "pid": os.getpid(),
+                    "version": "test"}, lease=15.0)
+    q = RedisQueue(r, keys, "w", ["default"])
+    q.head_over = 100_000
+    conn = connect(r.connection_pool.connection_kwargs and
+                   f"redis://{r.connection_pool.connection_kwargs['host']}:"
+                   f"{r.connection_pool.connection_kwargs['port']}/0", blocking_timeout=0.2)
+    try:
+        assert q.block_reserve(conn, "default", 0.1) is None          # nil, after a wait
+        raw = os.urandom(size)
+        r.hset(keys.crashes_of("default"), sha1(raw).hexdigest(), 2)  # (its crash count)
+        r.lpush(keys.queue("default"), raw)
+        got = q.block_reserve(conn, "default", 1.0)
+        assert got.crashes == 2   # found by the whole job's hash, not its head's
+        assert r.lrange(keys.processing("w", "default"), 0, -1) == [raw]
+        if size <= q.head_over:
+            assert got.raw == raw and got.raw.__class__ is bytes
+        else:
+            assert isinstance(got.raw, Oversized) and got.raw == raw[:p.DEAD_JOB_KEPT]
+            assert got.raw.size == size and got.raw.sha == hashlib.sha1(raw).hexdigest()
+            assert got.raw.tail == raw[-p.DEAD_JOB_KEPT:]
+        assert conn.ping()                                            # still in step
+        r.delete(keys.queue("default"))
+        r.set(keys.queue("default"), "not a list")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            q.block_reserve(conn, "default", 0.1)
+        assert conn.ping()
+    finally:
+        conn.close()
