@@ -162,11 +162,10 @@ class ClusterQueue(RedisQueue):
             return missing, skipped, None
         return missing, skipped, got
 
-    def _node(self, q: str, client=None):
-        """The node of queue ``q``'s slot, as the slot map of ``client`` (ours by
-        default) says (None: none)."""
+    def _node(self, q: str):
+        """The node of queue ``q``'s slot, as our slot map says (None: none)."""
         try:
-            return (client or self.r).get_node_from_key(self.keys.queue(q))
+            return self.r.get_node_from_key(self.keys.queue(q))
         except Exception:  # (a slot the map does not cover: redis-py raises its own)
             return None
 
@@ -185,16 +184,14 @@ class ClusterQueue(RedisQueue):
     def partial(self) -> bool:
         return bool(self.breaker.open_nodes)
 
-    def node_hangs(self, queue: str, error: BaseException | None = None,
-                   client=None) -> bool:
-        """For the waiter: its BLMOVE timing out (on ``client``, its own) opens the
-        breaker of the node it went to, and may still run when the node wakes (a
-        reconcile then, ``suspect``).  Unless our slot map has moved the queue since
-        (a failover): then the waiter, connecting anew, learns it too."""
+    def node_hangs(self, queue: str, error: BaseException | None = None) -> bool:
+        """For the waiter: its BLMOVE timing out opens the breaker of the node it went
+        to (send_by_node names it), and may still run when the node wakes (a reconcile
+        then, ``suspect``).  Unless our slot map has moved the queue since (a
+        failover): then the waiter, connecting anew, learns it too."""
         node = self._node(queue)
         if isinstance(error, redis.TimeoutError):
-            went = self._node(queue, client)
-            if node is not None and went is not None and went.name == node.name:
+            if node is not None and getattr(error, "node", None) == node.name:
                 self.breaker.trip(node.name, error, node.redis_connection.connection_pool)
             self.suspect = True
         return node is not None and self.breaker.is_open(node.name)

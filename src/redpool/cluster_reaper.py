@@ -49,6 +49,15 @@ class ClusterReaper(Reaper):
         self._forget = load_script(r, "forget")
         self._narrow = load_script(r, "narrow")
         self.breaker = attach(r)
+        self._forgotten: set[str] = set()
+
+    def run(self, lock_seconds: float = 1.0, wrongtype=None) -> dict[str, int]:
+        """As Reaper.run, leaving out a dead supervisor of which this round neither
+        moved a job nor forgot the name (its fence alive, its shard away): ``reaped``
+        is said when something happened, not once a second while a node is away."""
+        self._forgotten.clear()
+        return {n: jobs for n, jobs in super().run(lock_seconds, wrongtype).items()
+                if jobs or n in self._forgotten}
 
     def reap(self, dead: str) -> int:
         """Put back what ``dead`` left on the shards that answer; deliver its outboxes
@@ -73,8 +82,9 @@ class ClusterReaper(Reaper):
                 done = False
         if done:
             left, whole = self._queues_of(dead)
-            if whole and not left:
-                self._forget(keys=[k.supervisor(dead), k.supervisors], args=[dead])
+            if whole and not left and \
+                    self._forget(keys=[k.supervisor(dead), k.supervisors], args=[dead]):
+                self._forgotten.add(dead)
         if refused is not None:
             raise refused  # (Reaper.run reports it, once the others are reaped)
         return moved

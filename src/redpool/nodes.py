@@ -219,7 +219,7 @@ def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) ->
             for i in idx:
                 replies[i] = None  # (a redirect's, if sent again)
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            failed = name
+            failed = e.node = name  # (the node it came from: ClusterQueue.node_hangs)
             breaker.trip(name, e, pool)
             _put_back(pool, conn, broken=True)
             for i in idx:
@@ -232,7 +232,7 @@ def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) ->
                 replies[i] = _read(conn)
             _put_back(pool, conn)
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            failed = name
+            failed = e.node = name
             breaker.trip(name, e, pool)
             _put_back(pool, conn, broken=True)
             e.sent = True  # these commands went out: they may have run (lost_reply())

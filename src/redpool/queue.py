@@ -400,11 +400,10 @@ class RedisQueue(Holding, dataset.Markers):
     #: waits until it answers.  Never on one server.
     partial = False
 
-    def node_hangs(self, queue: str, error: BaseException | None = None,
-                   client=None) -> bool:
-        """Does ``queue``'s node hang (``error``, a timeout on the waiter's ``client``,
-        may say so now)?  The waiter then leaves the queue alone.  Only on Redis
-        Cluster (cluster.py)."""
+    def node_hangs(self, queue: str, error: BaseException | None = None) -> bool:
+        """Does ``queue``'s node hang (``error``, the waiter's timeout, may say so
+        now)?  The waiter then leaves the queue alone.  Only on Redis Cluster
+        (cluster.py)."""
         return False
 
     def settle(self) -> int:

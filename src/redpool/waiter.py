@@ -124,7 +124,7 @@ class Waiter:
                 backoff = 0.0
             except (redis.RedisError, RedisUnavailable) as e:
                 # (RedisUnavailable: connecting anew found no node of a Redis Cluster)
-                if not self.rq.node_hangs(queue, e, conn):  # (else the breaker says it)
+                if not self.rq.node_hangs(queue, e):  # (else the breaker says it, once)
                     self.errors.append(e)
                     self._pipe.wake()
                 if classify(e) == "moving":  # a Cluster slot moving (TRYAGAIN): a moment
