@@ -47,7 +47,9 @@ class Lifecycle:
         if c.signalled_us:
             return
         c.signalled_us = True
-        w = self.inflight.get(c.tokens[0]) if c.tokens else None
+        # the job it runs, else the one it finished last: a task that signals and returns
+        # at once is often done before its signal is read
+        w = self.inflight.get(c.tokens[0]) if c.tokens else c.last_work
         job = job_names(w.raw) if w is not None else {"id": None, "task": None, "attempt": None}
         self.hooks.emit("signal_from_pool", signal=signame(got.signum),
                         sender=got.pid, pid=c.pid, **job,

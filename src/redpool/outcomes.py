@@ -174,6 +174,7 @@ class ChildEvents:
         if c is None:
             return
         c.stalled = False  # (its long job, if it was one, is over)
+        c.last_work = work  # (names a signal its task sent that is read after it ended)
         if work.timed_out:
             # It finished just as it was signalled: it is dying anyway.  The rest of its
             # batch must not be blamed for that death (see handle_event: doomed).

@@ -55,6 +55,7 @@ class Child:
     lost_at: float = 0.0            # when its end of the pipe closed, it still alive
     cut_off: bool = False           # killed for living on without its pipe
     signalled_us: bool = False      # one of its tasks signalled the supervisor (said once)
+    last_work: object = None        # the job it finished last (outcomes.job_done)
 
     @property
     def pid(self) -> int:
