@@ -1,9 +1,10 @@
 """Signals and stopping: how the supervisor's state changes from outside.
 
-Part of the supervisor (a mixin of Supervisor, like outcomes.py, kept apart so that
-each file stays one readable responsibility).  SIGTERM / SIGINT drain, then stop;
-SIGTTIN / SIGTTOU resize the pool; SIGHUP reloads it.  Handlers only recorded the
-signal (signals.py): everything here runs in the loop, between iterations.
+A collaborator the supervisor owns (``Supervisor.lifecycle``, as outcomes.py is
+``Supervisor.events``), kept apart so that each file stays one readable
+responsibility.  SIGTERM / SIGINT drain, then stop; SIGTTIN / SIGTTOU resize the pool;
+SIGHUP reloads it.  Handlers only recorded the signal (signals.py): everything here
+runs in the loop, between iterations.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """What happens when a child answers, dies, or overruns its job's timeout.
 
-Part of the supervisor (a mixin of Supervisor, kept apart so that each file stays
-one readable responsibility): it turns pool events into completions to acknowledge,
-crash counts, failures for a child to settle, and retired children.  It makes no
-Redis call except crashed.lua, through the queue.
+A collaborator the supervisor owns (``Supervisor.events``) and hands every pool event
+to, kept apart so that each file stays one readable responsibility: it turns pool
+events into completions to acknowledge, crash counts, failures for a child to settle,
+and retired children.  It makes no Redis call except crashed.lua, through the queue.
 """
 
 from __future__ import annotations
