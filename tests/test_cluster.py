@@ -559,6 +559,9 @@ def test_a_waiter_outlives_a_cluster_it_cannot_reach():
         def block_reserve(self, conn, queue, timeout):
             return Reserved(queue, b"job")
 
+        def node_hangs(self, queue, error=None):
+            return False
+
     w = Waiter(Queue(), connect, timeout=0.1)
     w.start()
     w.arm()

@@ -248,6 +248,7 @@ class FakeQueue:
 
     unsent = 0        # as RedisQueue's: nothing is held back on one server
     suspect = False
+    partial = False   # (no Redis Cluster node hangs: breaker.py)
 
     def holding(self):
         return []     # (completions a key of the wrong type holds back: keytypes.Holding)

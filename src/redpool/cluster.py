@@ -25,9 +25,12 @@ differently, keeping the same guarantees:
 * **One node down is not the whole cluster down.**  Commands go per node
   (nodes.send_by_node), and a node's failure fails only its own queues: completions for
   them wait here, the others go on.
-* **The reaper, per queue.**  A supervisor whose lease expired is reaped queue by queue
-  (reap_queue.lua, which finds the fence expired too), its outboxes delivered, and its
-  name forgotten last (forget.lua), so a round cut short is finished by the next.
+* **One node that hangs is not all nodes slow.**  Its first timeout opens its breaker
+  (breaker.py): its commands are not sent until a probe finds it answering, so the
+  others' queues keep their speed; a reconcile waits for it (``partial``).
+* **The reaper, per queue** (cluster_reaper.py).  A supervisor whose lease expired is
+  reaped queue by queue, on the shards that answer, its outboxes delivered once each,
+  and its name forgotten last, once every shard was seen.
 
 The standalone path (queue.py, lease.py) is untouched by any of this, and keeps its one
 round trip per loop iteration; here an iteration costs two (completions with the first
@@ -41,8 +44,10 @@ from typing import Iterable
 
 import redis
 
-from .lease import Lease, Reaper
-from .nodes import deliver, lost_reply, rerun_unknown, send_by_node, write_answers
+from .breaker import NodeOpen, attach
+from .cluster_reaper import ClusterReaper  # noqa: F401  (it lived here: imported from here)
+from .lease import Lease
+from .nodes import lost_reply, rerun_unknown, send_by_node, write_answers
 from .protocol import Keys
 from .keytypes import pairs
 from .oversized import Oversized
@@ -69,6 +74,7 @@ class ClusterQueue(RedisQueue):
         # skipping the parts of an answer that went through (_progress).
         self._undelivered: set[str] = set()
         self._progress: dict[bytes, set[int]] = {}
+        self.breaker = attach(r)  # nodes that hang (breaker.py), shared with the lease
 
     def exchange(self, done: list[Completion], n: int, epoch: str
                  ) -> tuple[int, int, list[Reserved] | None]:
@@ -84,7 +90,9 @@ class ClusterQueue(RedisQueue):
         their outbox; a queue whose reservation fails is passed over this time.  The
         first error is raised only when no queue could be reserved from (or, for a
         bare acknowledgement, when one failed), so that the supervisor backs off (and
-        reconciles afterwards) without losing track of any job."""
+        reconciles afterwards) without losing track of any job -- unless every error
+        is a hung node's NodeOpen (breaker.py): nothing went out, and nothing is due
+        before it answers a probe."""
         items, self._unsent = self._unsent + done, []
         done.clear()
         items, hold = self._sendable(items)  # (those a key of the wrong type holds back
@@ -145,13 +153,48 @@ class ClusterQueue(RedisQueue):
                 n -= (len(flat) - first) // 3
             if not errors:
                 self.crashes_exist = counted
-        if errors and not answered:
-            raise errors[0]
+        if errors and not answered and not all(isinstance(e, NodeOpen) for e in errors):
+            raise errors[0]  # (what a hung node holds up waits, said by the breaker: no
+            # outage, whose backoff would hold up the duties -- renewal, probes -- too)
         if fenced_out and not answered:
             # Every queue asked says our lease is lost (a frozen host: all fences expired
             # together); one fence alone is set again by the next renewal.
             return missing, skipped, None
         return missing, skipped, got
+
+    def _node(self, q: str):
+        """The node of queue ``q``'s slot, as our slot map says (None: none)."""
+        try:
+            return self.r.get_node_from_key(self.keys.queue(q))
+        except Exception:  # (a slot the map does not cover: redis-py raises its own)
+            return None
+
+    def read_markers(self) -> dict[str, bytes | None]:
+        """As Markers.read_markers, without the markers of a node that hangs: not
+        known, which check_dataset takes as unchanged (a node that restarts without
+        its data answers, and is read)."""
+        keys = self.dataset_keys()
+        out = {}
+        for k, reply in zip(keys, send_by_node(self.r, [(k, ("GET", k)) for k in keys])):
+            if not isinstance(reply, NodeOpen):
+                out[k] = _raise_first([reply])[0]
+        return out
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.breaker.open_nodes)
+
+    def node_hangs(self, queue: str, error: BaseException | None = None) -> bool:
+        """For the waiter: its BLMOVE timing out opens the breaker of the node it went
+        to (send_by_node names it), and may still run when the node wakes (a reconcile
+        then, ``suspect``).  Unless our slot map has moved the queue since (a
+        failover): then the waiter, connecting anew, learns it too."""
+        node = self._node(queue)
+        if isinstance(error, redis.TimeoutError):
+            if node is not None and getattr(error, "node", None) == node.name:
+                self.breaker.trip(node.name, error, node.redis_connection.connection_pool)
+            self.suspect = True
+        return node is not None and self.breaker.is_open(node.name)
 
     def _scripts(self, calls: list, trim: list[str]) -> list:
         """Run scripts by EVALSHA in one round trip (send_by_node), after removing the
@@ -244,7 +287,10 @@ class ClusterQueue(RedisQueue):
         may forget them either way, and nothing runs twice.  Raises only if every queue
         failed (then nothing moved, and the caller keeps them)."""
         moved, errors, groups = 0, [], _by_queue(items)
-        for pairs in groups.values():
+        for q, pairs in groups.items():
+            if (node := self._node(q)) is not None and self.breaker.is_open(node.name):
+                errors.append(self.breaker.skip(node.name))
+                continue
             try:
                 moved += super().requeue(pairs)
             except redis.RedisError as e:
@@ -257,11 +303,16 @@ class ClusterQueue(RedisQueue):
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
         """Every queue's promote.lua in one round trip, and the housekeeping that rides
         on it (every PROMOTE_EVERY): delivered answers are removed from their outboxes
-        on the way, and completions or answers a failed node held up go again."""
+        on the way, and completions or answers a failed node held up go again.  While
+        a node hangs, its breaker is tended (breaker.py: the slot map learned anew)."""
+        self.breaker.tend(self.r, self.unusable.emit)  # (emit: the hooks', set by Duties)
         try:  # best effort: what a node away holds up waits for the next round
             if self._unsent:
                 self.complete([])
             for q in list(self._undelivered):
+                node = self._node(q)
+                if node is None or self.breaker.is_open(node.name):
+                    continue  # (its outbox's node hangs: later)
                 entries = self.r.lrange(self.keys.outbox(self.name, q), 0, -1)
                 self._undelivered.discard(q)
                 self._deliver({q: [e for e in entries if e not in self._delivered[q]]}, [])
@@ -348,50 +399,6 @@ class ClusterLease(Lease):
         args = [op, self.epoch, int(lease * 1000)]
         out = send_by_node(self.r, [(k, ("EVALSHA", self._fence.sha, 1, k, *args)) for k in keys])
         return [rerun_unknown(self._fence, [k], args, reply) for k, reply in zip(keys, out)]
-
-
-class ClusterReaper(Reaper):
-    """Reaper, queue by queue: reap_queue.lua in each queue's slot, then forget.lua."""
-
-    def __init__(self, r, keys: Keys, name: str, durable=None) -> None:
-        super().__init__(r, keys, name)
-        self.durable, self._progress = durable, {}  # (as ClusterQueue's)
-        self._reap_queue = load_script(r, "reap_queue")
-        self._forget = load_script(r, "forget")
-
-    def reap(self, dead: str) -> int:
-        moved, done, refused = 0, True, None
-        for q in self._queues_of(dead):
-            k = self.keys
-            try:
-                n = int(self._reap_queue(keys=[k.fence(dead, q), k.processing(dead, q),
-                                               k.queue(q), k.crashes_of(q)]))
-            except redis.ResponseError as e:  # a key of the wrong type: that queue waits
-                refused, done = refused or e, False
-                continue
-            if n < 0:  # its fence for this queue is alive: not dead there (yet)
-                done = False
-                continue
-            moved += n
-            box = k.outbox(dead, q)
-            deliver(self.r, k, box, self.r.lrange(box, 0, -1), self._progress, self.durable)
-        # Forgotten only once a fresh look finds nothing of it left: a key moving between
-        # nodes (resharding) can escape one SCAN, and a forgotten name is never reaped.
-        if done and not self._queues_of(dead):
-            self._forget(keys=[self.keys.supervisor(dead), self.keys.supervisors], args=[dead])
-        if refused is not None:
-            raise refused  # (Reaper.run reports it, once the others are reaped)
-        return moved
-
-    def _queues_of(self, dead: str) -> list[str]:
-        """The queues of which ``dead`` left a processing list or an outbox (SCAN of
-        every primary)."""
-        k = self.keys
-        found = {k.queue_of_processing(dead, key.decode())
-                 for key in self.r.scan_iter(match=k.processing_pattern(dead), count=1000)}
-        found |= {k.queue_of_outbox(dead, key.decode())
-                  for key in self.r.scan_iter(match=k.outbox_pattern(dead), count=1000)}
-        return sorted(found)
 
 
 def _raise_first(replies: list) -> list:

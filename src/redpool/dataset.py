@@ -200,8 +200,8 @@ class DataLoss:
         held).  Redis errors propagate."""
         if self.markers is None:
             return False
-        found = self.rq.read_markers()
-        if all(found.get(k) == v for k, v in self.markers.items()):
+        found = self.rq.read_markers()  # (without those a hung cluster node holds)
+        if all(found.get(k, v) == v for k, v in self.markers.items()):
             return False
         self.data_lost(now, during, also)
         return True

@@ -246,8 +246,8 @@ class Duties(DataLoss, RedisHealth):
                 self.data_lost(now, self.data_lost_during)
             if not self.leased and not self.name_lost and not paused:
                 self.reregister(now)
-            if self.reconcile_pending or self.rq.suspect:
-                self.reconcile()
+            if (self.reconcile_pending or self.rq.suspect) and not self.rq.partial:
+                self.reconcile()  # (partial: a Redis Cluster node hangs; once it answers)
                 self.rq.suspect = False  # (after it: one that failed is tried again)
             if now >= self.next_renew:
                 self.next_renew = now + self.cfg.lease / 3
@@ -317,6 +317,9 @@ class Duties(DataLoss, RedisHealth):
         was lost may have reserved jobs we never heard of: they go back to the head of
         their queues (anything we hold that Redis lost is fenced at completion)."""
         s = self.sup
+        if self.rq.partial:  # a Redis Cluster node hangs (breaker.py): it needs them all
+            self.rq.suspect = True  # (the tick reconciles once it answers)
+            return
         if s.waiter is not None:
             # A BLMOVE in flight may be moving a job into our list right now: it would
             # look like a stray and be put back while we run it.  Wait until none is.

@@ -295,6 +295,7 @@ _LEVELS = {
     "redis_not_persistent": "warning", "redis_persistence_unknown": "debug",
     "queue_unusable": "error", "key_unusable": "error", "queue_usable": "warning",
     "key_usable": "warning", "redis_error": "error", "redis_error_cleared": "warning",
+    "redis_node_hung": "error", "redis_node_back": "warning",
     "slot_moving": "warning", "slot_moved": "info",
 }
 

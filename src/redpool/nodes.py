@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import redis
 from redis.exceptions import RedisClusterException
 
+from .breaker import attach
 from .durable import PROBE_TTL_MS
 from .protocol import Keys
 from .queue import REPLY_TTL_WHEN_NO_RESULT, load_script
@@ -171,7 +172,9 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
     over to its replica).  A slot moving is followed (redirects.py): a command
     redirected by ASK goes to the importing node after ASKING, one by MOVED to the
     slot's new owner; TRYAGAIN (the slot's keys split between two nodes for now) is
-    answered as it is, for the caller to wait a moment and try again."""
+    answered as it is, for the caller to wait a moment and try again.  A node that
+    timed out opens its breaker (breaker.py): from then on nothing is sent to it, each
+    of its commands answered by NodeOpen at once."""
     if not commands:
         return []
     by_node: dict = defaultdict(list)
@@ -197,25 +200,31 @@ def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) ->
     node's before any reply is read, and put the replies in place.  With ``asking``
     each command goes after an ASKING, on the same connection (a slot being imported
     there: redirects.py).  Returns the name of a node that could not be reached, or ""."""
-    held = []   # (pool, connection, indexes, asking) of the nodes written to
+    held = []   # (node, pool, connection, indexes, asking) of the nodes written to
     failed = ""
+    breaker = attach(r)
     for (name, asking), idx in groups.items():
         pool = conn = None
+        if breaker.is_open(name):
+            for i in idx:
+                replies[i] = breaker.skip(name)
+            continue
         try:
             pool = r.get_node(node_name=name).redis_connection.connection_pool
             conn = pool.get_connection()
             sent = [c for i in idx for c in ((("ASKING",), commands[i][1]) if asking
                                               else (commands[i][1],))]
             conn.send_packed_command(conn.pack_commands(sent))
-            held.append((pool, conn, idx, asking))
+            held.append((name, pool, conn, idx, asking))
             for i in idx:
                 replies[i] = None  # (a redirect's, if sent again)
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            failed = name
+            failed = e.node = name  # (the node it came from: ClusterQueue.node_hangs)
+            breaker.trip(name, e, pool)
             _put_back(pool, conn, broken=True)
             for i in idx:
                 replies[i] = e
-    for pool, conn, idx, asking in held:
+    for name, pool, conn, idx, asking in held:
         try:
             for i in idx:
                 if asking:
@@ -223,7 +232,8 @@ def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) ->
                 replies[i] = _read(conn)
             _put_back(pool, conn)
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            failed = conn.host and f"{conn.host}:{conn.port}"
+            failed = e.node = name
+            breaker.trip(name, e, pool)
             _put_back(pool, conn, broken=True)
             e.sent = True  # these commands went out: they may have run (lost_reply())
             for i in idx:
@@ -244,10 +254,12 @@ def _read(conn):
 
 def lost_reply(e: BaseException) -> bool:
     """A connection error after the command went out: it may have run.  (One that never
-    reached the node -- refused, unreachable -- ran nowhere.)"""
+    reached the node -- refused, unreachable, not sent to a node that hangs -- ran
+    nowhere.)"""
     if not isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
         return False
-    return getattr(e, "sent", False) or "connecting to" not in str(e)
+    sent = getattr(e, "sent", None)
+    return sent if sent is not None else "connecting to" not in str(e)
 
 
 def _put_back(pool, conn, broken: bool = False) -> None:

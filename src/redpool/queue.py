@@ -366,6 +366,15 @@ class RedisQueue(Holding, dataset.Markers):
     #: A call's reply was lost while other calls went through, so no outage is seen: a
     #: script may have reserved jobs nobody heard of.  The duties reconcile and reset it.
     suspect = False
+    #: Some Redis Cluster node hangs (breaker.py): a reconcile, which needs every node,
+    #: waits until it answers.  Never on one server.
+    partial = False
+
+    def node_hangs(self, queue: str, error: BaseException | None = None) -> bool:
+        """Does ``queue``'s node hang (``error``, the waiter's timeout, may say so
+        now)?  The waiter then leaves the queue alone.  Only on Redis Cluster
+        (cluster.py)."""
+        return False
 
     def settle(self) -> int:
         """Finish acknowledgements a lost reply or a crash left half done; returns how

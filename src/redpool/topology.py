@@ -21,6 +21,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
+from .breaker import attach
 from .errors import ConfigError, RedisUnavailable
 from .urls import redact_url
 
@@ -214,13 +215,17 @@ class ClusterRedis(RedisCluster):
     def script_load(self, script):
         """SCRIPT LOAD on every primary that answers.  redis-py sends it to all of them
         and fails if one is away; a Script whose node answered NOSCRIPT (restarted)
-        would then stay unable to run while any other node is down."""
-        sha, error = None, None
+        would then stay unable to run while any other node is down.  A node that hangs
+        is skipped (its breaker open, or opened here: breaker.py), not waited for."""
+        sha, error, breaker = None, None, attach(self)
         for node in self.get_primaries():
+            if breaker.is_open(node.name):
+                continue
             try:
                 sha = node.redis_connection.script_load(script)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 error = e
+                breaker.trip(node.name, e, node.redis_connection.connection_pool)
         if sha is None:
             raise error or redis.ConnectionError("no Redis Cluster primary answered")
         return sha

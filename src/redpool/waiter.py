@@ -12,7 +12,9 @@ a pipe the loop waits on.  Redis errors are reported to the loop the same way an
 retried with backoff; the threads never die on them.  BLMOVE on a key of the wrong type
 moves nothing (Redis checks both lists first) and answers WRONGTYPE without naming the
 key: the loop finds which (keytypes.py), and the thread of that queue then leaves it
-alone until it is fixed.
+alone until it is fixed.  On Redis Cluster, a thread whose queue's node hangs (its
+BLMOVE timed out: breaker.py) leaves it alone until the node answers a probe again,
+without reporting an outage: the other queues' threads and the loop carry on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .queue import RedisQueue, Reserved
 from .wakeup import Wakeup
 
 UNUSABLE_WAIT = 1.0  # seconds between two looks of a waiter whose queue is unusable
+HUNG_WAIT = 0.2      # ... and of one whose Redis Cluster node hangs (breaker.py)
 
 
 class Waiter:
@@ -105,6 +108,9 @@ class Waiter:
                 # timeout, and may bring one job meanwhile)
                 self._stop.wait(UNUSABLE_WAIT)
                 continue
+            if self.rq.node_hangs(queue):  # Redis Cluster: its node hangs (breaker.py)
+                self._stop.wait(HUNG_WAIT)
+                continue
             try:
                 if conn is None:
                     conn = self.connect()
@@ -118,8 +124,9 @@ class Waiter:
                 backoff = 0.0
             except (redis.RedisError, RedisUnavailable) as e:
                 # (RedisUnavailable: connecting anew found no node of a Redis Cluster)
-                self.errors.append(e)
-                self._pipe.wake()
+                if not self.rq.node_hangs(queue, e):  # (else the breaker says it, once)
+                    self.errors.append(e)
+                    self._pipe.wake()
                 if classify(e) == "moving":  # a Cluster slot moving (TRYAGAIN): a moment
                     backoff = min(MOVING_MAX, max(MOVING_MIN, backoff * 2))
                     self._stop.wait(backoff)
