@@ -23,8 +23,8 @@ from structlog.testing import capture_logs
 
 from redpool import client as client_module
 from redpool import protocol, registry
-from redpool.client import (BATCH, AsyncResult, Client, IMapIterator, MapResult, Pool,
-                            TimeoutError as RedpoolTimeout)
+from redpool.client import BATCH, AsyncResult, Client, MapResult, TimeoutError as RedpoolTimeout
+from redpool.remote_pool import IMapIterator, Pool
 from redpool.errors import JobFailed, RedpoolError
 from redpool.urls import redact_url
 

@@ -26,7 +26,8 @@ from redis.cluster import RedisCluster
 from conftest import SPREAD_QUEUES
 from helpers import ROOT, wait_for
 from redpool import protocol
-from redpool.client import Client, Pool
+from redpool.client import Client
+from redpool.remote_pool import Pool
 from redpool.connection import connect
 from redpool.errors import ConfigError, RedpoolError
 from redpool.protocol import Keys

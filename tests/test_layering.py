@@ -1,5 +1,6 @@
 """The import arrows of docs/STYLE ("cli -> supervisor -> queue | pool | signals ->
-protocol, errors"), checked by parsing the source, plus the size of each module.
+protocol, errors"), checked by parsing the source, plus the size of each module, and
+that no modules import each other in a circle.
 
 Static checks read every import statement, also those inside functions (a lazy import
 is still an arrow).  The transitive checks follow only module-level imports, which are
@@ -188,11 +189,24 @@ def test_supervisor_uses_redis_only_for_its_exception_types():
 
 def test_supervisor_is_glue_over_queue_pool_and_signals():
     allowed = {"__init__", "protocol", "errors", "child", "config", "hooks", "pool", "queue",
-               "signals", "waiter", "logs", "duties", "work", "outcomes", "poller", "lifecycle"}
+               "signals", "waiter", "logs", "duties", "work", "outcomes", "poller", "lifecycle",
+               "completion"}
     assert internal(imports("supervisor")) <= allowed
-    assert internal(imports("outcomes")) <= {"protocol", "pool", "child", "queue", "work", "config",
-                                             "oversized"}
+    assert internal(imports("outcomes")) <= {"protocol", "pool", "child", "completion", "work",
+                                             "config", "oversized"}
     assert internal(imports("lifecycle")) <= {"outcomes", "pool", "signals"}
+
+
+def test_the_supervisor_is_one_class_that_owns_its_collaborators():
+    # The loop reads in one place: Supervisor inherits from nothing (no mixins spread
+    # over files); what it delegates to (outcomes.ChildEvents, lifecycle.Lifecycle,
+    # duties.Duties) it owns as attributes and calls by name.
+    [sup] = [n for n in _tree("supervisor").body
+             if isinstance(n, ast.ClassDef) and n.name == "Supervisor"]
+    assert sup.bases == [] and sup.keywords == []
+    for module, name in (("outcomes", "ChildEvents"), ("lifecycle", "Lifecycle")):
+        [cls] = [n for n in _tree(module).body if isinstance(n, ast.ClassDef) and n.name == name]
+        assert cls.bases == [], f"{module}.{name} must not be a mixin of another class"
 
 
 def test_duties_use_redis_only_through_queue_and_lease():
@@ -208,6 +222,79 @@ def test_duties_use_redis_only_through_queue_and_lease():
     assert internal(imports("keytypes")) <= {"errors", "protocol"}
     assert "pool" not in internal(imports("duties"))
     assert "cli" not in closure("supervisor")
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module, or of one that
+    imports itself (Tarjan's algorithm): each is a set of modules importing each other
+    in a loop."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_circle_finder_finds_circles():
+    # guard against a check that silently finds nothing
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"a"}}) == [["a"]]
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    # Every import statement counts: inside functions (a lazy import is still an arrow)
+    # and under `if TYPE_CHECKING` (an annotation naming a module above is one too).  A
+    # module that must call back up takes what it needs as an argument, or names it by a
+    # typing.Protocol (duties.Loop), instead of importing it.
+    graph = {m: internal(imports(m)) & set(MODULES) for m in MODULES}
+    assert {"queue", "protocol"} <= graph["supervisor"]  # (the graph is not empty)
+    assert _circles(graph) == []
+
+
+def test_every_name_imported_from_a_redpool_module_is_there():
+    # A name moved to another module must not leave an import of it behind (a lazy one
+    # fails only when its function runs: `redpool demo` did, once, for Pool).
+    import importlib
+
+    missing = []
+    for m in MODULES:
+        for node in _import_nodes(_tree(m), top_level_only=False):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0 and \
+                    (node.module or "").split(".")[0] != PKG:
+                continue
+            target = importlib.import_module(_resolve(node, None))
+            for a in node.names:
+                if a.name != "*" and not hasattr(target, a.name) \
+                        and not (SRC / f"{a.name}.py").exists():
+                    missing.append(f"{m}.py:{node.lineno}: {a.name} from {target.__name__}")
+    assert missing == []
 
 
 def test_nothing_below_the_cli_imports_it():

@@ -1615,7 +1615,7 @@ def test_a_name_taken_while_we_were_away_stops_the_supervisor():
     w.tick()
     assert w.named("name_taken")[0]["error"].startswith("another supervisor")
     assert w.sup.state == STOPPED and w.pool.terminated
-    w.sup.shutdown()
+    w.sup.lifecycle.shutdown()
     # its processing lists are the new holder's now: shutdown leaves them alone
     assert w.rq.recover_calls == [True] and not w.lease.unregistered
 
@@ -1707,7 +1707,7 @@ def test_sigterm_drains_requeues_backlog_and_stops_when_work_is_done():
     reserves = len(w.rq.reserve_calls)
 
     # When SIGTERM arrives
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     exchanges = len(w.rq.exchange_calls)
 
     # Then the unstarted jobs go back, oldest first, and nothing more is taken
@@ -1741,7 +1741,7 @@ def test_a_job_put_back_and_taken_again_by_a_waiter_in_blmove_is_counted_once():
     w.waiter.in_call = True
 
     # When Ctrl-C puts the held job back, and the BLMOVE already in flight takes it again
-    w.sup.handle_signal(signal.SIGINT, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGINT, w.clock.t)
     assert w.rq.ready == deque([("default", job(3))])
     w.rq.processing.append(w.rq.ready.popleft())
     w.waiter.inbox.append(Reserved("default", job(3)))
@@ -1753,7 +1753,7 @@ def test_a_job_put_back_and_taken_again_by_a_waiter_in_blmove_is_counted_once():
     # ... and when the grace runs out, the running ones go back too
     w.tick(8.0)
     assert w.sup.state == STOPPED
-    w.sup.shutdown()
+    w.sup.lifecycle.shutdown()
     assert sorted(raw for _, raw in w.rq.ready) == sorted(jobs(1, 2, 3))
     # and the stopped event counts what went back: three jobs, each once
     (stopped,) = w.named("stopped")
@@ -1762,7 +1762,7 @@ def test_a_job_put_back_and_taken_again_by_a_waiter_in_blmove_is_counted_once():
 def test_sigint_drains_like_sigterm():
     w = World([job(1)], size=1)
     w.tick()
-    w.sup.handle_signal(signal.SIGINT, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGINT, w.clock.t)
     assert w.sup.state == DRAINING
     assert w.named("draining")[0]["signal"] == "SIGINT"
 
@@ -1770,7 +1770,7 @@ def test_sigint_drains_like_sigterm():
 def test_draining_with_nothing_running_stops_on_the_next_tick():
     w = World([], size=2)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     w.tick()
     assert w.sup.state == STOPPED
     assert not w.pool.terminated
@@ -1780,7 +1780,7 @@ def test_a_poison_pill_is_still_settled_while_draining():
     w = World([job(1), job(2)], size=2, prefetch=0, max_crashes=0)
     w.tick()
     t1, t2 = [s.token for s in w.pool.sent]
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     w.pool.die(t1)
     w.pool.finish(t2)
     w.tick()
@@ -1797,7 +1797,7 @@ def test_a_poison_pill_is_still_settled_while_draining():
 def test_drain_deadline_passing_stops_now():
     w = World([job(1)], size=1, grace=10.0)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
 
     w.tick(9.9)
     assert w.sup.state == DRAINING and not w.pool.terminated
@@ -1813,7 +1813,7 @@ def test_drain_deadline_passing_stops_now():
 def test_a_job_finishing_as_the_deadline_passes_is_still_acknowledged():
     w = World([job(1)], size=1, grace=5.0)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     w.pool.finish_all()
     w.tick(6.0)
     assert [c.raw for c in w.rq.completed] == [job(1)]
@@ -1823,10 +1823,10 @@ def test_a_job_finishing_as_the_deadline_passes_is_still_acknowledged():
 def test_second_sigterm_stops_now():
     w = World([job(1), job(2)], size=2)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     assert w.sup.state == DRAINING
 
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t + 0.5)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t + 0.5)
 
     assert w.sup.state == STOPPED
     assert w.pool.terminated
@@ -1836,14 +1836,14 @@ def test_second_sigterm_stops_now():
 def test_stop_now_still_collects_results_already_sent():
     w = World([job(1), job(2)], size=2, prefetch=0)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     t1, t2 = w.tokens()
     w.pool.finish(t1)          # sent just before the second signal
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     assert [c.raw for c in w.sup.pending] == [job(1)]
     assert list(w.sup.inflight) == [t2]
 
-    w.sup.shutdown()
+    w.sup.lifecycle.shutdown()
     assert [c.raw for c in w.rq.completed] == [job(1)]
     # and the killed child's job goes back without a crash counted
     assert w.rq.recover_calls == [True, False]
@@ -1860,7 +1860,7 @@ def test_shutdown_flushes_pending_then_recovers_and_unregisters():
     w.rq.down = False
 
     # shutdown does not wait for the backoff
-    w.sup.shutdown()
+    w.sup.lifecycle.shutdown()
 
     assert w.sup.state == STOPPED
     assert w.pool.shut and w.waiter.stopped
@@ -1878,7 +1878,7 @@ def test_shutdown_survives_redis_being_down():
     w = World([job(1)], size=1)
     w.tick()
     w.rq.down = True
-    w.sup.shutdown()
+    w.sup.lifecycle.shutdown()
     assert w.pool.shut
     assert len(w.named("shutdown_redis_error")) == 1
     assert len(w.named("stopped")) == 1
@@ -1889,7 +1889,7 @@ def test_jobs_a_waiter_took_during_shutdown_are_put_back():
     w.tick()
     w.rq.processing.append(("default", job(3)))
     w.waiter.inbox.append(Reserved("default", job(3), 0))
-    w.sup.shutdown()
+    w.sup.lifecycle.shutdown()
     assert w.rq.ready == deque([("default", job(3))])
 
 
@@ -2012,7 +2012,7 @@ def test_redis_down_while_draining_keeps_the_backlog_until_it_is_back():
     w = World([job(1), job(2)], size=1, prefetch=1)
     w.tick()
     w.rq.down = True
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     assert w.backlog() == [("default", job(2))]
     w.rq.down = False
     w.tick(1.0)
@@ -2158,7 +2158,7 @@ def test_a_poison_pill_from_the_waiter_is_not_run():
 def test_waiter_is_disarmed_on_sigterm_and_its_jobs_go_back():
     w = World([job(1)], size=1, prefetch=0, waiter=True)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     assert not w.waiter.armed
     w.rq.processing.append(("default", job(2)))
     w.waiter.inbox.append(Reserved("default", job(2), 0))   # arrived as we began to drain
@@ -2190,7 +2190,7 @@ def test_wait_timeout_is_the_nearest_deadline():
     w.rq.next_due = 0.2
     w.tick(0.5)
     assert w.sup.wait_timeout(w.clock.t) == pytest.approx(0.2)
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     w.sup.drain_deadline = w.clock.t + 0.1
     assert w.sup.wait_timeout(w.clock.t) == pytest.approx(0.1)
 
@@ -2207,7 +2207,7 @@ def test_wait_timeout_waits_out_the_redis_backoff():
 def test_no_busy_loop_while_draining_after_a_child_died():
     w = World([job(1), job(2)], size=2, prefetch=0, grace=30.0)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     w.pool.die(w.tokens()[0])
     w.tick(0.5)
     assert w.sup.state == DRAINING   # the other job still runs
@@ -2433,7 +2433,7 @@ def test_draining_acknowledges_at_once():
     w.pool.finish(a.token, duration=MEDIUM)
     w.tick()
     assert len(w.sup.pending) == 1
-    w.sup.begin_drain(w.clock.t, "SIGTERM")
+    w.sup.lifecycle.begin_drain(w.clock.t, "SIGTERM")
     w.tick()
     assert not w.sup.pending
 
@@ -2733,7 +2733,7 @@ def test_a_child_dying_mid_batch_while_draining_puts_the_rest_back_in_their_queu
     a, b = w.pool.children
     assert len(a.tokens) == len(b.tokens) == 10
     a_jobs = [w.pool.msg_of(t).raw for t in a.tokens]
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     sent = len(w.pool.sent)
 
     w.pool.die(a.token)
@@ -2986,7 +2986,7 @@ def test_the_loop_emits_a_heartbeat_every_second_even_while_redis_is_down():
     assert last["drain_left"] is None and last["succeeded"] == 0
 
     # While draining it says how much of the grace period is left
-    w.sup.begin_drain(w.clock.t, "SIGTERM")
+    w.sup.lifecycle.begin_drain(w.clock.t, "SIGTERM")
     w.tick(HEARTBEAT_EVERY)
     assert w.named("heartbeat")[-1]["state"] == DRAINING
     assert w.named("heartbeat")[-1]["drain_left"] == pytest.approx(w.cfg.grace - HEARTBEAT_EVERY)
@@ -2997,14 +2997,14 @@ def test_the_loop_emits_a_heartbeat_every_second_even_while_redis_is_down():
 def test_sigttin_and_sigttou_resize_the_pool_never_below_one():
     w = World(jobs(*range(10)), size=2)
     w.tick()
-    w.sup.handle_signal(signal.SIGTTIN, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTTIN, w.clock.t)
     assert w.pool.size == 3 and w.named("resized")[-1]["concurrency"] == 3
     w.tick()
     assert len(w.pool.children) == 3          # reconcile spawned the new one
     for _ in range(2):
-        w.sup.handle_signal(signal.SIGTTOU, w.clock.t)
+        w.sup.lifecycle.handle_signal(signal.SIGTTOU, w.clock.t)
     assert w.pool.size == 1 and w.named("resized")[-1]["concurrency"] == 1
-    w.sup.handle_signal(signal.SIGTTOU, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTTOU, w.clock.t)
     assert w.pool.size == 1
     assert w.named("signal_ignored")[-1] == {"signal": "SIGTTOU",
                                              "reason": "the pool is at one child"}
@@ -3014,7 +3014,7 @@ def test_a_long_job_held_while_a_new_child_boots_goes_to_it_not_behind_a_busy_on
     # Given two children busy with long jobs and a third being added (SIGTTIN)
     w = World(jobs(1, 2), size=2, prefetch=0)
     w.tick()
-    w.sup.handle_signal(signal.SIGTTIN, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTTIN, w.clock.t)
     w.tick()
     (new,) = [c for c in w.pool.children if not c.ready]
     # When a third job arrives before the new child has booted
@@ -3033,9 +3033,9 @@ def test_a_long_job_held_while_a_new_child_boots_goes_to_it_not_behind_a_busy_on
 def test_resize_and_reload_signals_are_ignored_while_draining():
     w = World(jobs(*range(10)), size=2)
     w.tick()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)
     for sig in (signal.SIGTTIN, signal.SIGHUP):
-        w.sup.handle_signal(sig, w.clock.t)
+        w.sup.lifecycle.handle_signal(sig, w.clock.t)
     assert w.pool.size == 2 and w.pool.generation == 0 and not w.sup.reloading
     assert [e["signal"] for e in w.named("signal_ignored")] == ["SIGTTIN", "SIGHUP"]
 
@@ -3044,7 +3044,7 @@ def test_sighup_reloads_a_new_generation_and_says_when_it_has_taken_over():
     w = World(jobs(*range(40)), size=2)
     w.tick()
     old = list(w.pool.children)
-    w.sup.handle_signal(signal.SIGHUP, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGHUP, w.clock.t)
     assert w.named("reloading") == [{"generation": 1, "children": 2}]
     w.tick()
     new = [c for c in w.pool.children if c not in old]
@@ -3066,7 +3066,7 @@ def test_a_reload_whose_code_does_not_import_is_given_up_and_the_old_children_st
     w = World(jobs(*range(40)), size=2)
     w.tick()
     old = list(w.pool.children)
-    w.sup.handle_signal(signal.SIGHUP, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGHUP, w.clock.t)
     w.tick()
     (failing, _) = [c for c in w.pool.children if c not in old]
     w.pool.events.append(BootFailed(failing.pid, "SyntaxError: invalid syntax", generation=1))
@@ -3082,7 +3082,7 @@ def test_a_boot_failure_of_an_older_child_does_not_give_a_reload_up():
     # fails after it: that says nothing of the code the reload is loading)
     w = World(jobs(*range(40)), size=2)
     w.tick()
-    w.sup.handle_signal(signal.SIGHUP, w.clock.t)
+    w.sup.lifecycle.handle_signal(signal.SIGHUP, w.clock.t)
     w.tick()
     w.pool.events.append(BootFailed(4242, "SyntaxError: the old one", generation=0))
     w.tick()
@@ -3341,7 +3341,7 @@ def test_a_loss_found_while_draining_puts_the_held_jobs_back_in_their_queues():
     w = World([job(1), job(2)], size=1, prefetch=1)
     w.tick()
     w.rq.lose_data()
-    w.sup.handle_signal(signal.SIGTERM, w.clock.t)   # requeue finds nothing: lost?
+    w.sup.lifecycle.handle_signal(signal.SIGTERM, w.clock.t)   # requeue finds nothing: lost?
     assert w.named("redis_data_lost")[0]["during"] == "requeue"
     w.tick()
     assert w.rq.ready == deque([("default", job(2))])   # back in its queue after all

@@ -11,7 +11,10 @@ __all__ = ["task", "on_child_start", "current_job", "JobInfo", "Task", "Client",
 
 def __getattr__(name: str):
     # The client pulls in redis-py; keep `import redpool` in pool children light.
-    if name in ("Client", "AsyncResult", "Pool", "MaybeQueued"):
+    if name in ("Client", "AsyncResult", "MaybeQueued"):
         from . import client
         return getattr(client, name)
+    if name == "Pool":  # (remote_pool imports client: the arrows run one way)
+        from . import remote_pool
+        return remote_pool.Pool
     raise AttributeError(f"module 'redpool' has no attribute {name!r}")

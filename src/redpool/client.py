@@ -39,7 +39,7 @@ from .sendonce import MaybeQueued, send_once
 from .results import AsyncResult, MapResult, TimeoutError
 from .urls import chosen_url, redact_url
 
-__all__ = ["Client", "AsyncResult", "MapResult", "IMapIterator", "Pool", "TimeoutError"]
+__all__ = ["Client", "AsyncResult", "MapResult", "TimeoutError"]
 
 log = structlog.get_logger(__name__)
 
@@ -169,7 +169,7 @@ class Client:
             ar, env = self._pending.get(job_id), self._unclaimed.get(job_id)
         if ar is not None:
             return ar
-        ar = AsyncResult(self, job_id, pushed=False)
+        ar = AsyncResult(self._read_result, job_id, pushed=False)
         if env is not None:
             ar._resolve(env)
         return ar
@@ -246,8 +246,8 @@ class Client:
                 data = protocol.encode_job(job)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"arguments of task {name!r} cannot be sent as JSON: {e}") from e
-            results.append(AsyncResult(self, job["id"], pushed=pushed, callback=callback,
-                                       error_callback=error_callback,
+            results.append(AsyncResult(self._read_result, job["id"], pushed=pushed,
+                                       callback=callback, error_callback=error_callback,
                                        on_done=functools.partial(on_done, i) if on_done else None))
             batch.append(data)
             size += len(data)
@@ -401,11 +401,3 @@ def _describe(r: redispy.Redis) -> str:
         return f"unix://{kw['path']}?db={kw.get('db', 0)}"
     scheme = "rediss" if issubclass(pool.connection_class, redispy.SSLConnection) else "redis"
     return f"{scheme}://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-
-
-def __getattr__(name: str) -> Any:
-    # The Pool surface lives in remote_pool.py, which imports this module; load it on first use.
-    if name in ("Pool", "IMapIterator"):
-        from . import remote_pool
-        return getattr(remote_pool, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

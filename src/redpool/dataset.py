@@ -226,7 +226,7 @@ class DataLoss:
         except NameInUse as e:
             self.name_lost = True
             self.hooks.emit("name_taken", error=str(e))
-            s.stop_now()
+            s.lifecycle.stop_now()
             return
         self.leased = True
         self.renewed_at = now

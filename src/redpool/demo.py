@@ -26,7 +26,8 @@ def square(x: int) -> int:
 
 
 def run_demo(url: str, jobs: int = 12) -> int:
-    from .client import Client, Pool
+    from .client import Client
+    from .remote_pool import Pool
     from .config import usable_cores
     from .protocol import Keys
 

@@ -25,8 +25,8 @@ import math
 import os
 import socket
 import time
-from collections import Counter
-from typing import TYPE_CHECKING
+from collections import Counter, deque
+from typing import Any, Protocol
 
 import redis
 
@@ -40,13 +40,30 @@ from .keytypes import classify
 from .lease import Lease, Reaper
 from .queue import RedisQueue
 
-if TYPE_CHECKING:
-    from .supervisor import Supervisor
-
 REAP_EVERY = 1.0          # seconds between reaper rounds, cluster-wide
 PROMOTE_EVERY = 0.5       # the longest a due scheduled job waits to be promoted
 HEARTBEAT_EVERY = 1.0     # the "heartbeat" event: the loop is alive (systemd's watchdog, status)
 HELD_MAX = 1000           # completions a key of the wrong type holds back before we stop reserving
+
+
+class Loop(Protocol):
+    """What the duties use of the loop that binds them (supervisor.Supervisor, named by
+    what it offers rather than imported: it imports this module, and the arrow runs
+    one way).  Its counts and holdings, for info() and for reconciling with Redis;
+    flush() at shutdown; its lifecycle, to put back what it holds or to stop."""
+    state: str
+    stats: dict[str, int]
+    pool: Any
+    waiter: Any
+    lifecycle: Any
+    inflight: dict
+    backlog: deque
+    pending: list
+
+    def flush(self, now: float) -> None: ...
+    def receive(self, taken: list) -> None: ...
+    def held(self) -> Counter: ...
+    def snapshot(self, now: float) -> dict: ...
 
 
 class Duties(DataLoss, RedisHealth):
@@ -58,7 +75,7 @@ class Duties(DataLoss, RedisHealth):
         self.reaper = reaper
         self.hooks = hooks
         self.clock = clock
-        self.sup: Supervisor | None = None
+        self.sup: Loop | None = None
         self.started = time.time()
         self.leased = False
         self.name_lost = False
@@ -88,7 +105,7 @@ class Duties(DataLoss, RedisHealth):
         self.fixed: list = []             # keys of the wrong type fixed, not yet acted on
         rq.unusable.emit = hooks.emit
 
-    def bind(self, sup: Supervisor) -> None:
+    def bind(self, sup: Loop) -> None:
         self.sup = sup
 
     @property
@@ -273,7 +290,7 @@ class Duties(DataLoss, RedisHealth):
         self.hooks.emit("lease_lost", during=during, lease=self.cfg.lease,
                         note="this supervisor was frozen or cut off for longer than its "
                              "lease; jobs taken back by a reaper ran elsewhere")
-        self.sup.requeue_backlog(now)
+        self.sup.lifecycle.requeue_backlog(now)
         try:
             self.reregister(now)
         except redis.RedisError as e:
@@ -287,7 +304,7 @@ class Duties(DataLoss, RedisHealth):
         except NameInUse as e:
             self.name_lost = True
             self.hooks.emit("name_taken", error=str(e))
-            self.sup.stop_now()
+            self.sup.lifecycle.stop_now()
             return
         self.leased = True
         self.renewed_at = now

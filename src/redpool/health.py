@@ -252,6 +252,6 @@ class RedisHealth:
         except NameInUse as e:
             self.name_lost = True
             self.hooks.emit("name_taken", error=str(e))
-            self.sup.stop_now()
+            self.sup.lifecycle.stop_now()
             return
         self.hooks.emit("reregistered", epoch=self.lease.epoch)

@@ -1,9 +1,9 @@
 """What happens when a child answers, dies, or overruns its job's timeout.
 
-Part of the supervisor (a mixin of Supervisor, kept apart so that each file stays
-one readable responsibility): it turns pool events into completions to acknowledge,
-crash counts, failures for a child to settle, and retired children.  It makes no
-Redis call except crashed.lua, through the queue.
+A collaborator the supervisor owns (``Supervisor.events``) and hands every pool event
+to, kept apart so that each file stays one readable responsibility: it turns pool
+events into completions to acknowledge, crash counts, failures for a child to settle,
+and retired children.  It makes no Redis call except crashed.lua, through the queue.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from . import protocol as p
 from .pool import BootFailed, Died, Done, Ready, Returned, Started
 from .child import decode_done
 from .oversized import Oversized, refusal
-from .queue import Completion
+from .completion import Completion
 from .work import Work
 
 if TYPE_CHECKING:
@@ -93,20 +93,28 @@ def _printable(text: str) -> str:
 
 
 class ChildEvents:
-    """Mixin of Supervisor: needs its cfg, rq, pool, duties, hooks, clock, backlog,
-    inflight, pending, stats, avg_duration, reloading, gave_back, announce_starts,
-    started(), announce() and wall()."""
+    """Owned by the Supervisor (``sup.events``), which hands it every pool event.  It
+    works on what the supervisor holds (``sup``: backlog, inflight, pending, stats,
+    avg_duration, reloading, gave_back, answer_now; started(), announce(), wall()) and
+    calls the supervisor's collaborators (pool, queue, duties, hooks) itself."""
+
+    def __init__(self, sup) -> None:
+        # (the supervisor is not imported: it imports this module)
+        self.sup = sup
+        self.cfg, self.rq, self.pool, self.duties, self.hooks = (sup.cfg, sup.rq, sup.pool,
+                                                                 sup.duties, sup.hooks)
 
     def handle_event(self, ev, now: float) -> None:
+        s = self.sup
         if isinstance(ev, Done):
             self.job_done(ev)
         elif isinstance(ev, Started):
-            w = self.inflight.get(ev.token)
+            w = s.inflight.get(ev.token)
             if w is not None:
                 w.deadline = w.started + ev.timeout if ev.timeout > 0 else math.inf
         elif isinstance(ev, Died):
-            running = self.inflight.pop(ev.running, None) if ev.running is not None else None
-            rest = [self.inflight.pop(t) for t in ev.tokens if t in self.inflight]
+            running = s.inflight.pop(ev.running, None) if ev.running is not None else None
+            rest = [s.inflight.pop(t) for t in ev.tokens if t in s.inflight]
             if running is not None and ev.doomed and not running.timed_out:
                 # we stopped it for another job's timeout, which answered just before:
                 # the job it had moved on to did not crash it
@@ -124,7 +132,7 @@ class ChildEvents:
                                 description=ev.description, had_job=running is not None)
             # The rest of its batch: not started, or finished in the last ~2 ms with the
             # answer not yet sent.  First in line again, as they were, with no crash.
-            self.backlog.extendleft(reversed([w.again() for w in rest]))
+            s.backlog.extendleft(reversed([w.again() for w in rest]))
             if running is not None:
                 self.job_died(running, ev, now)
         elif isinstance(ev, Ready):
@@ -134,16 +142,16 @@ class ChildEvents:
             # first in line again, in their order (the batch ran long).  A child that
             # gave them back while its job runs on gets no more until that job ends;
             # what no other child can take may go back to Redis (Supervisor.shed).
-            self.backlog.extendleft(reversed([self.inflight.pop(t).again() for t in ev.tokens
-                                              if t in self.inflight]))
+            s.backlog.extendleft(reversed([s.inflight.pop(t).again() for t in ev.tokens
+                                           if t in s.inflight]))
             c = next((c for c in self.pool.children if c.pid == ev.pid), None)
             if c is not None and c.tokens:
-                c.stalled = self.gave_back = True
+                c.stalled = s.gave_back = True
         elif isinstance(ev, BootFailed):
-            if ev.import_error and self.reloading and ev.generation == self.pool.generation:
+            if ev.import_error and s.reloading and ev.generation == self.pool.generation:
                 # SIGHUP's new code does not import: keep the children we have
                 self.pool.abort_reload()
-                self.reloading = False
+                s.reloading = False
                 self.hooks.emit("reload_failed", pid=ev.pid, message=ev.message,
                                 generation=self.pool.generation)
                 return
@@ -151,24 +159,25 @@ class ChildEvents:
                             retry_in=self.pool.respawn_backoff)
 
     def job_done(self, ev: Done) -> None:
-        work = self.inflight.pop(ev.token)
-        if self.announce_starts:
-            self.announce(work, ev.pid)
+        s = self.sup
+        work = s.inflight.pop(ev.token)
+        if s.announce_starts:
+            s.announce(work, ev.pid)
         try:
             meta, done = answer_of(work, ev.msg)
         except Exception as e:
             # The containment boundary (docs/design.md, "Bad input"): what a child said of
             # ONE job could not become a completion.  That job is failed and dead-lettered
             # here; the loop, and every other job, go on.
-            self.contain(work, e, "job_done", started_at=self.wall(work.started, self.clock()))
+            self.contain(work, e, "job_done", started_at=s.wall(work.started, s.clock()))
         else:
             if work.fail is None:  # settling a failure takes no time: it says nothing of jobs
                 d = meta["duration"]
-                self.avg_duration = d if not self.avg_duration else 0.8 * self.avg_duration + 0.2 * d
-            self.pending.append(done)
-            self.stats[meta["status"]] += 1
+                s.avg_duration = d if not s.avg_duration else 0.8 * s.avg_duration + 0.2 * d
+            s.pending.append(done)
+            s.stats[meta["status"]] += 1
             if done.dead is not None:
-                self.stats["dead"] += 1
+                s.stats["dead"] += 1
             self.hooks.emit("job_finished", queue=work.queue, **meta, dead=done.dead is not None)
         c = next((c for c in self.pool.children if c.pid == ev.pid), None)
         if c is None:
@@ -182,7 +191,7 @@ class ChildEvents:
             self.pool.retire(c)
             return
         if c.tokens:  # the next job of its batch starts now
-            self.started(self.inflight[c.tokens[0]], self.clock(), c.pid)
+            s.started(s.inflight[c.tokens[0]], s.clock(), c.pid)
         if not c.stopping and not c.retiring:
             self.maybe_retire(c)
 
@@ -205,20 +214,21 @@ class ChildEvents:
         """A child died holding ``work``: settle exactly that job, nothing else."""
         # the run that died: when it started, and how long it ran (for the envelope and
         # the job_finished event of a job failed for it)
-        ran = dict(started_at=self.wall(work.started, now), ran=max(0.0, now - work.started))
+        s = self.sup
+        ran = dict(started_at=s.wall(work.started, now), ran=max(0.0, now - work.started))
         if work.timed_out:
-            self.stats["timed_out"] += 1
+            s.stats["timed_out"] += 1
             self.settle(work, p.E_TIMEOUT, f"the job ran past its timeout of "
                         f"{work.timed_out:g} s and its process was stopped ({ev.description})",
                         retry=True, dead=False, **ran)
             return
         if work.fail is not None:  # the child died settling a failure: write it ourselves
-            self.pending.append(last_resort(
+            s.pending.append(last_resort(
                 work, work.fail["error_type"],
                 f"{work.fail['message']}; then the process settling it {ev.description}",
                 self.cfg, work.fail.get("started_at")))
             return
-        self.stats["crashed"] += 1
+        s.stats["crashed"] += 1
         what = f"the pool process (pid {ev.pid}) running this job {ev.description}"
         try:
             # counted in Redis, which knows every crash of this job on every host
@@ -228,7 +238,7 @@ class ChildEvents:
             self.duties.redis_failed(e, now, "crashed")
             crashes = work.crashes + 1
             if crashes <= self.cfg.max_crashes:
-                self.backlog.appendleft(work.again(crashes=crashes))  # retry it here
+                s.backlog.appendleft(work.again(crashes=crashes))  # retry it here
                 return
         if crashes == 0:
             # no longer ours: taken back while we were cut off (it runs elsewhere), or
@@ -236,7 +246,7 @@ class ChildEvents:
             again = work.again(crashes=work.crashes + 1)
             try:
                 if self.duties.check_dataset(now, "crashed", also=[(work.queue, work.raw)]):
-                    self.backlog.appendleft(again)
+                    s.backlog.appendleft(again)
             except redis.RedisError as e:
                 self.duties.redis_failed(e, now, "dataset")
             return
@@ -251,14 +261,15 @@ class ChildEvents:
     def contain(self, work: Work, e: Exception, during: str, started_at: float | None) -> None:
         """Fail ``work`` here, for an error handling it that is neither Redis's nor a
         signal: one error event, a dead-letter entry, and the producer's answer."""
+        s = self.sup
         why = _printable(f"{type(e).__name__}: {e}")
-        self.pending.append(last_resort(
+        s.pending.append(last_resort(
             work, p.E_INVALID_JOB, f"the worker could not handle this job's outcome ({why}); "
             "what the job holds is the likely cause (its task, reply_to or id): check it, and "
             "report this to redpool's maintainers with this dead-letter entry",
             self.cfg, started_at))
-        self.stats["failed"] += 1
-        self.stats["dead"] += 1
+        s.stats["failed"] += 1
+        s.stats["dead"] += 1
         self.hooks.emit("internal_error", during=during, queue=work.queue, error=why,
                         **job_names(work.raw), note="a bug in redpool: the job was failed and "
                         "dead-lettered, and the worker carries on")
@@ -266,14 +277,15 @@ class ChildEvents:
     def refuse(self, queue: str, job: Oversized, crashes: int) -> None:
         """A job far over --max-payload, of which we hold only its head: answered and
         dead-lettered here, never handed to a child (oversized.py)."""
+        s = self.sup
         try:
             meta, done = refusal(job, queue, crashes, self.cfg)
         except ValueError:  # (an id or reply_to no key can be named by: answered by none)
             meta, done = refusal(job, queue, crashes, self.cfg, answer=False)
-        self.pending.append(done)
-        self.answer_now = True  # (found in an exchange, after it sent what was pending)
-        self.stats["failed"] += 1
-        self.stats["dead"] += 1
+        s.pending.append(done)
+        s.answer_now = True  # (found in an exchange, after it sent what was pending)
+        s.stats["failed"] += 1
+        s.stats["dead"] += 1
         self.hooks.emit("job_finished", queue=queue, **meta, dead=True)
 
     def settle(self, work: Work, error_type: str, message: str, *, retry: bool, dead: bool,
@@ -281,14 +293,14 @@ class ChildEvents:
         """Have a child fail a job as if its task had raised (it knows the task's
         retry policy): first in line, before any new job.  ``started_at``: when the run
         that was stopped started (unix seconds); ``ran``: for how long."""
-        self.backlog.appendleft(work.again(fail=dict(
+        self.sup.backlog.appendleft(work.again(fail=dict(
             error_type=error_type, message=message, retry=retry, dead=dead,
             started_at=started_at, ran=ran)))
 
     def running(self):
         """(child, work) for each child's running job: the only ones with a deadline."""
         for c in self.pool.children:
-            w = self.inflight.get(c.tokens[0]) if c.tokens else None
+            w = self.sup.inflight.get(c.tokens[0]) if c.tokens else None
             if w is not None:
                 yield c, w
 

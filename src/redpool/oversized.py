@@ -28,6 +28,7 @@ import time
 import redis
 
 from . import protocol as p
+from .completion import Completion
 from .strictjson import _LENIENT as _DECODER   # (NaN passes, a huge integer is null)
 
 
@@ -148,8 +149,6 @@ def refusal(job: Oversized, queue: str, crashes: int, cfg, *, answer: bool = Tru
     did start (a worker of another --max-payload ran it).  ``answer`` False: the
     dead-letter entry alone (what the head names cannot be written to).
     Returns the job_finished event's fields and the completion."""
-    from .queue import Completion   # (queue.py imports this module)
-
     found = known_fields(job)
     reason = (f"payload is {job.size} bytes, over the limit of {cfg.max_payload} "
               "(--max-payload): store large data elsewhere and pass a reference")

@@ -11,15 +11,12 @@ import builtins
 import multiprocessing
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import structlog
 
 from . import protocol
 from .errors import JobFailed, RedpoolError
-
-if TYPE_CHECKING:
-    from .client import Client
 
 __all__ = ["AsyncResult", "MapResult", "TimeoutError"]
 
@@ -73,15 +70,18 @@ class _Outcome:
 
 
 class AsyncResult(_Outcome):
-    """The future result of one job.  ``envelope`` is the raw result envelope once ready."""
+    """The future result of one job.  ``envelope`` is the raw result envelope once ready.
+    ``read(job_id)`` reads it from its result key (None: not there yet): the Client's,
+    handed in so that this module needs none of the client's (client.py imports it)."""
 
-    def __init__(self, client: Client, job_id: str, *, pushed: bool = True,
-                 callback: Callable | None = None, error_callback: Callable | None = None,
+    def __init__(self, read: Callable[[str], dict[str, Any] | None], job_id: str, *,
+                 pushed: bool = True, callback: Callable | None = None,
+                 error_callback: Callable | None = None,
                  on_done: Callable[[AsyncResult], Any] | None = None) -> None:
         super().__init__()
         self.id = job_id
         self.envelope: dict[str, Any] | None = None
-        self._client = client
+        self._read = read
         self._pushed = pushed  # delivered by the client's listener, else polled from its key
         self._callback, self._error_callback, self._on_done = callback, error_callback, on_done
 
@@ -105,7 +105,7 @@ class AsyncResult(_Outcome):
 
     def _poll(self) -> bool:
         if not self._event.is_set():
-            env = self._client._read_result(self.id)
+            env = self._read(self.id)
             if env is not None:
                 self._resolve(env)
         return self._event.is_set()

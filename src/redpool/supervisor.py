@@ -31,7 +31,8 @@ from .lifecycle import DRAINING, RUNNING, STOPPED, Lifecycle
 from .outcomes import ChildEvents, job_names
 from .poller import Poller
 from .pool import ProcessPool
-from .queue import Completion, Oversized, RedisQueue, Reserved
+from .completion import Completion
+from .queue import Oversized, RedisQueue, Reserved
 from .signals import SignalInbox
 from .waiter import Waiter
 from .work import Work
@@ -61,7 +62,7 @@ RETURN_AFTER_JOBS = 4
 ACK_DELAY = 0.01
 
 
-class Supervisor(ChildEvents, Lifecycle):
+class Supervisor:
     def __init__(self, cfg: WorkerConfig, rq: RedisQueue, pool: ProcessPool, duties: Duties, *,
                  waiter: Waiter | None = None, inbox: SignalInbox | None = None,
                  hooks: Hooks | None = None, clock=time.monotonic) -> None:
@@ -92,6 +93,8 @@ class Supervisor(ChildEvents, Lifecycle):
         # job_started (debug) costs a decode of every job, which the loop otherwise never
         # does (it only moves bytes): it is emitted only when the log listens at debug.
         self.announce_starts = cfg.log_level == "debug"
+        self.events = ChildEvents(self)            # what children said, and their deaths
+        self.lifecycle = Lifecycle(self)           # signals, draining, stopping
         duties.bind(self)
 
     # -- the outer loop ----------------------------------------------------------------------
@@ -106,7 +109,7 @@ class Supervisor(ChildEvents, Lifecycle):
                                          self.pool.writing())
                 self.tick(ready)
         finally:
-            self.shutdown()
+            self.lifecycle.shutdown()
 
     def startup(self) -> None:
         self.duties.start(self.clock())
@@ -129,7 +132,7 @@ class Supervisor(ChildEvents, Lifecycle):
         deadlines = [self.duties.next_due(now)]
         if self.state == DRAINING:
             deadlines.append(self.drain_deadline)
-        for _, w in self.running():
+        for _, w in self.events.running():
             deadlines.append(min(w.deadline, w.kill_at))
         if self.pending and self.ack_due > now:
             deadlines.append(self.ack_due)
@@ -145,10 +148,10 @@ class Supervisor(ChildEvents, Lifecycle):
     def tick(self, ready: list, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         if self.inbox is not None:
-            self.take_signals(ready, now)
+            self.lifecycle.take_signals(ready, now)
         for ev in self.pool.poll(ready):
-            self.handle_event(ev, now)
-        self.enforce_timeouts(now)
+            self.events.handle_event(ev, now)
+        self.events.enforce_timeouts(now)
         self.woken = False
         if self.waiter is not None:
             taken = self.waiter.take(pipe=self.waiter.fileno() in ready)
@@ -159,7 +162,7 @@ class Supervisor(ChildEvents, Lifecycle):
         if self.state == DRAINING:
             self.flush(now)
             self.dispatch(settle_only=True)
-            self.tick_draining(now)
+            self.lifecycle.tick_draining(now)
         elif self.state == RUNNING:
             self.pool.reconcile(now)
             if self.reloading and not self.pool.reloading:
@@ -342,7 +345,7 @@ class Supervisor(ChildEvents, Lifecycle):
         cost round trips for nothing."""
         surplus = -self.want()
         if surplus > 0:
-            self.requeue_backlog(now, keep=sum(w.fail is None for w in self.backlog) - surplus)
+            self.lifecycle.requeue_backlog(now, keep=sum(w.fail is None for w in self.backlog) - surplus)
         if not any(c.stalled for c in self.pool.children):
             self.gave_back = False
 
@@ -374,7 +377,7 @@ class Supervisor(ChildEvents, Lifecycle):
         its head) is answered at once instead, without a child (oversized.py)."""
         for r in got:
             if r.raw.__class__ is Oversized:
-                self.refuse(r.queue, r.raw, r.crashes)
+                self.events.refuse(r.queue, r.raw, r.crashes)
             else:
                 self.backlog.append(self.admit(r))
 
