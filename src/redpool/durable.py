@@ -108,7 +108,8 @@ class Durable:
             note=f"Redis refused WAIT, which --durable-results needs: answers written to "
                  f"{name} (and any node refusing alike) now leave their outbox without "
                  f"waiting for a replica, so a failover of that node before its replica "
-                 f"has them loses them (their jobs ran; result keys and replies vanish). To keep them, {grant}; "
+                 f"has them loses them (their jobs ran; result keys and replies vanish). "
+                 f"To keep them, {grant}; "
                  f"to say it is meant, set --durable-results off. WAIT is tried again "
                  f"every {self.retry_refused:g} s; redis_error_cleared once it answers")))
 
