@@ -249,6 +249,7 @@ class FakeQueue:
     unsent = 0        # as RedisQueue's: nothing is held back on one server
     suspect = RedisQueue.__dict__["suspect"]  # (the real one: raised from any thread)
     partial = False   # (no Redis Cluster node hangs: breaker.py)
+    passed_over = 0   # (no queue passed over: every node answers)
 
     def holding(self):
         return []     # (completions a key of the wrong type holds back: keytypes.Holding)

@@ -127,7 +127,7 @@ class ClusterQueue(RedisQueue):
         skipped = self._deliver(answers, errors)
         got: list[Reserved] = []
         answered = False  # some queue's reservation went through (empty or not)
-        fenced_out = 0
+        fenced_out = self.passed_over = 0  # (passed over: not seen empty, for --burst)
         if n > 0 and queues:
             counted, flat = False, replies[-1]
             for q in queues:
@@ -139,6 +139,7 @@ class ClusterQueue(RedisQueue):
                     self.suspect = self.suspect or lost_reply(flat)  # see RedisQueue.suspect
                 if isinstance(flat, Exception):
                     errors.append(flat)
+                    self.passed_over += 1
                     continue
                 if not flat[0]:  # that queue's fence is not ours (see ClusterLease)
                     fenced_out += 1

@@ -400,6 +400,8 @@ class RedisQueue(Holding, dataset.Markers):
     #: Some Redis Cluster node hangs (breaker.py): a reconcile, which needs every node,
     #: waits until it answers.  Never on one server.
     partial = False
+    #: Queues the last exchange could not reserve from (a node away): not seen empty.
+    passed_over = 0
 
     def node_hangs(self, queue: str, error: BaseException | None = None) -> bool:
         """Does ``queue``'s node hang (``error``, the waiter's timeout, may say so
