@@ -343,3 +343,30 @@ def test_a_worker_whose_acl_refuses_wait_says_so_once_and_empties_its_outbox():
         finally:
             d.kill()
             r.close()
+
+
+def test_the_housekeeping_reads_an_outbox_a_page_at_a_time(cluster):
+    """Answers left in an outbox (a write that failed, a WAIT that fell short) are
+    written again by the housekeeping twice a second.  It read the whole outbox each
+    time: an outbox that grew made every tick slower.  Now a page (OUTBOX_PAGE) a tick."""
+    from redpool.durable import OUTBOX_PAGE
+    r = connect(cluster.url.replace("redis://", "redis+cluster://"), socket_timeout=5)
+    k = Keys(f"pg{os.getpid()}", cluster=True)
+    try:
+        rq = ClusterQueue(r, k, "sup", ["q"])
+        box, n = k.outbox("sup", "q"), 2 * OUTBOX_PAGE + 200
+        ids = [f"p{i}" for i in range(n)]
+        r.rpush(box, *[json.dumps([k.result(i), 60, "", json.dumps({"id": i})]) for i in ids])
+        rq._undelivered.add("q")  # (as a failed write leaves it)
+        asked: list[tuple[int, int]] = []
+        lrange = r.lrange
+        r.lrange = lambda key, a, b: asked.append((a, b)) or lrange(key, a, b)
+        for _ in range(10):
+            if not r.exists(box):
+                break
+            rq.promote()
+        print(f"{n} answers delivered in {len(asked)} pages: {asked}")
+        assert not r.exists(box) and all(r.exists(k.result(i)) for i in ids[::50])
+        assert asked and all(0 <= a <= b and b - a + 1 <= OUTBOX_PAGE for a, b in asked)
+    finally:
+        r.close()

@@ -321,11 +321,13 @@ class ClusterQueue(RedisQueue):
                 # a page a tick, not the whole outbox: one that grew costs no more per tick
                 at = self._paged.pop(q, 0)
                 entries = self.r.lrange(self.keys.outbox(self.name, q), at, at + PAGE - 1)
-                if len(entries) < PAGE:
-                    self._undelivered.discard(q)  # (those not confirmed bring it back)
-                else:
-                    self._paged[q] = at + PAGE
-                self._deliver({q: [e for e in entries if e not in self._delivered[q]]}, [])
+                self._undelivered.discard(q)  # (those not confirmed bring it back)
+                trimmed = set(self._delivered[q])  # (removed below, by _scripts)
+                fresh = [e for e in entries if e not in trimmed]
+                self._deliver({q: fresh}, [])
+                if len(entries) == PAGE:  # more: read on past those that stay
+                    self._undelivered.add(q)
+                    self._paged[q] = at + sum(e in self._progress for e in fresh)
         except redis.RedisError:
             pass
         replies = self._scripts(
