@@ -370,3 +370,51 @@ def test_a_daemon_reaps_a_dead_supervisor_shard_by_shard_while_a_primary_hangs(
                     d.kill()
             rc.close()
             r.delete(ledger)
+
+
+def test_a_burst_worker_does_not_stop_while_a_queues_node_hangs():
+    """--burst stops once the queues are empty.  A queue whose node hangs was passed
+    over (NodeOpen) and so looked empty: the worker said burst_done and exited 0 with
+    that queue's jobs still queued and the jobs it finished there unacknowledged."""
+    with EmbeddedCluster(3, extra_args=PARTIAL) as c:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in c.nodes)
+        rc = connect(url)
+        keys, victim = spread(c, "bh")
+        c_ids = [f"c{i}" for i in range(40)]
+        rc.lpush(keys.queue("c"), *[json.dumps({"task": "t.nap", "id": j, "args": [0.2]})
+                                    for j in c_ids])
+        d = Daemon(url, keys.ns, "--burst", "--concurrency", "2", "--queue", "a",
+                   "--queue", "c", name="w-bh")
+        d.start(None)
+        stopped = False
+        try:
+            # Given c's node hangs while the burst worker is half way through c
+            wait_for(lambda: sum(e.get("event") == "job_finished" for e in d.events()) >= 4
+                     or d.proc.poll() is not None, 60, 0.05, "some of c's jobs to finish")
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+            stopped = True
+            wait_for(lambda: any(e.get("event") == "redis_node_hung" for e in d.events())
+                     or d.proc.poll() is not None, 60, 0.05, "the breaker to open")
+            # When queue a, on a node that answers, is served and runs dry, twice
+            box = keys.reply("{a}")  # (in a's slot: a node that answers)
+            for batch in range(2):
+                ids = [f"a{batch}-{i}" for i in range(10)]
+                rc.lpush(keys.queue("a"), *[json.dumps({"task": "t.add", "id": j, "args": [1, 2],
+                                                        "reply_to": box}) for j in ids])
+                wait_for(lambda: {json.loads(x)["id"] for x in rc.lrange(box, 0, -1)} >= set(ids)
+                         or d.proc.poll() is not None, 60, 0.05, f"batch {batch} of a")
+                # Then the worker is still there (it used to say burst_done here)
+                assert d.proc.poll() is None, [e.get("event") for e in d.events()][-5:]
+            os.kill(victim.proc.pid, signal.SIGCONT)
+            stopped = False
+            # And once the node answers, c is finished and acknowledged, then it stops
+            assert d.wait(120) == 0
+            events = [e.get("event") for e in d.events()]
+            assert "burst_done" in events and "redis_node_back" in events
+            assert rc.llen(keys.queue("c")) == 0 and rc.llen(keys.processing("w-bh", "c")) == 0
+            assert all(rc.exists(keys.result(j)) for j in c_ids)
+        finally:
+            if stopped:
+                os.kill(victim.proc.pid, signal.SIGCONT)
+            d.kill()
+            rc.close()

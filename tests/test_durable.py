@@ -74,6 +74,46 @@ def test_a_node_whose_wait_fell_short_is_not_waited_on_again_until_the_retry():
     assert d.confirmed(waits, [1], need) == {"p1"} and d.lagging == {}
 
 
+def test_a_node_that_refuses_wait_is_said_once_and_its_answers_are_confirmed_without():
+    """A WAIT refused (no +wait, a renamed command) is not a WAIT that fell short: kept
+    so, every answer would stay in the outbox for ever, and nothing be said."""
+    now = [100.0]
+    r = fake_cluster({"k1": ["p1", "r1"], "k2": ["p2", "r2"]})
+    d = Durable(r, "on", clock=lambda: now[0])
+    nope = redis.exceptions.NoPermissionError(
+        "User w has no permissions to run the 'wait' command")
+    cmds = [("k1", ("SET", "k1", "v")), ("k2", ("SET", "k2", "v"))]
+    waits, _, need = d.plan(cmds)
+    assert d.confirmed(waits, [nope, 1], need) == {"p1", "p2"}
+    assert d.lagging == {} and set(d.refused) == {"p1"}
+    emitted: list = []
+    d.tell(lambda event, **f: emitted.append((event, f)))
+    [(event, fields)] = emitted
+    assert event == "redis_error" and fields["during"] == "durable_results"
+    assert "+wait" in fields["note"] and "loses them" in fields["note"]
+    # refused: no WAIT sent there until the retry, its answers confirmed; said once
+    waits, _, need = d.plan(cmds)
+    assert [n for n, _ in waits] == ["p2"] and need["p1"] == 0
+    assert d.confirmed(waits, [1], need) == {"p1", "p2"}
+    now[0] += d.retry_refused + 1
+    waits, _, need = d.plan(cmds)
+    assert d.confirmed(waits, [nope, 1], need) == {"p1", "p2"}
+    d.tell(lambda event, **f: emitted.append((event, f)))
+    assert len(emitted) == 1
+    # a renamed command is a refusal too; a node that is a replica now is not (it lags)
+    other = redis.ResponseError("unknown command 'WAIT', with args beginning with: ")
+    replica = redis.ResponseError("WAIT cannot be used with replica instances.")
+    now[0] += d.retry_refused + 1
+    waits, _, need = d.plan(cmds)
+    assert d.confirmed(waits, [other, replica], need) == {"p1"} and "p2" in d.lagging
+    # WAIT answered again: cleared
+    now[0] += d.retry_refused + 1
+    waits, _, need = d.plan(cmds)
+    assert d.confirmed(waits, [1, 1], need) == {"p1", "p2"} and d.refused == {}
+    d.tell(lambda event, **f: emitted.append((event, f)))
+    assert [e for e, _ in emitted[1:]] == ["redis_error", "redis_error_cleared"]
+
+
 def test_auto_is_on_only_when_the_cluster_has_replicas():
     assert not Durable(fake_cluster({"k1": ["p1"]}), "auto").on
     failed = fake_cluster({"k1": ["p1", "r1"]})
@@ -269,3 +309,64 @@ def test_answers_survive_the_failover_of_their_primary_with_durable_results(tmp_
                 d.kill()
                 admin.close()
         assert lost["off"] > 0  # the control: without durable results the setup loses some
+
+
+def test_a_worker_whose_acl_refuses_wait_says_so_once_and_empties_its_outbox():
+    """The ACL of an older `redpool acl` (no +wait) on a cluster with replicas: auto is
+    on, every WAIT is refused.  The answers used to stay in the outbox for ever (and
+    the loop to read the whole outbox twice a second), with nothing said."""
+    with EmbeddedCluster(3, replicas=1) as c:
+        for n in list(c.nodes) + [x for xs in c.replicas.values() for x in xs]:
+            with redis.Redis(port=n.port) as admin:
+                admin.execute_command("ACL", "SETUSER", "w", "on", ">pw", "~*", "&*",
+                                      "+@all", "-wait")
+        seeds = ",".join(f"127.0.0.1:{n.port}" for n in c.nodes)
+        r = connect(f"redis+cluster://{seeds}", socket_timeout=5)
+        k = Keys("wr", cluster=True)
+        d = Daemon(f"redis+cluster://w:pw@{seeds}", k.ns, "--concurrency", "2",
+                   "--queue", "a", name="w-wr")
+        d.start(None).wait_started()
+        try:
+            ids = [f"j{i}" for i in range(300)]
+            r.lpush(k.queue("a"), *[json.dumps({"task": "t.add", "id": j, "args": [1, 2]})
+                                    for j in ids])
+            wait_for(lambda: all(r.exists(k.result(j)) for j in ids[::10]), 60, 0.1, "results")
+            wait_for(lambda: r.llen(k.outbox("w-wr", "a")) == 0, 60, 0.1,
+                     "the outbox to empty")
+            said = [e for e in d.events() if e.get("event") == "redis_error"
+                    and e.get("during") == "durable_results"]
+            assert said and "+wait" in said[0]["note"]
+            assert len({e["error"] for e in said}) == 1  # once per error (and per node)
+            start = next(e for e in d.events() if e.get("event") == "durable_results")
+            assert start["on"] and start["wait_refused_by"]  # found at start already
+            print(f"refusals said: {len(said)} (nodes: {sorted(e['node'] for e in said)})")
+        finally:
+            d.kill()
+            r.close()
+
+
+def test_the_housekeeping_reads_an_outbox_a_page_at_a_time(cluster):
+    """Answers left in an outbox (a write that failed, a WAIT that fell short) are
+    written again by the housekeeping twice a second.  It read the whole outbox each
+    time: an outbox that grew made every tick slower.  Now a page (OUTBOX_PAGE) a tick."""
+    from redpool.durable import OUTBOX_PAGE
+    r = connect(cluster.url.replace("redis://", "redis+cluster://"), socket_timeout=5)
+    k = Keys(f"pg{os.getpid()}", cluster=True)
+    try:
+        rq = ClusterQueue(r, k, "sup", ["q"])
+        box, n = k.outbox("sup", "q"), 2 * OUTBOX_PAGE + 200
+        ids = [f"p{i}" for i in range(n)]
+        r.rpush(box, *[json.dumps([k.result(i), 60, "", json.dumps({"id": i})]) for i in ids])
+        rq._undelivered.add("q")  # (as a failed write leaves it)
+        asked: list[tuple[int, int]] = []
+        lrange = r.lrange
+        r.lrange = lambda key, a, b: asked.append((a, b)) or lrange(key, a, b)
+        for _ in range(10):
+            if not r.exists(box):
+                break
+            rq.promote()
+        print(f"{n} answers delivered in {len(asked)} pages: {asked}")
+        assert not r.exists(box) and all(r.exists(k.result(i)) for i in ids[::50])
+        assert asked and all(0 <= a <= b and b - a + 1 <= OUTBOX_PAGE for a, b in asked)
+    finally:
+        r.close()

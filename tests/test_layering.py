@@ -212,13 +212,14 @@ def test_the_supervisor_is_one_class_that_owns_its_collaborators():
 def test_duties_use_redis_only_through_queue_and_lease():
     assert internal(imports("duties")) <= {"__init__", "protocol", "errors", "config", "hooks",
                                           "lease", "queue", "work", "supervisor", "dataset",
-                                          "health", "keytypes"}
+                                          "health", "keytypes", "suspicion"}
     # (dataset: Redis losing its data, a mixin of the duties; it reaches Redis through
     # the queue and the lease as they do, and imports neither the loop nor the pool;
     # health, the same for Redis's errors, with keytypes: keys of the wrong type)
     assert internal(imports("dataset")) <= {"errors"}
     assert internal(imports("health")) <= {"errors", "keytypes", "outage"}
     assert internal(imports("outage")) == set()   # (what counts as one outage: a rule)
+    assert internal(imports("suspicion")) == set()  # (rq.suspect, raised from any thread)
     assert internal(imports("keytypes")) <= {"errors", "protocol"}
     assert "pool" not in internal(imports("duties"))
     assert "cli" not in closure("supervisor")

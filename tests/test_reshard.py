@@ -164,6 +164,41 @@ def test_scripts_that_empty_a_key_while_their_slot_migrates_do_not_stop_half_way
     assert rc2.exists(ck.processing("sup", "q")) == 0
 
 
+def test_delivered_answers_that_empty_the_outbox_while_its_slot_migrates_stop_there(rc2, two):
+    """complete_cluster.lua trims the answers delivered earlier last; if they empty the
+    outbox (one of them removed already, by a reaper racing us), the next LREM met a
+    "non local" key: the script stopped with an error after its writes (the job gone
+    from our list, its completion taken for failed and sent again)."""
+    from redpool.cluster import ClusterLease, ClusterQueue
+    from redpool.queue import Completion
+
+    ck = Keys("trim", cluster=True)
+    lease = ClusterLease(rc2, ck, "sup", ["q"])
+    lease.register({"host": "elsewhere", "pid": 1}, 60)
+    rq = ClusterQueue(rc2, ck, "sup", ["q"])
+    rc2.rpush(ck.queue("q"), b'{"id":"j3"}', b'{"id":"j2"}', b'{"id":"j1"}', b'{"id":"j0"}')
+    j1, j2, j3 = [g.raw for g in rq.exchange([], 3, lease.epoch)[2]]
+    answered = [Completion("q", raw, i, 60, None, b'{"id":"%s"}' % i.encode())
+                for raw, i in ((j1, "j1"), (j2, "j2"))]
+    assert rq.exchange(answered, 0, "")[:2] == (0, 0)  # their answers: trimmed next time
+    box = ck.outbox("sup", "q")
+    first, second = rc2.lrange(box, 0, -1)
+    assert rc2.lrem(box, 1, second) == 1  # (another deliverer took it out already)
+    rc2.lpush(ck.dead_of("q"), b"{}")  # every key of the queue exists: the script runs
+    rc2.hset(ck.crashes_of("q"), "some", 1)
+    rc2.zadd(ck.scheduled("q"), {b'{"id":"later"}': time.time() + 3600})
+    assert rc2.exists(box, ck.processing("sup", "q"), ck.queue("q")) == 3
+    move = opened(two, "q")
+    try:
+        # When a completion without an answer goes with the trims, which empty the outbox
+        assert rq.exchange([Completion("q", j3, None, 0, None, None)], 0, "")[:2] == (0, 0)
+    finally:
+        move.close()
+    # Then the script went through: the job is acknowledged, nothing is sent again
+    assert rq.unsent == 0 and not rc2.exists(box)
+    assert rc2.llen(ck.processing("sup", "q")) == 0 and rc2.llen(ck.queue("q")) == 1
+
+
 def test_tryagain_is_a_slot_moving_not_an_outage():
     from redpool.health import MOVING_MAX
     from redpool.keytypes import classify

@@ -32,7 +32,7 @@ from redpool.hooks import Hooks
 from redpool.keytypes import KeyMap, Unusable
 from redpool.keys import Keys
 from redpool.pool import BootFailed, Died, Done, Ready, Returned, Started, describe_exit
-from redpool.queue import Reserved
+from redpool.queue import RedisQueue, Reserved
 from redpool.registry import Registry
 from redpool.runner import Policy, Runner
 from redpool.outcomes import KILL_GRACE
@@ -247,8 +247,9 @@ class FakeQueue:
         return dict(moved)
 
     unsent = 0        # as RedisQueue's: nothing is held back on one server
-    suspect = False
+    suspect = RedisQueue.__dict__["suspect"]  # (the real one: raised from any thread)
     partial = False   # (no Redis Cluster node hangs: breaker.py)
+    passed_over = 0   # (no queue passed over: every node answers)
 
     def holding(self):
         return []     # (completions a key of the wrong type holds back: keytypes.Holding)
@@ -1652,6 +1653,33 @@ def test_reconcile_keeps_what_we_hold():
     assert w.rq.requeue_calls[-1] == [("default", b"stray")]
     held = w.sup.held()
     assert sorted(held.elements()) == sorted(Counter(w.rq.processing).elements())
+
+
+def test_a_suspicion_raised_during_the_reconcile_brings_another_reconcile():
+    """The waiter thread raises rq.suspect when its BLMOVE times out on a node that hangs
+    (the move may run when the node wakes).  Raised while a reconcile was reading our
+    lists, it was reset with the reconcile's own, and the job moved stayed unreported."""
+    w = World([], size=1, prefetch=0)
+    w.tick()
+    read = w.rq.processing_contents
+    waiter_raised = []
+
+    def reading():  # the waiter thread, while the loop reconciles
+        out = read()
+        if not waiter_raised:
+            waiter_raised.append(True)
+            w.rq.suspect = True
+            w.rq.processing.append(("default", b"moved by the waiter"))
+        return out
+    w.rq.processing_contents = reading
+    w.rq.suspect = True  # a reply was lost
+    w.tick(1.0)
+    assert w.named("reconciled") == [] and waiter_raised  # (nothing stray at the read)
+    assert w.rq.suspect  # the waiter's raise is kept...
+    w.tick(1.0)
+    # ...and the next tick reconciles again: the job the waiter moved goes back
+    assert w.named("reconciled") == [{"requeued": 1}] and not w.rq.suspect
+    assert w.rq.requeue_calls[-1] == [("default", b"moved by the waiter")]
 
 
 def test_jobs_reserved_by_the_first_call_after_an_outage_are_not_put_back():

@@ -285,6 +285,7 @@ def _run_worker(cfg: config.WorkerConfig, inbox,
         from .cluster import ClusterLease, ClusterQueue, ClusterReaper
         from .durable import Durable
         durable = Durable(r, cfg.durable_results)
+        durable.check()  # (a node that refuses WAIT: said by the loop, redis_error)
         log.info("durable_results", **durable.describe())
         rq = ClusterQueue(r, keys, cfg.name, cfg.queues, dead_max=cfg.dead_max, durable=durable)
         lease = ClusterLease(r, keys, cfg.name, cfg.queues)

@@ -45,6 +45,7 @@ from typing import Iterable
 import redis
 
 from .breaker import NodeOpen, attach
+from .durable import OUTBOX_PAGE as PAGE
 from .cluster_reaper import ClusterReaper  # noqa: F401  (it lived here: imported from here)
 from .lease import Lease
 from .nodes import lost_reply, rerun_unknown, send_by_node, write_answers
@@ -74,6 +75,7 @@ class ClusterQueue(RedisQueue):
         # skipping the parts of an answer that went through (_progress).
         self._undelivered: set[str] = set()
         self._progress: dict[bytes, set[int]] = {}
+        self._paged: dict[str, int] = {}  # queue -> where the housekeeping reads on (PAGE)
         self.breaker = attach(r)  # nodes that hang (breaker.py), shared with the lease
 
     def exchange(self, done: list[Completion], n: int, epoch: str
@@ -125,7 +127,7 @@ class ClusterQueue(RedisQueue):
         skipped = self._deliver(answers, errors)
         got: list[Reserved] = []
         answered = False  # some queue's reservation went through (empty or not)
-        fenced_out = 0
+        fenced_out = self.passed_over = 0  # (passed over: not seen empty, for --burst)
         if n > 0 and queues:
             counted, flat = False, replies[-1]
             for q in queues:
@@ -137,6 +139,7 @@ class ClusterQueue(RedisQueue):
                     self.suspect = self.suspect or lost_reply(flat)  # see RedisQueue.suspect
                 if isinstance(flat, Exception):
                     errors.append(flat)
+                    self.passed_over += 1
                     continue
                 if not flat[0]:  # that queue's fence is not ours (see ClusterLease)
                     fenced_out += 1
@@ -306,6 +309,8 @@ class ClusterQueue(RedisQueue):
         on the way, and completions or answers a failed node held up go again.  While
         a node hangs, its breaker is tended (breaker.py: the slot map learned anew)."""
         self.breaker.tend(self.r, self.unusable.emit)  # (emit: the hooks', set by Duties)
+        if self.durable is not None:
+            self.durable.tell(self.unusable.emit)  # (a node that refuses WAIT, said once)
         try:  # best effort: what a node away holds up waits for the next round
             if self._unsent:
                 self.complete([])
@@ -313,9 +318,16 @@ class ClusterQueue(RedisQueue):
                 node = self._node(q)
                 if node is None or self.breaker.is_open(node.name):
                     continue  # (its outbox's node hangs: later)
-                entries = self.r.lrange(self.keys.outbox(self.name, q), 0, -1)
-                self._undelivered.discard(q)
-                self._deliver({q: [e for e in entries if e not in self._delivered[q]]}, [])
+                # a page a tick, not the whole outbox: one that grew costs no more per tick
+                at = self._paged.pop(q, 0)
+                entries = self.r.lrange(self.keys.outbox(self.name, q), at, at + PAGE - 1)
+                self._undelivered.discard(q)  # (those not confirmed bring it back)
+                trimmed = set(self._delivered[q])  # (removed below, by _scripts)
+                fresh = [e for e in entries if e not in trimmed]
+                self._deliver({q: fresh}, [])
+                if len(entries) == PAGE:  # more: read on past those that stay
+                    self._undelivered.add(q)
+                    self._paged[q] = at + sum(e in self._progress for e in fresh)
         except redis.RedisError:
             pass
         replies = self._scripts(

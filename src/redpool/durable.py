@@ -25,6 +25,16 @@ The event loop is single-threaded: a WAIT that times out stalls every queue for
 ``wait_ms``.  So a node whose WAIT fell short is *lagging*: for ``retry`` seconds its
 answers are written without a WAIT (kept in the outbox, not confirmed), then one WAIT is
 tried again.  A node the slot map shows without replicas has nothing to wait for.
+
+A node that *refuses* WAIT (an error reply: an ACL user without ``+wait``, a renamed
+command, a managed service) would otherwise keep every answer in the outbox for ever,
+the outbox growing and nobody told.  So a refusal switches durable results off for that
+node: it is said once (``redis_error``, naming what to grant), its answers are confirmed
+without waiting -- a failover of that node before its replica has them loses them, as
+without --durable-results -- and WAIT is tried there again every REFUSED_RETRY seconds
+(``redis_error_cleared`` once it answers).  WAIT is tried once at start too (``check``),
+so that the refusal is said before the first answer.  An error that says the node is a
+replica now (a failover) or that its slot moves is not a refusal: it lags, as above.
 """
 
 from __future__ import annotations
@@ -34,12 +44,16 @@ import time
 import redis
 from redis.exceptions import RedisClusterException
 
+from .keytypes import classify
+
 #: --durable-results: auto (on for a cluster whose primaries have replicas), on, off
 MODES = ("auto", "on", "off")
 WAIT_MS = 100       # one WAIT's timeout: the longest one lagging replica stalls the loop
 RETRY_LAGGING = 2.0  # seconds between two WAITs of a node whose replica lags
 PROBE_TTL_MS = 60_000
 REFRESH = 5.0        # seconds between two looks at which primary has how many replicas
+REFUSED_RETRY = 60.0  # seconds between two WAITs of a node that refused WAIT
+OUTBOX_PAGE = 500    # outbox entries the housekeeping reads per queue and tick (cluster.py)
 
 
 class Durable:
@@ -50,18 +64,69 @@ class Durable:
         if mode not in MODES:
             raise ValueError(f"durable results: {mode!r} is not one of {', '.join(MODES)}")
         self.r, self.mode, self.wait_ms, self.retry, self.clock = r, mode, wait_ms, retry, clock
+        self.retry_refused = REFUSED_RETRY
         self.lagging: dict[str, float] = {}  # node name -> when to WAIT on it again
         self._known: dict[str, int] | None = None  # primary name -> its replicas
         self._seen, self._refresh_at = None, 0.0
         self.on = mode == "on" or (mode == "auto" and any(self.replicas().values()))
         self.waits = self.short = 0          # WAITs sent, and those that fell short
         self.pushed: dict[bytes, str] = {}   # entry -> node its reply went to, unconfirmed
+        self.refused: dict[str, tuple[str, float]] = {}  # node -> (error, next WAIT)
+        self.news: list[tuple[str, dict]] = []  # events for the loop (tell)
+        self._said: set[str] = set()  # the refusals said (once each)
+
+    def check(self) -> None:
+        """At start, when on: WAIT 0 on every primary (it answers at once), so that a
+        node that refuses WAIT is said before the first answer is kept waiting."""
+        if not self.on:
+            return
+        try:
+            primaries = self.r.get_primaries()
+        except (redis.RedisError, RedisClusterException):
+            return
+        for node in primaries:
+            try:
+                node.redis_connection.execute_command("WAIT", 0, 1)
+            except redis.ResponseError as e:
+                if _refusal(e):
+                    self.refuse(node.name, e)
+            except (redis.RedisError, RedisClusterException):
+                pass  # (a node away: its writes fail too, and say so)
+
+    def refuse(self, name: str, e: Exception) -> None:
+        """Node ``name`` refused WAIT: its answers are confirmed without waiting for
+        REFUSED_RETRY seconds; said once per distinct error (``news``)."""
+        self.refused[name] = (str(e), self.clock() + self.retry_refused)
+        if str(e) in self._said:
+            return
+        self._said.add(str(e))
+        grant = "grant the worker's ACL user +wait (`redpool acl worker` prints its rules)" \
+            if isinstance(e, redis.exceptions.NoPermissionError) or "NOPERM" in str(e) else \
+            "let the worker's Redis user run WAIT (it may be renamed or disabled there)"
+        self.news.append(("redis_error", dict(
+            error=str(e), during="durable_results", node=name,
+            note=f"Redis refused WAIT, which --durable-results needs: answers written to "
+                 f"{name} (and any node refusing alike) now leave their outbox without "
+                 f"waiting for a replica, so a failover of that node before its replica "
+                 f"has them loses them (their jobs ran; result keys and replies vanish). "
+                 f"To keep them, {grant}; "
+                 f"to say it is meant, set --durable-results off. WAIT is tried again "
+                 f"every {self.retry_refused:g} s; redis_error_cleared once it answers")))
+
+    def tell(self, emit) -> None:
+        """Hand the events the refusals left to the loop's ``emit`` (cluster.py promote)."""
+        while self.news and emit is not None:
+            event, fields = self.news.pop(0)
+            emit(event, **fields)
 
     def describe(self) -> dict:
         """What to log once at start (cli.py)."""
         why = {"on": "asked for", "off": "asked for"}.get(self.mode) or (
             "the primaries have replicas" if self.on else "no primary has a replica")
-        return {"on": self.on, "mode": self.mode, "why": why}
+        out = {"on": self.on, "mode": self.mode, "why": why}
+        if self.refused:
+            out["wait_refused_by"] = sorted(self.refused)  # (redis_error says what to do)
+        return out
 
     def replicas(self) -> dict[str, int]:
         """Each primary's replicas, by CLUSTER NODES, looked at again every REFRESH
@@ -120,17 +185,30 @@ class Durable:
             if self.lagging.get(name, 0) > now:
                 need[name] = None
                 continue
+            if name in self.refused and self.refused[name][1] > now:
+                need[name] = 0  # (WAIT refused: confirmed without it, as said)
+                continue
             waits.append((name, (last[name], ("WAIT", n, self.wait_ms))))
         return waits, nodes, need
 
     def confirmed(self, waits: list, replies: list, need: dict) -> set[str]:
         """The nodes whose answers are confirmed: those with nothing to wait for, and
         those whose WAIT (``replies``, in the order of ``waits``) reached the replicas
-        needed.  A node that fell short lags from now on, for ``retry`` seconds."""
+        needed.  A node that fell short lags from now on, for ``retry`` seconds; one
+        that refused WAIT is confirmed without it (``refuse``)."""
         ok = {name for name, n in need.items() if n == 0}
         now = self.clock()
         for (name, (_, (_, n, _))), reply in zip(waits, replies):
             self.waits += 1
+            if isinstance(reply, redis.ResponseError) and _refusal(reply):
+                self.refuse(name, reply)
+                ok.add(name)
+                continue
+            if name in self.refused and not isinstance(reply, Exception):
+                del self.refused[name]  # (WAIT answers there again)
+                if not self.refused and self._said:
+                    self._said.clear()
+                    self.news.append(("redis_error_cleared", {"during": "durable_results"}))
             if not isinstance(reply, Exception) and int(reply) >= n:
                 ok.add(name)
                 self.lagging.pop(name, None)
@@ -139,3 +217,9 @@ class Durable:
                 if not isinstance(reply, redis.ConnectionError):  # (a node away: no stall)
                     self.lagging[name] = now + self.retry
         return ok
+
+
+def _refusal(e: Exception) -> bool:
+    """An error reply to WAIT that is a refusal (no permission, an unknown or renamed
+    command), not a node that is a replica now (a failover) nor a slot moving."""
+    return classify(e) == "refused" and "replica" not in str(e).lower()

@@ -39,6 +39,7 @@ from .health import BACKOFF_MAX, RedisHealth
 from .keytypes import classify
 from .lease import Lease, Reaper
 from .queue import RedisQueue
+from . import suspicion
 
 REAP_EVERY = 1.0          # seconds between reaper rounds, cluster-wide
 PROMOTE_EVERY = 0.5       # the longest a due scheduled job waits to be promoted
@@ -247,8 +248,9 @@ class Duties(DataLoss, RedisHealth):
             if not self.leased and not self.name_lost and not paused:
                 self.reregister(now)
             if (self.reconcile_pending or self.rq.suspect) and not self.rq.partial:
+                seen = suspicion.mark(self.rq)  # (a waiter may raise it meanwhile: kept)
                 self.reconcile()  # (partial: a Redis Cluster node hangs; once it answers)
-                self.rq.suspect = False  # (after it: one that failed is tried again)
+                suspicion.lower(self.rq, seen)  # (after it: one that failed is tried again)
             if now >= self.next_renew:
                 self.next_renew = now + self.cfg.lease / 3
                 if self.lease.renew(self.info(), self.cfg.lease):

@@ -26,6 +26,7 @@ from .oversized import Oversized, blmove, from_raw, from_reply
 from .keys import crash_started
 from .keytypes import Holding, KeyMap, Unusable, culprit, pairs
 from .protocol import DEAD_JOB_KEPT, Keys
+from .suspicion import Suspicion
 
 #: TTL of a reply list when the job asked for no result key (result_ttl 0): the
 #: producer waiting on it must still get its answer.
@@ -365,10 +366,12 @@ class RedisQueue(Holding, dataset.Markers):
 
     #: A call's reply was lost while other calls went through, so no outage is seen: a
     #: script may have reserved jobs nobody heard of.  The duties reconcile and reset it.
-    suspect = False
+    suspect = Suspicion()  # (raised from any thread, never lost: suspicion.py)
     #: Some Redis Cluster node hangs (breaker.py): a reconcile, which needs every node,
     #: waits until it answers.  Never on one server.
     partial = False
+    #: Queues the last exchange could not reserve from (a node away): not seen empty.
+    passed_over = 0
 
     def node_hangs(self, queue: str, error: BaseException | None = None) -> bool:
         """Does ``queue``'s node hang (``error``, the waiter's timeout, may say so

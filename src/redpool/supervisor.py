@@ -327,7 +327,10 @@ class Supervisor:
             return
         empty = len(got) < n
         if empty and self.cfg.burst and not self.backlog and not self.inflight \
-                and not self.pending and self.duties.nothing_scheduled:
+                and not self.pending and self.duties.nothing_scheduled and not (
+                    self.rq.unsent or self.rq.partial or self.rq.passed_over):
+            # (not while a Redis Cluster node is away or hangs: its queues are not seen
+            # empty, and its acknowledgements wait)
             self.hooks.emit("burst_done")
             self.state = STOPPED
         elif self.waiter is not None:

@@ -56,8 +56,8 @@ local dead_bad, sched_bad = nil, nil  -- their wrong type, or false once known g
 local delivered = tonumber(ARGV[2])
 -- While a Redis Cluster slot migrates, a key this script empties (deletes) cannot be
 -- touched again: it is "non local", an error half way.  So the delivered answers leave
--- the outbox last, after the pushes, and the processing list is not touched once its
--- length, taken first, says it is empty.  (Every key exists when such a script runs:
+-- the outbox last, after the pushes, and neither the outbox nor the processing list
+-- is touched once its length, taken first, says it is empty.  (Every key exists when such a script runs:
 -- the node answers TRYAGAIN otherwise.)
 local proc_left = redis.pcall('LLEN', KEYS[1])
 if type(proc_left) ~= 'number' then proc_left = nil end  -- WRONGTYPE: the pcall below says
@@ -121,9 +121,13 @@ end
 if dead_added then
   redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
 end
-if not box_bad then
+if not box_bad and delivered > 0 then
+  -- not once they have emptied it (an entry a reaper removed already, one delivered
+  -- twice): the emptied outbox would be "non local" now, an error after our writes
+  local box_left = redis.call('LLEN', KEYS[2])
   for i = 3, 2 + delivered do
-    redis.call('LREM', KEYS[2], 1, ARGV[i])
+    if box_left == 0 then break end
+    box_left = box_left - redis.call('LREM', KEYS[2], 1, ARGV[i])
   end
 end
 if box_bad and #broken == 0 then
