@@ -199,6 +199,78 @@ def test_delivered_answers_that_empty_the_outbox_while_its_slot_migrates_stop_th
     assert rc2.llen(ck.processing("sup", "q")) == 0 and rc2.llen(ck.queue("q")) == 1
 
 
+def test_a_cluster_waiter_reads_its_blmove_itself_and_follows_ask_and_moved(
+        rc2, two, monkeypatch):
+    """ClusterQueue._blmove: send_by_node with ``over``.  On the queue's node the reply
+    is read by oversized.read_bulk (a job over the limit never whole: not from_raw's
+    drop after the fact); WRONGTYPE is raised with the connection still in step; ASK
+    and MOVED are followed as for any command (their reply read by redis-py, dropped to
+    its head at once), never by redis-py's own loop."""
+    import hashlib
+
+    import redpool.nodes
+    import redpool.queue
+    from redpool.cluster import ClusterQueue
+    from redpool.oversized import Oversized, from_raw
+    from redpool.redirects import follow
+
+    ck = Keys("bw", cluster=True)
+    rq = ClusterQueue(rc2, ck, "sup", ["w"])
+    rq.head_over, rq.crashes_exist = 100_000, False   # (no HGET of crash counts after it)
+    feed = connect(two.url.replace("redis://", "redis+cluster://"), socket_timeout=5)
+    proc = ck.processing("sup", "w")
+
+    def job(i: int, size: int) -> bytes:
+        return b'{"id":"%d","a":"' % i + b"z" * size + b'"}'
+
+    def bigs() -> list[bytes]:
+        return [x for x in feed.lrange(proc, 0, -1) if len(x) > rq.head_over]
+
+    seen: list[str] = []   # the errors the first round (read by read_bulk) answered
+
+    def spy(r, commands, replies, send):
+        seen.extend(type(x).__name__ for x in replies if isinstance(x, Exception))
+        return follow(r, commands, replies, send)
+    monkeypatch.setattr(redpool.nodes, "follow", spy)
+    monkeypatch.setattr(rc2, "execute_command", lambda *a, **kw: pytest.fail(f"sent {a}"))
+    # Given the queue's node answering as ever
+    monkeypatch.setattr(redpool.queue, "from_raw", lambda raw: pytest.fail("read whole"))
+    assert rq.block_reserve(rc2, "w", 0.1) is None                       # nil
+    small, big = job(0, 10), job(1, 3_000_000)
+    feed.lpush(ck.queue("w"), small, big)   # (small first: BLMOVE takes the right)
+    assert rq.block_reserve(rc2, "w", 1.0).raw == small
+    got = rq.block_reserve(rc2, "w", 1.0).raw
+    assert isinstance(got, Oversized) and got.size == len(big) and big.startswith(got)
+    assert got.sha == hashlib.sha1(big).hexdigest() and big.endswith(got.tail)
+    assert bigs() == [big]                                               # moved whole
+    feed.set(ck.queue("w"), "not a list")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        rq.block_reserve(rc2, "w", 0.1)
+    feed.delete(ck.queue("w"))
+    assert rq.block_reserve(rc2, "w", 0.1) is None                       # still in step
+    assert seen == ["ResponseError"]                                     # (WRONGTYPE)
+    monkeypatch.setattr(redpool.queue, "from_raw", from_raw)
+    # When its slot migrates with every key already on the target: ASK, followed
+    feed.lpush(ck.queue("w"), job(2, 3_000_000))
+    move = opened(two, "w")
+    try:
+        move.move()
+        got = rq.block_reserve(rc2, "w", 1.0).raw
+        assert isinstance(got, Oversized) and got.startswith(b'{"id":"2"')
+        assert seen[1:] == ["AskError"]
+    finally:
+        move.close()
+    # And once the slot is the target's (our map stale): MOVED, followed
+    feed.lpush(ck.queue("w"), job(3, 3_000_000))
+    got = rq.block_reserve(rc2, "w", 1.0).raw
+    assert isinstance(got, Oversized) and got.startswith(b'{"id":"3"')
+    assert seen[2:] == ["MovedError"]
+    assert len(bigs()) == 3 and move.dst.llen(proc) == 4              # all whole, there
+    assert rq.block_reserve(rc2, "w", 0.1) is None
+    monkeypatch.undo()
+    feed.close()
+
+
 def test_tryagain_is_a_slot_moving_not_an_outage():
     from redpool.health import MOVING_MAX
     from redpool.keytypes import classify

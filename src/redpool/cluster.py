@@ -246,10 +246,11 @@ class ClusterQueue(RedisQueue):
 
     def _blmove(self, conn, queue: str, timeout: float) -> bytes | None:
         """BLMOVE through send_by_node: a slot moving is followed (ASK) or said at once
-        (TRYAGAIN), not retried 16 times by redis-py between the two nodes (redirects.py)."""
+        (TRYAGAIN), not retried 16 times by redis-py between the two nodes (redirects.py);
+        its reply read as on one server (``over``: a job over the limit never held whole)."""
         src, dst = self.keys.queue(queue), self._proc_key(queue)
         return _raise_first(send_by_node(conn, [(src, ("BLMOVE", src, dst, "RIGHT", "LEFT",
-                                                        timeout))]))[0]
+                                                        timeout))], self.head_over))[0]
 
     def _each(self, commands: list[tuple[str, tuple]]) -> list:
         """As RedisQueue._each, per node (send_by_node): one round trip."""

@@ -19,6 +19,7 @@ from redis.exceptions import RedisClusterException
 
 from .breaker import attach
 from .durable import PROBE_TTL_MS
+from .oversized import read_bulk
 from .protocol import Keys
 from .queue import REPLY_TTL_WHEN_NO_RESULT, load_script
 from .redirects import follow
@@ -157,7 +158,7 @@ def write_answers(r, keys: Keys, entries: list[bytes], progress: dict | None = N
     return out
 
 
-def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
+def send_by_node(r, commands: list[tuple[str, tuple]], over: int = 0) -> list:
     """Commands, each given as (the key that routes it, the command), all of whose keys
     share that key's slot: packed and sent per node on one of its connections, every
     node's writes before any read.  One round trip however many nodes, and none of a
@@ -174,7 +175,14 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
     slot's new owner; TRYAGAIN (the slot's keys split between two nodes for now) is
     answered as it is, for the caller to wait a moment and try again.  A node that
     timed out opens its breaker (breaker.py): from then on nothing is sent to it, each
-    of its commands answered by NodeOpen at once."""
+    of its commands answered by NodeOpen at once.
+
+    ``over`` (a waiter's BLMOVE, alone): its first reply is read by oversized.py's
+    reader, so that an element longer than ``over`` bytes is never held whole (its head
+    and tail kept, the rest hashed as it streams past), as on one server.  Everything
+    else is as for any command: an error reply (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) is
+    read in full and handled as above, a connection error trips the breaker and learns
+    the slot map again; only the reply of a redirected BLMOVE is read by redis-py."""
     if not commands:
         return []
     by_node: dict = defaultdict(list)
@@ -182,7 +190,8 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
         for i, (key, _) in enumerate(commands):
             by_node[(r.get_node_from_key(key).name, False)].append(i)
     replies: list = [None] * len(commands)
-    failed = _round(r, commands, by_node, replies)
+    read = _streamed(over) if over and len(commands) == 1 else _read
+    failed = _round(r, commands, by_node, replies, read)
     failed = follow(r, commands, replies, _round) or failed
     if failed:
         try:
@@ -195,11 +204,14 @@ def send_by_node(r, commands: list[tuple[str, tuple]]) -> list:
     return replies
 
 
-def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) -> str:
+def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list,
+           read=None) -> str:
     """Send the commands ``groups`` names, {(node name, asking): their indexes}, every
     node's before any reply is read, and put the replies in place.  With ``asking``
     each command goes after an ASKING, on the same connection (a slot being imported
-    there: redirects.py).  Returns the name of a node that could not be reached, or ""."""
+    there: redirects.py).  ``read``: how a reply is read (send_by_node's ``over``).
+    Returns the name of a node that could not be reached, or ""."""
+    read = read or _read
     held = []   # (node, pool, connection, indexes, asking) of the nodes written to
     failed = ""
     breaker = attach(r)
@@ -229,7 +241,7 @@ def _round(r, commands: list[tuple[str, tuple]], groups: dict, replies: list) ->
             for i in idx:
                 if asking:
                     _read(conn)  # OK (an error: the command's own reply says more)
-                replies[i] = _read(conn)
+                replies[i] = read(conn)
             _put_back(pool, conn)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             failed = e.node = name
@@ -250,6 +262,16 @@ def _read(conn):
         return conn.read_response()
     except redis.ResponseError as e:  # read in full: the connection stays in step
         return e
+
+
+def _streamed(over: int):
+    """A reader of one BLMOVE's reply (send_by_node's ``over``), as _read."""
+    def read(conn):
+        try:
+            return read_bulk(conn, over)
+        except redis.ResponseError as e:  # (one line, read in full: still in step)
+            return e
+    return read
 
 
 def lost_reply(e: BaseException) -> bool:

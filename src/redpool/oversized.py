@@ -12,9 +12,10 @@ holding the head and ``job_size``; its completion names it by ``"<sha1> <length>
 complete.lua finds and removes it by hash, in Redis.  Its bytes never reach Python.
 
 The waiters' BLMOVE returns whole elements: ``blmove`` reads its reply from the socket
-itself, keeping the head and tail of such a job and hashing the rest as it streams past
-(on Redis Cluster redis-py reads it whole, and block_reserve drops it to the same at
-once: docs/design.md).
+itself, keeping the head and tail of such a job and hashing the rest as it streams past;
+on Redis Cluster nodes.send_by_node reads it with the same ``read_bulk`` (only a BLMOVE
+redirected while its slot moves is read whole by redis-py, and block_reserve drops it to
+the same at once: docs/design.md).
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def blmove(conn, src: str, dst: str, timeout: float, over: int) -> bytes | Overs
     c = conn.connection_pool.get_connection()
     try:
         c.send_command("BLMOVE", src, dst, "RIGHT", "LEFT", timeout)
-        out = _read_bulk(c, over)
+        out = read_bulk(c, over)
     except BaseException:
         c.disconnect()   # (a reply may be half read: start afresh)
         raise
@@ -207,8 +208,10 @@ def blmove(conn, src: str, dst: str, timeout: float, over: int) -> bytes | Overs
     return out
 
 
-def _read_bulk(c, over: int) -> bytes | Oversized | None:
-    """The reply of the command just sent on connection ``c`` (nothing else pending)."""
+def read_bulk(c, over: int) -> bytes | Oversized | None:
+    """The reply of the command just sent on connection ``c`` (nothing else pending:
+    bytes read past the reply would be lost), a bulk string or nil; an error reply is
+    raised as redis-py raises it (MOVED, ASK, TRYAGAIN ... included), read in full."""
     sock = c._sock
 
     def recv(into) -> int:
