@@ -200,3 +200,92 @@ def test_a_waiter_reads_blmove_replies_itself(r, keys, size):
         assert conn.ping()
     finally:
         conn.close()
+
+
+@pytest.mark.daemon
+def test_a_reconcile_while_its_refusal_is_held_back_reads_no_oversized_job(tmp_path, namespace):
+    # Given a 16 MB job refused (PayloadTooLarge) whose completion is held back: the
+    # dead-letter list holds another type (keytypes.py), so the job stays, whole, in
+    # our processing list, and we hold only its head
+    import time
+
+    from helpers import Daemon
+    from redpool.protocol import Keys
+    from redpool.server import EmbeddedServer
+
+    keys = Keys(namespace)
+    (tmp_path / "aof").mkdir()
+    srv = EmbeddedServer(appendonly=True, dir=str(tmp_path / "aof")).start()
+    d = None
+    try:
+        r = redis.Redis.from_url(srv.url)
+        r.set(keys.dead, "not a list")
+        d = Daemon(srv.url, namespace, "--max-payload", str(MAX_PAYLOAD), "--concurrency", "1",
+                   "--lease", "10").start(tmp_path)
+        d.wait_started()
+        base = vm_kib(d.pid)["VmHWM"]
+        reply = keys.reply("huge")
+        raw = json.dumps({"id": "huge", "reply_to": reply, "task": "jobs.echo",
+                          "args": ["z" * (16 * 1024 * 1024)]}).encode()
+        r.lpush(keys.queue("default"), raw)
+        proc = keys.processing("w1", "default")
+        wait_for(lambda: any(e.get("event") == "job_finished" for e in d.events()),
+                 timeout=60, what="its refusal")
+        assert r.llen(proc) == 1 and not r.exists(reply)   # held back, not answered
+        # When Redis goes away and comes back (its AOF keeps the job): a reconcile
+        # follows the outage (a reply lost with the connection may hide a script that ran)
+        srv.proc.kill()
+        srv.proc.wait()
+        time.sleep(1.0)
+        srv.start()
+        r = redis.Redis.from_url(srv.url)
+        wait_for(lambda: any(e.get("event") == "redis_up" for e in d.events()), 60, 0.2,
+                 "redis_up")
+        # Then the reconcile (at the tick that saw Redis back: allowed two seconds) knows
+        # the job by its hash: it stays in our list, not put back in its queue as a stray
+        time.sleep(2.0)
+        assert r.llen(keys.queue("default")) == 0 and r.llen(proc) == 1
+        # and once the dead-letter list is fixed, the job is answered once and dead-lettered
+        r.delete(keys.dead)
+        env = answered(r, reply)
+        check_refused(env, r.lrange(keys.dead, 0, -1), raw, "huge")
+        wait_for(lambda: not r.llen(proc), timeout=30, what="its processing list to empty")
+        time.sleep(1.0)
+        assert not r.exists(reply) and r.llen(keys.queue("default")) == 0
+        events = [e.get("event") for e in d.events()]
+        assert "results_dropped" not in events and "reconciled" not in events, events
+        assert events.count("job_finished") == 1
+        grew = vm_kib(d.pid)["VmHWM"] - base
+        print(f"supervisor peak +{grew} KiB for a job of {len(raw)} bytes (a reconcile "
+              "while its refusal was held back)")
+        assert grew * 1024 < len(raw) // 2, "the supervisor read the job whole"
+    finally:
+        if d is not None:
+            d.kill()
+        srv.stop()
+
+
+def test_processing_lists_are_read_with_oversized_jobs_cut_and_put_back_by_hash(r, keys):
+    # Given our processing list holding a small job and two big ones sharing a head
+    q = RedisQueue(r, keys, "w", ["default"])
+    q.head_over = limit(MAX_PAYLOAD)
+    small = b'{"task": "t", "args": [1]}'
+    one, two = big_job("same", "r") + b" ", big_job("same", "r") + b"  "
+    r.lpush(keys.processing("w", "default"), one, small, two)
+    # When it is read for a reconcile, each big one comes as its head, told apart by hash
+    got = q.processing_contents()["default"]
+    assert got[1] == small and got[1].__class__ is bytes
+    big = [got[0], got[2]]
+    assert all(isinstance(b, Oversized) and len(b) == p.DEAD_JOB_KEPT for b in big)
+    assert [(b.size, b.sha) for b in big] == [(len(two), sha1(two).hexdigest()),
+                                              (len(one), sha1(one).hexdigest())]
+    assert big[0] != big[1] and len({big[0], big[1]}) == 2 and bytes(big[0]) == bytes(big[1])
+    # Then one put back (a stray: a reply was lost) moves whole, found by hash in Redis
+    assert q.requeue([("default", big[1]), ("default", small)]) == 2
+    assert r.lrange(keys.queue("default"), 0, -1) == [small, one]   # (one: the next taken)
+    assert r.lrange(keys.processing("w", "default"), 0, -1) == [two]
+    # and one named by a hash that is not there moves nothing
+    ghost = Oversized(bytes(big[0]))
+    ghost.size, ghost.sha, ghost.tail = big[0].size, "0" * 40, big[0].tail
+    assert q.requeue([("default", ghost)]) == 0
+    assert r.lrange(keys.processing("w", "default"), 0, -1) == [two]

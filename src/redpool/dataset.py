@@ -246,8 +246,8 @@ class DataLoss:
             s.receive(s.waiter.take())
         s.pending[:0] = self.rq.missed     # their results were not written: again
         self.rq.missed = []
-        held = s.held()
-        held.update(also)
+        held = s.held()   # (not a job known by its head: its bytes were never here; one
+        held.update(also)  # cut in Redis, oversized.Oversized, is told apart by its hash)
         for queue, raws in self.rq.processing_contents().items():
             held.subtract((queue, raw) for raw in raws)
         if queues is not None:

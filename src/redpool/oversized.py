@@ -41,6 +41,23 @@ class Oversized(bytes):
     sha: str
     tail: bytes   # its last DEAD_JOB_KEPT bytes (where a producer may write reply_to)
 
+    # Two jobs may share a head: one known by its head is told apart from another by its
+    # hash and length (a Counter of what the supervisor holds keeps both: Supervisor.held).
+    # Against plain bytes it compares as its head does (its hash differs from theirs,
+    # so as a key it is never taken for a whole job).
+    def __eq__(self, other):
+        if other.__class__ is not Oversized:
+            return NotImplemented
+        return (self.sha, self.size) == (other.sha, other.size)
+
+    def __ne__(self, other):
+        if other.__class__ is not Oversized:
+            return NotImplemented
+        return (self.sha, self.size) != (other.sha, other.size)
+
+    def __hash__(self) -> int:
+        return hash((self.sha, self.size))
+
     @property
     def name(self) -> str:
         """How a completion names it (lua/_by_hash.lua)."""
@@ -61,6 +78,13 @@ def from_reply(reply: list) -> Oversized:
     job.sha = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
     job.tail = reply[3]
     return job
+
+
+def read_list(script, key: str, over: int) -> list:
+    """The elements of the list ``key`` through lua/processing.lua: each whole, or as
+    its Oversized head when longer than ``over`` (0: none is)."""
+    return [from_reply(e) if isinstance(e, list) else e
+            for e in script(keys=[key], args=[over, p.DEAD_JOB_KEPT])]
 
 
 def from_raw(raw: bytes, head: int = p.DEAD_JOB_KEPT) -> Oversized:

@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from . import dataset
 from .completion import Completion
-from .oversized import Oversized, blmove, from_raw, from_reply
+from .oversized import Oversized, blmove, from_raw, from_reply, read_list
 from .keys import crash_started
 from .keytypes import Holding, KeyMap, Unusable, culprit, pairs
 from .protocol import DEAD_JOB_KEPT, Keys
@@ -121,6 +121,7 @@ class RedisQueue(Holding, dataset.Markers):
         self._complete = load_script(r, "complete")
         self._requeue = load_script(r, "requeue")
         self._requeue_all = load_script(r, "requeue_all")
+        self._processing = load_script(r, "processing")
         self._crashed = load_script(r, "crashed")
         self._promote = load_script(r, "promote")
         self._hot = None  # the connection of _evalsha_pipeline
@@ -298,11 +299,15 @@ class RedisQueue(Holding, dataset.Markers):
         keys: list[str] = []
         for q, _ in items:
             keys += [self._proc_key(q), self.keys.queue(q)]
-        moved, broken = self._requeue(keys=keys, args=[raw for _, raw in items])
+        named = " ".join(str(j) for j, (_, raw) in enumerate(items, 1)
+                         if raw.__class__ is Oversized)  # (found by hash: _by_hash.lua)
+        moved, broken = self._requeue(keys=keys, args=[named] + [
+            raw.name if raw.__class__ is Oversized else raw for _, raw in items])
         if broken:  # a job whose queue holds another type stays in our list; one whose
             self.unusable.found(pairs(broken))  # list was overwritten exists only here
             moved += self.rescue([(q, raw) for q, raw in items if self._proc_key(q) in
-                                  self.unusable and self.keys.queue(q) not in self.unusable])
+                                  self.unusable and self.keys.queue(q) not in self.unusable
+                                  and raw.__class__ is not Oversized])  # (not ours whole)
         return int(moved)
 
     def crashed(self, queue: str, raw: bytes, max_crashes: int = 2 ** 31,
@@ -400,9 +405,7 @@ class RedisQueue(Holding, dataset.Markers):
         return [self.r]
 
     def processing_contents(self) -> dict[str, list[bytes]]:
-        """What Redis says we hold, per queue (to reconcile after a lost reply)."""
-        pipe = self.r.pipeline(transaction=False)
-        lists = {q: k for q, k in self.processing_lists().items() if k not in self.unusable}
-        for key in lists.values():
-            pipe.lrange(key, 0, -1)
-        return dict(zip(lists, pipe.execute()))
+        """What Redis says we hold, per queue (to reconcile after a lost reply), a job
+        over ``head_over`` as its Oversized head (lua/processing.lua): never read whole."""
+        return {q: read_list(self._processing, k, self.head_over)
+                for q, k in self.processing_lists().items() if k not in self.unusable}

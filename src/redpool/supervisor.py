@@ -413,15 +413,15 @@ class Supervisor:
 
     # -- what we hold (for reconciling with Redis) -------------------------------------------
 
-    def held(self) -> Counter:
-        """Every (queue, raw job) this supervisor holds, with multiplicity."""
+    def held(self, *, cut: bool = False) -> Counter:
+        """Every (queue, raw job) this supervisor holds, with multiplicity.  A job known
+        by its head only (oversized.py) only with ``cut``: only Redis has it whole, and
+        must never be given the head for it (a caller that pushes jobs by value leaves
+        it out; one that compares with Redis names it by hash: oversized.ident)."""
         held = Counter((w.queue, w.raw) for w in self.backlog)
         held.update((w.queue, w.raw) for w in self.inflight.values())
         held.update((c.queue, c.raw) for c in self.pending)
         held.update(self.rq.holding())  # (completions a key of the wrong type holds back)
-        # Not a job known by its head only (oversized.py): only Redis has it whole, and
-        # must never be given the head for it.  Reconciling puts it back to be reserved
-        # again; its completion then finds it gone, and writes nothing.
-        for k in [k for k in held if k[1].__class__ is Oversized]:
+        for k in [] if cut else [k for k in held if k[1].__class__ is Oversized]:
             del held[k]
         return held
