@@ -218,7 +218,7 @@ def test_a_reconcile_while_its_refusal_is_held_back_reads_no_oversized_job(tmp_p
     srv = EmbeddedServer(appendonly=True, dir=str(tmp_path / "aof")).start()
     d = None
     try:
-        r = redis.Redis.from_url(srv.url)
+        r = redis.Redis.from_url(srv.url, socket_timeout=120)  # (BRPOP waits 60 s)
         r.set(keys.dead, "not a list")
         d = Daemon(srv.url, namespace, "--max-payload", str(MAX_PAYLOAD), "--concurrency", "1",
                    "--lease", "10").start(tmp_path)
@@ -238,7 +238,7 @@ def test_a_reconcile_while_its_refusal_is_held_back_reads_no_oversized_job(tmp_p
         srv.proc.wait()
         time.sleep(1.0)
         srv.start()
-        r = redis.Redis.from_url(srv.url)
+        r = redis.Redis.from_url(srv.url, socket_timeout=120)  # (BRPOP waits 60 s)
         wait_for(lambda: any(e.get("event") == "redis_up" for e in d.events()), 60, 0.2,
                  "redis_up")
         # Then the reconcile (at the tick that saw Redis back: allowed two seconds) knows
