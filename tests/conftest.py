@@ -17,6 +17,10 @@ from redpool.protocol import Keys
 from redpool.server import EmbeddedServer
 
 
+#: socket timeout of the tests' own clients: longer than any BRPOP a test waits in
+BLOCKING_TIMEOUT = 300
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     url = os.environ.get("REDPOOL_TEST_REDIS_URL")
@@ -32,7 +36,9 @@ def redis_url() -> str:
 
 @pytest.fixture
 def r(redis_url):
-    client = redis.Redis.from_url(redis_url)
+    # redis-py 8 gives a client a 5 s socket timeout, which cuts a test's BRPOP that waits
+    # longer (an answer can take more than 5 s on a busy machine): wait as long as asked
+    client = redis.Redis.from_url(redis_url, socket_timeout=BLOCKING_TIMEOUT)
     yield client
     client.close()
 
@@ -95,7 +101,7 @@ def rc(cluster):
     """A redis-py RedisCluster client of the private cluster."""
     from redis.cluster import RedisCluster
 
-    client = RedisCluster.from_url(cluster.url)
+    client = RedisCluster.from_url(cluster.url, socket_timeout=BLOCKING_TIMEOUT)
     yield client
     client.close()
 

@@ -207,7 +207,7 @@ def test_reload_restarts_the_pool_when_a_task_file_changes(project):
     tasks.write_text(TASK.format(version=1))
     dev.wait_started()
 
-    with redis.Redis.from_url(dev.url()) as r:
+    with redis.Redis.from_url(dev.url(), socket_timeout=300) as r:  # (BRPOP waits 60 s)
         def run_version(job_id: str):
             r.lpush("redpool:queue:default", json.dumps(
                 {"task": "d.version", "id": job_id, "reply_to": f"redpool:reply:{job_id}"}))
