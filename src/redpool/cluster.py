@@ -136,7 +136,8 @@ class ClusterQueue(RedisQueue):
                 if q != queues[0]:  # (send_by_node: a slot moving is followed)
                     flat = self._scripts([(self._reserve, self._queue_keys[q],
                                            self._reserve_args(n, epoch))], [])[0]
-                    self.suspect = self.suspect or lost_reply(flat)  # see RedisQueue.suspect
+                    if lost_reply(flat):  # (see RedisQueue.suspect)
+                        self.suspect = True
                 if isinstance(flat, Exception):
                     errors.append(flat)
                     self.passed_over += 1
@@ -301,7 +302,8 @@ class ClusterQueue(RedisQueue):
                 errors.append(e)
         if errors and len(errors) == len(groups):
             raise errors[0]
-        self.suspect = self.suspect or bool(errors)
+        if errors:
+            self.suspect = True
         return moved
 
     def promote(self, limit: int = 1000) -> tuple[int, float | None]:
